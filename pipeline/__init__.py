@@ -1,0 +1,1 @@
+"""clips4.pipeline."""
