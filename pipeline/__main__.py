@@ -1,0 +1,3 @@
+from clips4.pipeline.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,382 @@
+"""Stage caches: sharded Zarr v3 arrays for per-pixel outputs, Parquet for tables, a Parquet index as commit.
+
+Layout of one stage output (``<cache_root>/<dataset_key>/<stage>/<fingerprint>/``)::
+
+    meta.json                    stage, fingerprint, params, deps, dataset, code version, git SHA, config
+    parts/<part>.zarr/<field>    one Zarr v3 array per output field and part (a part = one batch of images)
+    tables/<name>/<part>.parquet extra rows of that part (e.g. one row per segment)
+    parts/<part>.parquet         the part's image rows: written after its arrays and tables (part commit)
+    errors.parquet               images that failed, with the reason
+    index.parquet                the latest row of every image: written LAST; its presence means "done"
+
+Ragged images: images of different sizes share one array per part. Each image's array of shape
+``(h, w, *rest)`` is flattened to ``(h*w, *rest)`` and concatenated along axis 0; its row stores
+``<field>__offset`` and ``<field>__shape``. Arrays are chunked along axis 0 (~1 MiB chunks) and sharded so
+that a part's field is ONE shard file (Zarr's sharding codec), not one file per image or per chunk.
+
+Nothing is appended in place: a rerun writes new parts and replaces ``index.parquet`` whole (atomically on
+local disks: temp file + rename; object stores replace objects atomically). A killed run leaves parts that are
+either complete (their ``.parquet`` exists, and the rerun reuses them) or orphans (ignored, then removed).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+
+import fsspec
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from clips4.pipeline.datasets import ImageRecord
+
+INDEX = "index.parquet"
+ERRORS = "errors.parquet"
+META = "meta.json"
+_BASE_COLUMNS = ("image_id", "path", "split", "gt_path", "height", "width", "source_sig", "status", "error", "part", "seconds")
+
+
+class CacheError(RuntimeError):
+    """A cache is missing, incomplete or inconsistent; the message names it."""
+
+
+def url_join(base: str, *parts: str) -> str:
+    return "/".join([base.rstrip("/"), *[p.strip("/") for p in parts]])
+
+
+def _fs(url: str):
+    return fsspec.core.url_to_fs(url)
+
+
+def _is_local(fs) -> bool:
+    proto = fs.protocol if isinstance(fs.protocol, (tuple, list)) else (fs.protocol,)
+    return "file" in proto or "local" in proto
+
+
+def write_bytes_atomic(url: str, data: bytes) -> None:
+    """Write ``data`` to ``url`` so that readers see either the old or the new file, never half of one."""
+    fs, path = _fs(url)
+    fs.makedirs(os.path.dirname(path), exist_ok=True)
+    if _is_local(fs):
+        tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    else:
+        with fs.open(path, "wb") as f:  # a single PUT: atomic on object stores
+            f.write(data)
+
+
+def write_parquet_atomic(url: str, table: pa.Table) -> None:
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink, compression="zstd")
+    write_bytes_atomic(url, sink.getvalue().to_pybytes())
+
+
+def read_parquet(url: str, columns: list[str] | None = None) -> pa.Table:
+    fs, path = _fs(url)
+    with fs.open(path, "rb") as f:
+        return pq.read_table(f, columns=columns)
+
+
+def new_part_id() -> str:
+    """Time-ordered unique part name: later parts sort after earlier ones (newest row wins)."""
+    return f"{time.time_ns():x}-{uuid.uuid4().hex[:6]}"
+
+
+# --------------------------------------------------------------------------------------------- results
+@dataclass
+class ItemResult:
+    """What a processor returns for one image (see notes/CONTRACTS.md)."""
+
+    row: dict[str, Any] = field(default_factory=dict)
+    arrays: dict[str, np.ndarray] = field(default_factory=dict)
+    tables: dict[str, dict[str, Any]] = field(default_factory=dict)
+    error: str | None = None
+
+    @classmethod
+    def failed(cls, message: str) -> "ItemResult":
+        return cls(error=message)
+
+
+def _chunk_rows(rest: tuple[int, ...], itemsize: int, total: int) -> int:
+    per_row = max(1, int(np.prod(rest)) * itemsize)
+    return int(max(1, min(max(total, 1), (1 << 20) // per_row)))
+
+
+class StageWriter:
+    """Writes parts of one stage output and commits its index. Safe to use from many workers at once."""
+
+    def __init__(self, url: str):
+        self.url = url.rstrip("/")
+        self.fs, self.path = _fs(self.url)
+
+    # -- parts ---------------------------------------------------------------------------------------
+    def write_part(self, part: str, rows: list[dict], results: list[ItemResult]) -> None:
+        """Write arrays, then tables, then the part's rows (the part's commit record)."""
+        import zarr
+
+        fields: dict[str, list[tuple[int, np.ndarray]]] = {}
+        for i, res in enumerate(results):
+            for name, arr in res.arrays.items():
+                fields.setdefault(name, []).append((i, np.asarray(arr)))
+        for name, items in fields.items():
+            rests = {a.shape[2:] if a.ndim >= 2 else () for _, a in items}
+            dtypes = {a.dtype for _, a in items}
+            if len(rests) != 1 or len(dtypes) != 1:
+                raise CacheError(f"field {name!r}: images in one part disagree on trailing shape/dtype {rests} {dtypes}")
+            rest, dtype = rests.pop(), dtypes.pop()
+            flat = [a.reshape(-1, *rest) for _, a in items]
+            offsets = np.cumsum([0] + [len(f) for f in flat])
+            data = np.concatenate(flat, axis=0) if flat else np.zeros((0, *rest), dtype)
+            chunk = _chunk_rows(rest, dtype.itemsize, len(data))
+            n_shard = max(chunk, math.ceil(max(len(data), 1) / chunk) * chunk)
+            arr = zarr.create_array(
+                store=url_join(self.url, "parts", f"{part}.zarr"),
+                name=name,
+                shape=data.shape,
+                dtype=dtype,
+                chunks=(chunk, *rest),
+                shards=(n_shard, *rest),
+                overwrite=True,
+            )
+            if len(data):
+                arr[...] = data
+            for (i, a), off in zip(items, offsets[:-1]):
+                rows[i][f"{name}__offset"] = int(off)
+                rows[i][f"{name}__shape"] = [int(s) for s in a.shape]
+        tables: dict[str, list[pa.Table]] = {}
+        for row, res in zip(rows, results):
+            for tname, cols in res.tables.items():
+                cols = dict(cols)
+                n = len(next(iter(cols.values()))) if cols else 0
+                cols.setdefault("image_id", [row["image_id"]] * n)
+                cols["part"] = [part] * n
+                tables.setdefault(tname, []).append(_table_from_columns(cols))
+        for tname, ts in tables.items():
+            t = pa.concat_tables(ts, promote_options="permissive")
+            write_parquet_atomic(url_join(self.url, "tables", tname, f"{part}.parquet"), t)
+        write_parquet_atomic(url_join(self.url, "parts", f"{part}.parquet"), pa.Table.from_pylist(rows))
+
+    def part_rows(self) -> pa.Table | None:
+        """Rows of every completed part (committed or not), newest part last."""
+        files = sorted(self.fs.glob(f"{self.path}/parts/*.parquet"))
+        if not files:
+            return None
+        tables = []
+        for f in files:
+            with self.fs.open(f, "rb") as fh:
+                tables.append(pq.read_table(fh))
+        return pa.concat_tables(tables, promote_options="permissive")
+
+    # -- meta / commit -------------------------------------------------------------------------------
+    def write_meta(self, meta: dict) -> None:
+        write_bytes_atomic(url_join(self.url, META), json.dumps(meta, indent=2, sort_keys=True, default=str).encode())
+
+    def commit(self) -> pa.Table:
+        """Index = the newest row per image over all complete parts. Errors first, index last."""
+        rows = self.part_rows()
+        if rows is None:
+            rows = pa.Table.from_pylist([], schema=pa.schema([(c, pa.string()) for c in ("image_id", "status")]))
+        latest = _latest_per_image(rows)
+        failed = latest.filter(pa.compute.equal(latest["status"], "failed")) if latest.num_rows else latest
+        write_parquet_atomic(url_join(self.url, ERRORS), failed)
+        write_parquet_atomic(url_join(self.url, INDEX), latest)
+        self.remove_orphans(min_age_s=6 * 3600)
+        return latest
+
+    def remove_orphans(self, min_age_s: float) -> int:
+        """Delete part folders/tables without a part record (left by a killed run) older than ``min_age_s``.
+
+        The age guard keeps parts that another, still running job is writing right now.
+        """
+        done = {os.path.basename(f)[: -len(".parquet")] for f in self.fs.glob(f"{self.path}/parts/*.parquet")}
+        removed = 0
+        now = time.time()
+        candidates = [(p, os.path.basename(p)[: -len(".zarr")]) for p in self.fs.glob(f"{self.path}/parts/*.zarr")]
+        candidates += [(p, os.path.basename(p)[: -len(".parquet")]) for p in self.fs.glob(f"{self.path}/tables/*/*.parquet")]
+        for p, part in candidates:
+            if part in done:
+                continue
+            try:
+                mtime = self.fs.info(p).get("mtime") or 0
+                mtime = mtime.timestamp() if hasattr(mtime, "timestamp") else float(mtime)
+            except (OSError, FileNotFoundError):
+                continue
+            if now - mtime >= min_age_s:
+                self.fs.rm(p, recursive=True)
+                removed += 1
+        return removed
+
+
+def _table_from_columns(cols: dict[str, Any]) -> pa.Table:
+    arrays = {}
+    for k, v in cols.items():
+        if isinstance(v, np.ndarray) and v.ndim == 2:
+            # embeddings as fixed-size lists: (N, D) float32 -> fixed_size_list<float32>[D]
+            flat = pa.array(np.ascontiguousarray(v).reshape(-1))
+            arrays[k] = pa.FixedSizeListArray.from_arrays(flat, v.shape[1])
+        elif isinstance(v, np.ndarray):
+            arrays[k] = pa.array(v)
+        else:
+            arrays[k] = pa.array(list(v))
+    return pa.table(arrays)
+
+
+def _latest_per_image(rows: pa.Table) -> pa.Table:
+    if rows.num_rows == 0:
+        return rows
+    ids = rows["image_id"].to_pylist()
+    parts = rows["part"].to_pylist() if "part" in rows.column_names else [""] * len(ids)
+    best: dict[str, int] = {}
+    for i, (img, part) in enumerate(zip(ids, parts)):
+        j = best.get(img)
+        if j is None or (part or "") >= (parts[j] or ""):
+            best[img] = i
+    keep = sorted(best.values(), key=lambda i: ids[i])
+    return rows.take(pa.array(keep, type=pa.int64()))
+
+
+# --------------------------------------------------------------------------------------------- reading
+class StageReader:
+    """Read a committed stage output. Arrays are opened lazily: nothing loads a whole cache into memory."""
+
+    def __init__(self, url: str):
+        self.url = url.rstrip("/")
+        self.fs, self.path = _fs(self.url)
+        if not self.fs.exists(f"{self.path}/{INDEX}"):
+            raise CacheError(
+                f"{self.url} is not a finished stage output (no {INDEX}); run the stage, or it was interrupted"
+            )
+        self.all_rows = read_parquet(url_join(self.url, INDEX))
+        ok = pa.compute.equal(self.all_rows["status"], "ok")
+        self.index = self.all_rows.filter(ok)
+        self._pos = {img: i for i, img in enumerate(self.index["image_id"].to_pylist())}
+        self._arrays: dict[tuple[str, str], Any] = {}
+        with self.fs.open(f"{self.path}/{META}", "r") as f:
+            self.meta = json.load(f)
+
+    @property
+    def image_ids(self) -> list[str]:
+        return self.index["image_id"].to_pylist()
+
+    @property
+    def fingerprint(self) -> str:
+        return self.meta.get("fingerprint", "")
+
+    def __len__(self) -> int:
+        return self.index.num_rows
+
+    def __contains__(self, image_id: str) -> bool:
+        return image_id in self._pos
+
+    def row(self, image_id: str) -> dict:
+        try:
+            i = self._pos[image_id]
+        except KeyError:
+            raise CacheError(f"image {image_id!r} is not in {self.url}") from None
+        return {k: v[0] for k, v in self.index.slice(i, 1).to_pydict().items()}
+
+    def record(self, image_id: str) -> ImageRecord:
+        r = self.row(image_id)
+        return ImageRecord(r["image_id"], r["path"], r.get("split"), r.get("gt_path"), int(r["height"]), int(r["width"]))
+
+    def records(self) -> list[ImageRecord]:
+        return [self.record(i) for i in self.image_ids]
+
+    def _array(self, part: str, name: str):
+        key = (part, name)
+        if key not in self._arrays:
+            import zarr
+
+            self._arrays[key] = zarr.open_array(store=url_join(self.url, "parts", f"{part}.zarr"), path=name, mode="r")
+        return self._arrays[key]
+
+    def get(self, image_id: str, name: str) -> np.ndarray:
+        """The array ``name`` of ``image_id`` exactly as written."""
+        r = self.row(image_id)
+        if f"{name}__offset" not in r or r[f"{name}__offset"] is None:
+            fields = sorted(k[: -len("__offset")] for k in r if k.endswith("__offset"))
+            raise CacheError(f"{self.url}: no field {name!r} for {image_id!r}; fields: {fields}")
+        shape = tuple(r[f"{name}__shape"])
+        n = int(np.prod(shape[:2])) if len(shape) >= 2 else int(shape[0])
+        off = int(r[f"{name}__offset"])
+        data = self._array(r["part"], name)[off : off + n]
+        return np.asarray(data).reshape(shape)
+
+    def table_files(self, name: str) -> list[tuple[str, str]]:
+        parts = set(self.index["part"].to_pylist())
+        files = sorted(self.fs.glob(f"{self.path}/tables/{name}/*.parquet"))
+        return [(f, os.path.basename(f)[: -len(".parquet")]) for f in files if os.path.basename(f)[: -len(".parquet")] in parts]
+
+    def iter_table(self, name: str, columns: list[str] | None = None, batch_size: int = 65536) -> Iterator[pa.RecordBatch]:
+        """Stream the rows of table ``name`` that belong to the committed images (superseded rows skipped)."""
+        by_part: dict[str, set] = {}
+        for img, part in zip(self.index["image_id"].to_pylist(), self.index["part"].to_pylist()):
+            by_part.setdefault(part, set()).add(img)
+        for f, part in self.table_files(name):
+            valid = pa.array(sorted(by_part.get(part, ())), type=pa.string())
+            with self.fs.open(f, "rb") as fh:
+                pf = pq.ParquetFile(fh)
+                cols = None if columns is None else list(dict.fromkeys([*columns, "image_id"]))
+                for batch in pf.iter_batches(batch_size=batch_size, columns=cols):
+                    mask = pa.compute.is_in(batch.column("image_id"), value_set=valid)
+                    out = batch.filter(mask)
+                    if columns is not None and "image_id" not in columns:
+                        out = out.drop_columns(["image_id"])
+                    if out.num_rows:
+                        yield out
+
+    def read_table(self, name: str, columns: list[str] | None = None) -> pa.Table:
+        batches = list(self.iter_table(name, columns))
+        if not batches:
+            raise CacheError(f"{self.url}: table {name!r} is empty or missing")
+        return pa.Table.from_batches(batches)
+
+    def errors(self) -> pa.Table:
+        return self.all_rows.filter(pa.compute.equal(self.all_rows["status"], "failed"))
+
+
+# --------------------------------------------------------------------------------------------- listing
+def list_stage_outputs(cache_root: str) -> list[dict]:
+    """Every stage output under ``cache_root``: dataset, stage, fingerprint, state, counts, bytes, params."""
+    fs, root = _fs(cache_root)
+    out = []
+    if not fs.exists(root):
+        return out
+    for meta_path in sorted(fs.glob(f"{root}/*/*/*/{META}")):
+        d = os.path.dirname(meta_path)
+        with fs.open(meta_path, "r") as f:
+            meta = json.load(f)
+        done = fs.exists(f"{d}/{INDEX}")
+        n_ok = n_failed = 0
+        if done:
+            with fs.open(f"{d}/{INDEX}", "rb") as f:
+                status = pq.read_table(f, columns=["status"])["status"].to_pylist()
+            n_ok, n_failed = status.count("ok"), status.count("failed")
+        try:
+            size = sum(fs.du(d, total=False).values()) if hasattr(fs, "du") else 0
+        except Exception:  # noqa: BLE001 - size is informative only
+            size = 0
+        out.append(
+            {
+                "dataset": meta.get("dataset", {}).get("key", d.split("/")[-3]),
+                "stage": meta.get("stage", d.split("/")[-2]),
+                "fingerprint": meta.get("fingerprint", d.split("/")[-1]),
+                "state": "done" if done else "incomplete",
+                "images": n_ok,
+                "failed": n_failed,
+                "bytes": size,
+                "params": meta.get("params", {}),
+                "created": meta.get("created", ""),
+                "url": d if _is_local(fs) else f"{fs.protocol[0] if isinstance(fs.protocol, tuple) else fs.protocol}://{d}",
+            }
+        )
+    return out

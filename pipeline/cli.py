@@ -1,0 +1,205 @@
+"""The ``clips4`` command line. ``main(argv)`` is callable from tests and returns the exit status."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from clips4.pipeline.config import Config, ConfigError, load_config
+
+console = Console()
+err_console = Console(stderr=True)
+
+app = typer.Typer(
+    name="clips4",
+    help="CLIP-S4: language-guided self-supervised semantic segmentation — offline pipeline and trainer.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+precompute_app = typer.Typer(help="Run the offline pipeline stages into the cache.", no_args_is_help=True)
+cache_app = typer.Typer(help="Inspect the stage caches.", no_args_is_help=True)
+evaluate_app = typer.Typer(help="Evaluate contours, segments and embeddings.", no_args_is_help=True)
+app.add_typer(precompute_app, name="precompute")
+app.add_typer(cache_app, name="cache")
+app.add_typer(evaluate_app, name="evaluate")
+
+
+class CLIError(Exception):
+    """A user-facing error: printed without a traceback, exit status 2."""
+
+
+# ------------------------------------------------------------------------------------- shared options
+ConfigOpt = typer.Option(None, "--config", "-c", help="Extra YAML file(s) layered over stages.yaml (repeatable).")
+SetOpt = typer.Option(None, "--set", "-s", help="Override any param: PATH=VALUE, e.g. segments.ucm_threshold=0.3 (repeatable).")
+StagesOpt = typer.Option(None, "--stages", help="stages.yaml to use (default: the nearest one in this folder or its parents).")
+DatasetOpt = typer.Option(None, "--dataset", "-d", help="Dataset kind: folder, voc, context, cocostuff, davis, bsds.")
+RootOpt = typer.Option(None, "--root", "-r", help="Dataset root (local path or fsspec URL such as s3://bucket/voc).")
+SplitOpt = typer.Option(None, "--split", help="Dataset split (default: the reader's, e.g. val).")
+LimitOpt = typer.Option(None, "--limit", help="Only the first N images (sorted by id).")
+CacheOpt = typer.Option(None, "--cache", help="Cache root (local path or fsspec URL); default from config: ./cache.")
+AddressOpt = typer.Option(None, "--address", help="Ray address: 'local' (start one here), 'auto' or ray://host:10001.")
+WorkersOpt = typer.Option(None, "--num-workers", "-j", help="Number of Ray worker actors.")
+BatchOpt = typer.Option(None, "--batch-size", help="Images per task (one cache part per batch).")
+ExecutorOpt = typer.Option(None, "--executor", help="'ray' (default) or 'local' (this process; for debugging).")
+MaxFailOpt = typer.Option(0, "--max-failures", help="Exit non-zero when more than this many images fail (-1: never).")
+RetryOpt = typer.Option(False, "--retry-failed", help="Process images that failed before again (changed files always are).")
+QuietOpt = typer.Option(False, "--quiet", "-q", help="No progress bar.")
+
+
+def build_config(
+    config: Optional[List[Path]] = None,
+    set_: Optional[List[str]] = None,
+    stages: Optional[Path] = None,
+    *,
+    dataset: str | None = None,
+    root: str | None = None,
+    split: str | None = None,
+    limit: int | None = None,
+    cache: str | None = None,
+    address: str | None = None,
+    num_workers: int | None = None,
+    batch_size: int | None = None,
+    executor: str | None = None,
+    extra: list[str] | None = None,
+) -> Config:
+    """Config from files + flags. Flags become ``--set`` overrides so they are validated the same way."""
+    overrides = list(set_ or [])
+    flag_map = {
+        "dataset.kind": dataset, "dataset.root": root, "dataset.split": split, "dataset.limit": limit,
+        "cache_root": cache, "ray.address": address, "ray.num_workers": num_workers,
+        "ray.batch_size": batch_size, "ray.executor": executor,
+    }
+    for k, v in flag_map.items():
+        if v is not None:
+            overrides.append(f"{k}={json.dumps(v) if isinstance(v, str) else v}")
+    overrides += extra or []
+    try:
+        return load_config(stages, config, overrides)
+    except ConfigError as exc:
+        raise CLIError(str(exc)) from None
+
+
+def _run_stage_command(name: str, cfg: Config, max_failures: int, retry_failed: bool, quiet: bool) -> None:
+    from clips4.pipeline.stage import print_summary, run_stage
+
+    run = run_stage(cfg, name, retry_failed=retry_failed, show_progress=not quiet)
+    code = print_summary(run, max_failures)
+    if code:
+        raise typer.Exit(code)
+
+
+# ----------------------------------------------------------------------------------------- precompute
+@precompute_app.command("segments")
+def precompute_segments(
+    config: Optional[List[Path]] = ConfigOpt, set_: Optional[List[str]] = SetOpt, stages: Optional[Path] = StagesOpt,
+    dataset: Optional[str] = DatasetOpt, root: Optional[str] = RootOpt, split: Optional[str] = SplitOpt,
+    limit: Optional[int] = LimitOpt, cache: Optional[str] = CacheOpt, address: Optional[str] = AddressOpt,
+    num_workers: Optional[int] = WorkersOpt, batch_size: Optional[int] = BatchOpt, executor: Optional[str] = ExecutorOpt,
+    max_failures: int = MaxFailOpt, retry_failed: bool = RetryOpt, quiet: bool = QuietOpt,
+    detector: Optional[str] = typer.Option(None, help="Contour detector: classical (default, no weights), hed, onnx."),
+    ucm_threshold: Optional[float] = typer.Option(None, help="UCM level at which superpixels are cut (default 0.25)."),
+    max_segments: Optional[int] = typer.Option(None, help="At most this many superpixels per image (default 48)."),
+) -> None:
+    """Contours → oriented watershed → UCM → superpixels for every image, into the segments cache."""
+    extra = [f"segments.{k}={v}" for k, v in
+             {"detector": detector, "ucm_threshold": ucm_threshold, "max_segments": max_segments}.items() if v is not None]
+    cfg = build_config(config, set_, stages, dataset=dataset, root=root, split=split, limit=limit, cache=cache,
+                       address=address, num_workers=num_workers, batch_size=batch_size, executor=executor, extra=extra)
+    _run_stage_command("segments", cfg, max_failures, retry_failed, quiet)
+
+
+# ---------------------------------------------------------------------------------------------- cache
+def _human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024:
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} PiB"
+
+
+@cache_app.command("ls")
+def cache_ls(
+    config: Optional[List[Path]] = ConfigOpt, set_: Optional[List[str]] = SetOpt, stages: Optional[Path] = StagesOpt,
+    cache: Optional[str] = CacheOpt,
+    params: bool = typer.Option(False, "--params", help="Show every stage's params in full."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
+) -> None:
+    """List stage outputs: dataset, stage, fingerprint, state, image counts, size and params."""
+    from clips4.pipeline.cache import list_stage_outputs
+
+    cfg = build_config(config, set_, stages, cache=cache)
+    rows = list_stage_outputs(cfg.cache_root)
+    if as_json:
+        console.print_json(json.dumps(rows, default=str))
+        return
+    if not rows:
+        console.print(f"no stage outputs under {cfg.cache_root}")
+        return
+    table = Table(title=f"stage outputs in {cfg.cache_root}")
+    for col in ("dataset", "stage", "fingerprint", "state", "images", "failed", "size", "created", "params"):
+        table.add_column(col, overflow="fold")
+    for r in rows:
+        p = json.dumps(r["params"], sort_keys=True)
+        if not params and len(p) > 60:
+            p = p[:57] + "..."
+        table.add_row(r["dataset"], r["stage"], r["fingerprint"], r["state"], str(r["images"]), str(r["failed"]),
+                      _human(r["bytes"]), r["created"][:19], p)
+    console.print(table)
+
+
+def _mount_optional_commands() -> None:
+    """Commands that live in other modules. A command whose module is not there yet is simply absent."""
+    from importlib import import_module
+
+    for module, attr, group, name in (
+        ("clips4.evaluate.boundaries", "boundaries_command", evaluate_app, "boundaries"),
+        ("clips4.evaluate.davis", "davis_command", evaluate_app, "davis"),
+    ):
+        try:
+            fn = getattr(import_module(module), attr)
+        except (ImportError, AttributeError):
+            continue
+        group.command(name)(fn)
+
+
+_mount_optional_commands()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point; returns the exit status instead of exiting (tests call ``main([...])``)."""
+    import click
+
+    from clips4.pipeline.cache import CacheError
+    from clips4.pipeline.datasets import DatasetError
+
+    try:
+        rv = app(args=argv if argv is not None else sys.argv[1:], standalone_mode=False)
+        return rv if isinstance(rv, int) else 0
+    except typer.Exit as exc:
+        return exc.exit_code
+    except click.exceptions.Abort:
+        err_console.print("aborted")
+        return 130
+    except click.ClickException as exc:
+        exc.show()
+        return exc.exit_code
+    except (CLIError, ConfigError, DatasetError, CacheError) as exc:
+        err_console.print(f"[red]error:[/] {exc}")
+        return 2
+    except Exception as exc:  # noqa: BLE001 - stage errors with their own clear messages
+        from clips4.pipeline.stage import StageError
+
+        if isinstance(exc, StageError):
+            err_console.print(f"[red]error:[/] {exc}")
+            return 2
+        raise
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())

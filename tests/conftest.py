@@ -1,0 +1,44 @@
+"""Shared fixtures. Real sample data lives in ../shared/data beside the repo; tests needing it skip without it."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared" / "data"
+
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("MPLBACKEND", "Agg")
+
+
+def shared_path(*parts: str) -> Path:
+    p = SHARED.joinpath(*parts)
+    if not p.exists():
+        pytest.skip(f"sample data {p} not present (it lives in ../shared/data beside the repo)")
+    return p
+
+
+@pytest.fixture
+def shared_data():
+    return shared_path()
+
+
+@pytest.fixture
+def image_folder(tmp_path):
+    """Six small RGB images of different sizes with simple structure (blocks of colour + noise)."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    root = tmp_path / "imgs"
+    root.mkdir()
+    for i, (h, w) in enumerate([(40, 60), (48, 48), (33, 71), (64, 40), (20, 30), (50, 50)]):
+        img = np.zeros((h, w, 3), np.uint8)
+        img[: h // 2] = (200, 30, 30)
+        img[h // 2 :, : w // 2] = (30, 200, 30)
+        img[h // 2 :, w // 2 :] = (30, 30, 200)
+        img = np.clip(img.astype(int) + rng.integers(-10, 10, img.shape), 0, 255).astype(np.uint8)
+        Image.fromarray(img).save(root / f"img{i}.png")
+    return root
