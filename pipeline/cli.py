@@ -153,6 +153,20 @@ def cache_ls(
     console.print(table)
 
 
+@app.command("demo")
+def demo(
+    out: Path = typer.Option(Path("outputs/demo"), "--out", help="Folder for the demo's images, caches and pictures."),
+    num_workers: int = typer.Option(2, "--num-workers", "-j", help="Ray workers."),
+    executor: str = typer.Option("ray", "--executor", help="'ray' or 'local'."),
+) -> None:
+    """Run every pipeline stage on scikit-image's bundled sample images, offline, and print where outputs are."""
+    from clips4.pipeline.demo import run_demo
+
+    code = run_demo(out, num_workers=num_workers, executor=executor)
+    if code:
+        raise typer.Exit(code)
+
+
 def _mount_optional_commands() -> None:
     """Commands that live in other modules. A command whose module is not there yet is simply absent."""
     from importlib import import_module
