@@ -1,0 +1,414 @@
+"""A synthetic world to test that the method *learns*: textured-class images with exact masks, and a noisy,
+coarse CLIP-like teacher.
+
+``SyntheticWorld``: images made of a few irregular regions (warped Voronoi cells), each filled with the texture of
+one class. Classes come in colour pairs that differ only by texture (horizontal vs vertical stripes, dots vs
+checker, ...), so the class is a property of texture, not only of colour. ``write(root, n_train, n_val)`` lays
+out ``images/<split>/<id>.png``, ``masks/<split>/<id>.png`` (uint8 class ids, no ignore pixels) and
+``classes.txt`` (one name per line).
+
+``SyntheticTeacher``: the CLIP backend protocol (``embed_dim``, ``logit_scale``, ``dense_features``,
+``encode_text``, ``info``) implemented structurally. It sees only the image: each 16 x 16 patch is classified by
+a Gaussian naive-Bayes model on hand-made colour/texture statistics whose class signatures are measured on
+pure textures of the world (the teacher "knows" what the classes look like, as CLIP does, but not where they
+are). The patch embedding is the probability-weighted mix of per-class image embeddings, then corrupted like
+a real dense CLIP map: a fraction of patches gets a random class (noise seeded by the image bytes, so the
+teacher is deterministic), Gaussian noise is added, and the grid is blurred. Boundaries are lost to the
+coarse grid; per-patch errors are not systematic, so segment-level aggregation (what CLIP-S4 does) can beat
+the teacher. Text embeddings sit apart from image embeddings (a modality gap): ``text_c`` = mostly a shared
+text direction plus a little of class ``c``'s own direction, so ``cos(text_c, image of c)`` is the largest
+but only ~0.25. Teacher dense mIoU on the default world: about 50 % (see ``tests/test_synthetic.py``).
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+__all__ = ["CLASS_SPECS", "SyntheticWorld", "SyntheticTeacher", "class_text_embeddings", "teacher_segmentation", "miou"]
+
+
+@dataclass(frozen=True)
+class ClassSpec:
+    name: str
+    pattern: str  # hstripes, vstripes, dots, checker, noise, flat, diag, waves, grid, speckle
+    fg: tuple[int, int, int]
+    bg: tuple[int, int, int]
+    period: float
+
+
+#: Up to 10 classes; consecutive pairs share colours where noted, so texture matters.
+CLASS_SPECS: list[ClassSpec] = [
+    ClassSpec("stripes", "hstripes", (200, 60, 50), (235, 225, 215), 6.0),
+    ClassSpec("bars", "vstripes", (200, 60, 50), (235, 225, 215), 6.0),  # same colours as stripes
+    ClassSpec("dots", "dots", (40, 70, 200), (230, 210, 70), 8.0),
+    ClassSpec("checker", "checker", (40, 70, 200), (230, 210, 70), 8.0),  # same colours as dots
+    ClassSpec("grass", "noise", (60, 160, 60), (30, 90, 30), 1.0),
+    ClassSpec("sky", "flat", (120, 180, 230), (150, 200, 240), 64.0),
+    ClassSpec("zigzag", "diag", (130, 60, 160), (225, 215, 235), 7.0),
+    ClassSpec("waves", "waves", (130, 60, 160), (225, 215, 235), 10.0),  # same colours as zigzag
+    ClassSpec("mesh", "grid", (90, 90, 90), (20, 20, 20), 8.0),
+    ClassSpec("sand", "speckle", (200, 170, 120), (140, 100, 60), 1.0),
+]
+
+
+def _field(pattern: str, period: float, yy: np.ndarray, xx: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Texture intensity in [0,1] (1 = fg colour) at coordinates yy, xx (float arrays)."""
+    ph = rng.uniform(0, period)
+    if pattern == "hstripes":
+        return (np.sin(2 * np.pi * (yy + ph) / period) > 0).astype(np.float32)
+    if pattern == "vstripes":
+        return (np.sin(2 * np.pi * (xx + ph) / period) > 0).astype(np.float32)
+    if pattern == "diag":
+        return (np.sin(2 * np.pi * (xx + yy + ph) / (period * 1.414)) > 0).astype(np.float32)
+    if pattern == "waves":
+        return (np.sin(2 * np.pi * (yy + 2.5 * np.sin(2 * np.pi * xx / (3 * period)) + ph) / period) > 0).astype(np.float32)
+    if pattern == "dots":
+        py = (yy + ph) % period - period / 2
+        px = (xx + rng.uniform(0, period)) % period - period / 2
+        return ((py ** 2 + px ** 2) < (period * 0.3) ** 2).astype(np.float32)
+    if pattern == "checker":
+        a = np.floor((yy + ph) / (period / 2)) + np.floor((xx + rng.uniform(0, period)) / (period / 2))
+        return (a % 2).astype(np.float32)
+    if pattern == "grid":
+        a = ((yy + ph) % period < 1.5) | ((xx + rng.uniform(0, period)) % period < 1.5)
+        return a.astype(np.float32)
+    if pattern == "noise":
+        return rng.uniform(0, 1, yy.shape).astype(np.float32)
+    if pattern == "speckle":
+        return (rng.uniform(0, 1, yy.shape) < 0.25).astype(np.float32)
+    if pattern == "flat":
+        return (0.5 + 0.5 * np.sin(2 * np.pi * (yy * 0.7 + xx * 0.3 + ph) / (period * 2))).astype(np.float32)
+    raise ValueError(f"unknown pattern {pattern!r}")
+
+
+class SyntheticWorld:
+    """Generator of textured-class images with ground-truth masks. Deterministic per (seed, split, index).
+
+    n_classes: 2..10 (the first ``n_classes`` of ``CLASS_SPECS``); image_size: (H, W).
+    """
+
+    SPLITS = {"train": 0, "val": 1, "test": 2}
+
+    def __init__(self, n_classes: int = 6, image_size: tuple[int, int] = (96, 128), seed: int = 0,
+                 regions: tuple[int, int] = (3, 7), pixel_noise: float = 8.0):
+        if not 2 <= n_classes <= len(CLASS_SPECS):
+            raise ValueError(f"n_classes must be in 2..{len(CLASS_SPECS)}, got {n_classes}")
+        self.n_classes = int(n_classes)
+        self.image_size = (int(image_size[0]), int(image_size[1]))
+        self.seed = int(seed)
+        self.regions = regions
+        self.pixel_noise = float(pixel_noise)
+        self.specs = CLASS_SPECS[: self.n_classes]
+
+    @property
+    def class_names(self) -> list[str]:
+        return [s.name for s in self.specs]
+
+    def _rng(self, split: str, index: int) -> np.random.Generator:
+        if split not in self.SPLITS:
+            raise ValueError(f"unknown split {split!r}; valid: {', '.join(self.SPLITS)}")
+        return np.random.default_rng([self.seed, self.SPLITS[split], int(index)])
+
+    def render_texture(self, c: int, shape: tuple[int, int], rng: np.random.Generator) -> np.ndarray:
+        """Class ``c``'s texture over a whole ``shape`` canvas: ``(H,W,3) float32`` in 0..255 (before noise)."""
+        s = self.specs[c]
+        H, W = shape
+        yy, xx = np.mgrid[0:H, 0:W].astype(np.float32)
+        t = _field(s.pattern, s.period, yy, xx, rng)[..., None]
+        gain = rng.uniform(0.9, 1.1)  # per-region illumination
+        img = (t * np.array(s.fg, np.float32) + (1 - t) * np.array(s.bg, np.float32)) * gain
+        return img
+
+    def region_map(self, rng: np.random.Generator) -> np.ndarray:
+        """``(H,W) int64`` class id per pixel: warped Voronoi cells, each given a random class (>= 2 classes)."""
+        H, W = self.image_size
+        n = int(rng.integers(self.regions[0], self.regions[1] + 1))
+        yy, xx = np.mgrid[0:H, 0:W].astype(np.float32)
+        wy, wx = yy.copy(), xx.copy()
+        for _ in range(3):  # smooth random warp so boundaries are curvy and not grid aligned
+            f = rng.uniform(0.02, 0.06, 2)
+            ph = rng.uniform(0, 2 * np.pi, 2)
+            amp = rng.uniform(3, 8)
+            wy += amp * np.sin(f[0] * xx + ph[0])
+            wx += amp * np.sin(f[1] * yy + ph[1])
+        seeds = rng.uniform([0, 0], [H, W], (n, 2)).astype(np.float32)
+        d = (wy[None] - seeds[:, 0, None, None]) ** 2 + (wx[None] - seeds[:, 1, None, None]) ** 2
+        cell = d.argmin(0)
+        classes = rng.integers(0, self.n_classes, n)
+        while len(np.unique(classes[np.unique(cell)])) < 2:
+            classes = rng.integers(0, self.n_classes, n)
+        return classes[cell].astype(np.int64)
+
+    def sample(self, index: int, split: str = "train") -> tuple[np.ndarray, np.ndarray]:
+        """Image ``index`` of ``split``: ``(image (H,W,3) uint8, mask (H,W) int64 class ids)``."""
+        rng = self._rng(split, index)
+        mask = self.region_map(rng)
+        img = np.zeros(self.image_size + (3,), np.float32)
+        for c in np.unique(mask):
+            tex = self.render_texture(int(c), self.image_size, rng)
+            img[mask == c] = tex[mask == c]
+        img += rng.normal(0, self.pixel_noise, img.shape)
+        return np.clip(img, 0, 255).round().astype(np.uint8), mask
+
+    def write(self, root: str | os.PathLike, n_train: int, n_val: int, n_test: int = 0) -> dict:
+        """Write ``images/<split>/<id>.png``, ``masks/<split>/<id>.png`` (uint8 class ids) and ``classes.txt``.
+
+        Ids are zero-padded indices (``000007``). Returns ``{split: n_images, "root": str, "classes": [...]}``.
+        """
+        from PIL import Image
+
+        root = Path(root)
+        out = {"root": str(root), "classes": self.class_names}
+        for split, n in (("train", n_train), ("val", n_val), ("test", n_test)):
+            if n <= 0:
+                continue
+            (root / "images" / split).mkdir(parents=True, exist_ok=True)
+            (root / "masks" / split).mkdir(parents=True, exist_ok=True)
+            for i in range(n):
+                img, mask = self.sample(i, split)
+                Image.fromarray(img).save(root / "images" / split / f"{i:06d}.png")
+                Image.fromarray(mask.astype(np.uint8)).save(root / "masks" / split / f"{i:06d}.png")
+            out[split] = n
+        (root / "classes.txt").write_text("\n".join(self.class_names) + "\n")
+        return out
+
+    def teacher(self, **kwargs) -> "SyntheticTeacher":
+        return SyntheticTeacher(self, **kwargs)
+
+
+# ------------------------------------------------------------------------------------------------ teacher
+def _patch_stats(img: np.ndarray, patch: int) -> np.ndarray:
+    """``(H,W,3) uint8`` with H, W multiples of ``patch`` -> ``(h,w,8) float32`` colour/texture statistics."""
+    x = img.astype(np.float32) / 255.0
+    H, W = x.shape[:2]
+    h, w = H // patch, W // patch
+    g = x.mean(2)
+    dx = np.zeros_like(g)
+    dy = np.zeros_like(g)
+    dd = np.zeros_like(g)
+    dx[:, :-1] = np.abs(g[:, 1:] - g[:, :-1])
+    dy[:-1] = np.abs(g[1:] - g[:-1])
+    dd[:-1, :-1] = np.abs(g[1:, 1:] - g[:-1, :-1])
+
+    def pool(a):
+        return a.reshape(h, patch, w, patch, *a.shape[2:]).mean((1, 3))
+
+    mean = pool(x)  # (h,w,3)
+    std = np.sqrt(np.maximum(pool(g ** 2) - pool(g) ** 2, 0))
+    return np.concatenate([mean, std[..., None], pool(dx)[..., None], pool(dy)[..., None], pool(dd)[..., None],
+                           (pool(dx) - pool(dy))[..., None]], -1)
+
+
+def _hash_seed(*parts) -> int:
+    h = hashlib.sha256()
+    for p in parts:
+        h.update(p if isinstance(p, bytes) else str(p).encode())
+    return int.from_bytes(h.digest()[:8], "little")
+
+
+def _resize(img: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
+    from PIL import Image
+
+    return np.asarray(Image.fromarray(img).resize((hw[1], hw[0]), Image.BILINEAR))
+
+
+class SyntheticTeacher:
+    """CLIP-like backend over a :class:`SyntheticWorld` (structural implementation of the backend protocol).
+
+    embed_dim: D (>= n_classes + 2). noise_patch_p: fraction of patches replaced by a random class.
+    noise_sigma: std of the Gaussian noise per embedding coordinate, relative to 1/sqrt(D) (i.e. noise vector norm
+    ~ noise_sigma). blur: weight of the 4 neighbours in the grid blur (centre keeps 1 - 4·blur... normalised).
+    """
+
+    patch = 16
+
+    def __init__(self, world: SyntheticWorld, embed_dim: int = 512, seed: int = 0, noise_patch_p: float = 0.4,
+                 noise_sigma: float = 1.0, blur: float = 0.6, nb_temperature: float = 1.0, gap: float = 0.35,
+                 logit_scale: float = 100.0):
+        if embed_dim < world.n_classes + 2:
+            raise ValueError(f"embed_dim must be >= n_classes + 2 = {world.n_classes + 2}")
+        self.world = world
+        self.embed_dim = int(embed_dim)
+        self.logit_scale = float(logit_scale)
+        self.seed = int(seed)
+        self.noise_patch_p = float(noise_patch_p)
+        self.noise_sigma = float(noise_sigma)
+        self.blur = float(blur)
+        self.nb_temperature = float(nb_temperature)
+        self.gap = float(gap)
+        rng = np.random.default_rng([self.seed, 12345])
+        q, _ = np.linalg.qr(rng.normal(size=(self.embed_dim, world.n_classes + 2)))
+        q = q.T.astype(np.float32)  # orthonormal rows
+        self.g_img, self.g_txt, self.r = q[0], q[1], q[2:]
+        # image embeddings of the classes: shared "image" direction + own direction (pairwise cos ~0.5)
+        self.class_embeddings = _norm(0.7 * self.g_img[None] + 0.7 * self.r)
+        self._fit_signatures(rng)
+        self._templates = None
+
+    # ----------------------------------------------------------------------------- patch classifier
+    def _fit_signatures(self, rng: np.random.Generator) -> None:
+        """Mean/std of the patch statistics of each class, measured on pure rendered textures."""
+        mus, sds = [], []
+        shape = (8 * self.patch, 8 * self.patch)
+        for c in range(self.world.n_classes):
+            feats = []
+            for _ in range(4):
+                img = self.world.render_texture(c, shape, rng) + rng.normal(0, self.world.pixel_noise, shape + (3,))
+                feats.append(_patch_stats(np.clip(img, 0, 255).round().astype(np.uint8), self.patch).reshape(-1, 8))
+            f = np.concatenate(feats)
+            mus.append(f.mean(0))
+            sds.append(f.std(0))
+        self.sig_mu = np.stack(mus).astype(np.float32)
+        # pooled per-feature std (floor avoids over-confident zero-variance features)
+        self.sig_sd = np.maximum(np.stack(sds), 0.02).astype(np.float32)
+
+    def patch_probabilities(self, image: np.ndarray) -> np.ndarray:
+        """``(H,W,3) uint8`` -> ``(h,w,n_classes)`` naive-Bayes class probabilities per patch (before corruption)."""
+        img = self._fit_grid(image)
+        f = _patch_stats(img, self.patch)  # (h,w,8)
+        z = (f[..., None, :] - self.sig_mu) / self.sig_sd  # (h,w,C,8)
+        ll = -0.5 * (z ** 2).sum(-1) - np.log(self.sig_sd).sum(-1)
+        ll = ll / self.nb_temperature
+        ll -= ll.max(-1, keepdims=True)
+        p = np.exp(ll)
+        return p / p.sum(-1, keepdims=True)
+
+    def _fit_grid(self, image: np.ndarray) -> np.ndarray:
+        image = np.asarray(image)
+        if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+            raise ValueError(f"image must be (H,W,3) uint8, got {image.shape} {image.dtype}")
+        H, W = image.shape[:2]
+        h, w = H // self.patch, W // self.patch
+        if h < 1 or w < 1:
+            raise ValueError(f"image {H}x{W} smaller than one {self.patch}px patch")
+        if (H, W) != (h * self.patch, w * self.patch):  # the grid must cover the whole image
+            image = _resize(image, (h * self.patch, w * self.patch))
+        return image
+
+    # ------------------------------------------------------------------------------------ protocol
+    def dense_features(self, images: list[np.ndarray]) -> list[np.ndarray]:
+        """``[(H,W,3) uint8]`` -> ``[(H//16, W//16, D) float32]`` unit-norm; cell (i, j) covers the image uniformly
+        (images whose sides are not multiples of 16 are resized to ``16h x 16w`` first)."""
+        out = []
+        for image in images:
+            p = self.patch_probabilities(image)  # (h,w,C)
+            h, w, C = p.shape
+            rng = np.random.default_rng(_hash_seed(self.seed, np.ascontiguousarray(image).tobytes()))
+            flip = rng.uniform(size=(h, w)) < self.noise_patch_p
+            rand_cls = rng.integers(0, C, (h, w))
+            p = np.where(flip[..., None], np.eye(C, dtype=np.float32)[rand_cls], p)
+            e = p @ self.class_embeddings  # (h,w,D)
+            e = _norm(e) + rng.normal(0, self.noise_sigma / np.sqrt(self.embed_dim), e.shape)
+            e = _blur_grid(e, self.blur)
+            out.append(_norm(e).astype(np.float32))
+        return out
+
+    def encode_text(self, texts: list[str]) -> np.ndarray:
+        """``[str]`` -> ``(N,D) float32`` unit-norm. A text naming a class (prompt template filled with a class name,
+        or containing the name as a word) -> ``normalize(gap·r_c + 0.94·g_text + small text-specific noise)``;
+        other texts -> the text direction plus a random direction seeded by the text."""
+        names = self.world.class_names
+        lookup = self._template_lookup()
+        out = []
+        for t in texts:
+            key = t.strip().lower()
+            c = lookup.get(key)
+            if c is None:
+                words = set(key.replace(".", " ").replace(",", " ").split())
+                hits = [i for i, n in enumerate(names) if n.lower() in words]
+                c = hits[0] if len(hits) == 1 else None
+            rng = np.random.default_rng(_hash_seed("text", self.seed, key))
+            noise = rng.normal(size=self.embed_dim).astype(np.float32)
+            noise /= np.linalg.norm(noise)
+            if c is None:
+                v = 0.94 * self.g_txt + self.gap * noise
+            else:
+                v = self.gap * self.r[c] + 0.94 * self.g_txt + 0.08 * noise
+            out.append(v)
+        return _norm(np.stack(out)).astype(np.float32) if out else np.zeros((0, self.embed_dim), np.float32)
+
+    def _template_lookup(self) -> dict:
+        if self._templates is None:
+            try:
+                from clips4.data import prompt_templates
+
+                templates = prompt_templates()
+            except Exception:  # pragma: no cover - bundled data missing
+                templates = ["a photo of a {}."]
+            self._templates = {
+                t.format(n).strip().lower(): c for c, n in enumerate(self.world.class_names) for t in templates + ["{}"]
+            }
+        return self._templates
+
+    def info(self) -> dict:
+        return {
+            "backend": "synthetic",
+            "model": "synthetic-teacher",
+            "embed_dim": self.embed_dim,
+            "logit_scale": self.logit_scale,
+            "patch": self.patch,
+            "seed": self.seed,
+            "n_classes": self.world.n_classes,
+            "world_seed": self.world.seed,
+            "noise_patch_p": self.noise_patch_p,
+            "noise_sigma": self.noise_sigma,
+            "blur": self.blur,
+        }
+
+
+def _norm(x: np.ndarray) -> np.ndarray:
+    return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-8)
+
+
+def _blur_grid(e: np.ndarray, a: float) -> np.ndarray:
+    """Mix each cell with its 4 neighbours (weight ``a/4`` each, edge replicated): ``(h,w,D)`` -> same."""
+    if a <= 0:
+        return e
+    p = np.pad(e, ((1, 1), (1, 1), (0, 0)), mode="edge")
+    nb = p[:-2, 1:-1] + p[2:, 1:-1] + p[1:-1, :-2] + p[1:-1, 2:]
+    return (1 - a) * e + (a / 4) * nb
+
+
+# ------------------------------------------------------------------------------------------- evaluation
+def class_text_embeddings(teacher: SyntheticTeacher, class_names: list[str] | None = None,
+                          templates: list[str] | None = None) -> np.ndarray:
+    """``(n, D)`` unit-norm class text embeddings: mean over prompt ``templates`` (default: the 85), normalised."""
+    names = class_names or teacher.world.class_names
+    if templates is None:
+        from clips4.data import prompt_templates
+
+        templates = prompt_templates()
+    key = (tuple(names), tuple(templates))
+    cache = teacher.__dict__.setdefault("_class_text_cache", {})
+    if key not in cache:
+        cache[key] = np.stack([_norm(teacher.encode_text([t.format(n) for t in templates]).mean(0)) for n in names])
+    return cache[key]
+
+
+def teacher_segmentation(teacher: SyntheticTeacher, image: np.ndarray, class_names: list[str] | None = None,
+                         templates: list[str] | None = None) -> np.ndarray:
+    """Teacher's own dense prediction: features upsampled bilinearly to the image size, each pixel -> nearest class
+    text embedding (mean over ``templates``, default: all 85). Returns ``(H,W) int64``."""
+    import torch
+    import torch.nn.functional as F
+
+    T = class_text_embeddings(teacher, class_names, templates)
+    f = torch.from_numpy(teacher.dense_features([image])[0]).permute(2, 0, 1)[None]
+    up = F.interpolate(f, size=image.shape[:2], mode="bilinear", align_corners=False)[0]
+    return (torch.from_numpy(T) @ up.flatten(1)).argmax(0).view(image.shape[:2]).numpy().astype(np.int64)
+
+
+def miou(preds: list[np.ndarray], gts: list[np.ndarray], n_classes: int) -> float:
+    """Mean IoU over classes present in the ground truth or predictions (accumulated confusion)."""
+    conf = np.zeros((n_classes, n_classes), np.int64)
+    for p, g in zip(preds, gts):
+        ok = (g >= 0) & (g < n_classes)
+        conf += np.bincount(g[ok] * n_classes + p[ok], minlength=n_classes ** 2).reshape(n_classes, n_classes)
+    inter = np.diag(conf)
+    union = conf.sum(0) + conf.sum(1) - inter
+    present = union > 0
+    return float((inter[present] / union[present]).mean())
