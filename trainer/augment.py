@@ -1,0 +1,255 @@
+"""Two augmented views per image (SimCLR set), with the cached UCM labels and CLIP map transformed alike.
+
+Geometric transform (random resized crop + horizontal flip) is applied identically to
+
+- the image (crop, antialiased bilinear resize to ``S x S``, flip),
+- the superpixel labels (nearest: every output pixel takes the label of the source pixel containing its
+  centre), at the full ``S x S`` size and at the embedding grid ``S' x S'`` (``S' = ceil(S / stride)``),
+- the CLIP feature map, resampled **directly at the embedding grid** ``S' x S'`` (bilinear on the patch grid,
+  then re-normalised per position).
+
+Coordinates (continuous, pixel ``u`` spans ``[u, u+1)``): a crop box ``(top, left, height, width)`` in the
+original image; output position ``c`` of a grid of length ``n`` covering the crop maps to
+``top + (c + 0.5) * height / n`` (rows; columns likewise, mirrored inside the box when flipped). The CLIP
+map ``(h, w, D)`` is taken to cover the whole original image uniformly: its cell ``(i, j)`` is centred at
+``((i + 0.5) * H / h, (j + 0.5) * W / w)`` (what a ViT gives for an image resized to a multiple of the patch
+size). The embedding grid of the network output uses the same ``align_corners=False`` convention
+(see ``clips4.trainer.model.upsample_embeddings``), so ``clip`` and ``labels_ds`` of a view line up
+exactly with the model's output ``z`` for ``image``.
+
+Photometric transforms (colour jitter in random order with p=0.8, grayscale p=0.2, Gaussian blur p=0.5) touch
+the image only. All randomness comes from the ``torch.Generator`` (or int seed) given, so views are
+reproducible.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import torchvision.transforms.v2.functional as TF
+
+__all__ = [
+    "AugmentConfig",
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "normalize_image",
+    "denormalize_image",
+    "sample_box",
+    "resample_labels",
+    "resample_clip",
+    "make_views",
+    "collate_views",
+]
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass
+class AugmentConfig:
+    """size: output crop side S (224 tests, 321/448 real). stride: network output stride (S' = ceil(S/stride)).
+    scale/ratio: RandomResizedCrop area fraction and aspect range (SimCLR uses scale (0.08, 1); segmentation
+    views need enough shared content between the two views, hence the default (0.25, 1))."""
+
+    size: int = 321
+    stride: int = 8
+    scale: tuple[float, float] = (0.25, 1.0)
+    ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    flip_p: float = 0.5
+    jitter: tuple[float, float, float, float] = (0.4, 0.4, 0.4, 0.1)  # brightness, contrast, saturation, hue
+    jitter_p: float = 0.8
+    gray_p: float = 0.2
+    blur_p: float = 0.5
+    blur_sigma: tuple[float, float] = (0.1, 2.0)
+
+
+def _gen(rng) -> torch.Generator:
+    if isinstance(rng, torch.Generator):
+        return rng
+    g = torch.Generator()
+    g.manual_seed(int(rng) if rng is not None else 0)
+    return g
+
+
+def _uniform(g: torch.Generator, lo: float, hi: float) -> float:
+    return float(lo + (hi - lo) * torch.rand((), generator=g).item())
+
+
+def normalize_image(image) -> torch.Tensor:
+    """``(H,W,3) uint8`` array/tensor or ``(3,H,W)`` float in [0,1] -> ``(3,H,W) float32`` ImageNet-normalised."""
+    t = torch.as_tensor(np.asarray(image)) if not isinstance(image, torch.Tensor) else image
+    if t.dtype == torch.uint8:
+        t = t.permute(2, 0, 1).float() / 255.0
+    mean = torch.tensor(IMAGENET_MEAN, dtype=torch.float32).view(3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, dtype=torch.float32).view(3, 1, 1)
+    return (t.float() - mean) / std
+
+
+def denormalize_image(x: torch.Tensor) -> np.ndarray:
+    """Inverse of ``normalize_image``: ``(3,H,W)`` -> ``(H,W,3) uint8`` (for visualisation)."""
+    mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
+    return (((x.cpu() * std + mean).clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy())
+
+
+def sample_box(height: int, width: int, g: torch.Generator, scale=(0.25, 1.0), ratio=(3 / 4, 4 / 3)):
+    """RandomResizedCrop box ``(top, left, h, w)`` (ints, inside the image), torchvision's algorithm."""
+    area = height * width
+    log_r = (math.log(ratio[0]), math.log(ratio[1]))
+    for _ in range(10):
+        target = area * _uniform(g, *scale)
+        ar = math.exp(_uniform(g, *log_r))
+        w = int(round(math.sqrt(target * ar)))
+        h = int(round(math.sqrt(target / ar)))
+        if 0 < w <= width and 0 < h <= height:
+            top = int(torch.randint(0, height - h + 1, (1,), generator=g).item())
+            left = int(torch.randint(0, width - w + 1, (1,), generator=g).item())
+            return top, left, h, w
+    # fallback: central crop with the ratio clamped (as torchvision)
+    in_ratio = width / height
+    if in_ratio < ratio[0]:
+        w, h = width, int(round(width / ratio[0]))
+    elif in_ratio > ratio[1]:
+        h, w = height, int(round(height * ratio[1]))
+    else:
+        w, h = width, height
+    return (height - h) // 2, (width - w) // 2, h, w
+
+
+def _centres(start: float, length: float, n: int, flip: bool = False) -> np.ndarray:
+    """Continuous source coordinates of the centres of ``n`` output cells covering ``[start, start+length)``."""
+    c = (np.arange(n) + 0.5) * (length / n)
+    if flip:
+        c = length - c
+    return start + c
+
+
+def resample_labels(labels: np.ndarray, box, out_hw: tuple[int, int], flip: bool = False) -> np.ndarray:
+    """Nearest resampling of ``labels (H,W)`` inside ``box=(top,left,h,w)`` to ``out_hw``: each output cell
+    takes the label of the source pixel containing its centre. Returns int64 ``out_hw``."""
+    top, left, h, w = box
+    H, W = labels.shape
+    ys = np.clip(np.floor(_centres(top, h, out_hw[0])).astype(np.int64), 0, H - 1)
+    xs = np.clip(np.floor(_centres(left, w, out_hw[1], flip)).astype(np.int64), 0, W - 1)
+    return np.asarray(labels)[ys[:, None], xs[None, :]].astype(np.int64)
+
+
+def resample_clip(clip, image_hw: tuple[int, int], box, out_hw: tuple[int, int], flip: bool = False) -> torch.Tensor:
+    """Bilinear resampling of the CLIP map ``clip (h,w,D)`` (covering the whole ``image_hw`` image) at the centres
+    of an ``out_hw`` grid over ``box``; re-normalised. Returns ``(D, *out_hw) float32``.
+
+    Outside the outermost cell centres the border value is repeated (``padding_mode='border'``).
+    """
+    t = torch.as_tensor(np.asarray(clip)).float()
+    gh, gw = t.shape[:2]
+    H, W = image_hw
+    top, left, h, w = box
+    ys = _centres(top, h, out_hw[0]) * (gh / H)  # in grid units, cell i centred at i + 0.5
+    xs = _centres(left, w, out_hw[1], flip) * (gw / W)
+    # grid_sample, align_corners=False: normalised -1..1 spans the full extent [0, g) of the grid
+    ny = torch.as_tensor(ys / gh * 2 - 1, dtype=torch.float32)
+    nx = torch.as_tensor(xs / gw * 2 - 1, dtype=torch.float32)
+    grid = torch.stack(torch.meshgrid(ny, nx, indexing="ij")[::-1], -1)[None]  # (1, oh, ow, 2) as (x, y)
+    out = F.grid_sample(t.permute(2, 0, 1)[None], grid, mode="bilinear", padding_mode="border", align_corners=False)
+    return F.normalize(out[0], dim=0)
+
+
+def _photometric(img: torch.Tensor, cfg: AugmentConfig, g: torch.Generator) -> torch.Tensor:
+    """img ``(3,S,S) float [0,1]`` -> same, colour-jittered / grayscaled / blurred."""
+    if torch.rand((), generator=g).item() < cfg.jitter_p:
+        b, c, s, hue = cfg.jitter
+        for op in torch.randperm(4, generator=g).tolist():
+            if op == 0 and b > 0:
+                img = TF.adjust_brightness(img, _uniform(g, max(0.0, 1 - b), 1 + b))
+            elif op == 1 and c > 0:
+                img = TF.adjust_contrast(img, _uniform(g, max(0.0, 1 - c), 1 + c))
+            elif op == 2 and s > 0:
+                img = TF.adjust_saturation(img, _uniform(g, max(0.0, 1 - s), 1 + s))
+            elif op == 3 and hue > 0:
+                img = TF.adjust_hue(img, _uniform(g, -hue, hue))
+    if torch.rand((), generator=g).item() < cfg.gray_p:
+        img = TF.rgb_to_grayscale(img, num_output_channels=3)
+    if torch.rand((), generator=g).item() < cfg.blur_p:
+        sigma = _uniform(g, *cfg.blur_sigma)
+        k = max(3, int(round(cfg.size * 0.1)) | 1)  # SimCLR: kernel 10% of the image side, odd
+        img = TF.gaussian_blur(img, [k, k], [sigma, sigma])
+    return img.clamp(0, 1)
+
+
+def make_views(image: np.ndarray, labels: np.ndarray, clip: np.ndarray | None, *, size: int | None = None,
+               rng=0, cfg: AugmentConfig | None = None, n_views: int = 2) -> list[dict]:
+    """Two (``n_views``) augmented views of one image.
+
+    Args:
+        image: ``(H,W,3) uint8``.
+        labels: ``(H,W)`` int (UCM superpixel ids; negative = ignore, kept as is).
+        clip: ``(h,w,D)`` float16/float32 CLIP patch features of the ORIGINAL image, covering it uniformly;
+            ``None`` to skip.
+        size: output side S (overrides ``cfg.size``).
+        rng: ``torch.Generator`` or int seed.
+    Returns: list of dicts with
+        ``image (3,S,S) float32`` ImageNet-normalised; ``labels (S,S) int64``; ``labels_ds (S',S') int64``;
+        ``clip (D,S',S') float32`` unit-norm (absent when ``clip`` is None); ``box (top,left,h,w)`` ints in
+        original pixels; ``flip`` bool. ``S' = ceil(S / cfg.stride)``.
+    """
+    cfg = cfg or AugmentConfig()
+    S = int(size or cfg.size)
+    if S != cfg.size:
+        cfg = AugmentConfig(**{**cfg.__dict__, "size": S})
+    g = _gen(rng)
+    image = np.asarray(image)
+    if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+        raise ValueError(f"image must be (H,W,3) uint8, got {image.shape} {image.dtype}")
+    H, W = image.shape[:2]
+    if labels.shape != (H, W):
+        raise ValueError(f"labels shape {labels.shape} differs from image shape {(H, W)}")
+    Sd = int(math.ceil(S / cfg.stride))
+    img_t = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)  # uint8 (3,H,W)
+    # geometry of all views first, so it does not depend on the photometric settings
+    geo = []
+    for _ in range(n_views):
+        box = sample_box(H, W, g, cfg.scale, cfg.ratio)
+        geo.append((box, bool(torch.rand((), generator=g).item() < cfg.flip_p)))
+    views = []
+    for box, flip in geo:
+        top, left, h, w = box
+        crop = TF.resized_crop(img_t, top, left, h, w, [S, S], antialias=True).float() / 255.0
+        if flip:
+            crop = crop.flip(-1)
+        crop = _photometric(crop, cfg, g)
+        v = {
+            "image": normalize_image(crop),
+            "labels": torch.from_numpy(resample_labels(labels, box, (S, S), flip)),
+            "labels_ds": torch.from_numpy(resample_labels(labels, box, (Sd, Sd), flip)),
+            "box": box,
+            "flip": flip,
+        }
+        if clip is not None:
+            v["clip"] = resample_clip(clip, (H, W), box, (Sd, Sd), flip)
+        views.append(v)
+    return views
+
+
+def collate_views(items: list[list[dict]]) -> dict:
+    """Batch ``[make_views(...) for each image]`` -> dict of tensors with ``N = n_images * n_views`` rows, view-major
+    per image (row ``i * n_views + v``):
+
+    ``image (N,3,S,S)``, ``labels (N,S,S)``, ``labels_ds (N,S',S')``, ``clip (N,D,S',S')`` (if present),
+    ``image_index (N,) int64`` (which image of the batch a row comes from — what ``CLIPS4Loss`` needs to match
+    superpixel ids across the two views), ``box (N,4) int64``, ``flip (N,) bool``.
+    """
+    rows = [v for views in items for v in views]
+    out = {
+        "image": torch.stack([v["image"] for v in rows]),
+        "labels": torch.stack([v["labels"] for v in rows]),
+        "labels_ds": torch.stack([v["labels_ds"] for v in rows]),
+        "image_index": torch.tensor([i for i, views in enumerate(items) for _ in views], dtype=torch.int64),
+        "box": torch.tensor([list(v["box"]) for v in rows], dtype=torch.int64),
+        "flip": torch.tensor([v["flip"] for v in rows], dtype=torch.bool),
+    }
+    if all("clip" in v for v in rows):
+        out["clip"] = torch.stack([v["clip"] for v in rows])
+    return out
