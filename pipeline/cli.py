@@ -114,6 +114,56 @@ def precompute_segments(
     _run_stage_command("segments", cfg, max_failures, retry_failed, quiet)
 
 
+@precompute_app.command("clip-features")
+def precompute_clip_features(
+    config: Optional[List[Path]] = ConfigOpt, set_: Optional[List[str]] = SetOpt, stages: Optional[Path] = StagesOpt,
+    dataset: Optional[str] = DatasetOpt, root: Optional[str] = RootOpt, split: Optional[str] = SplitOpt,
+    limit: Optional[int] = LimitOpt, cache: Optional[str] = CacheOpt, address: Optional[str] = AddressOpt,
+    num_workers: Optional[int] = WorkersOpt, batch_size: Optional[int] = BatchOpt, executor: Optional[str] = ExecutorOpt,
+    max_failures: int = MaxFailOpt, retry_failed: bool = RetryOpt, quiet: bool = QuietOpt,
+    clip_model: Optional[str] = typer.Option(None, help="open_clip model name (default ViT-B-16; RN50 works too)."),
+    clip_pretrained: Optional[str] = typer.Option(None, help="Pretrained tag (openai), hf-hub:org/repo, local-dir:/path or a file."),
+    clip_checkpoint: Optional[str] = typer.Option(None, help="Local CLIP checkpoint file (overrides --clip-pretrained)."),
+    clip_cache_dir: Optional[str] = typer.Option(None, help="Folder where CLIP weights are looked for / downloaded to."),
+    variant: Optional[str] = typer.Option(None, help="Dense feature variant: maskclip (paper), sclip, clearclip, naclip."),
+    backend: Optional[str] = typer.Option(None, help="Another vision-language backend as package.module:Factory."),
+    segment_source: Optional[str] = typer.Option(None, help="CLIP segments from 'kmeans' over CLIP features (paper) or 'ucm' superpixels."),
+    num_gpus: Optional[float] = typer.Option(None, help="GPUs per actor where CUDA exists."),
+) -> None:
+    """CLIP dense pixel embeddings (clip-i) and CLIP segment embeddings for every image, into the cache."""
+    extra = [f"clip_features.clip.{k}={json.dumps(v)}" for k, v in {
+        "model": clip_model, "pretrained": clip_pretrained, "checkpoint": clip_checkpoint, "cache_dir": clip_cache_dir,
+        "variant": variant, "backend": backend}.items() if v is not None]
+    if segment_source is not None:
+        extra.append(f"clip_features.segment_source={segment_source}")
+    if num_gpus is not None:
+        extra.append(f"ray.num_gpus={num_gpus}")
+    cfg = build_config(config, set_, stages, dataset=dataset, root=root, split=split, limit=limit, cache=cache,
+                       address=address, num_workers=num_workers, batch_size=batch_size, executor=executor, extra=extra)
+    _run_stage_command("clip_features", cfg, max_failures, retry_failed, quiet)
+
+
+@precompute_app.command("prototypes")
+def precompute_prototypes(
+    config: Optional[List[Path]] = ConfigOpt, set_: Optional[List[str]] = SetOpt, stages: Optional[Path] = StagesOpt,
+    dataset: Optional[str] = DatasetOpt, root: Optional[str] = RootOpt, split: Optional[str] = SplitOpt,
+    limit: Optional[int] = LimitOpt, cache: Optional[str] = CacheOpt,
+    classes: Optional[str] = typer.Option(None, help="Known classes: voc, context59, cocostuff171, a text file, or 'none' (class-free)."),
+    top_m: Optional[int] = typer.Option(None, help="Known prototype = mean of the top-m segments (default 32)."),
+    n_unknown: Optional[int] = typer.Option(None, help="Number of unknown prototypes (default 64)."),
+    seed: Optional[int] = typer.Option(None, help="Seed of the unknown prototypes' sampling."),
+) -> None:
+    """Known-class prototypes (top-m CLIP segments per class text, FAISS) and unknown prototypes."""
+    extra = []
+    if classes is not None:
+        extra.append(f"prototypes.classes={'null' if classes.lower() in ('none', 'null', '') else json.dumps(classes)}")
+    for k, v in {"top_m": top_m, "n_unknown": n_unknown, "seed": seed}.items():
+        if v is not None:
+            extra.append(f"prototypes.{k}={v}")
+    cfg = build_config(config, set_, stages, dataset=dataset, root=root, split=split, limit=limit, cache=cache, extra=extra)
+    _run_stage_command("prototypes", cfg, 0, False, True)
+
+
 # ---------------------------------------------------------------------------------------------- cache
 def _human(n: float) -> str:
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
@@ -207,9 +257,10 @@ def main(argv: list[str] | None = None) -> int:
         err_console.print(f"[red]error:[/] {exc}")
         return 2
     except Exception as exc:  # noqa: BLE001 - stage errors with their own clear messages
+        from clips4.pipeline.runner import WorkerStartError
         from clips4.pipeline.stage import StageError
 
-        if isinstance(exc, StageError):
+        if isinstance(exc, (StageError, WorkerStartError)):
             err_console.print(f"[red]error:[/] {exc}")
             return 2
         raise

@@ -75,6 +75,8 @@ class ClipParams(Strict):
     model: str = "ViT-B-16"
     #: pretrained tag (``openai``), ``hf-hub:org/repo``, ``local-dir:/path`` or a checkpoint file path
     pretrained: str = "openai"
+    #: a local checkpoint file; overrides ``pretrained`` (``--clip-checkpoint``)
+    checkpoint: str | None = None
     #: directory where open_clip / Hugging Face look for and store weights
     cache_dir: str | None = None
     #: dense feature variant: maskclip (paper), sclip, clearclip, naclip
@@ -85,7 +87,12 @@ class ClipParams(Strict):
     stride: int = Field(default=112, ge=1)
     #: windows per forward pass
     batch_size: int = Field(default=16, ge=1)
+    #: ``auto`` (CUDA where available), ``cpu``, ``cuda``, ``cuda:1``
     device: str = "auto"
+    #: ``auto`` (fp16 autocast on CUDA, fp32 on CPU), ``fp32``, ``fp16``
+    precision: Literal["auto", "fp32", "fp16"] = "auto"
+    #: never try to download weights (also when HF_HUB_OFFLINE=1)
+    offline: bool | None = None
 
 
 class ClipFeaturesParams(Strict):

@@ -10,7 +10,7 @@ import time
 import numpy as np
 
 from clips4.pipeline.cache import ItemResult
-from clips4.pipeline.config import ClipFeaturesParams, SegmentsParams
+from clips4.pipeline.config import ClipFeaturesParams, ClipParams, PrototypesParams, SegmentsParams
 from clips4.pipeline.datasets import ImageRecord
 from clips4.pipeline.images import ImageError, load_rgb
 
@@ -19,6 +19,14 @@ def _fail(rec: ImageRecord, exc: BaseException) -> ItemResult:
     if isinstance(exc, ImageError):
         return ItemResult.failed(str(exc))
     return ItemResult.failed(f"{rec.path}: {type(exc).__name__}: {exc}")
+
+
+def segments_preflight(params: SegmentsParams) -> dict:
+    """Build the detector once in the driver: unknown names or missing model files fail before fan-out."""
+    from clips4.pipeline.contours import build_detector
+
+    build_detector(params.detector, **params.detector_params)
+    return {"detector": params.detector}
 
 
 class SegmentsProcessor:
@@ -52,6 +60,144 @@ class SegmentsProcessor:
         return out
 
 
+def segment_row_ids(image_id: str, segment_ids) -> np.ndarray:
+    """Dataset-wide segment ids that do not depend on which worker or part wrote them:
+    48 bits of sha1(image_id), then 12 bits of the per-image segment id. ``(N,) int64``."""
+    import hashlib
+
+    seg = np.asarray(segment_ids, dtype=np.int64)
+    if seg.size and (seg.min() < 0 or seg.max() >= 4096):
+        raise ValueError(f"{image_id}: segment ids must be in [0, 4096) to form row ids")
+    base = int(hashlib.sha1(image_id.encode()).hexdigest()[:12], 16)
+    return (np.int64(base) << np.int64(12)) | seg
+
+
 def clip_features_deps(params: ClipFeaturesParams) -> tuple[str, ...]:
     """clip_features reads the UCM superpixels only when CLIP segments come from them."""
     return ("segments",) if params.segment_source == "ucm" else ()
+
+
+def build_backend(clip: "ClipParams"):
+    """The vision-language backend named by ``clip`` params (open_clip by default, or an import path)."""
+    from clips4.pipeline.backends import load_backend
+
+    if clip.backend in (None, "open_clip", "openclip"):
+        return load_backend(
+            None, model=clip.model, pretrained=clip.pretrained, checkpoint=clip.checkpoint, variant=clip.variant,
+            short_side=clip.short_side, window=clip.window, stride=clip.stride, batch_size=clip.batch_size,
+            device=None if clip.device == "auto" else clip.device, precision=clip.precision,
+            cache_dir=clip.cache_dir, offline=clip.offline,
+        )
+    return load_backend(clip.backend, **clip.backend_params)
+
+
+def clip_features_preflight(params: ClipFeaturesParams) -> dict:
+    """Resolve the CLIP weights in the driver (seconds, no model build): missing weights fail before fan-out.
+
+    Returns what meta.json records: model, weights (tag or path) and the weight file's sha256.
+    """
+    clip = params.clip
+    if clip.backend not in (None, "open_clip", "openclip"):
+        backend = build_backend(clip)
+        return {"backend": clip.backend, "info": backend.info()}
+    from clips4.pipeline.clip_models import file_sha256, resolve_weights
+
+    w = resolve_weights(clip.model, clip.checkpoint or clip.pretrained, cache_dir=clip.cache_dir, offline=clip.offline)
+    return {"backend": "open_clip", "model": clip.model, "pretrained": clip.checkpoint or clip.pretrained,
+            "weight_file": w.weight_file, "sha256": file_sha256(w.weight_file), "variant": clip.variant}
+
+
+class ClipFeaturesProcessor:
+    """CLIP dense pixel embeddings (clip-i) + CLIP segment embeddings per image.
+
+    Arrays: ``features`` (h, w, D) float16, L2-normalised, at the backend's patch grid (cell (i, j) covers
+    image rows [i*H/h, (i+1)*H/h) and columns [j*W/w, (j+1)*W/w)); ``segment_labels`` (h, w) int32, the
+    segments Ŝ at the feature grid. Table ``segments``: one row per segment with ``segment_id``,
+    ``embedding`` (D float32, normalised mean CLIP embedding), ``area`` (grid cells) and ``bbox``
+    (y0, x0, y1, x1 in image pixels). Decoding runs in a thread pool, overlapping the model's forward passes.
+    """
+
+    def __init__(self, params: ClipFeaturesParams, ctx: dict | None = None):
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.params = params
+        self.backend = build_backend(params.clip)
+        self.segments = None
+        if params.segment_source == "ucm":
+            from clips4.pipeline.cache import StageReader
+
+            self.segments = StageReader((ctx or {})["deps"]["segments"])
+        self.pool = ThreadPoolExecutor(max_workers=2)
+
+    def _segments_for(self, rec: ImageRecord, feat: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
+        from clips4.pipeline.prototypes import cluster_segments, labels_to_grid
+
+        if self.segments is None:
+            return cluster_segments(feat, n_clusters=self.params.n_clusters, seed=self.params.seed)
+        return labels_to_grid(self.segments.get(rec.image_id, "labels"), feat.shape[:2])
+
+    def __call__(self, records: list[ImageRecord]) -> list[ItemResult]:
+        from clips4.pipeline.prototypes import segment_embeddings
+
+        futures = [self.pool.submit(load_rgb, r.path) for r in records]
+        out = []
+        for rec, fut in zip(records, futures):
+            t0 = time.perf_counter()
+            try:
+                image = fut.result()
+                feat = self.backend.dense_features([image])[0]
+                labels = self._segments_for(rec, feat, image.shape[:2])
+                seg = dict(segment_embeddings(feat, labels, image_hw=image.shape[:2]))
+                seg["row_id"] = segment_row_ids(rec.image_id, seg["segment_id"])
+                out.append(ItemResult(
+                    row={"grid_h": int(feat.shape[0]), "grid_w": int(feat.shape[1]), "n_segments": len(seg["segment_id"]),
+                         "seconds": time.perf_counter() - t0},
+                    arrays={"features": feat.astype(np.float16), "segment_labels": labels.astype(np.int32)},
+                    tables={"segments": seg},
+                ))
+            except Exception as exc:  # noqa: BLE001 - recorded per image
+                out.append(_fail(rec, exc))
+        return out
+
+
+def build_prototypes(params: "PrototypesParams", deps: dict[str, str], out_url: str) -> list[str]:
+    """Known prototypes (top-m segments per class, FAISS) + unknown ones, from the clip_features cache.
+
+    Writes ``prototypes.parquet`` (name, kind, vector, support ids) and ``text.parquet`` (class text
+    embeddings from the 85 templates); returns their names. The segments table is streamed, never loaded whole.
+    """
+    import pyarrow as pa
+
+    from clips4 import data as bundled
+    from clips4.pipeline.backends import text_embeddings
+    from clips4.pipeline.cache import StageReader, url_join, write_parquet_atomic
+    from clips4.pipeline.config import ClipFeaturesParams
+    from clips4.pipeline.prototypes import PrototypeSet, known_prototypes, unknown_prototypes
+
+    feats = StageReader(deps["clip_features"])
+    cf = ClipFeaturesParams.model_validate(feats.meta["params"])
+
+    def batches():
+        for b in feats.iter_table("segments", columns=["row_id", "embedding"]):
+            emb = b.column("embedding")
+            d = emb.type.list_size
+            yield (b.column("row_id").to_numpy(), emb.flatten().to_numpy(zero_copy_only=False).reshape(-1, d).astype(np.float32))
+
+    names: list[str] = []
+    known = np.zeros((0, 0), np.float32)
+    support = np.zeros((0, params.top_m), np.int64)
+    text = None
+    if params.classes:
+        names = bundled.class_names(params.classes)
+        backend = build_backend(cf.clip)
+        text = text_embeddings(backend, names, bundled.prompt_templates())
+        known, support = known_prototypes(batches(), text, backend.logit_scale, top_m=params.top_m)
+    unknown, unknown_ids = unknown_prototypes(batches(), u=params.n_unknown, seed=params.seed)
+    protos = PrototypeSet.from_parts(names, known, support, unknown, unknown_ids)
+    write_parquet_atomic(url_join(out_url, "prototypes.parquet"), protos.to_table())
+    files = ["prototypes.parquet"]
+    if text is not None:
+        t = pa.table({"name": names, "vector": pa.FixedSizeListArray.from_arrays(pa.array(text.astype(np.float32).reshape(-1)), text.shape[1])})
+        write_parquet_atomic(url_join(out_url, "text.parquet"), t)
+        files.append("text.parquet")
+    return files

@@ -87,6 +87,10 @@ def process_batch(processor: Callable, records: list[ImageRecord], sigs: list[st
     return summary
 
 
+class WorkerStartError(RuntimeError):
+    """The per-worker processor could not be built; nothing was processed."""
+
+
 class _AlwaysFail:
     def __init__(self, msg: str):
         self.msg = msg
@@ -102,6 +106,9 @@ class _Worker:
         _limit_threads(num_cpus)
         self.processor = factory()
         self.stage_url = stage_url
+
+    def ready(self) -> bool:
+        return True
 
     def run(self, records: list[ImageRecord], sigs: list[str]) -> BatchSummary:
         return process_batch(self.processor, records, sigs, self.stage_url)
@@ -177,6 +184,13 @@ def run_batches(
         Actor = ray.remote(num_cpus=num_cpus, num_gpus=num_gpus)(_Worker)
         actors = [Actor.remote(factory, num_cpus, stage_url) for _ in range(n_workers)]
         try:
+            # a processor that cannot be built (missing weights, bad detector params) stops the run with its own
+            # message instead of turning every image into a failed row
+            try:
+                ray.get([a.ready.remote() for a in actors])
+            except Exception as exc:  # noqa: BLE001
+                cause = getattr(exc, "cause", None) or exc
+                raise WorkerStartError(f"{description} workers could not start: {cause}") from None
             pending: dict[Any, tuple[int, list]] = {}
             queue = list(range(len(batches)))
             free = list(range(n_workers))

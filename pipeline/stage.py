@@ -43,15 +43,27 @@ class StageSpec:
     outs: tuple[str, ...] = ()
     #: optional ``module:function(params) -> tuple[str, ...]`` when deps depend on params
     dynamic_deps: str | None = None
+    #: a whole-dataset stage instead of a per-image one: ``module:function(params, deps: dict[str, url],
+    #: out_url: str) -> list[str]`` writes its files under ``out_url`` and returns their names
+    builder: str | None = None
+    #: optional ``module:function(params) -> dict`` run in the driver before any fan-out: fails fast (missing
+    #: weights, bad detector files) and returns facts recorded in meta.json (e.g. resolved weights + sha256)
+    preflight: str | None = None
 
 
 STAGES: dict[str, StageSpec] = {
     "segments": StageSpec(
-        "segments", "1", "clips4.pipeline.processors:SegmentsProcessor", (), ("contours", "ucm", "labels")
+        "segments", "1", "clips4.pipeline.processors:SegmentsProcessor", (), ("contours", "ucm", "labels"),
+        preflight="clips4.pipeline.processors:segments_preflight",
     ),
     "clip_features": StageSpec(
         "clip_features", "1", "clips4.pipeline.processors:ClipFeaturesProcessor", (), ("features", "segments"),
         dynamic_deps="clips4.pipeline.processors:clip_features_deps",
+        preflight="clips4.pipeline.processors:clip_features_preflight",
+    ),
+    "prototypes": StageSpec(
+        "prototypes", "1", "", ("clip_features",), ("prototypes",),
+        builder="clips4.pipeline.processors:build_prototypes",
     ),
 }
 
@@ -172,15 +184,13 @@ def run_stage(
     deps = {dep: open_stage(cfg, dep, dataset).url for dep in stage_deps(cfg, name)}
     params = cfg.params(name)
     writer = StageWriter(url)
+    if spec.builder:
+        return _run_global(cfg, spec, dataset, url, fp, dep_fps, deps)
     if not writer.fs.exists(f"{writer.path}/{META}"):
-        writer.write_meta(
-            {
-                "stage": name, "fingerprint": fp, "version": spec.version, "params": params.model_dump(mode="json"),
-                "deps": {d: {"fingerprint": dep_fps[d], "url": deps[d]} for d in deps}, "outs": list(spec.outs),
-                "dataset": dataset.describe(), "code": code_version(), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                "config": resolved_dict(cfg),
-            }
-        )
+        facts = _import(spec.preflight)(params) if spec.preflight else {}
+        writer.write_meta({**_meta(cfg, spec, dataset, fp, dep_fps, deps), "preflight": facts})
+    elif spec.preflight:
+        _import(spec.preflight)(params)
     t0 = time.perf_counter()
     records = dataset.records()
     sigs = [source_signature(r.path) for r in records]
@@ -213,6 +223,42 @@ def run_stage(
     failed = [f for s in summaries for f in s.failed]
     run = StageRun(name, url, fp, len(records), skipped, len(todo), failed, time.perf_counter() - t0)
     return run
+
+
+def _meta(cfg: Config, spec: StageSpec, dataset: Dataset, fp: str, dep_fps: dict, deps: dict) -> dict:
+    return {
+        "stage": spec.name, "fingerprint": fp, "version": spec.version,
+        "params": cfg.params(spec.name).model_dump(mode="json"),
+        "deps": {d: {"fingerprint": dep_fps[d], "url": deps[d]} for d in deps}, "outs": list(spec.outs),
+        "dataset": dataset.describe(), "code": code_version(), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "config": resolved_dict(cfg),
+    }
+
+
+def _run_global(cfg: Config, spec: StageSpec, dataset: Dataset, url: str, fp: str, dep_fps: dict, deps: dict) -> StageRun:
+    """A whole-dataset stage: build everything under the folder, then write the index (one row per output
+    file, with its sha256) last. A finished folder is never rebuilt; an unfinished one is rebuilt whole."""
+    import hashlib as _h
+
+    import pyarrow as pa
+
+    from clips4.pipeline.cache import write_parquet_atomic
+
+    writer = StageWriter(url)
+    console.print(f"[bold]{spec.name}[/]: {dataset.key} → {url}")
+    if writer.fs.exists(f"{writer.path}/{INDEX}"):
+        console.print("  already finished")
+        return StageRun(spec.name, url, fp, 1, 1, 0)
+    t0 = time.perf_counter()
+    writer.write_meta(_meta(cfg, spec, dataset, fp, dep_fps, deps))
+    names = _import(spec.builder)(cfg.params(spec.name), deps, url)
+    rows = []
+    for n in names:
+        with writer.fs.open(f"{writer.path}/{n}", "rb") as f:
+            digest = _h.sha256(f.read()).hexdigest()
+        rows.append({"image_id": n, "status": "ok", "error": "", "part": "", "sha256": digest})
+    write_parquet_atomic(url_join(url, INDEX), pa.Table.from_pylist(rows))
+    return StageRun(spec.name, url, fp, 1, 0, 1, [], time.perf_counter() - t0)
 
 
 def print_summary(run: StageRun, max_failures: int = 0) -> int:
