@@ -1,0 +1,191 @@
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from clips4.trainer.losses import (
+    CLIPS4Loss,
+    LossConfig,
+    MemoryBank,
+    Prototypes,
+    contrastive_loss,
+    grid_init,
+    known_prototypes,
+    segment_majority,
+    segment_means,
+    semantic_consistency_loss,
+    spherical_kmeans,
+)
+
+H, W, D = 12, 12, 16
+
+
+def _quadrants(n_img=2):
+    """labels (2n,H,W): 4 quadrant regions per image, both views identical; image_index (2n,)."""
+    q = (torch.arange(H)[:, None] >= H // 2).long() * 2 + (torch.arange(W)[None, :] >= W // 2).long()
+    labels = q.expand(2 * n_img, H, W).clone()
+    image_index = torch.arange(n_img).repeat_interleave(2)
+    return labels, image_index
+
+
+def _region_embeddings(labels, image_index, dirs, noise=0.0, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    z = dirs[image_index[:, None, None] * 4 + labels]  # (N,H,W,D)
+    z = z + noise * torch.randn(z.shape, generator=g)
+    return F.normalize(z.permute(0, 3, 1, 2), dim=1)
+
+
+def test_grid_init_and_kmeans_deterministic():
+    g = grid_init(12, 18, 36)
+    assert g.shape == (12, 18) and set(g.unique().tolist()) == set(range(36))
+    z = F.normalize(torch.randn(2, D, H, W, generator=torch.Generator().manual_seed(0)), dim=1)
+    a = spherical_kmeans(z, 9, iters=5, spatial_weight=0.5)
+    b = spherical_kmeans(z.clone(), 9, iters=5, spatial_weight=0.5)
+    assert a.shape == (2, H, W) and a.dtype == torch.int64 and torch.equal(a, b)
+    assert a.min() >= 0 and a.max() < 9
+
+
+def test_kmeans_recovers_piecewise_constant_regions():
+    labels, image_index = _quadrants(1)
+    dirs = F.normalize(torch.randn(4, D, generator=torch.Generator().manual_seed(1)), dim=1)
+    z = _region_embeddings(labels, image_index, dirs, noise=0.05)
+    assign = spherical_kmeans(z, 4, iters=10)
+    for s in assign.unique():  # every segment is pure
+        assert labels[assign == s].unique().numel() == 1
+
+
+def test_segment_means_and_majority():
+    z = F.normalize(torch.randn(1, D, 4, 4), dim=1).requires_grad_()
+    assign = torch.zeros(1, 4, 4, dtype=torch.long)
+    assign[:, :, 2:] = 1
+    v, counts = segment_means(z, assign, 3)
+    assert v.shape == (1, 3, D) and counts.tolist() == [[8.0, 8.0, 0.0]]
+    assert torch.allclose(v[0, 0], F.normalize(z[0, :, :, :2].sum((1, 2)), dim=0))
+    v.sum().backward()
+    assert z.grad.abs().sum() > 0
+    labels = torch.tensor([[[5, 5, 7, -1]] * 4])
+    labels[0, 0, 0] = 9
+    assert segment_majority(labels, assign, 3).tolist() == [[5, 7, -1]]
+
+
+def test_contrastive_lower_for_region_consistent_embeddings():
+    labels, image_index = _quadrants(2)
+    dirs = F.normalize(torch.randn(8, D, generator=torch.Generator().manual_seed(2)), dim=1)
+    good = _region_embeddings(labels, image_index, dirs, noise=0.05)
+    rand = F.normalize(torch.randn(good.shape, generator=torch.Generator().manual_seed(3)), dim=1)
+    losses = {}
+    for name, z in (("good", good), ("rand", rand)):
+        z = z.clone().requires_grad_()
+        assign = spherical_kmeans(z, 9, spatial_weight=1.0)
+        loss, v, counts, seg_lab = contrastive_loss(z, labels, image_index, assign, 9, kappa=10.0)
+        assert torch.isfinite(loss)
+        loss.backward()
+        assert z.grad.abs().sum() > 0
+        losses[name] = float(loss.detach())
+    assert losses["good"] < losses["rand"] - 0.5, losses
+
+
+def test_contrastive_ignores_ignored_pixels():
+    labels, image_index = _quadrants(1)
+    z = F.normalize(torch.randn(2, D, H, W), dim=1)
+    assign = spherical_kmeans(z, 4)
+    all_ignored = torch.full_like(labels, -1)
+    loss, *_ = contrastive_loss(z, all_ignored, image_index, assign, 4)
+    assert float(loss) == 0.0
+
+
+def test_memory_bank_keeps_two_batches():
+    bank = MemoryBank(2)
+    assert bank.get() is None
+    for i in range(3):
+        bank.push(torch.full((i + 1, 4), float(i), requires_grad=True))
+    got = bank.get()
+    assert len(bank) == 2 and got.shape == (2 + 3, 4) and not got.requires_grad
+    assert got[:2].eq(1).all() and got[2:].eq(2).all()
+    restored = MemoryBank(0)
+    restored.load_state_dict(bank.state_dict())
+    assert torch.equal(restored.get(), got)
+
+
+def test_embedding_consistency_zero_when_equal():
+    labels, image_index = _quadrants(1)
+    z = F.normalize(torch.randn(2, D, H, W), dim=1)
+    loss_fn = CLIPS4Loss(LossConfig(w_t=0, w_s=0, w_u=0, n_segments=4))
+    total, parts = loss_fn(z, labels, image_index, clip=z.clone())
+    assert abs(parts["L_e"]) < 1e-5 and abs(parts["avgsim"] - 1) < 1e-5
+
+
+def test_semantic_pseudo_labels_are_argmax():
+    g = torch.Generator().manual_seed(4)
+    C = F.normalize(torch.randn(5, D, generator=g), dim=1)
+    i = F.normalize(torch.randn(2, 3, D, generator=g), dim=2)
+    v = F.normalize(torch.randn(2, 3, D, generator=g), dim=2).requires_grad_()
+    valid = torch.ones(2, 3, dtype=torch.bool)
+    valid[1, 2] = False
+    loss, pseudo, _ = semantic_consistency_loss(v, i, valid, C, temperature=10.0)
+    assert torch.equal(pseudo, (i[valid] @ C.t()).argmax(1))
+    loss.backward()
+    assert v.grad.abs().sum() > 0
+    aligned, _, _ = semantic_consistency_loss(C[pseudo].view(-1, D)[None], i[valid][None], valid[valid][None], C, 10.0)
+    assert float(aligned) < float(loss.detach())
+
+
+def test_full_loss_finite_grads_and_switches():
+    labels, image_index = _quadrants(2)
+    g = torch.Generator().manual_seed(5)
+    z = F.normalize(torch.randn(4, D, H, W, generator=g), dim=1).requires_grad_()
+    clip = F.normalize(torch.randn(4, D, 3, 3, generator=g), dim=1)  # coarse grid: resampled inside
+    protos = Prototypes(F.normalize(torch.randn(3, D, generator=g), dim=1), F.normalize(torch.randn(4, D, generator=g), dim=1))
+    loss_fn = CLIPS4Loss(LossConfig(n_segments=9), protos)
+    for step in range(3):
+        total, parts = loss_fn(z, labels, image_index, clip=clip)
+        assert math.isfinite(float(total)) and all(math.isfinite(parts[k]) for k in ("L_t", "L_e", "L_s", "L_u"))
+        z.grad = None
+        protos.unknown.grad = None
+        total.backward()
+        assert z.grad.abs().sum() > 0
+    assert len(loss_fn.memory) == 2
+    assert protos.unknown.grad is not None and parts["frac_unknown"] >= 0
+    # ablation switches: only L_t
+    only_t = CLIPS4Loss(LossConfig(w_e=0, w_s=0, w_u=0, n_segments=9))
+    total, parts = only_t(z, labels, image_index)
+    assert parts["L_e"] == 0 and parts["L_s"] == 0 and parts["L_t"] > 0
+    with pytest.raises(ValueError, match="prototypes"):
+        CLIPS4Loss(LossConfig())
+    with pytest.raises(ValueError, match="CLIP"):
+        CLIPS4Loss(LossConfig(w_s=0, w_u=0))(z, labels, image_index)
+
+
+def test_unknown_prototypes_move_towards_their_segments():
+    g = torch.Generator().manual_seed(6)
+    target = F.normalize(torch.randn(D, generator=g), dim=0)
+    known = F.normalize(torch.randn(2, D, generator=g), dim=1)
+    unk = F.normalize(target + 0.8 * torch.randn(D, generator=g), dim=0)[None]
+    labels, image_index = _quadrants(1)
+    z = F.normalize(torch.randn(2, D, H, W, generator=g), dim=1)
+    clip = target.view(1, D, 1, 1).expand(2, D, H, W)
+    protos = Prototypes(known, unk)
+    loss_fn = CLIPS4Loss(LossConfig(n_segments=4), protos)
+    opt = torch.optim.SGD(protos.parameters(), lr=0.5)
+    before = float(protos()[2] @ target)
+    for _ in range(5):
+        total, parts = loss_fn(z, labels, image_index, clip=clip)
+        opt.zero_grad()
+        total.backward()
+        opt.step()
+        protos.renormalize_()
+    assert parts["frac_unknown"] == 1.0 and float(protos()[2] @ target) > before
+    # EMA variant, no optimiser
+    protos2 = Prototypes(known, unk)
+    ema = CLIPS4Loss(LossConfig(n_segments=4, unknown_update="ema", ema_momentum=0.5), protos2)
+    ema(z, labels, image_index, clip=clip)
+    assert float(protos2()[2] @ target) > before
+
+
+def test_known_prototypes_top_m():
+    g = torch.Generator().manual_seed(7)
+    T = F.normalize(torch.randn(3, D, generator=g), dim=1)
+    segs = F.normalize(T.repeat(10, 1) + 0.3 * torch.randn(30, D, generator=g), dim=1)
+    P = known_prototypes(segs, T, m=5)
+    assert P.shape == (3, D) and ((P @ T.t()).argmax(1) == torch.arange(3)).all()

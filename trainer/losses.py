@@ -1,0 +1,419 @@
+"""CLIP-S4 losses (paper Sec. 3): pixel-segment contrastive L_t, embedding consistency L_e, semantic
+consistency L_s and the unknown-prototype update L_u, plus the per-image spherical k-means that makes segments.
+
+Shapes used throughout (``N`` rows = views, ``D`` embedding width, ``h x w`` embedding grid, ``k`` segments):
+
+- ``z (N,D,h,w) float32`` unit-norm pixel embeddings from the network (with grad);
+- ``labels (N,h,w) int64`` superpixel (UCM region) ids of every embedding cell, negative = ignore;
+  the two views of one image share ids because the labels went through the same geometric transform;
+- ``image_index (N,) int64`` which source image a row comes from (views of one image share it);
+- ``clip (N,D,h,w) float32`` CLIP pixel embeddings resampled to the same grid (other sizes are resampled
+  bilinearly here, re-normalised);
+- ``assign (N,h,w) int64`` segment id in ``[0,k)`` of each cell.
+
+Design choices (see ``LossConfig`` for the knobs):
+
+- Segments: spherical k-means per view with grid initialisation (as SegSort/HSG), on the detached embeddings
+  concatenated with ``spatial_weight`` x normalised (y, x) coordinates so segments stay spatially coherent;
+  ``k = 36``. Segment embeddings ``v_s`` are the normalised means of the (non-detached) pixel embeddings.
+- L_t (Eq. 1, κ = 10): anchors are the valid cells; a segment's region is the majority label over its valid
+  cells; positives of an anchor = segments (either view of the same image) whose region equals the anchor's;
+  negatives = every other segment of the batch + the memory bank (segments of the previous 2 batches,
+  detached). Anchors with no positive segment are skipped. Optionally ``max_anchors`` random anchors.
+- L_e (Eq. 2): mean over segments of ``1 - cos(v_s, i_s)``, ``i_s`` the normalised mean CLIP embedding of the
+  same cells.
+- L_s (Eq. 3): ``y_s = argmax_l cos(i_s, c_l)`` over known + unknown prototypes (no grad); cross entropy of
+  ``softmax(τ · cos(v_s, C))``. The paper writes ``softmax(sim)``; on cosines in [-1, 1] that softmax is almost
+  uniform, so a scale is required. Default ``τ = 10`` = κ: L_t and L_s then have the same vMF concentration
+  and comparable gradient scales; CLIP's own logit scale (100) is available via ``semantic_temperature`` and
+  is closer to CLIP's geometry where prototypes are near each other. Prototypes are detached in L_s.
+- L_u (Eq. 4): ``mean_{s: y_s unknown} (1 - cos(c_{y_s}, i_s))`` with ``i_s`` detached: its gradient reaches only
+  the unknown prototypes (an ``nn.Parameter`` in :class:`Prototypes`, normalised on use, re-normalise after
+  the optimiser step with ``Prototypes.renormalize_()``). ``unknown_update='ema'`` instead moves them by an
+  EMA towards the mean of their assigned segments (no optimiser needed); then L_u is only reported.
+"""
+from __future__ import annotations
+
+import math
+from collections import deque
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+__all__ = [
+    "LossConfig",
+    "grid_init",
+    "spherical_kmeans",
+    "segment_means",
+    "segment_majority",
+    "MemoryBank",
+    "Prototypes",
+    "known_prototypes",
+    "contrastive_loss",
+    "embedding_consistency_loss",
+    "semantic_consistency_loss",
+    "unknown_prototype_loss",
+    "CLIPS4Loss",
+]
+
+
+@dataclass
+class LossConfig:
+    """Weights (0 switches a loss off) and hyper-parameters. Paper: L = L_t + L_e + L_s (+ L_u for prototypes)."""
+
+    w_t: float = 1.0
+    w_e: float = 1.0
+    w_s: float = 1.0
+    w_u: float = 1.0
+    kappa: float = 10.0  # concentration of L_t (paper: 10)
+    semantic_temperature: float = 10.0  # τ in softmax(τ·cos(v_s, C)) of L_s
+    n_segments: int = 36  # k-means clusters per view (paper: 36)
+    kmeans_iters: int = 10
+    spatial_weight: float = 1.0  # weight of (y, x) in [-1, 1] appended to embeddings for k-means
+    memory_batches: int = 2  # memory bank size in batches (paper: 2)
+    max_anchors: int | None = None  # subsample anchor pixels for L_t (None = all)
+    unknown_update: str = "grad"  # "grad" (L_u through an optimiser) or "ema"
+    ema_momentum: float = 0.01
+
+
+# ------------------------------------------------------------------------------------------- clustering
+def _grid_shape(k: int, h: int, w: int) -> tuple[int, int]:
+    """Rows x cols of a grid with exactly k cells, the most square in pixel terms for an h x w map."""
+    best = None
+    for gy in range(1, k + 1):
+        if k % gy:
+            continue
+        gx = k // gy
+        cost = abs(math.log((h / gy) / (w / gx)))
+        if best is None or cost < best[0]:
+            best = (cost, gy, gx)
+    return best[1], best[2]
+
+
+def grid_init(h: int, w: int, k: int, device=None) -> torch.Tensor:
+    """``(h,w) int64`` initial assignment: the map cut into a ``gy x gx = k`` grid (cell ids row-major)."""
+    gy, gx = _grid_shape(k, h, w)
+    ys = (torch.arange(h, device=device) * gy) // h
+    xs = (torch.arange(w, device=device) * gx) // w
+    return ys[:, None] * gx + xs[None, :]
+
+
+def _coords(h: int, w: int, device) -> torch.Tensor:
+    ys = (torch.arange(h, device=device, dtype=torch.float32) + 0.5) / h * 2 - 1
+    xs = (torch.arange(w, device=device, dtype=torch.float32) + 0.5) / w * 2 - 1
+    yy, xx = torch.meshgrid(ys, xs, indexing="ij")
+    return torch.stack([yy, xx])  # (2,h,w)
+
+
+@torch.no_grad()
+def spherical_kmeans(z: torch.Tensor, k: int = 36, iters: int = 10, spatial_weight: float = 0.0) -> torch.Tensor:
+    """Per-image spherical k-means with grid initialisation (deterministic).
+
+    z: ``(B,D,h,w)`` float (normalised or not; normalised here). spatial_weight: weight of the (y, x) position
+    in [-1, 1] appended to each embedding (0 = pure embedding clustering).
+    Returns ``(B,h,w) int64`` assignments in ``[0, k)`` (some clusters may end up empty).
+    """
+    B, D, h, w = z.shape
+    x = F.normalize(z.detach().float(), dim=1)
+    if spatial_weight > 0:
+        x = torch.cat([x, spatial_weight * _coords(h, w, z.device).expand(B, 2, h, w)], 1)
+    x = F.normalize(x.flatten(2), dim=1).transpose(1, 2)  # (B, P, D')
+    k = min(k, h * w)
+    assign = grid_init(h, w, k, z.device).flatten().expand(B, -1).clone()  # (B, P)
+    for _ in range(iters):
+        onehot = F.one_hot(assign, k).float()  # (B,P,k)
+        sums = onehot.transpose(1, 2) @ x  # (B,k,D')
+        counts = onehot.sum(1)  # (B,k)
+        cent = F.normalize(sums, dim=2)
+        sim = x @ cent.transpose(1, 2)  # (B,P,k)
+        sim = sim.masked_fill((counts == 0)[:, None, :], float("-inf"))
+        new = sim.argmax(2)
+        if torch.equal(new, assign):
+            break
+        assign = new
+    return assign.view(B, h, w)
+
+
+def segment_means(x: torch.Tensor, assign: torch.Tensor, k: int, mask: torch.Tensor | None = None):
+    """Normalised mean embedding per segment (differentiable).
+
+    x: ``(B,D,h,w)``; assign: ``(B,h,w) int64`` in [0,k); mask: optional ``(B,h,w) bool`` cells to use.
+    Returns ``(means (B,k,D) float32 unit-norm (zeros where empty), counts (B,k) float32)``.
+    """
+    B, D = x.shape[:2]
+    onehot = F.one_hot(assign.flatten(1), k).float()  # (B,P,k)
+    if mask is not None:
+        onehot = onehot * mask.flatten(1)[..., None].float()
+    sums = onehot.transpose(1, 2) @ x.float().flatten(2).transpose(1, 2)  # (B,k,D)
+    return F.normalize(sums, dim=2), onehot.sum(1)
+
+
+def segment_majority(labels: torch.Tensor, assign: torch.Tensor, k: int) -> torch.Tensor:
+    """Majority valid (>= 0) label of each segment. labels/assign: ``(B,h,w)``. Returns ``(B,k) int64``, -1 where a
+    segment has no valid cell."""
+    B = labels.shape[0]
+    out = torch.full((B, k), -1, dtype=torch.int64, device=labels.device)
+    for b in range(B):
+        lab, a = labels[b].flatten(), assign[b].flatten()
+        valid = lab >= 0
+        if not valid.any():
+            continue
+        uniq, inv = torch.unique(lab[valid], return_inverse=True)
+        hist = torch.zeros(k * len(uniq), device=labels.device, dtype=torch.int64)
+        hist.index_add_(0, a[valid] * len(uniq) + inv, torch.ones_like(inv))
+        hist = hist.view(k, len(uniq))
+        best = hist.argmax(1)
+        out[b] = torch.where(hist.sum(1) > 0, uniq[best], torch.full_like(best, -1))
+    return out
+
+
+# ------------------------------------------------------------------------------------------ memory bank
+class MemoryBank:
+    """Detached segment embeddings of the previous ``n_batches`` batches (negatives for L_t).
+
+    ``push(emb (M,D))`` appends a batch (dropping the oldest beyond ``n_batches``); ``get() -> (sum M, D)``.
+    """
+
+    def __init__(self, n_batches: int = 2):
+        self.n_batches = int(n_batches)
+        self.batches: deque = deque(maxlen=max(self.n_batches, 1))
+
+    def push(self, emb: torch.Tensor) -> None:
+        if self.n_batches > 0:
+            self.batches.append(emb.detach().float().clone())
+
+    def get(self, device=None) -> torch.Tensor | None:
+        if self.n_batches == 0 or not self.batches:
+            return None
+        out = torch.cat(list(self.batches), 0)
+        return out.to(device) if device is not None else out
+
+    def __len__(self) -> int:
+        return len(self.batches) if self.n_batches > 0 else 0
+
+    def clear(self) -> None:
+        self.batches.clear()
+
+    def state_dict(self) -> dict:
+        return {"n_batches": self.n_batches, "batches": [b.cpu() for b in self.batches]}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.n_batches = int(state["n_batches"])
+        self.batches = deque([b for b in state["batches"]], maxlen=max(self.n_batches, 1))
+
+
+# ------------------------------------------------------------------------------------------- prototypes
+class Prototypes(nn.Module):
+    """Target class prototypes C = [C_k (known, fixed buffer) ; C_u (unknown, nn.Parameter)] in CLIP pixel space.
+
+    known: ``(k,D)``; unknown: ``(u,D)`` initial unknown prototypes (e.g. CLIP embeddings of random segments).
+    ``forward() -> (k+u, D) float32`` unit-norm. ``n_known``/``n_unknown`` give the split.
+    """
+
+    def __init__(self, known: torch.Tensor, unknown: torch.Tensor | None = None):
+        super().__init__()
+        known = F.normalize(torch.as_tensor(known).float(), dim=1)
+        self.register_buffer("known", known)
+        if unknown is None:
+            unknown = known.new_zeros((0, known.shape[1]))
+        self.unknown = nn.Parameter(F.normalize(torch.as_tensor(unknown).float(), dim=1))
+
+    @property
+    def n_known(self) -> int:
+        return self.known.shape[0]
+
+    @property
+    def n_unknown(self) -> int:
+        return self.unknown.shape[0]
+
+    def forward(self) -> torch.Tensor:
+        return torch.cat([self.known, F.normalize(self.unknown, dim=1)], 0)
+
+    @torch.no_grad()
+    def renormalize_(self) -> None:
+        self.unknown.copy_(F.normalize(self.unknown, dim=1))
+
+    @torch.no_grad()
+    def ema_update_(self, idx: torch.Tensor, targets: torch.Tensor, momentum: float) -> None:
+        """Move unknown prototype ``idx[j]`` (index into the unknown set) towards ``targets[j]`` (mean per prototype)."""
+        if idx.numel() == 0:
+            return
+        sums = torch.zeros_like(self.unknown).index_add_(0, idx, targets.float())
+        counts = torch.zeros(self.n_unknown, device=idx.device).index_add_(0, idx, torch.ones_like(idx, dtype=torch.float32))
+        hit = counts > 0
+        mean = F.normalize(sums[hit], dim=1)
+        self.unknown[hit] = F.normalize((1 - momentum) * self.unknown[hit] + momentum * mean, dim=1)
+
+
+def known_prototypes(segment_clip: torch.Tensor, text: torch.Tensor, m: int = 32, logit_scale: float = 100.0) -> torch.Tensor:
+    """Known-class prototypes (paper Fig. 3b): softmax over classes of ``logit_scale · cos(I, T)``, then per class
+    the normalised mean of the top-``m`` segments by that probability.
+
+    segment_clip: ``(S,D)`` CLIP segment embeddings of training images; text: ``(k,D)`` class text embeddings.
+    Returns ``(k,D) float32`` unit-norm.
+    """
+    I = F.normalize(segment_clip.float(), dim=1)
+    T = F.normalize(text.float(), dim=1)
+    prob = (logit_scale * I @ T.t()).softmax(1)  # (S,k)
+    top = prob.topk(min(m, I.shape[0]), dim=0).indices  # (m,k)
+    return F.normalize(I[top].mean(0), dim=1)
+
+
+# ----------------------------------------------------------------------------------------------- losses
+def contrastive_loss(z: torch.Tensor, labels: torch.Tensor, image_index: torch.Tensor, assign: torch.Tensor,
+                     k: int, *, kappa: float = 10.0, memory: torch.Tensor | None = None,
+                     max_anchors: int | None = None, generator: torch.Generator | None = None):
+    """Pixel-segment contrastive loss (Eq. 1).
+
+    z ``(N,D,h,w)``, labels ``(N,h,w)`` (negative = ignore), image_index ``(N,)``, assign ``(N,h,w)``; memory
+    ``(M,D)`` detached negatives or None. Returns ``(loss scalar, v (N,k,D), counts (N,k), seg_labels (N,k))``;
+    the loss is 0 (with grad) when no anchor has a positive segment.
+    """
+    N, D, h, w = z.shape
+    v, counts = segment_means(z, assign, k)
+    seg_lab = segment_majority(labels, assign, k)
+    seg_ok = counts > 0
+    # flatten segments of the batch
+    v_all = v[seg_ok]  # (S,D)
+    seg_img = image_index[:, None].expand(N, k)[seg_ok]
+    seg_reg = seg_lab[seg_ok]
+    # anchors
+    zf = z.permute(0, 2, 3, 1).reshape(-1, D)
+    lab = labels.reshape(-1)
+    img = image_index[:, None].expand(N, h * w).reshape(-1)
+    idx = torch.nonzero(lab >= 0).squeeze(1)
+    if max_anchors is not None and idx.numel() > max_anchors:
+        idx = idx[torch.randperm(idx.numel(), generator=generator, device="cpu")[:max_anchors].to(idx.device)]
+    if idx.numel() == 0 or v_all.shape[0] == 0:
+        return z.sum() * 0.0, v, counts, seg_lab
+    za, la, ia = zf[idx], lab[idx], img[idx]
+    pos = (ia[:, None] == seg_img[None, :]) & (la[:, None] == seg_reg[None, :]) & (seg_reg[None, :] >= 0)
+    keys = v_all if memory is None or memory.numel() == 0 else torch.cat([v_all, memory.to(v_all)], 0)
+    logits = kappa * za @ keys.t()  # (A, S[+M])
+    if keys.shape[0] > v_all.shape[0]:
+        pos = torch.cat([pos, pos.new_zeros((pos.shape[0], keys.shape[0] - v_all.shape[0]))], 1)
+    has_pos = pos.any(1)
+    if not has_pos.any():
+        return z.sum() * 0.0, v, counts, seg_lab
+    logits, pos = logits[has_pos], pos[has_pos]
+    lse_all = torch.logsumexp(logits, 1)
+    lse_pos = torch.logsumexp(logits.masked_fill(~pos, float("-inf")), 1)
+    return (lse_all - lse_pos).mean(), v, counts, seg_lab
+
+
+def embedding_consistency_loss(v: torch.Tensor, i: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Eq. 2: mean over valid segments of ``1 - cos(v_s, i_s)``. v, i: ``(N,k,D)`` unit-norm; valid ``(N,k) bool``."""
+    if not valid.any():
+        return v.sum() * 0.0
+    return (1 - (v * i).sum(-1))[valid].mean()
+
+
+def semantic_consistency_loss(v: torch.Tensor, i: torch.Tensor, valid: torch.Tensor, prototypes: torch.Tensor,
+                              temperature: float = 10.0):
+    """Eq. 3. v, i: ``(N,k,D)``; valid ``(N,k)``; prototypes ``(L,D)`` unit-norm (detached here).
+
+    Returns ``(loss, pseudo (S,) int64 = argmax_l cos(i_s, c_l), i_valid (S,D))`` over the valid segments.
+    """
+    C = prototypes.detach()
+    vs, is_ = v[valid], i[valid].detach()
+    if vs.shape[0] == 0:
+        return v.sum() * 0.0, torch.zeros(0, dtype=torch.int64, device=v.device), is_
+    with torch.no_grad():
+        pseudo = (is_ @ C.t()).argmax(1)
+    loss = F.cross_entropy(temperature * vs @ C.t(), pseudo)
+    return loss, pseudo, is_
+
+
+def unknown_prototype_loss(prototypes: torch.Tensor, n_known: int, pseudo: torch.Tensor, i: torch.Tensor) -> torch.Tensor:
+    """Eq. 4: ``mean_{s: pseudo_s >= n_known} (1 - cos(c_{pseudo_s}, i_s))``; prototypes ``(L,D)`` (with grad),
+    pseudo ``(S,)``, i ``(S,D)`` detached. 0 when no segment is assigned to an unknown class."""
+    unk = pseudo >= n_known
+    if not unk.any():
+        return prototypes.sum() * 0.0
+    return (1 - (prototypes[pseudo[unk]] * i[unk].detach()).sum(1)).mean()
+
+
+class CLIPS4Loss(nn.Module):
+    """All CLIP-S4 losses together.
+
+    ``CLIPS4Loss(cfg, prototypes=None)``: ``prototypes`` a :class:`Prototypes` (required when ``w_s > 0`` or
+    ``w_u > 0``). Its ``unknown`` parameter is part of ``self.parameters()`` — add it to the optimiser when
+    ``unknown_update == 'grad'``.
+
+    ``forward(z, labels, image_index, clip=None) -> (total, parts)``:
+      total = w_t·L_t + w_e·L_e + w_s·L_s + w_u·L_u (scalar, float32; L_u's gradient reaches only the unknown
+      prototypes); parts: dict of python floats ``L_t, L_e, L_s, L_u, avgsim`` (mean cos(v_s, i_s), the paper's
+      alignment measure), ``n_segments``, ``frac_unknown`` (segments pseudo-labelled unknown) — a loss that is
+      switched off is reported as 0 and not computed (except ``avgsim`` when CLIP features are given).
+    The memory bank is updated at the end of each training-mode forward (current segments pushed, detached).
+    """
+
+    def __init__(self, cfg: LossConfig | None = None, prototypes: Prototypes | None = None):
+        super().__init__()
+        self.cfg = cfg or LossConfig()
+        if self.cfg.w_s > 0 and prototypes is None:
+            raise ValueError("L_s needs target class prototypes: pass prototypes=Prototypes(known, unknown) or set w_s=0")
+        if self.cfg.unknown_update not in ("grad", "ema"):
+            raise ValueError(f"unknown_update must be 'grad' or 'ema', got {self.cfg.unknown_update!r}")
+        self.prototypes = prototypes
+        self.memory = MemoryBank(self.cfg.memory_batches)
+
+    def forward(self, z: torch.Tensor, labels: torch.Tensor, image_index: torch.Tensor,
+                clip: torch.Tensor | None = None, assign: torch.Tensor | None = None):
+        cfg = self.cfg
+        N, D, h, w = z.shape
+        if labels.shape[-2:] != (h, w):
+            raise ValueError(f"labels {tuple(labels.shape)} must be on the embedding grid {(h, w)} (use labels_ds)")
+        need_clip = cfg.w_e > 0 or cfg.w_s > 0
+        if need_clip and clip is None:
+            raise ValueError("L_e/L_s need the CLIP features (clip=...) or set w_e = w_s = 0")
+        k = min(cfg.n_segments, h * w)
+        if assign is None:
+            assign = spherical_kmeans(z, k, cfg.kmeans_iters, cfg.spatial_weight)
+        zero = z.sum() * 0.0
+        parts = {"L_t": 0.0, "L_e": 0.0, "L_s": 0.0, "L_u": 0.0, "avgsim": float("nan"), "frac_unknown": 0.0}
+        total = zero
+        if cfg.w_t > 0:
+            l_t, v, counts, _ = contrastive_loss(
+                z, labels, image_index, assign, k, kappa=cfg.kappa, max_anchors=cfg.max_anchors,
+                memory=self.memory.get(z.device),
+            )
+            total = total + cfg.w_t * l_t
+            parts["L_t"] = float(l_t.detach())
+        else:
+            v, counts = segment_means(z, assign, k)
+        valid = counts > 0
+        parts["n_segments"] = int(valid.sum())
+        if clip is not None:
+            clip = clip.float()
+            if clip.shape[-2:] != (h, w):
+                clip = F.normalize(F.interpolate(clip, size=(h, w), mode="bilinear", align_corners=False), dim=1)
+            i_s, _ = segment_means(clip, assign, k)
+            parts["avgsim"] = float((v.detach() * i_s).sum(-1)[valid].mean()) if valid.any() else float("nan")
+            if cfg.w_e > 0:
+                l_e = embedding_consistency_loss(v, i_s, valid)
+                total = total + cfg.w_e * l_e
+                parts["L_e"] = float(l_e.detach())
+            if self.prototypes is not None and (cfg.w_s > 0 or cfg.w_u > 0):
+                C = self.prototypes()
+                l_s, pseudo, i_v = semantic_consistency_loss(v, i_s, valid, C, cfg.semantic_temperature)
+                if cfg.w_s > 0:
+                    total = total + cfg.w_s * l_s
+                    parts["L_s"] = float(l_s.detach())
+                nk = self.prototypes.n_known
+                if pseudo.numel():
+                    parts["frac_unknown"] = float((pseudo >= nk).float().mean())
+                if cfg.w_u > 0 and self.prototypes.n_unknown > 0:
+                    l_u = unknown_prototype_loss(C, nk, pseudo, i_v)
+                    parts["L_u"] = float(l_u.detach())
+                    if cfg.unknown_update == "grad":
+                        total = total + cfg.w_u * l_u
+                    elif self.training:
+                        unk = pseudo >= nk
+                        self.prototypes.ema_update_(pseudo[unk] - nk, i_v[unk], cfg.ema_momentum)
+        if self.training:
+            self.memory.push(v.detach()[valid])
+        parts["total"] = float(total.detach())
+        return total, parts
