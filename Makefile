@@ -19,7 +19,7 @@ demo: setup
 	$(VENV)/bin/clips4 demo
 
 test: setup
-	$(PY) -m pytest -q
+	$(VENV)/bin/pytest -q
 
 bench: setup
 	$(PY) benchmarks/segments.py --limit 10 --thresholds 25

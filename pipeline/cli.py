@@ -164,6 +164,29 @@ def precompute_prototypes(
     _run_stage_command("prototypes", cfg, 0, False, True)
 
 
+@app.command("train")
+def train_command(
+    config: Optional[List[Path]] = ConfigOpt, set_: Optional[List[str]] = SetOpt, stages: Optional[Path] = StagesOpt,
+    dataset: Optional[str] = DatasetOpt, root: Optional[str] = RootOpt, split: Optional[str] = SplitOpt,
+    limit: Optional[int] = LimitOpt, cache: Optional[str] = CacheOpt, quiet: bool = QuietOpt,
+    resume: bool = typer.Option(False, "--resume", help="Continue an unfinished run from its last checkpoint."),
+    restart: bool = typer.Option(False, "--restart", help="Start over, ignoring (and later replacing) checkpoints."),
+    iterations: Optional[int] = typer.Option(None, help="Training iterations (paper: 20k VOC/Context, 80k COCO-Stuff)."),
+    backbone: Optional[str] = typer.Option(None, help="resnet50 (paper), resnet18 or tiny."),
+    backbone_weights: Optional[str] = typer.Option(None, help="imagenet, a local weights file, or 'random' (explicit)."),
+    out: Optional[str] = typer.Option(None, help="Output folder (default: the cache, named by fingerprint)."),
+    max_steps: Optional[int] = typer.Option(None, help="Stop after this step (the run can be resumed)."),
+) -> None:
+    """Train the pixel embedding network from the cached segments, CLIP features and prototypes."""
+    from clips4.trainer.train import train
+
+    extra = [f"train.{k}={json.dumps(v) if isinstance(v, str) else v}" for k, v in
+             {"iterations": iterations, "backbone": backbone, "backbone_weights": backbone_weights, "out": out}.items()
+             if v is not None]
+    cfg = build_config(config, set_, stages, dataset=dataset, root=root, split=split, limit=limit, cache=cache, extra=extra)
+    train(cfg, resume=resume, restart=restart, max_steps=max_steps, show_progress=not quiet)
+
+
 # ---------------------------------------------------------------------------------------------- cache
 def _human(n: float) -> str:
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
@@ -253,14 +276,24 @@ def main(argv: list[str] | None = None) -> int:
     except click.ClickException as exc:
         exc.show()
         return exc.exit_code
-    except (CLIError, ConfigError, DatasetError, CacheError) as exc:
+    except (CLIError, ConfigError, DatasetError, CacheError, FileNotFoundError) as exc:
         err_console.print(f"[red]error:[/] {exc}")
         return 2
     except Exception as exc:  # noqa: BLE001 - stage errors with their own clear messages
         from clips4.pipeline.runner import WorkerStartError
         from clips4.pipeline.stage import StageError
+        from clips4.trainer.checkpoint import CheckpointError
+        from clips4.trainer.model import WeightsError
+        from clips4.trainer.train import TrainingError
 
-        if isinstance(exc, (StageError, WorkerStartError)):
+        known = (StageError, WorkerStartError, CheckpointError, WeightsError, TrainingError)
+        try:
+            from clips4.pipeline.clip_models import WeightsMismatchError, WeightsNotFoundError
+
+            known += (WeightsMismatchError, WeightsNotFoundError)
+        except ImportError:
+            pass
+        if isinstance(exc, known):
             err_console.print(f"[red]error:[/] {exc}")
             return 2
         raise

@@ -134,6 +134,11 @@ def register_params(stage: str, model: type[BaseModel]) -> None:
     PARAMS_MODELS[stage] = model
 
 
+def _register_all() -> None:
+    """Params models that live outside the pipeline package (imported late: they import this module)."""
+    import clips4.trainer.config  # noqa: F401  (registers "train")
+
+
 class Config(Strict):
     #: where stage outputs live (local path or fsspec URL)
     cache_root: str = "cache"
@@ -289,6 +294,7 @@ def load_config(
     search: bool = True,
 ) -> Config:
     """Resolve and validate the configuration (see module docstring). Raises ``ConfigError``."""
+    _register_all()
     merged: dict = {}
     lines: dict[tuple, str] = {}
     files: list[Path] = []

@@ -61,6 +61,8 @@ STAGES: dict[str, StageSpec] = {
         dynamic_deps="clips4.pipeline.processors:clip_features_deps",
         preflight="clips4.pipeline.processors:clip_features_preflight",
     ),
+    # run by the trainer (clips4 train), declared here for its fingerprint and deps
+    "train": StageSpec("train", "1", "", ("segments", "clip_features", "prototypes"), ("checkpoints", "metrics")),
     "prototypes": StageSpec(
         "prototypes", "1", "", ("clip_features",), ("prototypes",),
         builder="clips4.pipeline.processors:build_prototypes",
@@ -179,6 +181,8 @@ def run_stage(
     if name not in STAGES:
         raise StageError(f"unknown stage {name!r}; valid stages: {', '.join(STAGES)}")
     spec = STAGES[name]
+    if not spec.processor and not spec.builder:
+        raise StageError(f"stage {name!r} is not run by the pipeline (use `clips4 {name}`)")
     dataset = dataset or dataset_from_config(cfg)
     url, fp, dep_fps = stage_url(cfg, name, dataset)
     deps = {dep: open_stage(cfg, dep, dataset).url for dep in stage_deps(cfg, name)}

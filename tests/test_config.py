@@ -1,0 +1,53 @@
+"""Config: stages.yaml + --config + --set, validated with paths, lines, valid keys."""
+from __future__ import annotations
+
+import pytest
+
+from clips4.pipeline.config import ConfigError, load_config
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_repo_stages_yaml_is_valid():
+    cfg = load_config(REPO / "stages.yaml")
+    assert cfg.params("segments").ucm_threshold == 0.25 and cfg.params("segments").max_segments == 48
+    assert cfg.params("prototypes").top_m == 32 and cfg.params("prototypes").n_unknown == 64
+    assert cfg.params("train").lr == 0.001 and cfg.params("train").n_segments == 36
+
+
+def test_overrides_layer_in_order(tmp_path):
+    extra = tmp_path / "my.yaml"
+    extra.write_text("stages:\n  segments:\n    params:\n      ucm_threshold: 0.4\n")
+    cfg = load_config(REPO / "stages.yaml", [extra], ["segments.max_segments=10"])
+    assert cfg.params("segments").ucm_threshold == 0.4 and cfg.params("segments").max_segments == 10
+    cfg = load_config(REPO / "stages.yaml", [extra], ["segments.ucm_threshold=0.3"])
+    assert cfg.params("segments").ucm_threshold == 0.3
+
+
+def test_typo_reports_path_line_and_valid_keys(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("stages:\n  segments:\n    params:\n      ucm_treshold: 0.4\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(REPO / "stages.yaml", [bad])
+    msg = str(e.value)
+    assert "stages.segments.params.ucm_treshold" in msg and f"{bad}:4" in msg
+    assert "did you mean 'ucm_threshold'" in msg and "max_segments" in msg
+
+
+def test_bad_values_list_allowed_choices():
+    with pytest.raises(ConfigError, match="'ray' or 'local'"):
+        load_config(REPO / "stages.yaml", None, ["ray.executor=spark"])
+    with pytest.raises(ConfigError, match="less than or equal to 1"):
+        load_config(REPO / "stages.yaml", None, ["segments.ucm_threshold=3"])
+    with pytest.raises(ConfigError, match="unknown stage"):
+        load_config(REPO / "stages.yaml", None, ["stages.segmnts.params.x=1"])
+    with pytest.raises(ConfigError, match="PATH=VALUE"):
+        load_config(REPO / "stages.yaml", None, ["segments.ucm_threshold"])
+
+
+def test_yaml_is_parsed_safely(tmp_path):
+    evil = tmp_path / "evil.yaml"
+    evil.write_text("cache_root: !!python/object/apply:os.system ['echo hi']\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(None, [evil], search=False)

@@ -1,0 +1,57 @@
+"""Training params (the ``train`` section of stages.yaml). Defaults follow the paper's section 4.2."""
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+
+from clips4.pipeline.config import Strict, register_params
+
+
+class TrainParams(Strict):
+    # --- model
+    #: backbone: resnet50 (paper, dilated, output stride 8), resnet18, tiny (tests / CPU)
+    backbone: str = "resnet50"
+    #: ``imagenet`` (torchvision weights, from the local torch hub cache or a download), a file path, or
+    #: ``random`` (explicit random init; logged loudly)
+    backbone_weights: str = "imagenet"
+    head_dim: int = Field(default=512, ge=8)
+    # --- optimisation
+    #: iterations (paper: 20k VOC/Context, 80k COCO-Stuff)
+    iterations: int = Field(default=20000, ge=1)
+    #: images per process and step (two views each); paper: 8
+    batch_size: int = Field(default=8, ge=1)
+    lr: float = Field(default=0.001, gt=0)
+    momentum: float = Field(default=0.9, ge=0, lt=1)
+    weight_decay: float = Field(default=1e-4, ge=0)
+    #: polynomial decay power: lr_t = lr * (1 - t / iterations) ** poly_power
+    poly_power: float = Field(default=0.9, ge=0)
+    #: learning rate of the unknown prototypes (L_u), relative to ``lr``
+    prototype_lr_mult: float = Field(default=10.0, gt=0)
+    # --- data
+    crop_size: int = Field(default=321, ge=16)
+    #: DataLoader worker processes
+    num_workers: int = Field(default=2, ge=0)
+    # --- losses (weight 0 switches a loss off)
+    w_t: float = Field(default=1.0, ge=0)
+    w_e: float = Field(default=1.0, ge=0)
+    w_s: float = Field(default=1.0, ge=0)
+    w_u: float = Field(default=1.0, ge=0)
+    kappa: float = Field(default=10.0, gt=0)
+    semantic_temperature: float = Field(default=10.0, gt=0)
+    n_segments: int = Field(default=36, ge=2)
+    kmeans_iters: int = Field(default=10, ge=1)
+    memory_batches: int = Field(default=2, ge=0)
+    unknown_update: Literal["grad", "ema"] = "grad"
+    # --- bookkeeping
+    seed: int = 0
+    #: mixed precision: ``auto`` = on with CUDA, off on CPU
+    amp: Literal["auto", "on", "off"] = "auto"
+    checkpoint_every: int = Field(default=500, ge=1)
+    log_every: int = Field(default=10, ge=1)
+    #: output folder; None = ``<cache_root>/<dataset key>/train/<fingerprint>``
+    out: str | None = None
+    device: str = "auto"
+
+
+register_params("train", TrainParams)

@@ -1,0 +1,105 @@
+"""Training data from the caches: image + UCM superpixels + CLIP features → two augmented views.
+
+Nothing loads a dataset into memory: each item reads its image file and its two cached arrays (one byte range
+of one Zarr shard each). The order of samples and every augmentation seed are functions of (seed, step), so
+a resumed run sees exactly the batches an uninterrupted run would have seen.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset, Sampler
+
+from clips4.pipeline.cache import StageReader
+from clips4.pipeline.images import load_rgb
+from clips4.trainer.augment import AugmentConfig, collate_views, make_views
+
+
+class CachedViews(Dataset):
+    """Items are ``(index, aug_seed)`` pairs (from ``StepSampler``); each yields ``make_views(...)`` output.
+
+    ``segments_url`` / ``clip_url``: committed stage outputs. Only images finished in both are used.
+    Readers are opened lazily in each DataLoader worker (Zarr handles are not shared across processes).
+    """
+
+    def __init__(self, segments_url: str, clip_url: str, *, crop_size: int, stride: int = 8):
+        self.segments_url, self.clip_url = segments_url, clip_url
+        seg, clip = StageReader(segments_url), StageReader(clip_url)
+        ids = sorted(set(seg.image_ids) & set(clip.image_ids))
+        if not ids:
+            raise ValueError(f"no image is finished in both {segments_url} and {clip_url}")
+        self.image_ids = ids
+        self.paths = {i: seg.row(i)["path"] for i in ids}
+        self.embed_dim = int(clip.get(ids[0], "features").shape[-1])
+        self.aug = AugmentConfig(size=crop_size, stride=stride)
+        self._readers: tuple[StageReader, StageReader] | None = None
+
+    def __len__(self) -> int:
+        return len(self.image_ids)
+
+    def _open(self) -> tuple[StageReader, StageReader]:
+        if self._readers is None:
+            self._readers = (StageReader(self.segments_url), StageReader(self.clip_url))
+        return self._readers
+
+    def __getitem__(self, item: tuple[int, int]) -> list[dict]:
+        index, seed = item
+        seg, clip = self._open()
+        image_id = self.image_ids[index]
+        image = load_rgb(self.paths[image_id])
+        labels = seg.get(image_id, "labels")
+        feats = clip.get(image_id, "features")
+        if labels.shape != image.shape[:2]:
+            raise ValueError(f"{image_id}: cached labels {labels.shape} do not match the image {image.shape[:2]}")
+        return make_views(image, labels, feats, rng=seed, cfg=self.aug)
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state["_readers"] = None
+        return state
+
+
+class StepSampler(Sampler):
+    """Batches for steps ``start..total-1``: an epoch-wise permutation seeded by (seed, epoch), split over ranks.
+
+    Each element is ``(index, aug_seed)`` with ``aug_seed`` unique per (seed, step, slot, rank), so the batch
+    at step t never depends on where a run started.
+    """
+
+    def __init__(self, n: int, batch_size: int, seed: int, start: int, total: int, rank: int = 0, world: int = 1):
+        self.n, self.bs, self.seed, self.start, self.total, self.rank, self.world = n, batch_size, seed, start, total, rank, world
+
+    def _perm(self, epoch: int) -> np.ndarray:
+        if getattr(self, "_cached", (None,))[0] != epoch:
+            self._cached = (epoch, np.random.default_rng([self.seed, epoch]).permutation(self.n))
+        return self._cached[1]
+
+    def batch(self, step: int) -> list[tuple[int, int]]:
+        per_step = self.bs * self.world
+        out = []
+        for slot in range(self.bs):
+            k = step * per_step + self.rank * self.bs + slot
+            epoch, pos = divmod(k, self.n)
+            seed = int(np.random.default_rng([self.seed, step, slot, self.rank]).integers(2**31))
+            out.append((int(self._perm(epoch)[pos]), seed))
+        return out
+
+    def __iter__(self):
+        for step in range(self.start, self.total):
+            yield self.batch(step)
+
+    def __len__(self) -> int:
+        return max(0, self.total - self.start)
+
+
+def collate(items: list[list[dict]]) -> dict:
+    return collate_views(items)
+
+
+def make_loader(ds: CachedViews, sampler: StepSampler, num_workers: int, pin_memory: bool,
+                generator: torch.Generator | None = None) -> torch.utils.data.DataLoader:
+    # ``generator`` seeds the workers without drawing from the global RNG (resumed runs stay identical)
+    return torch.utils.data.DataLoader(
+        ds, batch_sampler=sampler, num_workers=num_workers, collate_fn=collate, pin_memory=pin_memory,
+        persistent_workers=False, prefetch_factor=4 if num_workers > 0 else None, generator=generator,
+    )

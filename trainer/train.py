@@ -1,0 +1,271 @@
+"""The training loop: one readable function. Reads the caches, never calls CLIP.
+
+Launch: ``clips4 train ...`` (one process) or ``torchrun --nproc_per_node N -m clips4.trainer ...`` (DDP: gloo on
+CPU, nccl on GPU; ``batch_size`` is per process; rank 0 writes checkpoints and logs).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import torch
+import torch.distributed as dist
+from rich.console import Console
+
+from clips4.pipeline.config import Config, resolved_dict
+from clips4.pipeline.datasets import Dataset
+from clips4.pipeline.stage import code_version, dataset_from_config, open_stage, stage_url
+from clips4.trainer.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from clips4.trainer.config import TrainParams
+from clips4.trainer.data import CachedViews, StepSampler, make_loader
+from clips4.trainer.losses import CLIPS4Loss, LossConfig, Prototypes
+from clips4.trainer.model import ModelConfig, build_model, model_signature
+
+console = Console(stderr=True)
+
+
+class TrainingError(RuntimeError):
+    """Training cannot start or had to stop (diverged, refused checkpoint); the message says why."""
+
+
+@dataclass
+class TrainResult:
+    out: Path
+    step: int
+    losses: list[dict]
+    stopped: str = "finished"  # finished | max_steps | nothing_to_do
+
+
+def load_prototypes(url: str) -> tuple[list[str], torch.Tensor, torch.Tensor]:
+    """(known names, known (K,D), unknown (U,D)) float32 from a prototypes stage output."""
+    import fsspec
+
+    with fsspec.open(url.rstrip("/") + "/prototypes.parquet", "rb") as f:
+        t = pq.read_table(f)
+    kinds = t["kind"].to_pylist()
+    d = t.schema.field("vector").type.list_size
+    vecs = t["vector"].combine_chunks().flatten().to_numpy(zero_copy_only=False).reshape(-1, d).astype(np.float32)
+    known = [i for i, k in enumerate(kinds) if k == "known"]
+    unknown = [i for i, k in enumerate(kinds) if k == "unknown"]
+    names = [t["name"][i].as_py() for i in known]
+    return names, torch.from_numpy(vecs[known]).reshape(-1, d), torch.from_numpy(vecs[unknown]).reshape(-1, d)
+
+
+def _dist_setup() -> tuple[int, int, int]:
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
+    if dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0"))
+    return 0, 1, 0
+
+
+def poly_lr(base: float, step: int, total: int, power: float) -> float:
+    return base * (1.0 - step / total) ** power
+
+
+def build_for_training(p: TrainParams, embed_dim: int) -> torch.nn.Module:
+    # backbone_weights=random is logged loudly by build_model itself
+    return build_model(ModelConfig(backbone=p.backbone, embed_dim=embed_dim, backbone_weights=p.backbone_weights,
+                                   head_dim=p.head_dim))
+
+
+def train(cfg: Config, *, dataset: Dataset | None = None, resume: bool = False, restart: bool = False,
+          max_steps: int | None = None, show_progress: bool = True) -> TrainResult:
+    """Train (or continue) the run defined by ``cfg``. ``max_steps`` stops early (tests; a simulated kill)."""
+    p: TrainParams = cfg.params("train")  # type: ignore[assignment]
+    dataset = dataset or dataset_from_config(cfg)
+    rank, world, local_rank = _dist_setup()
+    deps = {name: open_stage(cfg, name, dataset).url for name in ("segments", "clip_features", "prototypes")}
+    url, fp, _ = stage_url(cfg, "train", dataset)
+    out = Path(p.out) if p.out else Path(url)
+    if "://" in str(out) and not str(out).startswith("file://"):
+        raise TrainingError(f"training output {out} must be a local folder (set train.out)")
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if p.device == "auto" else p.device)
+    if device.type == "cuda":
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    use_amp = p.amp == "on" or (p.amp == "auto" and device.type == "cuda")
+
+    ds = CachedViews(deps["segments"], deps["clip_features"], crop_size=p.crop_size)
+    names, known, unknown = load_prototypes(deps["prototypes"])
+    if known.numel() and known.shape[1] != ds.embed_dim or unknown.numel() and unknown.shape[1] != ds.embed_dim:
+        raise TrainingError(f"prototypes in {deps['prototypes']} do not match the CLIP feature width {ds.embed_dim}")
+    torch.manual_seed(p.seed)
+    np.random.seed(p.seed)
+    model = build_for_training(p, ds.embed_dim).to(device)
+    protos = Prototypes(known, unknown if unknown.numel() else None).to(device)
+    loss_fn = CLIPS4Loss(LossConfig(w_t=p.w_t, w_e=p.w_e, w_s=p.w_s, w_u=p.w_u, kappa=p.kappa,
+                                    semantic_temperature=p.semantic_temperature, n_segments=p.n_segments,
+                                    kmeans_iters=p.kmeans_iters, memory_batches=p.memory_batches,
+                                    unknown_update=p.unknown_update), protos).to(device)
+    groups = [{"params": list(model.parameters()), "lr_mult": 1.0, "weight_decay": p.weight_decay}]
+    proto_params = [q for q in protos.parameters() if q.requires_grad]
+    if proto_params:
+        groups.append({"params": proto_params, "lr_mult": p.prototype_lr_mult, "weight_decay": 0.0})
+    opt = torch.optim.SGD(groups, lr=p.lr, momentum=p.momentum)
+    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
+    signature = {**model_signature(model.cfg), "n_known": int(known.shape[0]), "n_unknown": int(unknown.shape[0]),
+                 "fingerprint": fp}
+
+    start = 0
+    last, final = out / "last.pt", out / "final.pt"
+    if final.exists() and not restart:
+        console.print(f"[green]nothing left to do[/]: {final} exists (train.iterations={p.iterations})")
+        return TrainResult(out, p.iterations, [], "nothing_to_do")
+    if last.exists() and not restart:
+        if not resume:
+            raise TrainingError(f"{out} holds an unfinished run (last.pt); pass --resume to continue it or --restart")
+        ck = load_checkpoint(last, expect_signature=signature, map_location=device)
+        model.load_state_dict(ck["model"])
+        protos.load_state_dict(ck["prototypes"])
+        opt.load_state_dict(ck["optimizer"])
+        scaler.load_state_dict(ck["scaler"])
+        loss_fn.memory.load_state_dict(ck["memory"])
+        set_rng_state(ck["rng"])
+        start = int(ck["step"])
+        console.print(f"resumed from {last} at step {start}")
+    raw_model = model
+    if world > 1:
+        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[local_rank] if device.type == "cuda" else None)
+
+    sampler = StepSampler(len(ds), p.batch_size, p.seed, start, p.iterations, rank, world)
+    g = torch.Generator()
+    g.manual_seed(p.seed)  # the loader's own generator: creating it must not consume the global RNG
+    loader = make_loader(ds, sampler, p.num_workers, pin_memory=device.type == "cuda", generator=g)
+    metrics_path = out / "metrics.jsonl"
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.json").write_text(json.dumps({"config": resolved_dict(cfg), "git": code_version(), "deps": deps,
+                                                     "signature": signature, "classes": names}, indent=2))
+        kept = [ln for ln in (metrics_path.read_text().splitlines() if metrics_path.exists() else [])
+                if ln.strip() and json.loads(ln)["step"] < start]
+        metrics_path.write_text("".join(k + "\n" for k in kept))
+    tb = _tensorboard(out) if rank == 0 else None
+
+    def save(step: int, path: Path) -> None:
+        if rank == 0:
+            save_checkpoint(path, {
+                "model": raw_model.state_dict(), "prototypes": protos.state_dict(), "optimizer": opt.state_dict(),
+                "scaler": scaler.state_dict(), "memory": loss_fn.memory.state_dict(), "rng": rng_state(),
+                "step": step, "signature": json.dumps(signature), "config": json.dumps(resolved_dict(cfg)),
+                "git": code_version(), "classes": names,
+            })
+
+    losses: list[dict] = []
+    stop = min(p.iterations, max_steps) if max_steps is not None else p.iterations
+    t_end = time.perf_counter()
+    t_start = t_end
+    model.train()
+    loss_fn.train()
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    prog = Progress(TextColumn("train"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[rate]} it/s"),
+                    TimeRemainingColumn(), TextColumn("{task.fields[losses]}"), console=console,
+                    disable=not show_progress or rank != 0)
+    with prog:
+        task = prog.add_task("train", total=p.iterations, completed=start, rate="-", losses="")
+        step = start
+        for step, batch in zip(range(start, stop), loader):
+            t_batch = time.perf_counter()
+            lr = poly_lr(p.lr, step, p.iterations, p.poly_power)
+            for grp in opt.param_groups:
+                grp["lr"] = lr * grp["lr_mult"]
+            x = batch["image"].to(device, non_blocking=True)
+            clip = batch["clip"].to(device, non_blocking=True) if "clip" in batch else None
+            with torch.autocast(device.type, dtype=torch.float16, enabled=use_amp):
+                z = model(x)
+            total, parts = loss_fn(z.float(), batch["labels_ds"].to(device), batch["image_index"].to(device), clip)
+            if not torch.isfinite(total):
+                raise TrainingError(f"loss is not finite at step {step}: {parts}; stopped, the last good checkpoint "
+                                    f"({last if last.exists() else 'none yet'}) is kept")
+            opt.zero_grad(set_to_none=True)
+            scaler.scale(total).backward()
+            if world > 1:
+                for q in proto_params:
+                    if q.grad is not None:
+                        dist.all_reduce(q.grad)
+                        q.grad /= world
+            scaler.step(opt)
+            scaler.update()
+            with torch.no_grad():
+                protos.renormalize_()
+            t_now = time.perf_counter()
+            rec = {"step": step, "lr": lr, **{k: float(v) for k, v in parts.items()},
+                   "data_s": t_batch - t_end, "step_s": t_now - t_end}
+            t_end = t_now
+            losses.append(rec)
+            if rank == 0:
+                with metrics_path.open("a") as f:
+                    f.write(json.dumps(rec) + "\n")
+                if tb is not None and step % p.log_every == 0:
+                    for k, v in rec.items():
+                        if k != "step" and isinstance(v, float) and math.isfinite(v):
+                            tb.add_scalar(k, v, step)
+            prog.update(task, advance=1, rate=f"{(step + 1 - start) / max(1e-9, t_now - t_start):.2f}",
+                        losses=" ".join(f"{k}={parts[k]:.3f}" for k in ("total", "L_t", "L_e", "L_s") if k in parts))
+            if (step + 1) % p.checkpoint_every == 0 and step + 1 < p.iterations:
+                save(step + 1, last)
+    done = start + len(losses)
+    if done >= p.iterations:
+        save(p.iterations, last)
+        save(p.iterations, final)
+        if rank == 0:
+            _commit(out, cfg, fp, signature, deps)
+        stopped = "finished"
+    else:
+        save(done, last)
+        stopped = "max_steps"
+    if tb is not None:
+        tb.close()
+    if rank == 0:
+        console.print(f"{stopped} at step {done}; outputs in {out}")
+    return TrainResult(out, done, losses, stopped)
+
+
+def _commit(out: Path, cfg: Config, fp: str, signature: dict, deps: dict) -> None:
+    """meta.json + index.parquet (written last) make a finished run visible to ``clips4 cache ls``."""
+    import hashlib
+
+    import pyarrow as pa
+
+    from clips4.pipeline.cache import INDEX, url_join, write_bytes_atomic, write_parquet_atomic
+
+    meta = {"stage": "train", "fingerprint": fp, "params": cfg.params("train").model_dump(mode="json"),
+            "deps": deps, "signature": signature, "code": code_version(), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "dataset": {"key": out.parent.parent.name}}
+    write_bytes_atomic(url_join(str(out), "meta.json"), json.dumps(meta, indent=2).encode())
+    digest = hashlib.sha256((out / "final.pt").read_bytes()).hexdigest()
+    write_parquet_atomic(url_join(str(out), INDEX), pa.Table.from_pylist(
+        [{"image_id": "final.pt", "status": "ok", "error": "", "part": "", "sha256": digest}]))
+
+
+def _tensorboard(out: Path):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except Exception:  # noqa: BLE001 - TensorBoard is optional
+        return None
+    return SummaryWriter(str(out / "tb"))
+
+
+def load_trained_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, dict]:
+    """A trained model from a checkpoint (weights_only) for evaluation; returns (model in eval mode, checkpoint)."""
+    from clips4.trainer.model import PixelEmbeddingNet, build_backbone
+
+    ck = load_checkpoint(path, map_location=device)
+    sig = json.loads(ck["signature"])
+    mc = ModelConfig(backbone=sig["backbone"], embed_dim=sig["embed_dim"], backbone_weights=None,
+                     head_dim=sig["head_dim"], psp_bins=tuple(sig["psp_bins"]))
+    model = PixelEmbeddingNet(mc, build_backbone(mc.backbone))  # weights come from the checkpoint
+    try:
+        model.load_state_dict(ck["model"])
+    except RuntimeError as exc:
+        from clips4.trainer.checkpoint import CheckpointError
+
+        raise CheckpointError(f"checkpoint {path} does not fit its declared model {sig}: {str(exc)[:300]}") from None
+    return model.to(device).eval(), ck
