@@ -1,0 +1,535 @@
+"""BSDS500 boundary benchmark for the contour maps and the UCMs of the segments stage.
+
+Protocol (BSDS500 ``bench``): ``thresholds`` evenly spaced levels ``k / (N + 1)``, k = 1..N (99 by
+default); at each level the binarised prediction is thinned and matched one-to-one to every human
+boundary map with a maximum distance of 0.0075 x the image diagonal (``pyEdgeEval.correspond_pixels``,
+the BSDS ``correspondPixels`` code); a predicted pixel is correct if it matches any annotator, recall
+is accumulated over all annotators.  Reported: ODS (best fixed threshold over the dataset, with the BSDS
+interpolation of the PR curve), OIS (best threshold per image) and AP.  Two predictions are scored:
+
+* ``contours``: the contour strength after non-maximum suppression along the detector's orientation
+  (``pyEdgeEval.nms``, Dollár's edge NMS, r=1, s=5, m=1.01);
+* ``ucm``: the UCM pixel boundary map (:func:`clips4.pipeline.segments.ucm_to_boundary_map`).
+
+For the UCM the segmentation covering of the human segmentations by the UCM regions at each threshold
+is also reported (ODS, OIS and best, as in the BSDS region benchmark).
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing as mp
+import os
+import time
+from pathlib import Path
+from typing import Annotated, Any, Callable, Iterable, Optional
+
+import numpy as np
+import typer
+
+__all__ = [
+    "load_bsds_ground_truth",
+    "threshold_levels",
+    "boundary_counts",
+    "covering_counts",
+    "evaluate_image",
+    "summarize_boundaries",
+    "summarize_covering",
+    "evaluate_boundaries",
+    "boundaries_command",
+    "MAX_DIST",
+]
+
+MAX_DIST = 0.0075
+
+
+# ------------------------------------------------------------------------------------------------
+# data
+# ------------------------------------------------------------------------------------------------
+
+
+def load_bsds_ground_truth(path: str | Path) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """(boundaries, segmentations) of all annotators of a BSDS ``groundTruth/<split>/<id>.mat`` file."""
+    import scipy.io as sio
+
+    m = sio.loadmat(str(path), squeeze_me=True, struct_as_record=False)
+    gts = np.atleast_1d(m["groundTruth"])
+    bounds = [np.asarray(g.Boundaries).astype(bool) for g in gts]
+    segs = [np.asarray(g.Segmentation).astype(np.int64) for g in gts]
+    return bounds, segs
+
+
+def _list_images(root: Path, split: str) -> list[tuple[str, Path, Path]]:
+    img_dir = root / "images" / split
+    gt_dir = root / "groundTruth" / split
+    if not img_dir.is_dir():
+        raise FileNotFoundError(f"BSDS images folder not found: {img_dir}")
+    if not gt_dir.is_dir():
+        raise FileNotFoundError(f"BSDS groundTruth folder not found: {gt_dir}")
+    out = []
+    for gt in sorted(gt_dir.glob("*.mat")):
+        for ext in (".jpg", ".png", ".jpeg"):
+            img = img_dir / f"{gt.stem}{ext}"
+            if img.is_file():
+                out.append((gt.stem, img, gt))
+                break
+    if not out:
+        raise FileNotFoundError(f"no image/groundTruth pairs under {root} for split {split!r}")
+    return out
+
+
+def threshold_levels(n: int) -> np.ndarray:
+    """The BSDS thresholds: ``linspace(1/(n+1), 1 - 1/(n+1), n)``."""
+    if n < 1:
+        raise ValueError("thresholds must be >= 1")
+    return np.linspace(1.0 / (n + 1), 1.0 - 1.0 / (n + 1), n)
+
+
+# ------------------------------------------------------------------------------------------------
+# per image
+# ------------------------------------------------------------------------------------------------
+
+
+def boundary_counts(
+    pred: np.ndarray,
+    gts: list[np.ndarray],
+    thresholds: np.ndarray,
+    *,
+    max_dist: float = MAX_DIST,
+    thin: bool = True,
+) -> np.ndarray:
+    """(4, T) array ``(count_r, sum_r, count_p, sum_p)`` at each threshold (``pred >= t`` is boundary).
+
+    Identical binary maps at successive thresholds (e.g. a quantised UCM) are matched only once.
+    """
+    from pyEdgeEval import correspond_pixels
+    from pyEdgeEval.preprocess import binary_thin
+
+    pred = np.asarray(pred, dtype=np.float64)
+    out = np.zeros((4, len(thresholds)), dtype=np.float64)
+    gts_f = [np.asarray(g, dtype=bool) for g in gts]
+    gt_total = float(sum(g.sum() for g in gts_f))
+    prev_key = None
+    prev = None
+    for i, t in enumerate(thresholds):
+        bmap = pred >= t
+        key = int(bmap.sum())
+        if prev is not None and key == prev_key and np.array_equal(bmap, prev[0]):
+            out[:, i] = prev[1]
+            continue
+        b = binary_thin(bmap) if thin else bmap
+        acc = np.zeros(b.shape, dtype=bool)
+        count_r = 0.0
+        if b.any():
+            bf = b.astype(np.float64)
+            for g in gts_f:
+                if not g.any():
+                    continue
+                m1, m2, _, _ = correspond_pixels(bf, g.astype(np.float64), max_dist=max_dist)
+                acc |= m1 > 0
+                count_r += float((m2 > 0).sum())
+        col = (count_r, gt_total, float(acc.sum()), float(b.sum()))
+        out[:, i] = col
+        prev_key, prev = key, (bmap, col)
+    return out
+
+
+def covering_counts(ucm: Any, segs: list[np.ndarray], thresholds: np.ndarray) -> np.ndarray:
+    """(2, T) array ``(cnt_r, sum_r)``: covering of the human segmentations by the UCM regions.
+
+    At threshold t the regions are ``cut_ucm(ucm, t, max_segments=None)``; for every annotator and
+    every human region R, ``|R| * max_S IoU(R, S)`` is added to cnt_r and the pixel count to sum_r
+    (BSDS ``evaluation_reg_image``), so covering = cnt_r / sum_r.
+    """
+    from clips4.pipeline.segments import cut_ucm
+
+    out = np.zeros((2, len(thresholds)), dtype=np.float64)
+    segs_c = []
+    for s in segs:
+        _, inv = np.unique(s.ravel(), return_inverse=True)
+        gt = inv.astype(np.int64)
+        segs_c.append((gt, np.bincount(gt).astype(np.float64)))
+    cache: dict[int, tuple[float, float]] = {}
+    for i, t in enumerate(thresholds):
+        labels = cut_ucm(ucm, float(t), max_segments=None).ravel().astype(np.int64)
+        n = int(labels.max()) + 1
+        if n in cache:  # region count determines the (nested) cut uniquely
+            out[:, i] = cache[n]
+            continue
+        area_s = np.bincount(labels, minlength=n).astype(np.float64)
+        cnt = 0.0
+        tot = 0.0
+        for gt, area_g in segs_c:
+            ng = area_g.size
+            conf = np.bincount(labels * ng + gt, minlength=n * ng).reshape(n, ng).astype(np.float64)
+            iou = conf / (area_s[:, None] + area_g[None, :] - conf)
+            cnt += float((area_g * iou.max(axis=0)).sum())
+            tot += float(gt.size)
+        cache[n] = (cnt, tot)
+        out[:, i] = (cnt, tot)
+    return out
+
+
+def _nms(strength: np.ndarray, orientation: np.ndarray) -> np.ndarray:
+    from pyEdgeEval import nms
+
+    return np.asarray(nms(strength.astype(np.float64), orientation.astype(np.float64), r=1, s=5, m=1.01))
+
+
+def _decode_prediction(pred: dict) -> dict:
+    """Quantised cache arrays (uint8) or float arrays -> float maps."""
+    from clips4.pipeline.segments import decode_orientation
+
+    out = dict(pred)
+    c = np.asarray(pred["contours"])
+    out["contours"] = c.astype(np.float32) / 255.0 if c.dtype == np.uint8 else c.astype(np.float32)
+    out["orientation"] = decode_orientation(pred["orientation"])
+    return out
+
+
+def evaluate_image(
+    pred: dict,
+    gt_path: str | Path,
+    thresholds: np.ndarray,
+    *,
+    max_dist: float = MAX_DIST,
+    which: tuple[str, ...] = ("contours", "ucm"),
+) -> dict[str, np.ndarray]:
+    """Counts for one image. ``pred``: ``contours`` (H, W) (uint8 or float [0, 1]), ``orientation``
+    (uint8 degrees or float radians), ``ucm`` (H, W, 2) UCM array.  Returns ``contours`` / ``ucm``
+    (4, T) boundary counts and ``covering`` (2, T)."""
+    from clips4.pipeline.segments import ucm_to_boundary_map
+
+    bounds, segs = load_bsds_ground_truth(gt_path)
+    p = _decode_prediction(pred)
+    res: dict[str, np.ndarray] = {}
+    if "contours" in which:
+        res["contours"] = boundary_counts(_nms(p["contours"], p["orientation"]), bounds, thresholds, max_dist=max_dist)
+    if "ucm" in which:
+        res["ucm"] = boundary_counts(ucm_to_boundary_map(p["ucm"]), bounds, thresholds, max_dist=max_dist)
+        res["covering"] = covering_counts(p["ucm"], segs, thresholds)
+    return res
+
+
+# ------------------------------------------------------------------------------------------------
+# summaries
+# ------------------------------------------------------------------------------------------------
+
+
+def _prf(count_r, sum_r, count_p, sum_p):
+    from pyEdgeEval.common.metrics import compute_rec_prec_f1
+
+    return compute_rec_prec_f1(count_r, sum_r, count_p, sum_p)
+
+
+def summarize_boundaries(counts: list[np.ndarray], thresholds: np.ndarray) -> dict:
+    """ODS / OIS / AP and the PR curve from per-image (4, T) counts (BSDS ``collect_eval_bdry``)."""
+    from pyEdgeEval.common.metrics import interpolated_max_scores
+
+    total = np.sum(counts, axis=0)
+    rec, prec, f = _prf(*total)
+    t_ods, r_ods, p_ods, f_ods = interpolated_max_scores(thresholds, rec, prec)
+    best = np.zeros(4)
+    for c in counts:
+        _, _, fi = _prf(*c)
+        best += c[:, int(np.argmax(fi))]
+    r_ois, p_ois, f_ois = _prf(*[float(x) for x in best])
+    # AP as in the BSDS/pyEdgeEval benchmark: mean interpolated precision at recall 0, 0.01, ..., 0.99
+    ap = 0.0
+    for r0 in np.arange(0, 1, 0.01):
+        ap += float(np.max(prec[rec >= r0], initial=0.0)) / 101.0
+    return {
+        "ODS": {"f": float(f_ods), "precision": float(p_ods), "recall": float(r_ods), "threshold": float(t_ods)},
+        "OIS": {"f": float(f_ois), "precision": float(p_ois), "recall": float(r_ois)},
+        "AP": float(ap),
+        "curve": {
+            "threshold": [float(x) for x in thresholds],
+            "recall": [float(x) for x in rec],
+            "precision": [float(x) for x in prec],
+            "f": [float(x) for x in f],
+        },
+    }
+
+
+def summarize_covering(counts: list[np.ndarray], thresholds: np.ndarray) -> dict:
+    """Segmentation covering ODS / OIS / best (BSDS ``collect_eval_reg``) from per-image (2, T) counts."""
+    total = np.sum(counts, axis=0)
+    cov = total[0] / np.maximum(total[1], 1e-12)
+    i = int(np.argmax(cov))
+    ois_cnt = ois_sum = 0.0
+    for c in counts:
+        j = int(np.argmax(c[0] / np.maximum(c[1], 1e-12)))
+        ois_cnt += c[0, j]
+        ois_sum += c[1, j]
+    return {
+        "ODS": float(cov[i]),
+        "ODS_threshold": float(thresholds[i]),
+        "OIS": float(ois_cnt / max(ois_sum, 1e-12)),
+        "curve": [float(x) for x in cov],
+    }
+
+
+# ------------------------------------------------------------------------------------------------
+# driver
+# ------------------------------------------------------------------------------------------------
+
+_WORKER_DETECTOR: Any = None
+_WORKER_SEG_KW: dict = {}
+
+
+def _worker_init(detector: Optional[str], detector_params: dict, seg_kw: dict) -> None:
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    import cv2
+
+    cv2.setNumThreads(1)
+    global _WORKER_DETECTOR, _WORKER_SEG_KW
+    from clips4.pipeline.contours import build_detector
+
+    _WORKER_DETECTOR = build_detector(detector, **detector_params) if detector is not None else None
+    _WORKER_SEG_KW = dict(seg_kw)
+
+
+def _predict(image_path: Path) -> dict:
+    from clips4.pipeline.segments import compute_segments
+
+    import cv2
+
+    bgr = cv2.imread(str(image_path), cv2.IMREAD_COLOR)
+    if bgr is None:
+        raise ValueError(f"cannot read image {image_path}")
+    rgb = np.ascontiguousarray(bgr[:, :, ::-1])
+    return compute_segments(rgb, _WORKER_DETECTOR, **_WORKER_SEG_KW)
+
+
+def _task(args: tuple) -> tuple[str, dict, float]:
+    image_id, image_path, gt_path, pred, thresholds, which = args
+    t0 = time.perf_counter()
+    if pred is None:
+        pred = _predict(image_path)
+    t1 = time.perf_counter()
+    predict_seconds = t1 - t0
+    res = evaluate_image(pred, gt_path, thresholds, which=which)
+    res["n_segments"] = int(np.asarray(pred["labels"]).max()) + 1 if "labels" in pred else -1
+    res["predict_seconds"] = predict_seconds
+    return image_id, res, time.perf_counter() - t0
+
+
+def evaluate_boundaries(
+    root: str | Path,
+    split: str = "test",
+    thresholds: int = 99,
+    detector: str = "classical",
+    limit: Optional[int] = None,
+    workers: int = 2,
+    out_dir: str | Path | None = None,
+    predictions: Optional[Callable[[str], dict]] = None,
+    *,
+    detector_params: Optional[dict] = None,
+    segments_params: Optional[dict] = None,
+    which: tuple[str, ...] = ("contours", "ucm"),
+    image_ids: Optional[Iterable[str]] = None,
+    quiet: bool = False,
+) -> dict:
+    """Score contour maps (NMS) and UCMs on a BSDS500-layout folder.
+
+    Args:
+        root: folder with ``images/<split>/*.jpg`` and ``groundTruth/<split>/*.mat``.
+        split: 'test', 'val' or 'train'.
+        thresholds: number of evenly spaced thresholds (BSDS: 99).
+        detector: contour detector name (``clips4.pipeline.contours.CONTOUR_DETECTORS``), with
+            ``detector_params``; ignored when ``predictions`` is given.
+        limit: only the first ``limit`` images (sorted by id).
+        workers: processes (spawned) evaluating images in parallel; <= 1 runs inline.
+        out_dir: if given, writes ``boundaries.json`` and ``boundaries_pr.png`` there.
+        predictions: ``image_id -> dict(contours=..., orientation=..., ucm=...)`` with precomputed
+            arrays (e.g. from the segments cache; uint8 quantised or float); called in this process.
+        segments_params: keyword arguments of ``compute_segments`` (ucm_threshold, oriented, ...).
+        which: subset of ('contours', 'ucm') to score.
+        image_ids: restrict to these ids.
+        quiet: no table printing.
+
+    Returns:
+        dict with ``contours`` and ``ucm`` summaries (ODS/OIS/AP/curve; ``ucm`` also ``covering``),
+        ``per_image`` rows and run info.
+    """
+    root = Path(root)
+    items = _list_images(root, split)
+    if image_ids is not None:
+        wanted = set(image_ids)
+        items = [it for it in items if it[0] in wanted]
+    if limit is not None:
+        items = items[: int(limit)]
+    levels = threshold_levels(int(thresholds))
+    seg_kw = dict(segments_params or {})
+    det_params = dict(detector_params or {})
+    t0 = time.perf_counter()
+
+    def tasks():
+        for image_id, img, gt in items:
+            pred = predictions(image_id) if predictions is not None else None
+            yield (image_id, img, gt, pred, levels, tuple(which))
+
+    results: dict[str, dict] = {}
+    seconds: dict[str, float] = {}
+    init_args = (detector if predictions is None else None, det_params, seg_kw)
+    if workers <= 1 or len(items) <= 1:
+        _worker_init(*init_args)
+        for args in tasks():
+            image_id, res, sec = _task(args)
+            results[image_id] = res
+            seconds[image_id] = sec
+    else:
+        ctx = mp.get_context("spawn")
+        with ctx.Pool(
+            processes=int(workers), initializer=_worker_init, initargs=init_args
+        ) as pool:
+            for image_id, res, sec in pool.imap_unordered(_task, tasks()):
+                results[image_id] = res
+                seconds[image_id] = sec
+    ids = [it[0] for it in items]
+    summary: dict[str, Any] = {
+        "root": str(root),
+        "split": split,
+        "detector": detector if predictions is None else "predictions",
+        "detector_params": det_params,
+        "segments_params": seg_kw,
+        "thresholds": int(thresholds),
+        "max_dist": MAX_DIST,
+        "n_images": len(ids),
+        "seconds": time.perf_counter() - t0,
+    }
+    if "contours" in which:
+        summary["contours"] = summarize_boundaries([results[i]["contours"] for i in ids], levels)
+    if "ucm" in which:
+        summary["ucm"] = summarize_boundaries([results[i]["ucm"] for i in ids], levels)
+        summary["ucm"]["covering"] = summarize_covering([results[i]["covering"] for i in ids], levels)
+    per_image = []
+    for i in ids:
+        row: dict[str, Any] = {"image_id": i, "seconds": seconds[i], "n_segments": results[i].get("n_segments", -1)}
+        for k in ("contours", "ucm"):
+            if k in results[i]:
+                _, _, f = _prf(*results[i][k])
+                row[f"{k}_best_f"] = float(np.max(f))
+        per_image.append(row)
+    summary["per_image"] = per_image
+    if not quiet:
+        print_summary(summary)
+    if out_dir is not None:
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "boundaries.json").write_text(json.dumps(summary, indent=2))
+        plot_pr(summary, out / "boundaries_pr.png")
+    return summary
+
+
+def print_summary(summary: dict) -> None:
+    """Rich table of ODS / OIS / AP (and covering)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(
+        title=f"BSDS boundaries: {summary['split']} ({summary['n_images']} images, "
+        f"{summary['thresholds']} thresholds, detector={summary['detector']})"
+    )
+    for col in ("map", "ODS F", "ODS P", "ODS R", "ODS t", "OIS F", "AP", "covering ODS", "covering OIS"):
+        table.add_column(col, justify="right" if col != "map" else "left")
+    for key in ("contours", "ucm"):
+        if key not in summary:
+            continue
+        s = summary[key]
+        cov = s.get("covering")
+        table.add_row(
+            "contours (NMS)" if key == "contours" else "UCM",
+            f"{s['ODS']['f']:.3f}",
+            f"{s['ODS']['precision']:.3f}",
+            f"{s['ODS']['recall']:.3f}",
+            f"{s['ODS']['threshold']:.2f}",
+            f"{s['OIS']['f']:.3f}",
+            f"{s['AP']:.3f}",
+            f"{cov['ODS']:.3f}" if cov else "-",
+            f"{cov['OIS']:.3f}" if cov else "-",
+        )
+    Console().print(table)
+
+
+def plot_pr(summary: dict, path: str | Path) -> None:
+    """PR curves of the scored maps with iso-F lines and the ODS points (matplotlib, Agg)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 6))
+    r = np.linspace(0.01, 1, 200)
+    for fv in np.arange(0.1, 1.0, 0.1):
+        with np.errstate(divide="ignore", invalid="ignore"):
+            p = fv * r / (2 * r - fv)
+        ok = (p > 0) & (p <= 1)
+        ax.plot(r[ok], p[ok], color="0.85", lw=0.8, zorder=0)
+        if ok.any():
+            ax.text(r[ok][-1], min(p[ok][-1], 0.98), f"F={fv:.1f}", fontsize=6, color="0.6")
+    for key, color, name in (("contours", "tab:blue", "contours (NMS)"), ("ucm", "tab:red", "UCM")):
+        if key not in summary:
+            continue
+        s = summary[key]
+        c = s["curve"]
+        rec = np.asarray(c["recall"])
+        prec = np.asarray(c["precision"])
+        ok = (rec > 0) | (prec > 0)
+        ax.plot(rec[ok], prec[ok], color=color, lw=1.8, label=f"{name}: ODS {s['ODS']['f']:.3f}, AP {s['AP']:.3f}")
+        ax.plot([s["ODS"]["recall"]], [s["ODS"]["precision"]], "o", color=color)
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.set_xlabel("Recall")
+    ax.set_ylabel("Precision")
+    ax.set_title(f"BSDS500 {summary['split']} ({summary['n_images']} images)")
+    ax.legend(loc="lower left", fontsize=8)
+    ax.grid(False)
+    fig.tight_layout()
+    fig.savefig(str(path), dpi=120)
+    plt.close(fig)
+
+
+# ------------------------------------------------------------------------------------------------
+# CLI (mounted by the lead as `clips4 evaluate boundaries`)
+# ------------------------------------------------------------------------------------------------
+
+
+def _default_root() -> Path:
+    return Path(__file__).resolve().parents[2] / "shared" / "data" / "BSDS500"
+
+
+def boundaries_command(
+    root: Annotated[
+        Optional[Path],
+        typer.Option(
+            help="BSDS500-layout folder (images/<split>, groundTruth/<split>); "
+            "default: ../shared/data/BSDS500 next to the repository."
+        ),
+    ] = None,
+    split: Annotated[str, typer.Option(help="Split to score: test, val or train.")] = "test",
+    thresholds: Annotated[int, typer.Option(help="Number of evenly spaced thresholds (BSDS uses 99).")] = 99,
+    detector: Annotated[str, typer.Option(help="Contour detector name: classical, hed or onnx.")] = "classical",
+    limit: Annotated[Optional[int], typer.Option(help="Score only the first N images (sorted by id).")] = None,
+    workers: Annotated[int, typer.Option(help="Worker processes for the matching (<= 1: inline).")] = 2,
+    out: Annotated[
+        Optional[Path], typer.Option(help="Output folder for boundaries.json and the PR-curve PNG.")
+    ] = None,
+) -> None:
+    """Score the contour maps (after NMS) and the OWT-UCMs on a BSDS500-layout folder: boundary
+    precision/recall/F at ODS and OIS, AP, and segmentation covering."""
+    evaluate_boundaries(
+        root if root is not None else _default_root(),
+        split=split,
+        thresholds=thresholds,
+        detector=detector,
+        limit=limit,
+        workers=workers,
+        out_dir=out,
+    )
+
+
+if __name__ == "__main__":  # pragma: no cover
+    import typer
+
+    typer.run(boundaries_command)
