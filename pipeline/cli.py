@@ -196,6 +196,16 @@ def _human(n: float) -> str:
     return f"{n:.1f} PiB"
 
 
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and v:
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
 @cache_app.command("ls")
 def cache_ls(
     config: Optional[List[Path]] = ConfigOpt, set_: Optional[List[str]] = SetOpt, stages: Optional[Path] = StagesOpt,
@@ -215,15 +225,19 @@ def cache_ls(
         console.print(f"no stage outputs under {cfg.cache_root}")
         return
     table = Table(title=f"stage outputs in {cfg.cache_root}")
-    for col in ("dataset", "stage", "fingerprint", "state", "images", "failed", "size", "created", "params"):
-        table.add_column(col, overflow="fold")
+    for col in ("dataset", "stage", "fingerprint", "state", "images", "failed", "size", "created"):
+        table.add_column(col, no_wrap=col in ("fingerprint", "dataset"))
     for r in rows:
-        p = json.dumps(r["params"], sort_keys=True)
-        if not params and len(p) > 60:
-            p = p[:57] + "..."
         table.add_row(r["dataset"], r["stage"], r["fingerprint"], r["state"], str(r["images"]), str(r["failed"]),
-                      _human(r["bytes"]), r["created"][:19], p)
-    console.print(table)
+                      _human(r["bytes"]), r["created"][:16].replace("T", " "))
+    wide = console if console.is_terminal else Console(width=160)  # logs from cron are not 80 columns
+    wide.print(table)
+    for r in rows:
+        flat = _flatten(r["params"])
+        text = ", ".join(f"{k}={v}" for k, v in flat.items())
+        if not params and len(text) > 200:
+            text = text[:197] + "..."
+        wide.print(f"[bold]{r['stage']}[/] {r['fingerprint']}: {text}\n  {r['url']}")
 
 
 @app.command("demo")
@@ -241,18 +255,22 @@ def demo(
 
 
 def _mount_optional_commands() -> None:
-    """Commands that live in other modules. A command whose module is not there yet is simply absent."""
+    """Commands whose functions live in the evaluate package, mounted under their groups."""
     from importlib import import_module
+
+    import typer.main as tm
 
     for module, attr, group, name in (
         ("clips4.evaluate.boundaries", "boundaries_command", evaluate_app, "boundaries"),
         ("clips4.evaluate.davis", "davis_command", evaluate_app, "davis"),
     ):
-        try:
-            fn = getattr(import_module(module), attr)
-        except (ImportError, AttributeError):
-            continue
+        fn = getattr(import_module(module), attr)
         group.command(name)(fn)
+        try:  # a broken option declaration must not take the whole CLI down with it
+            tm.get_command_from_info(group.registered_commands[-1], pretty_exceptions_short=True, rich_markup_mode=None)
+        except Exception as exc:  # noqa: BLE001
+            group.registered_commands.pop()
+            err_console.print(f"[yellow]warning:[/] command 'evaluate {name}' is unavailable: {exc}")
 
 
 _mount_optional_commands()

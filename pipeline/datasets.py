@@ -23,6 +23,7 @@ Layouts:
 from __future__ import annotations
 
 import hashlib
+import os
 import posixpath
 from dataclasses import dataclass, field
 from typing import Callable, ClassVar
@@ -78,7 +79,10 @@ class Dataset:
     ignore_index: int = IGNORE
 
     def __init__(self, root: str, split: str | None = None, *, limit: int | None = None):
-        self.root = str(root).rstrip("/") or "/"
+        root = str(root)
+        if "://" not in root:
+            root = os.path.abspath(os.path.expanduser(root))  # one cache key however the path is spelt
+        self.root = root.rstrip("/") or "/"
         self.fs, self.path = _fs(self.root)
         self.split = split if split is not None else self.default_split
         self.limit = limit
