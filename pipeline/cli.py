@@ -164,6 +164,63 @@ def precompute_prototypes(
     _run_stage_command("prototypes", cfg, 0, False, True)
 
 
+@app.command("search")
+def search_command(
+    query: str = typer.Argument(..., help="Text to look for, e.g. 'a photo of the moon'."),
+    config: Optional[List[Path]] = ConfigOpt, set_: Optional[List[str]] = SetOpt, stages: Optional[Path] = StagesOpt,
+    dataset: Optional[str] = DatasetOpt, root: Optional[str] = RootOpt, split: Optional[str] = SplitOpt,
+    limit: Optional[int] = LimitOpt, cache: Optional[str] = CacheOpt,
+    top: int = typer.Option(16, "--top", help="Number of segments to return."),
+    out: Path = typer.Option(Path("search.png"), "--out", help="Contact sheet PNG to write."),
+    templates: bool = typer.Option(False, "--templates", help="Average the query over the 85 prompt templates (for bare class names)."),
+) -> None:
+    """Find the cached CLIP segments closest to a text (FAISS over all segment embeddings) and draw a contact sheet."""
+    import numpy as np
+
+    from clips4 import data as bundled
+    from clips4.pipeline.backends import text_embeddings
+    from clips4.pipeline.cache import url_join
+    from clips4.pipeline.config import ClipFeaturesParams
+    from clips4.pipeline.processors import build_backend
+    from clips4.pipeline.search import SegmentIndex, contact_sheet
+    from clips4.pipeline.stage import dataset_from_config, open_stage
+
+    cfg = build_config(config, set_, stages, dataset=dataset, root=root, split=split, limit=limit, cache=cache)
+    ds = dataset_from_config(cfg)
+    feats = open_stage(cfg, "clip_features", ds)
+
+    def batches():
+        for b in feats.iter_table("segments", columns=["row_id", "embedding"]):
+            d = b.schema.field("embedding").type.list_size
+            yield b.column("row_id").to_numpy(), b.column("embedding").flatten().to_numpy(zero_copy_only=False).reshape(-1, d)
+
+    # the index is derived from one clip_features output: it lives beside it, named by that fingerprint
+    index_path = url_join(cfg.cache_root, ds.key, "search", feats.fingerprint, "segments.faiss")
+    index = SegmentIndex.load_or_build(index_path, batches)
+    backend = build_backend(ClipFeaturesParams.model_validate(feats.meta["params"]).clip)
+    text = text_embeddings(backend, [query], bundled.prompt_templates() if templates else ["{}"])[0]
+    hits = index.query(text, top=top)
+    wanted = {int(r): float(sc) for r, sc in hits}
+    rows = {}
+    for b in feats.iter_table("segments", columns=["row_id", "image_id", "segment_id", "bbox"]):
+        ids = b.column("row_id").to_numpy()
+        for i in np.flatnonzero(np.isin(ids, list(wanted))):
+            rows[int(ids[i])] = {k: b.column(k)[int(i)].as_py() for k in ("image_id", "segment_id", "bbox")}
+    sheet = []
+    table = Table(title=f"top {len(hits)} segments for {query!r}")
+    for col in ("rank", "score", "image", "segment"):
+        table.add_column(col)
+    for rank, (rid, score) in enumerate(hits, 1):
+        r = rows[int(rid)]
+        mask = feats.get(r["image_id"], "segment_labels") == r["segment_id"]
+        sheet.append({"image_path": feats.row(r["image_id"])["path"], "mask": mask, "bbox": r["bbox"], "score": score,
+                      "image_id": r["image_id"], "segment_id": r["segment_id"]})
+        table.add_row(str(rank), f"{score:.3f}", r["image_id"], str(r["segment_id"]))
+    console.print(table)
+    contact_sheet(sheet, str(out), title=query)
+    console.print(f"contact sheet: {out}")
+
+
 @app.command("train")
 def train_command(
     config: Optional[List[Path]] = ConfigOpt, set_: Optional[List[str]] = SetOpt, stages: Optional[Path] = StagesOpt,

@@ -71,7 +71,7 @@ class ClipParams(Strict):
     backend: str | None = None
     #: keyword arguments of a custom backend factory
     backend_params: dict[str, Any] = Field(default_factory=dict)
-    #: open_clip model name (``ViT-B-16``, ``RN50``, ...)
+    #: open_clip model name (``ViT-B-16``, ``RN50``, ...) or a model-config JSON file (custom architectures)
     model: str = "ViT-B-16"
     #: pretrained tag (``openai``), ``hf-hub:org/repo``, ``local-dir:/path`` or a checkpoint file path
     pretrained: str = "openai"

@@ -117,7 +117,8 @@ def load_rgb(path: str, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
     arr = _to_rgb(img, path)
     if arr.ndim != 3 or arr.shape[2] != 3:
         raise ImageError(f"{path}: decoded to unexpected shape {arr.shape}")
-    return np.ascontiguousarray(arr)
+    # a writable, contiguous copy: torch.from_numpy and in-place edits need one; PIL's buffer is read-only
+    return arr if arr.flags.writeable and arr.flags.c_contiguous else np.array(arr, order="C")
 
 
 def load_label_png(path: str) -> np.ndarray:

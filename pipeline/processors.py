@@ -77,13 +77,27 @@ def clip_features_deps(params: ClipFeaturesParams) -> tuple[str, ...]:
     return ("segments",) if params.segment_source == "ucm" else ()
 
 
+def _model_name(model: str) -> str:
+    """``model`` may be an open_clip name or a model-config JSON file (registered here, in every process)."""
+    if model.endswith(".json"):
+        import os
+
+        import open_clip
+
+        if not os.path.isfile(model):
+            raise FileNotFoundError(f"CLIP model config {model} not found")
+        open_clip.add_model_config(model)
+        return os.path.splitext(os.path.basename(model))[0]
+    return model
+
+
 def build_backend(clip: "ClipParams"):
     """The vision-language backend named by ``clip`` params (open_clip by default, or an import path)."""
     from clips4.pipeline.backends import load_backend
 
     if clip.backend in (None, "open_clip", "openclip"):
         return load_backend(
-            None, model=clip.model, pretrained=clip.pretrained, checkpoint=clip.checkpoint, variant=clip.variant,
+            None, model=_model_name(clip.model), pretrained=clip.pretrained, checkpoint=clip.checkpoint, variant=clip.variant,
             short_side=clip.short_side, window=clip.window, stride=clip.stride, batch_size=clip.batch_size,
             device=None if clip.device == "auto" else clip.device, precision=clip.precision,
             cache_dir=clip.cache_dir, offline=clip.offline,
@@ -102,7 +116,7 @@ def clip_features_preflight(params: ClipFeaturesParams) -> dict:
         return {"backend": clip.backend, "info": backend.info()}
     from clips4.pipeline.clip_models import file_sha256, resolve_weights
 
-    w = resolve_weights(clip.model, clip.checkpoint or clip.pretrained, cache_dir=clip.cache_dir, offline=clip.offline)
+    w = resolve_weights(_model_name(clip.model), clip.checkpoint or clip.pretrained, cache_dir=clip.cache_dir, offline=clip.offline)
     return {"backend": "open_clip", "model": clip.model, "pretrained": clip.checkpoint or clip.pretrained,
             "weight_file": w.weight_file, "sha256": file_sha256(w.weight_file), "variant": clip.variant}
 
@@ -194,6 +208,10 @@ def build_prototypes(params: "PrototypesParams", deps: dict[str, str], out_url: 
         known, support = known_prototypes(batches(), text, backend.logit_scale, top_m=params.top_m)
     unknown, unknown_ids = unknown_prototypes(batches(), u=params.n_unknown, seed=params.seed)
     protos = PrototypeSet.from_parts(names, known, support, unknown, unknown_ids)
+    from rich.console import Console
+
+    Console(stderr=True).print(f"  prototypes: {protos.n_known} known ({params.classes or 'class-free'}) + "
+                               f"{protos.n_unknown} unknown (seed {params.seed}), dim {protos.dim}")
     write_parquet_atomic(url_join(out_url, "prototypes.parquet"), protos.to_table())
     files = ["prototypes.parquet"]
     if text is not None:

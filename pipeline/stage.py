@@ -269,6 +269,8 @@ def print_summary(run: StageRun, max_failures: int = 0) -> int:
     """Print the final summary; return the exit code (1 when failures exceed ``max_failures``, -1 = no limit)."""
     if run.nothing_to_do:
         console.print(f"[green]nothing left to do[/]: all {run.total} images of '{run.stage}' are finished")
+    elif STAGES[run.stage].builder:
+        console.print(f"[bold]{run.stage}[/]: built in {run.seconds:.1f} s")
     else:
         ok = run.processed - len(run.failed)
         rate = run.processed / max(run.seconds, 1e-9)
