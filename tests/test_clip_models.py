@@ -6,6 +6,7 @@ import socket
 import time
 
 import numpy as np
+import open_clip  # noqa: F401  - imported up front: the fail-fast timings measure weight resolution, not imports
 import pytest
 import torch
 import torch.nn.functional as F
@@ -304,3 +305,22 @@ def test_checkpoint_of_other_architecture(tiny_vit, tiny_resnet):
     with pytest.raises(WeightsMismatchError) as e:
         OpenClipBackend(tiny_resnet.name, tiny_vit.checkpoint, device="cpu")
     assert "a ViT (width 64, patch 16, 2 layers" in str(e.value) and tiny_vit.checkpoint in str(e.value)
+
+
+def test_hf_hub_id_resolved_from_local_cache_offline(tiny_vit, tmp_path, monkeypatch):
+    """An hf-hub: id whose files are in a Hugging Face cache (as open_clip downloads them) loads offline."""
+    import shutil
+
+    monkeypatch.setenv("CLIPS4_OFFLINE", "1")
+    rev = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "hf" / "models--clips4--tiny-vit"
+    snap = repo / "snapshots" / rev
+    snap.mkdir(parents=True)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(rev)
+    for f in ("open_clip_config.json", "open_clip_pytorch_model.bin"):
+        shutil.copy(f"{tiny_vit.local_dir}/{f}", snap / f)
+    b = OpenClipBackend("hf-hub:clips4/tiny-vit", None, cache_dir=str(tmp_path / "hf"), device="cpu")
+    assert b.info()["weights_source"] == "hf-hub" and b.info()["weight_file"].startswith(str(snap))
+    ref = OpenClipBackend(tiny_vit.name, tiny_vit.checkpoint, device="cpu")
+    np.testing.assert_array_equal(b.dense_features([_img(40, 40)])[0], ref.dense_features([_img(40, 40)])[0])
