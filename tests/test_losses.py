@@ -140,7 +140,7 @@ def test_full_loss_finite_grads_and_switches():
     loss_fn = CLIPS4Loss(LossConfig(n_segments=9), protos)
     for step in range(3):
         total, parts = loss_fn(z, labels, image_index, clip=clip)
-        assert math.isfinite(float(total)) and all(math.isfinite(parts[k]) for k in ("L_t", "L_e", "L_s", "L_u"))
+        assert math.isfinite(float(total.detach())) and all(math.isfinite(parts[k]) for k in ("L_t", "L_e", "L_s", "L_u"))
         z.grad = None
         protos.unknown.grad = None
         total.backward()
