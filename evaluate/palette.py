@@ -1,0 +1,67 @@
+"""Colour palettes and indexed-PNG helpers shared by the evaluation modules.
+
+The palette is the standard PASCAL VOC colour map (the one the VOC devkit, mmseg and the DAVIS 2017
+toolkit use for indexed PNGs): colour ``i`` spreads the bits of ``i`` over the high bits of R, G and B.
+Id 0 is black, id 1 dark red (128, 0, 0), id 2 dark green, ... and id 255 (ignore) is (224, 224, 192).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+__all__ = ["voc_palette", "palette_list", "save_indexed_png", "load_indexed_png", "colorize"]
+
+
+def voc_palette(n: int = 256) -> np.ndarray:
+    """``(n, 3) uint8`` PASCAL VOC colour map (also the DAVIS palette)."""
+    pal = np.zeros((n, 3), dtype=np.uint8)
+    for i in range(n):
+        c, r, g, b = i, 0, 0, 0
+        for j in range(8):
+            r |= ((c >> 0) & 1) << (7 - j)
+            g |= ((c >> 1) & 1) << (7 - j)
+            b |= ((c >> 2) & 1) << (7 - j)
+            c >>= 3
+        pal[i] = (r, g, b)
+    return pal
+
+
+def palette_list(palette: np.ndarray | None = None) -> list[int]:
+    """Flat ``[r0, g0, b0, r1, ...]`` list of 768 values for ``PIL.Image.putpalette``."""
+    pal = voc_palette() if palette is None else np.asarray(palette, dtype=np.uint8).reshape(-1, 3)
+    full = np.zeros((256, 3), dtype=np.uint8)
+    full[: min(256, len(pal))] = pal[:256]
+    return full.reshape(-1).tolist()
+
+
+def save_indexed_png(path: str | Path, labels: np.ndarray, palette: np.ndarray | None = None) -> Path:
+    """Write ``labels`` (H, W ints in 0..255) as a palette ('P' mode) PNG; pixel values are the ids."""
+    labels = np.asarray(labels)
+    if labels.ndim != 2:
+        raise ValueError(f"labels must be (H, W), got shape {labels.shape}")
+    if labels.size and (labels.min() < 0 or labels.max() > 255):
+        raise ValueError(f"label ids must be in 0..255 for an indexed PNG, got {labels.min()}..{labels.max()}")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img = Image.fromarray(labels.astype(np.uint8), mode="P")
+    img.putpalette(palette_list(palette))
+    img.save(path)
+    return path
+
+
+def load_indexed_png(path: str | Path) -> np.ndarray:
+    """Read an indexed (or grey) PNG as ``(H, W) int64`` ids (no palette conversion)."""
+    with Image.open(path) as img:
+        if img.mode not in ("P", "L", "I", "I;16"):
+            raise ValueError(f"{path}: expected an indexed or single-channel PNG, got mode {img.mode}")
+        return np.array(img).astype(np.int64)
+
+
+def colorize(labels: np.ndarray, palette: np.ndarray | None = None) -> np.ndarray:
+    """``(H, W)`` ids -> ``(H, W, 3) uint8`` colours (ids are taken modulo the palette length)."""
+    pal = voc_palette() if palette is None else np.asarray(palette, dtype=np.uint8).reshape(-1, 3)
+    labels = np.asarray(labels).astype(np.int64)
+    return pal[np.mod(labels, len(pal))]

@@ -1,0 +1,350 @@
+"""Evaluation reports: JSON + Markdown table (paper table layout) + PNG figures, and side-by-side run tables.
+
+``write_report(out_dir, results, ...)`` writes
+
+* ``results.json`` -- everything in ``results`` (plus ``title``, ``config`` and ``fingerprints`` if passed);
+* ``report.md`` -- a table in the layout of the paper's tables (method row(s) x metric columns, numbers in
+  percent with one decimal: values in [0, 1] are multiplied by 100), then per-class IoU and the figure list;
+* figures (matplotlib, Agg): ``per_class_iou.png`` (bars), ``confusion.png`` (row-normalised),
+  ``overlay_<i>.png`` (image | prediction | GT), ``embeddings.png`` (2-D projection of segment embeddings,
+  one panel per source, e.g. CLIP vs the model as in the paper's Fig. 4a: t-SNE when scikit-learn is
+  installed and ``projection="tsne"``, else a shared PCA computed with numpy).
+
+``results`` layout: any JSON-able dict. Table rows come from ``results["rows"]`` (list of dicts with a
+``"Method"`` key and metric columns) when present; otherwise one row named ``results.get("method", title)``
+with the scalar metrics found among :data:`TABLE_KEYS` (e.g. ``miou``, ``J&F-Mean``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from clips4.evaluate.metrics import ConfusionMatrix
+from clips4.evaluate.palette import colorize
+
+__all__ = ["write_report", "side_by_side", "report_command", "markdown_table", "project_2d", "TABLE_KEYS"]
+
+# metric key -> column title (order = column order)
+TABLE_KEYS = {
+    "miou": "mIoU",
+    "miou_known": "mIoU_k",
+    "miou_unknown": "mIoU_u",
+    "hiou": "hIoU",
+    "pixel_accuracy": "pAcc",
+    "mean_accuracy": "mAcc",
+    "knn_miou": "mIoU (k-NN)",
+    "linear_miou": "mIoU (Linear)",
+    "avgsim": "avgsim",
+    "J-Mean": "J (Mean)",
+    "F-Mean": "F (Mean)",
+    "J&F-Mean": "J&F (Mean)",
+}
+_PERCENT_EXEMPT = {"avgsim"}
+
+
+def _fmt(key: str, v) -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "-"
+    if isinstance(v, (int, float, np.floating, np.integer)):
+        v = float(v)
+        if key not in _PERCENT_EXEMPT and abs(v) <= 1.0:
+            v *= 100.0
+        return f"{v:.1f}" if key not in _PERCENT_EXEMPT else f"{v:.2f}"
+    return str(v)
+
+
+def _flat_scalars(results: dict) -> dict:
+    """Known metric keys found at top level or in ``results["global"]``."""
+    out = {}
+    for src in (results, results.get("global", {}) if isinstance(results.get("global"), dict) else {}):
+        for k in TABLE_KEYS:
+            if k in src and isinstance(src[k], (int, float)) or (k in src and src[k] is None):
+                out.setdefault(k, src[k])
+    return out
+
+
+def _rows(results: dict, title: str) -> list[dict]:
+    if isinstance(results.get("rows"), list) and results["rows"]:
+        return [dict(r) for r in results["rows"]]
+    row = {"Method": results.get("method", title)}
+    row.update(_flat_scalars(results))
+    return [row]
+
+
+def markdown_table(rows: list[dict], columns: Sequence[str] | None = None) -> str:
+    """Rows (dicts with ``Method`` + metric keys) -> Markdown table with the paper's number format."""
+    if columns is None:
+        cols: list[str] = []
+        for r in rows:
+            for k in r:
+                if k != "Method" and k not in cols:
+                    cols.append(k)
+        known = [k for k in TABLE_KEYS if k in cols]
+        columns = known + [k for k in cols if k not in TABLE_KEYS]
+    head = ["Method"] + [TABLE_KEYS.get(c, c) for c in columns]
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] + ["---:"] * len(columns)) + "|"]
+    for r in rows:
+        lines.append("| " + " | ".join([str(r.get("Method", ""))] + [_fmt(c, r.get(c)) for c in columns]) + " |")
+    return "\n".join(lines)
+
+
+def _json_default(o):
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    if isinstance(o, (np.floating, np.integer)):
+        return o.item()
+    if isinstance(o, Path):
+        return str(o)
+    if isinstance(o, ConfusionMatrix):
+        return {"num_classes": o.num_classes, "matrix": o.mat.tolist()}
+    return str(o)
+
+
+def _sanitize(o):
+    if isinstance(o, float) and math.isnan(o):
+        return None
+    if isinstance(o, dict):
+        return {str(k): _sanitize(v) for k, v in o.items()}
+    if isinstance(o, (list, tuple)):
+        return [_sanitize(v) for v in o]
+    if isinstance(o, np.floating) and np.isnan(o):
+        return None
+    return o
+
+
+def project_2d(X: np.ndarray, method: str = "pca", seed: int = 0) -> np.ndarray:
+    """``(N, D)`` -> ``(N, 2)``: t-SNE (scikit-learn, if installed and asked for) or numpy PCA."""
+    X = np.asarray(X, dtype=np.float64)
+    if method == "tsne":
+        try:
+            from sklearn.manifold import TSNE
+
+            perp = float(min(30, max(2, (len(X) - 1) / 3)))
+            return TSNE(n_components=2, init="pca", random_state=seed, perplexity=perp).fit_transform(X)
+        except ImportError:
+            pass
+    Xc = X - X.mean(0, keepdims=True)
+    _, _, vt = np.linalg.svd(Xc, full_matrices=False)
+    return Xc @ vt[:2].T if vt.shape[0] >= 2 else np.pad(Xc @ vt[:1].T, ((0, 0), (0, 1)))
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _per_class_bars(path: Path, names: list[str], ious: list, title: str) -> None:
+    plt = _plt()
+    vals = np.array([np.nan if v is None else v for v in ious], dtype=float) * 100
+    fig, ax = plt.subplots(figsize=(max(6, 0.28 * len(names) + 2), 4))
+    ax.bar(range(len(names)), np.nan_to_num(vals), color="tab:blue")
+    ax.set_xticks(range(len(names)))
+    ax.set_xticklabels(names, rotation=90, fontsize=7)
+    ax.set_ylabel("IoU (%)")
+    ax.set_ylim(0, 100)
+    ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def _confusion_fig(path: Path, cm: ConfusionMatrix, names: list[str]) -> None:
+    plt = _plt()
+    m = cm.mat.astype(np.float64)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        m = m / m.sum(1, keepdims=True)
+    n = len(names)
+    fig, ax = plt.subplots(figsize=(max(5, 0.22 * n + 2), max(4, 0.22 * n + 1.5)))
+    im = ax.imshow(np.nan_to_num(m), cmap="viridis", vmin=0, vmax=1)
+    ax.set_xticks(range(n))
+    ax.set_yticks(range(n))
+    ax.set_xticklabels(names, rotation=90, fontsize=6)
+    ax.set_yticklabels(names, fontsize=6)
+    ax.set_xlabel("prediction")
+    ax.set_ylabel("ground truth")
+    fig.colorbar(im, ax=ax, fraction=0.046)
+    ax.set_title("confusion (row-normalised)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def _overlay_fig(path: Path, image, pred, gt, ignore_index: int = 255) -> None:
+    plt = _plt()
+    fig, axes = plt.subplots(1, 3, figsize=(12, 4))
+    image = np.asarray(image)
+    for ax, (t, im) in zip(axes, [("image", image), ("prediction", colorize(pred)), ("ground truth", colorize(gt))]):
+        ax.imshow(im)
+        ax.set_title(t)
+        ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def _embedding_fig(path: Path, embeddings: dict, class_names: list[str] | None, projection: str) -> None:
+    plt = _plt()
+    n = len(embeddings)
+    fig, axes = plt.subplots(1, n, figsize=(5 * n, 4.5), squeeze=False)
+    # a shared PCA basis makes the panels comparable when the embeddings live in the same space (CLIP-aligned)
+    dims = {np.asarray(X).shape[1] for X, _ in embeddings.values()}
+    shared = None
+    if projection == "pca" and len(dims) == 1:
+        allx = np.concatenate([np.asarray(X, np.float64) for X, _ in embeddings.values()])
+        mu = allx.mean(0, keepdims=True)
+        _, _, vt = np.linalg.svd(allx - mu, full_matrices=False)
+        shared = (mu, vt[:2])
+    for ax, (name, (X, labels)) in zip(axes[0], embeddings.items()):
+        X = np.asarray(X, np.float64)
+        P = (X - shared[0]) @ shared[1].T if shared is not None else project_2d(X, projection)
+        labels = np.asarray(labels)
+        cmap = plt.get_cmap("tab20")
+        for j, c in enumerate(np.unique(labels)):
+            sel = labels == c
+            lab = class_names[c] if class_names is not None and 0 <= int(c) < len(class_names) else str(c)
+            ax.scatter(P[sel, 0], P[sel, 1], s=6, color=cmap(j % 20), label=lab, alpha=0.8)
+        ax.set_title(name)
+        ax.set_xticks([])
+        ax.set_yticks([])
+    handles, labs = axes[0][0].get_legend_handles_labels()
+    if labs and len(labs) <= 30:
+        fig.legend(handles, labs, loc="center right", fontsize=7, markerscale=2)
+        fig.subplots_adjust(right=0.85)
+    fig.suptitle(f"segment embeddings ({'shared PCA' if shared is not None else projection})")
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def write_report(
+    out_dir: str | Path,
+    results: dict,
+    *,
+    title: str,
+    class_names: Sequence[str] | None = None,
+    confusion: ConfusionMatrix | None = None,
+    overlays: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray]] = (),
+    embeddings: dict[str, tuple[np.ndarray, np.ndarray]] | None = None,
+    config: dict | None = None,
+    fingerprints: dict | None = None,
+    projection: str = "pca",
+    max_overlays: int = 8,
+) -> dict:
+    """Write ``results.json``, ``report.md`` and figures into ``out_dir``; returns ``{name: path}``."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    names = list(class_names) if class_names is not None else None
+    paths: dict[str, Path] = {}
+
+    payload = {"title": title, **results}
+    if config is not None:
+        payload["config"] = config
+    if fingerprints is not None:
+        payload["fingerprints"] = fingerprints
+    if confusion is not None and "confusion_matrix" not in payload:
+        payload["confusion_matrix"] = confusion.mat.tolist()
+    paths["json"] = out / "results.json"
+    paths["json"].write_text(json.dumps(_sanitize(payload), indent=2, default=_json_default))
+
+    figures = []
+    per_class = results.get("per_class_iou")
+    if per_class is None and confusion is not None:
+        ious = confusion.per_class_iou()
+        per_class = {(names[i] if names else f"class_{i}"): (None if np.isnan(v) else float(v)) for i, v in enumerate(ious)}
+    if per_class:
+        paths["per_class_iou"] = out / "per_class_iou.png"
+        _per_class_bars(paths["per_class_iou"], list(per_class), list(per_class.values()), f"{title}: per-class IoU")
+        figures.append(paths["per_class_iou"])
+    if confusion is not None:
+        cm_names = names if names and len(names) == confusion.num_classes else [str(i) for i in range(confusion.num_classes)]
+        paths["confusion"] = out / "confusion.png"
+        _confusion_fig(paths["confusion"], confusion, cm_names)
+        figures.append(paths["confusion"])
+    for i, (image, pred, gt) in enumerate(list(overlays)[:max_overlays]):
+        p = out / f"overlay_{i}.png"
+        _overlay_fig(p, image, pred, gt)
+        paths[f"overlay_{i}"] = p
+        figures.append(p)
+    if embeddings:
+        paths["embeddings"] = out / "embeddings.png"
+        _embedding_fig(paths["embeddings"], embeddings, names, projection)
+        figures.append(paths["embeddings"])
+
+    md = [f"# {title}", "", markdown_table(_rows(results, title)), ""]
+    if per_class:
+        md += ["## Per-class IoU", "", "| Class | IoU |", "|---|---:|"]
+        md += [f"| {k} | {_fmt('iou', v)} |" for k, v in per_class.items()]
+        md.append("")
+    if config:
+        md += ["## Configuration", "", "```json", json.dumps(_sanitize(config), indent=2, default=_json_default), "```", ""]
+    if figures:
+        md += ["## Figures", ""] + [f"![{p.stem}]({p.name})" for p in figures] + [""]
+    paths["markdown"] = out / "report.md"
+    paths["markdown"].write_text("\n".join(md))
+    return paths
+
+
+def _load_run(path: Path) -> dict:
+    path = Path(path)
+    for cand in ([path] if path.is_file() else [path / "results.json", path / "davis_results.json"]):
+        if cand.is_file():
+            return json.loads(cand.read_text())
+    raise FileNotFoundError(f"no results.json in {path}")
+
+
+def side_by_side(run_dirs: Sequence[str | Path]) -> str:
+    """Markdown table with one row per run (its ``rows`` or its scalar metrics), columns = union of metrics."""
+    rows = []
+    for d in run_dirs:
+        res = _load_run(Path(d))
+        name = Path(d).name if Path(d).is_dir() else Path(d).parent.name
+        for r in _rows(res, res.get("title", name)):
+            r = dict(r)
+            method = str(r.get("Method", name))
+            r["Method"] = method if method == name else f"{method} ({name})"
+            rows.append(r)
+    return markdown_table(rows)
+
+
+def report_command(runs: list[Path], out: Path | None = None) -> None:
+    """Show the results of several runs side by side (Markdown table); optionally write it to ``--out``."""
+    from rich.console import Console
+    from rich.markdown import Markdown
+
+    table = side_by_side(runs)
+    Console().print(Markdown(table))
+    if out is not None:
+        out = Path(out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(table + "\n")
+
+
+def _typer_signature() -> None:
+    try:
+        import inspect
+        from typing import Annotated, Optional
+
+        import typer
+    except ImportError:  # pragma: no cover
+        return
+    sig = inspect.signature(report_command)
+    params = [
+        sig.parameters["runs"].replace(
+            annotation=Annotated[list[Path], typer.Argument(help="Run folders (or results.json files) to compare.")]
+        ),
+        sig.parameters["out"].replace(
+            annotation=Annotated[Optional[Path], typer.Option(help="Write the Markdown table to this file.")], default=None
+        ),
+    ]
+    report_command.__signature__ = sig.replace(parameters=params)  # type: ignore[attr-defined]
+
+
+_typer_signature()
