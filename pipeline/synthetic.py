@@ -346,8 +346,11 @@ class SyntheticTeacher:
 
     def info(self) -> dict:
         return {
-            "backend": "synthetic",
-            "model": "synthetic-teacher",
+            "name": "synthetic",
+            "weights": f"synthetic-world{self.world.seed}-teacher{self.seed}",
+            "sha256": None,
+            "variant": f"{self.world.n_classes}cls-{self.world.image_size[0]}x{self.world.image_size[1]}",
+            "grid": f"patch{self.patch}",
             "embed_dim": self.embed_dim,
             "logit_scale": self.logit_scale,
             "patch": self.patch,
