@@ -3,7 +3,8 @@
 :class:`OpenClipBackend` implements :class:`clips4.pipeline.backends.VisionLanguageBackend`:
 
 * **Loading** – ``model`` is an open_clip model name (``ViT-B-16``, ``RN50``, or one registered with
-  ``open_clip.add_model_config``) or ``hf-hub:org/repo`` / ``local-dir:/path``; ``pretrained`` is an open_clip tag
+  ``open_clip.add_model_config``), a model config ``.json`` file (registered under its stem), or
+  ``hf-hub:org/repo`` / ``local-dir:/path``; ``pretrained`` is an open_clip tag
   (``openai``), a checkpoint file, ``hf-hub:org/repo`` or ``local-dir:/path`` (a folder with
   ``open_clip_config.json`` + weights). Weights are resolved *before* the model is built
   (:func:`resolve_weights`): the local caches are searched first, and when nothing is there and we are offline
@@ -355,6 +356,10 @@ def resolve_weights(
         if spec and spec.startswith("hf-hub:"):
             return _resolve_hf_hub(spec[len("hf-hub:"):], cache_dir, offline, probe_timeout)
 
+    if model.endswith(".json") and os.path.isfile(model):
+        # a model config file (open_clip's format: embed_dim, vision_cfg, text_cfg): registered under its stem
+        open_clip.add_model_config(model)
+        model = Path(model).stem
     name = model.replace("/", "-")
     if open_clip.get_model_config(name) is None:
         raise ValueError(
@@ -530,7 +535,7 @@ class OpenClipBackend:
             raise
         clip.eval().to(self.device)
         self.model = clip
-        self.model_name = model
+        self.model_name = w.model_name if w.source in ("tag", "file") else model
         self._tokenizer = open_clip.get_tokenizer(w.model_name, cache_dir=cache_dir)
         visual = clip.visual
         ppcfg = open_clip.get_model_preprocess_cfg(clip)

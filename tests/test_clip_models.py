@@ -59,6 +59,8 @@ def test_load_from_checkpoint_file_and_local_dir(tiny_vit):
     a = OpenClipBackend(tiny_vit.name, tiny_vit.checkpoint, device="cpu")
     b = OpenClipBackend(f"local-dir:{tiny_vit.local_dir}", None, device="cpu")
     c = OpenClipBackend(tiny_vit.name, f"local-dir:{tiny_vit.local_dir}", device="cpu")
+    d = OpenClipBackend(tiny_vit.checkpoint[:-3] + ".json", tiny_vit.checkpoint, device="cpu")  # config file
+    assert d.info()["model"] == tiny_vit.name
     info = a.info()
     assert info["weights"] == tiny_vit.checkpoint and info["weights_source"] == "file"
     assert info["sha256"] == hashlib.sha256(open(tiny_vit.checkpoint, "rb").read()).hexdigest()
