@@ -183,7 +183,12 @@ def _decode_prediction(pred: dict) -> dict:
     out = dict(pred)
     c = np.asarray(pred["contours"])
     out["contours"] = c.astype(np.float32) / 255.0 if c.dtype == np.uint8 else c.astype(np.float32)
-    out["orientation"] = decode_orientation(pred["orientation"])
+    if pred.get("orientation") is not None:
+        out["orientation"] = decode_orientation(pred["orientation"])
+    else:  # no stored orientation: estimate it from the edge map itself
+        from clips4.pipeline.contours import orientation_from_edges
+
+        out["orientation"] = orientation_from_edges(out["contours"])
     return out
 
 

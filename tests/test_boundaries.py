@@ -1,0 +1,140 @@
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from clips4.evaluate.boundaries import (
+    boundary_counts,
+    covering_counts,
+    evaluate_boundaries,
+    summarize_boundaries,
+    summarize_covering,
+    threshold_levels,
+)
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+BSDS = DATA / "BSDS500"
+
+
+def _square_gt(h=150, w=200):
+    y0, y1, x0, x1 = h // 4, 3 * h // 4, w // 4, 3 * w // 4
+    seg = np.ones((h, w), np.int64)
+    seg[y0:y1, x0:x1] = 2
+    b = np.zeros((h, w), bool)
+    b[y0:y1, x0] = b[y0:y1, x1 - 1] = True
+    b[y0, x0:x1] = b[y1 - 1, x0:x1] = True
+    return b, seg
+
+
+def test_threshold_levels():
+    t = threshold_levels(99)
+    assert len(t) == 99 and abs(t[0] - 0.01) < 1e-12 and abs(t[-1] - 0.99) < 1e-12
+
+
+def test_identical_prediction_f_one():
+    b, _ = _square_gt()
+    levels = threshold_levels(5)
+    c = boundary_counts(b.astype(np.float32), [b, b], levels)
+    s = summarize_boundaries([c], levels)
+    # (thinning trims the square's corner pixels, so F is just below 1)
+    assert s["ODS"]["f"] > 0.97 and s["OIS"]["f"] > 0.97
+    assert s["AP"] > 0.9
+
+
+def test_shifted_prediction_within_tolerance():
+    b, _ = _square_gt(200, 300)  # tolerance 0.0075 * diagonal = 2.7 px
+    shifted = np.roll(b, 2, axis=1)
+    levels = threshold_levels(3)
+    s = summarize_boundaries([boundary_counts(shifted.astype(np.float32), [b], levels)], levels)
+    assert s["ODS"]["f"] > 0.95
+
+
+def test_empty_prediction_recall_zero():
+    b, _ = _square_gt()
+    levels = threshold_levels(5)
+    c = boundary_counts(np.zeros(b.shape, np.float32), [b], levels)
+    assert np.all(c[0] == 0) and np.all(c[1] == b.sum())
+    s = summarize_boundaries([c], levels)
+    assert s["ODS"]["recall"] == 0 and s["ODS"]["f"] == 0 and s["AP"] == 0
+
+
+def test_covering_perfect_and_trivial():
+    from clips4.pipeline.segments import edge_mask
+
+    _, seg = _square_gt()
+    H, W = seg.shape
+    u = np.zeros((H, W, 2), np.uint8)
+    u[:, :-1, 0] = np.where(seg[:, :-1] != seg[:, 1:], 200, 0)
+    u[:-1, :, 1] = np.where(seg[:-1] != seg[1:], 200, 0)
+    u[~edge_mask(H, W)] = 0
+    levels = threshold_levels(5)
+    c = covering_counts(u, [seg], levels)
+    cov = summarize_covering([c], levels)
+    assert cov["ODS"] > 0.999 and cov["OIS"] > 0.999
+    # above 200/255 everything merges: covering = area-weighted IoU of a single region
+    assert c[0, -1] / c[1, -1] < 0.9
+
+
+def test_predictions_callable_and_outputs(tmp_path):
+    """Fake 1-image BSDS folder, predictions from a callable (the cache path)."""
+    import scipy.io as sio
+    import cv2
+
+    b, seg = _square_gt()
+    root = tmp_path / "bsds"
+    (root / "images" / "test").mkdir(parents=True)
+    (root / "groundTruth" / "test").mkdir(parents=True)
+    img = np.where(seg[..., None] == 2, np.uint8(200), np.uint8(40)).repeat(3, axis=2)
+    cv2.imwrite(str(root / "images" / "test" / "1.jpg"), img)
+    gt = np.empty((1, 2), dtype=object)
+    for k in range(2):
+        gt[0, k] = {"Segmentation": seg.astype(np.uint16), "Boundaries": b.astype(np.uint8)}
+    sio.savemat(str(root / "groundTruth" / "test" / "1.mat"), {"groundTruth": gt})
+
+    from clips4.pipeline.contours import build_detector
+    from clips4.pipeline.segments import compute_segments
+
+    arrays = compute_segments(img[:, :, ::-1].copy(), build_detector("classical"))
+    calls = []
+
+    def predictions(image_id):
+        calls.append(image_id)
+        return arrays
+
+    res = evaluate_boundaries(root, thresholds=5, predictions=predictions, workers=1, out_dir=tmp_path / "out")
+    assert calls == ["1"]
+    assert res["contours"]["ODS"]["f"] > 0.85
+    assert res["ucm"]["ODS"]["f"] > 0.85
+    assert res["ucm"]["covering"]["ODS"] > 0.9
+    saved = json.loads((tmp_path / "out" / "boundaries.json").read_text())
+    assert saved["n_images"] == 1 and "curve" in saved["ucm"]
+    assert (tmp_path / "out" / "boundaries_pr.png").stat().st_size > 1000
+
+    # the detector path (computed in the evaluation itself) agrees on this easy image
+    res2 = evaluate_boundaries(root, thresholds=5, workers=1, quiet=True)
+    assert res2["ucm"]["ODS"]["f"] > 0.85
+
+
+@pytest.mark.slow
+def test_real_bsds_two_images():
+    if not (BSDS / "groundTruth" / "test").is_dir():
+        pytest.skip(f"BSDS500 not available at {BSDS}")
+    res = evaluate_boundaries(BSDS, split="test", thresholds=5, limit=1, workers=1, quiet=True)
+    assert res["n_images"] == 1
+    for key in ("contours", "ucm"):
+        assert 0.3 < res[key]["ODS"]["f"] <= 1.0
+        assert 0.0 < res[key]["AP"] <= 1.0
+    assert 0.2 < res["ucm"]["covering"]["ODS"] <= 1.0
+
+
+def test_command_has_help_for_every_option():
+    import inspect
+    import typing
+
+    from clips4.evaluate.boundaries import boundaries_command
+
+    hints = typing.get_type_hints(boundaries_command, include_extras=True)
+    for name in inspect.signature(boundaries_command).parameters:
+        meta = getattr(hints[name], "__metadata__", ())
+        assert meta and getattr(meta[0], "help", None), name
