@@ -52,11 +52,12 @@ import warnings
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
+from typing import Annotated, Callable, Iterable, Optional, Sequence
 
 import cv2
 import numpy as np
 import torch
+import typer
 from PIL import Image
 
 from clips4.evaluate.palette import load_indexed_png, save_indexed_png, voc_palette
@@ -234,7 +235,8 @@ def db_eval_boundary(annotation: np.ndarray, segmentation: np.ndarray, void_pixe
 
 
 def db_statistics(per_frame_values: np.ndarray) -> tuple[float, float, float]:
-    """(mean, recall, decay) of per-frame values as the toolkit's ``db_statistics`` (NaN-tolerant)."""
+    """(mean, recall, decay) of per-frame values as the toolkit's ``db_statistics`` (NaN-tolerant; the bin
+    indices are int64 where the toolkit casts to uint8, identical below 256 frames)."""
     v = np.asarray(per_frame_values, dtype=np.float64)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", category=RuntimeWarning)
@@ -605,6 +607,8 @@ def run_davis(
 ) -> dict:
     """Propagate the first-frame masks of each sequence, write ``<out>/<seq>/<frame>.png`` (DAVIS palette),
     score them with the toolkit protocol, write ``<out>/davis_results.json`` and return the results dict."""
+    if limit_frames is not None and limit_frames < 3:
+        raise ValueError("limit_frames must be >= 3: the first and last frames are not scored (DAVIS protocol)")
     root, out = Path(root), Path(out)
     embed_arg = embed
     embed = embed or get_embedder(embedding, checkpoint, device)
@@ -649,17 +653,17 @@ def run_davis(
 
 
 def davis_command(
-    root: Path = None,  # type: ignore[assignment]
-    embedding: str = "color",
-    checkpoint: Path | None = None,
-    out: Path = Path("runs/davis"),
-    context: int = 20,
-    radius: float = 12.0,
-    topk: int = 10,
-    temperature: float = 0.07,
-    sequences: list[str] | None = None,
-    limit_frames: int | None = None,
-    device: str | None = None,
+    root: Annotated[Optional[Path], typer.Option(help="DAVIS 2017 root (JPEGImages/480p, Annotations/480p, ImageSets/2017).")] = None,
+    embedding: Annotated[str, typer.Option(help="Embedding source: 'color' (Lab + xy baseline) or 'checkpoint' (a trained model; needs --checkpoint).")] = "color",
+    checkpoint: Annotated[Optional[Path], typer.Option(help="Model checkpoint for --embedding checkpoint.")] = None,
+    out: Annotated[Path, typer.Option(help="Output folder: <out>/<sequence>/<frame>.png palette masks and davis_results.json.")] = Path("runs/davis"),
+    context: Annotated[int, typer.Option(help="Number of preceding frames used as context (the first frame is always added).")] = 20,
+    radius: Annotated[float, typer.Option(help="Spatial radius on the feature grid for preceding-frame neighbours (distance < radius).")] = 12.0,
+    topk: Annotated[int, typer.Option(help="Number of most similar context nodes whose labels are averaged.")] = 10,
+    temperature: Annotated[float, typer.Option(help="Softmax temperature applied to the cosine affinities.")] = 0.07,
+    sequences: Annotated[Optional[list[str]], typer.Option(help="Sequences to run (repeat or comma-separate); default: ImageSets/2017/val.txt.")] = None,
+    limit_frames: Annotated[Optional[int], typer.Option(help="Only propagate/score the first N frames of each sequence (quick checks; N >= 3).")] = None,
+    device: Annotated[Optional[str], typer.Option(help="Torch device (default: cuda if available, else cpu).")] = None,
 ) -> None:
     """Propagate DAVIS 2017 first-frame masks with pixel embeddings and report J, F and J&F."""
     from rich.console import Console
@@ -682,34 +686,3 @@ def davis_command(
                   f"{g['J&F-Mean']:.3f}")
     console.print(table)
     console.print(f"masks + JSON written to {out} (davis_results.json)")
-
-
-def _typer_signature() -> None:
-    """Attach typer Option metadata (with help text) to :func:`davis_command` when typer is available."""
-    try:
-        import inspect
-        from typing import Annotated, Optional
-
-        import typer
-    except ImportError:  # pragma: no cover
-        return
-    ann = {
-        "root": (Optional[Path], typer.Option(None, help="DAVIS 2017 root (JPEGImages/480p, Annotations/480p, ImageSets/2017).")),
-        "embedding": (str, typer.Option("color", help="Embedding source: 'color' (Lab + xy baseline) or 'checkpoint' (a trained model; needs --checkpoint).")),
-        "checkpoint": (Optional[Path], typer.Option(None, help="Model checkpoint for --embedding checkpoint.")),
-        "out": (Path, typer.Option(Path("runs/davis"), help="Output folder: <out>/<sequence>/<frame>.png palette masks and davis_results.json.")),
-        "context": (int, typer.Option(20, help="Number of preceding frames used as context (plus the first frame).")),
-        "radius": (float, typer.Option(12.0, help="Spatial radius on the feature grid for preceding-frame neighbours (distance < radius).")),
-        "topk": (int, typer.Option(10, help="Number of most similar context nodes whose labels are averaged.")),
-        "temperature": (float, typer.Option(0.07, help="Softmax temperature applied to the cosine affinities.")),
-        "sequences": (Optional[list[str]], typer.Option(None, help="Sequences to run (repeat or comma-separate); default: ImageSets/2017/val.txt.")),
-        "limit_frames": (Optional[int], typer.Option(None, help="Only propagate/score the first N frames of each sequence (for quick checks; N >= 3).")),
-        "device": (Optional[str], typer.Option(None, help="Torch device (default: cuda if available, else cpu).")),
-    }
-    sig = inspect.signature(davis_command)
-    params = [p.replace(annotation=Annotated[ann[p.name][0], ann[p.name][1]], default=ann[p.name][1].default)
-              for p in sig.parameters.values()]
-    davis_command.__signature__ = sig.replace(parameters=params)  # type: ignore[attr-defined]
-
-
-_typer_signature()

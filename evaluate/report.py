@@ -20,9 +20,10 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Sequence
+from typing import Annotated, Optional, Sequence
 
 import numpy as np
+import typer
 
 from clips4.evaluate.metrics import ConfusionMatrix
 from clips4.evaluate.palette import colorize
@@ -211,7 +212,7 @@ def _embedding_fig(path: Path, embeddings: dict, class_names: list[str] | None, 
         for j, c in enumerate(np.unique(labels)):
             sel = labels == c
             lab = class_names[c] if class_names is not None and 0 <= int(c) < len(class_names) else str(c)
-            ax.scatter(P[sel, 0], P[sel, 1], s=6, color=cmap(j % 20), label=lab, alpha=0.8)
+            ax.scatter(P[sel, 0], P[sel, 1], s=6, color=cmap(int(c) % 20), label=lab, alpha=0.8)
         ax.set_title(name)
         ax.set_xticks([])
         ax.set_yticks([])
@@ -314,7 +315,10 @@ def side_by_side(run_dirs: Sequence[str | Path]) -> str:
     return markdown_table(rows)
 
 
-def report_command(runs: list[Path], out: Path | None = None) -> None:
+def report_command(
+    runs: Annotated[list[Path], typer.Argument(help="Run folders (or results.json files) to compare.")],
+    out: Annotated[Optional[Path], typer.Option(help="Also write the Markdown table to this file.")] = None,
+) -> None:
     """Show the results of several runs side by side (Markdown table); optionally write it to ``--out``."""
     from rich.console import Console
     from rich.markdown import Markdown
@@ -325,26 +329,3 @@ def report_command(runs: list[Path], out: Path | None = None) -> None:
         out = Path(out)
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(table + "\n")
-
-
-def _typer_signature() -> None:
-    try:
-        import inspect
-        from typing import Annotated, Optional
-
-        import typer
-    except ImportError:  # pragma: no cover
-        return
-    sig = inspect.signature(report_command)
-    params = [
-        sig.parameters["runs"].replace(
-            annotation=Annotated[list[Path], typer.Argument(help="Run folders (or results.json files) to compare.")]
-        ),
-        sig.parameters["out"].replace(
-            annotation=Annotated[Optional[Path], typer.Option(help="Write the Markdown table to this file.")], default=None
-        ),
-    ]
-    report_command.__signature__ = sig.replace(parameters=params)  # type: ignore[attr-defined]
-
-
-_typer_signature()

@@ -1,6 +1,7 @@
 import inspect
 import json
 import math
+import typing
 from pathlib import Path
 
 import numpy as np
@@ -174,9 +175,18 @@ def test_color_embedding_shape_and_norm():
 
 
 def test_command_has_help_for_every_option():
-    for name, p in inspect.signature(dv.davis_command).parameters.items():
-        meta = getattr(p.annotation, "__metadata__", ())
+    import typer
+    from typer.testing import CliRunner
+
+    hints = typing.get_type_hints(dv.davis_command, include_extras=True)
+    for name in inspect.signature(dv.davis_command).parameters:
+        meta = getattr(hints[name], "__metadata__", ())
         assert meta and getattr(meta[0], "help", None), f"--{name} has no help text"
+    app = typer.Typer()
+    app.command("davis")(dv.davis_command)
+    app.command("other")(lambda: None)
+    r = CliRunner().invoke(app, ["davis", "--help"], env={"COLUMNS": "240"})
+    assert r.exit_code == 0 and "--limit-frames" in r.output and "--temperature" in r.output
 
 
 @needs_davis
