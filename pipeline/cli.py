@@ -28,6 +28,9 @@ evaluate_app = typer.Typer(help="Evaluate contours, segments and embeddings.", n
 app.add_typer(precompute_app, name="precompute")
 app.add_typer(cache_app, name="cache")
 app.add_typer(evaluate_app, name="evaluate")
+synthetic_app = typer.Typer(help="The synthetic world: textured classes with known masks and a CLIP-like teacher.",
+                            no_args_is_help=True)
+app.add_typer(synthetic_app, name="synthetic")
 
 
 class CLIError(Exception):
@@ -242,6 +245,32 @@ def train_command(
              if v is not None]
     cfg = build_config(config, set_, stages, dataset=dataset, root=root, split=split, limit=limit, cache=cache, extra=extra)
     train(cfg, resume=resume, restart=restart, max_steps=max_steps, show_progress=not quiet)
+
+
+@synthetic_app.command("make")
+def synthetic_make(
+    root: Path = typer.Option(Path("outputs/synthetic-world"), "--root", help="Folder to write the world into."),
+    n_train: int = typer.Option(64, help="Training images."),
+    n_val: int = typer.Option(16, help="Held-out validation images."),
+    n_classes: int = typer.Option(6, help="Number of textured classes (2..10)."),
+    height: int = typer.Option(96, help="Image height."),
+    width: int = typer.Option(128, help="Image width."),
+    seed: int = typer.Option(0, help="World seed (the teacher's backend_params.world_seed must match)."),
+) -> None:
+    """Write a synthetic world (images/<split>, masks/<split>, classes.txt) for the folder dataset reader."""
+    from clips4.pipeline.synthetic import SyntheticWorld
+
+    info = SyntheticWorld(n_classes=n_classes, image_size=(height, width), seed=seed).write(root, n_train, n_val)
+    console.print(f"synthetic world: {info.get('train', 0)} train + {info.get('val', 0)} val images, "
+                  f"classes {', '.join(info['classes'])} → {root}")
+
+
+@synthetic_app.command("config")
+def synthetic_config() -> None:
+    """Print the bundled synthetic-world config (save it and pass it with --config)."""
+    from importlib import resources
+
+    print(resources.files("clips4.data").joinpath("configs", "synthetic.yaml").read_text(), end="")
 
 
 # ---------------------------------------------------------------------------------------------- cache

@@ -415,3 +415,10 @@ def miou(preds: list[np.ndarray], gts: list[np.ndarray], n_classes: int) -> floa
     union = conf.sum(0) + conf.sum(1) - inter
     present = union > 0
     return float((inter[present] / union[present]).mean())
+
+
+def make_teacher(n_classes: int = 6, image_size: tuple[int, int] | list[int] = (96, 128), world_seed: int = 0,
+                 **teacher_params) -> SyntheticTeacher:
+    """Backend factory for configs: ``clip.backend: clips4.pipeline.synthetic:make_teacher`` with
+    ``backend_params`` naming the world (``n_classes``, ``image_size``, ``world_seed``) and the teacher's params."""
+    return SyntheticWorld(n_classes=n_classes, image_size=tuple(image_size), seed=world_seed).teacher(**teacher_params)
