@@ -117,7 +117,7 @@ def test_predictions_callable_and_outputs(tmp_path):
 
 
 @pytest.mark.slow
-def test_real_bsds_two_images():
+def test_real_bsds_image():
     if not (BSDS / "groundTruth" / "test").is_dir():
         pytest.skip(f"BSDS500 not available at {BSDS}")
     res = evaluate_boundaries(BSDS, split="test", thresholds=5, limit=1, workers=1, quiet=True)
