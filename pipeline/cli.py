@@ -331,11 +331,13 @@ def demo(
     out: Path = typer.Option(Path("outputs/demo"), "--out", help="Folder for the demo's images, caches and pictures."),
     num_workers: int = typer.Option(2, "--num-workers", "-j", help="Ray workers."),
     executor: str = typer.Option("ray", "--executor", help="'ray' or 'local'."),
+    iterations: int = typer.Option(300, "--iterations", help="Training iterations of the synthetic-world run."),
+    clip_checkpoint: Optional[str] = typer.Option(None, help="Real CLIP weights (ViT-B-16) to run the CLIP stages on the samples."),
 ) -> None:
-    """Run every pipeline stage on scikit-image's bundled sample images, offline, and print where outputs are."""
+    """Run every stage on sample images and a synthetic world, offline, and print where outputs are."""
     from clips4.pipeline.demo import run_demo
 
-    code = run_demo(out, num_workers=num_workers, executor=executor)
+    code = run_demo(out, num_workers=num_workers, executor=executor, iterations=iterations, clip_checkpoint=clip_checkpoint)
     if code:
         raise typer.Exit(code)
 
