@@ -130,6 +130,11 @@ def train(cfg: Config, *, dataset: Dataset | None = None, resume: bool = False, 
         set_rng_state(ck["rng"])
         start = int(ck["step"])
         console.print(f"resumed from {last} at step {start}")
+    if restart and rank == 0:
+        # a restarted run must not leave the previous run's final checkpoint (or its commit marker) behind: a
+        # restart stopped early would otherwise read as finished to the next `clips4 train`
+        for stale in ("final.pt", "index.parquet"):
+            (out / stale).unlink(missing_ok=True)
     raw_model = model
     if world > 1:
         model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[local_rank] if device.type == "cuda" else None)

@@ -1,0 +1,231 @@
+"""``clips4 train`` on a tiny synthetic world: outputs, rerun, refused checkpoints, NaN stop, missing weights.
+
+The world (8 train images, 96x128) and its caches (segments, clip_features with the synthetic teacher,
+prototypes) are built once per test session through the CLI (``--executor local``) and shared by
+``test_train_resume.py`` and ``test_ddp.py`` (they import ``tiny_world`` / ``train_args`` from here).
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import time
+from importlib import resources
+from pathlib import Path
+
+import pytest
+import torch
+
+from clips4.pipeline.cli import main
+from clips4.pipeline.config import load_config
+
+REPO = Path(__file__).resolve().parents[1]
+STAGES = REPO / "stages.yaml"
+#: the overrides every test run uses: 6 tiny steps, checkpoint every 3, two images (four views) per step
+TINY = ["train.iterations=6", "train.num_workers=0", "train.checkpoint_every=3", "train.batch_size=2",
+        "train.crop_size=64"]
+
+
+def _build_world(base: Path) -> Path:
+    from clips4.pipeline.synthetic import SyntheticWorld
+
+    root = base / "world"
+    SyntheticWorld().write(root, n_train=8, n_val=4)
+    text = resources.files("clips4.data").joinpath("configs", "synthetic.yaml").read_text()
+    cfg = base / "synthetic.yaml"
+    cfg.write_text(text.replace("outputs/synthetic-world", str(root)))
+    common = ["--stages", str(STAGES), "--config", str(cfg)]
+    assert main(["precompute", "segments", *common, "--executor", "local", "--quiet"]) == 0
+    assert main(["precompute", "clip-features", *common, "--executor", "local", "--quiet"]) == 0
+    assert main(["precompute", "prototypes", *common]) == 0
+    (base / "READY").write_text("ok")
+    return cfg
+
+
+def tiny_world(tmp_path_factory) -> Path:
+    """Path of the world's YAML config; built on first use in this session (shared across test modules)."""
+    base = tmp_path_factory.getbasetemp() / "train-world"
+    if not (base / "READY").exists():
+        base.mkdir(exist_ok=True)
+        _build_world(base)
+    return base / "synthetic.yaml"
+
+
+def train_args(cfg: Path, out: Path, *extra: str, sets: tuple[str, ...] = ()) -> list[str]:
+    args = ["train", "--stages", str(STAGES), "--config", str(cfg), "--out", str(out), "--quiet"]
+    for s in (*TINY, *sets):
+        args += ["--set", s]
+    return args + list(extra)
+
+
+def load_cfg(cfg: Path, out: Path, *sets: str):
+    return load_config(STAGES, [cfg], [*TINY, f"train.out={json.dumps(str(out))}", *sets])
+
+
+def stderr(capsys) -> tuple[str, str]:
+    """(words joined by single spaces, lines joined with nothing): rich wraps long lines, even inside paths."""
+    err = capsys.readouterr().err
+    return " ".join(err.split()), "".join(ln.strip() for ln in err.splitlines())
+
+
+def metrics(out: Path) -> list[dict]:
+    return [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines() if ln.strip()]
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory) -> Path:
+    return tiny_world(tmp_path_factory)
+
+
+# ------------------------------------------------------------------------------------------------ tests
+def test_train_writes_outputs_then_nothing_left(world, tmp_path, capsys):
+    from clips4.pipeline.stage import code_version
+    from clips4.trainer.checkpoint import load_checkpoint
+
+    out = tmp_path / "run"
+    assert main(train_args(world, out)) == 0
+    for name in ("last.pt", "final.pt", "metrics.jsonl", "config.json", "meta.json", "index.parquet"):
+        assert (out / name).is_file(), name
+    rows = metrics(out)
+    assert [r["step"] for r in rows] == list(range(6))
+    for r in rows:
+        for k in ("L_t", "L_e", "L_s", "L_u", "avgsim", "total", "data_s", "step_s", "lr"):
+            assert k in r and isinstance(r[k], float), k
+        assert r["total"] == pytest.approx(r["L_t"] + r["L_e"] + r["L_s"] + r["L_u"], rel=1e-5)
+        assert 0 <= r["data_s"] <= r["step_s"]
+    assert rows[0]["lr"] == pytest.approx(0.05) and rows[-1]["lr"] < rows[0]["lr"]  # poly decay
+
+    conf = json.loads((out / "config.json").read_text())
+    p = conf["config"]["stages"]["train"]["params"]
+    assert (p["iterations"], p["batch_size"], p["backbone"], p["head_dim"]) == (6, 2, "tiny", 64)
+    assert p["out"] == str(out)
+    assert re.fullmatch(r"[0-9a-f]{7,40}(-dirty)?", conf["git"]) and conf["git"] == code_version()
+    assert set(conf["deps"]) == {"segments", "clip_features", "prototypes"}
+    assert conf["classes"] and conf["signature"]["head_dim"] == 64
+
+    ck = load_checkpoint(out / "final.pt")
+    assert ck["step"] == 6 and ck["git"] == conf["git"]
+    assert json.loads(ck["config"])["stages"]["train"]["params"]["iterations"] == 6
+    assert set(ck["rng"]) >= {"torch", "numpy", "python"}
+
+    capsys.readouterr()
+    before = (out / "final.pt").stat().st_mtime_ns
+    t0 = time.perf_counter()
+    assert main(train_args(world, out)) == 0
+    assert "nothing left to do" in capsys.readouterr().err
+    assert (out / "final.pt").stat().st_mtime_ns == before and len(metrics(out)) == 6
+    assert time.perf_counter() - t0 < 10
+
+
+def test_unfinished_run_needs_resume_or_restart(world, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(train_args(world, out, "--max-steps", "3")) == 0
+    assert (out / "last.pt").is_file() and not (out / "final.pt").exists()
+    capsys.readouterr()
+    assert main(train_args(world, out)) == 2
+    err = capsys.readouterr().err
+    assert "--resume" in err and "--restart" in err
+
+
+def test_restart_stopped_early_does_not_leave_the_old_final(world, tmp_path, capsys):
+    """--restart ignores the old run; if it stops early, the previous run's final.pt must not make it 'done'."""
+    out = tmp_path / "run"
+    assert main(train_args(world, out)) == 0
+    assert main(train_args(world, out, "--restart", "--max-steps", "3")) == 0
+    assert not (out / "final.pt").exists() and not (out / "index.parquet").exists()
+    capsys.readouterr()
+    assert main(train_args(world, out, "--resume")) == 0
+    assert "resumed from" in capsys.readouterr().err
+    assert (out / "final.pt").is_file() and [r["step"] for r in metrics(out)] == list(range(6))
+
+
+@pytest.mark.parametrize("change", [["train.head_dim=32"], ["train.backbone=resnet18"]], ids=["head_dim", "backbone"])
+def test_checkpoint_of_another_model_is_refused(world, tmp_path, capsys, change):
+    out = tmp_path / "run"
+    assert main(train_args(world, out, "--max-steps", "3")) == 0
+    capsys.readouterr()
+    assert main(train_args(world, out, "--resume", sets=tuple(change))) == 2
+    err, flat = stderr(capsys)
+    assert "last.pt" in flat and "belongs to another model" in err
+    key, value = change[0].removeprefix("train.").split("=")
+    assert re.search(rf"{key}: checkpoint '?\w+'? vs this run '?{value}'?", err), err
+    assert (out / "last.pt").is_file()  # refused, not overwritten
+
+
+class _Evil:
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_garbage_and_unsafe_checkpoints_are_refused(world, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(train_args(world, out, "--max-steps", "3")) == 0
+    (out / "last.pt").write_bytes(b"this is not a checkpoint")
+    capsys.readouterr()
+    assert main(train_args(world, out, "--resume")) == 2
+    err, flat = stderr(capsys)
+    assert "last.pt" in flat and "weights_only=True" in flat
+
+    evil = _Evil()
+    evil.marker = tmp_path / "pwned"
+    torch.save({"format": "clips4-checkpoint-v1", "model": evil}, out / "last.pt")
+    assert main(train_args(world, out, "--resume")) == 2
+    err, _ = stderr(capsys)
+    assert "cannot be loaded safely" in err
+    assert not evil.marker.exists(), "unpickling ran code"
+
+    torch.save({"step": 3}, out / "last.pt")  # loads safely but is not ours
+    assert main(train_args(world, out, "--resume")) == 2
+    assert "is not a clips4 checkpoint" in stderr(capsys)[0]
+
+
+def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(world, tmp_path, monkeypatch):
+    from clips4.trainer import losses
+    from clips4.trainer.checkpoint import load_checkpoint
+    from clips4.trainer.train import TrainingError, train
+
+    real = losses.CLIPS4Loss.forward
+    calls = []
+
+    def poisoned(self, *a, **kw):
+        total, parts = real(self, *a, **kw)
+        calls.append(1)
+        if len(calls) == 5:  # step 4 (0-based); last.pt was written after step 2 (checkpoint_every=3)
+            parts = {**parts, "L_s": float("nan"), "total": float("nan")}
+            total = total * float("nan")
+        return total, parts
+
+    monkeypatch.setattr(losses.CLIPS4Loss, "forward", poisoned)
+    out = tmp_path / "run"
+    with pytest.raises(TrainingError) as exc:
+        train(load_cfg(world, out), show_progress=False)
+    msg = str(exc.value)
+    assert "not finite at step 4" in msg and "'L_s': nan" in msg and "'L_t'" in msg
+    assert str(out / "last.pt") in msg
+    ck = load_checkpoint(out / "last.pt")
+    assert ck["step"] == 3 and all(torch.isfinite(v).all() for v in ck["model"].values() if v.is_floating_point())
+    assert not (out / "final.pt").exists()
+    assert [r["step"] for r in metrics(out)] == [0, 1, 2, 3]  # the NaN step is not logged as a result
+
+    monkeypatch.setattr(losses.CLIPS4Loss, "forward", real)
+    res = train(load_cfg(world, out), resume=True, show_progress=False)  # the kept checkpoint continues
+    assert res.stopped == "finished" and res.step == 6
+
+
+def test_missing_backbone_weights_fail_fast(world, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "run"
+    missing = tmp_path / "nowhere" / "resnet18.pth"
+    t0 = time.perf_counter()
+    assert main(train_args(world, out, "--backbone", "resnet18", "--backbone-weights", str(missing))) == 2
+    err, flat = stderr(capsys)
+    assert str(missing) in flat and "--backbone-weights" in err
+    assert not (out / "last.pt").exists() and not (out / "metrics.jsonl").exists()
+
+    # imagenet weights with an empty torch hub cache and no network: names the file, where, and how to provide it
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch-home"))
+    monkeypatch.setattr("clips4.trainer.model._host_reachable", lambda url, timeout=3.0: False)
+    assert main(train_args(world, out, "--backbone", "resnet18", "--backbone-weights", "imagenet")) == 2
+    err, flat = stderr(capsys)
+    assert "ResNet18_Weights.IMAGENET1K_V1" in err and str(tmp_path / "torch-home") in flat
+    assert "--backbone-weights PATH" in err and "--backbone-weights random" in err
+    assert time.perf_counter() - t0 < 20
