@@ -383,6 +383,8 @@ def evaluate_boundaries(
             image_id, res, sec = _task(args)
             results[image_id] = res
             seconds[image_id] = sec
+            if not quiet:
+                print(f"  [{len(results)}/{len(items)}] {image_id}: {sec:.1f} s", flush=True)
     else:
         ctx = mp.get_context("spawn")
         with ctx.Pool(
@@ -391,6 +393,8 @@ def evaluate_boundaries(
             for image_id, res, sec in pool.imap_unordered(_task, tasks()):
                 results[image_id] = res
                 seconds[image_id] = sec
+                if not quiet:
+                    print(f"  [{len(results)}/{len(items)}] {image_id}: {sec:.1f} s", flush=True)
     ids = [it[0] for it in items]
     summary: dict[str, Any] = {
         "root": str(root),
