@@ -364,6 +364,16 @@ def _mount_optional_commands() -> None:
 _mount_optional_commands()
 
 
+def _mount_task_commands() -> None:
+    """evaluate language/unsupervised/avgsim/class-free, predict and report (they reuse the options above)."""
+    from clips4.evaluate.tasks import register_commands
+
+    register_commands(app, evaluate_app)
+
+
+_mount_task_commands()
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the exit status instead of exiting (tests call ``main([...])``)."""
     import click
