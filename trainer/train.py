@@ -165,7 +165,7 @@ def train(cfg: Config, *, dataset: Dataset | None = None, resume: bool = False, 
     losses: list[dict] = []
     stop = min(p.iterations, max_steps) if max_steps is not None else p.iterations
     t_end = time.perf_counter()
-    t_start = t_end
+    t_start = t_fetch = t_end  # t_fetch: when the loop asked the loader for the next batch
     model.train()
     loss_fn.train()
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
@@ -202,7 +202,7 @@ def train(cfg: Config, *, dataset: Dataset | None = None, resume: bool = False, 
                 protos.renormalize_()
             t_now = time.perf_counter()
             rec = {"step": step, "lr": lr, **{k: float(v) for k, v in parts.items()},
-                   "data_s": t_batch - t_end, "step_s": t_now - t_end}
+                   "data_s": t_batch - t_fetch, "step_s": t_now - t_end}
             t_end = t_now
             losses.append(rec)
             if rank == 0:
@@ -216,6 +216,7 @@ def train(cfg: Config, *, dataset: Dataset | None = None, resume: bool = False, 
                         losses=" ".join(f"{k}={parts[k]:.3f}" for k in ("total", "L_t", "L_e", "L_s") if k in parts))
             if (step + 1) % p.checkpoint_every == 0 and step + 1 < p.iterations:
                 save(step + 1, last)
+            t_fetch = time.perf_counter()  # checkpoint/log time is not data wait (it still counts in step_s)
     done = start + len(losses)
     if done >= p.iterations:
         save(p.iterations, last)
