@@ -315,7 +315,7 @@ def _segment_vectors(emb: np.ndarray, seg: np.ndarray) -> np.ndarray:
 
 def run_unsupervised(cfg: Config, train_ds: Dataset, eval_ds: Dataset, *, model: str = "teacher",
                      segments: str = "ucm", k: int = 10, n_clusters: int | None = None, pixels_per_image: int = 2000,
-                     epochs: int = 10, lr: float = 1e-2, seed: int = 0, device: str = "auto",
+                     epochs: int = 10, lr: float = 0.1, seed: int = 0, device: str = "auto",
                      out: Path | None = None, progress: Callable[[str], None] | None = None) -> dict:
     """k-NN segment classification and a linear classifier on frozen embeddings (paper section 4.4).
 
@@ -650,7 +650,7 @@ def register_commands(app, evaluate_app) -> None:
         k: int = typer.Option(10, "-k", "--k", help="Nearest training segments that vote."),
         pixels_per_image: int = typer.Option(2000, "--pixels-per-image", help="Labelled pixels sampled per training image for the linear classifier."),
         epochs: int = typer.Option(10, "--epochs", help="Linear classifier epochs."),
-        lr: float = typer.Option(1e-2, "--lr", help="Linear classifier learning rate (AdamW)."),
+        lr: float = typer.Option(0.1, "--lr", help="Linear classifier learning rate (AdamW)."),
         seed: int = typer.Option(0, "--seed", help="Seed of the pixel sampling and the classifier."),
         out: Path = typer.Option(Path("runs/unsupervised"), "--out", help="Report folder."),
         device: str = DeviceOpt, precompute_: bool = PrecomputeOpt,
