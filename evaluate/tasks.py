@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from clips4 import data as bundled
+from clips4.evaluate.palette import voc_palette
 from clips4.pipeline.config import ClipFeaturesParams, Config
 from clips4.pipeline.datasets import Dataset, ImageRecord
 from clips4.pipeline.images import load_rgb
@@ -486,6 +487,9 @@ def run_avgsim(cfg: Config, dataset: Dataset, checkpoint: str | Path, *, segment
 
 
 # -------------------------------------------------------------------------------------------------- predict
+#: free-form classes have no background: class 0 gets the VOC palette's colour 1 (dark red), not black
+PREDICT_PALETTE = np.concatenate([voc_palette()[1:], np.zeros((1, 3), np.uint8)])
+
 def predict_images(cfg: Config, images: Sequence[str | Path], classes: list[str], out: Path, *,
                    model: str = "teacher", device: str = "auto", alpha: float = 0.5,
                    on_result: Callable[[str, dict | None, str | None], None] | None = None) -> dict:
@@ -520,7 +524,7 @@ def predict_images(cfg: Config, images: Sequence[str | Path], classes: list[str]
             img = load_rgb(path)
             emb = embed(img)
             labels = predict_labels(emb, text, img.shape[:2], layout="hwd")
-            r = render_prediction(img, labels, classes, out, stem, alpha=alpha)
+            r = render_prediction(img, labels, classes, out, stem, alpha=alpha, palette=PREDICT_PALETTE)
             doc = json.loads(Path(r["areas_json"]).read_text())
             doc.update({"image": path, "model": name, "queried_classes": list(classes)})
             Path(r["areas_json"]).write_text(json.dumps(doc, indent=2))
