@@ -267,6 +267,8 @@ def register_command(evaluate_app) -> None:
                                      build_config)
 
     console = Console()
+    if not console.is_terminal:  # logs and pipes are not 80 columns: keep table rows on one line
+        console = Console(width=160)
 
     @evaluate_app.command("class-free")
     def class_free_command(

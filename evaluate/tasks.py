@@ -594,6 +594,8 @@ def register_commands(app, evaluate_app) -> None:
                                      build_config)
 
     console = Console()
+    if not console.is_terminal:  # logs and pipes are not 80 columns: keep table rows on one line
+        console = Console(width=160)
     DeviceOpt = typer.Option("auto", "--device", help="Torch device for checkpoints: auto (cuda if available), cpu, cuda:0.")
     PrecomputeOpt = typer.Option(False, "--precompute", help="First run the stages this needs (cached images are skipped).")
 
