@@ -542,7 +542,9 @@ def predict_images(cfg: Config, images: Sequence[str | Path], classes: list[str]
 # -------------------------------------------------------------------------------------------- DAVIS embedder
 def _davis_checkpoint_factory(checkpoint: Path | None = None, device: str | None = None, **_):
     if checkpoint is None:
-        raise ValueError("--embedding checkpoint needs --checkpoint PATH (a clips4 train final.pt)")
+        from clips4.pipeline.cli import CLIError  # a usage error: printed without a traceback, exit status 2
+
+        raise CLIError("--embedding checkpoint needs --checkpoint PATH (a clips4 train final.pt)")
     return checkpoint_source(checkpoint, device or "auto").embed_image
 
 

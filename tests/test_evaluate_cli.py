@@ -185,6 +185,9 @@ def test_davis_checkpoint_embedding(synthetic, tmp_path, capsys):
     g = res["global"]
     assert 0.0 <= g["J-Mean"] <= 1.0 and 0.0 <= g["F-Mean"] <= 1.0
     assert len(list((out / seq).glob("*.png"))) == 3
+    assert main(["evaluate", "davis", "--root", str(root), "--embedding", "checkpoint", "--limit-frames", "3",
+                 "--out", str(tmp_path / "x")]) == 2
+    assert "--checkpoint" in capsys.readouterr().err
 
 
 def test_every_new_option_has_help():
