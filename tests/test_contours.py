@@ -159,3 +159,29 @@ def test_onnx_missing_file(tmp_path):
         build_detector("onnx", path=str(tmp_path / "missing.onnx"))
     with pytest.raises(ValueError, match="required"):
         build_detector("onnx")
+
+
+def test_hed_path_runs_a_tiny_caffe_net_built_here(tmp_path):
+    """The real cv2.dnn Caffe path, including the Crop layer HED needs, on a weightless net written by the test.
+    (An empty .caffemodel is a valid empty NetParameter: the layers below have no weights.)"""
+    import cv2
+
+    if not hasattr(cv2.dnn, "readNetFromCaffe"):
+        pytest.skip("this OpenCV has no Caffe reader (OpenCV 5); clips4 pins opencv<5")
+    proto = tmp_path / "tiny.prototxt"
+    proto.write_text(
+        'name: "tiny-hed"\ninput: "data"\ninput_shape { dim: 1 dim: 3 dim: 32 dim: 32 }\n'
+        'layer { name: "slice" type: "Slice" bottom: "data" top: "c0" top: "c12" slice_param { axis: 1 slice_point: 1 } }\n'
+        'layer { name: "scale" type: "Power" bottom: "c0" top: "s" power_param { scale: 0.01 } }\n'
+        'layer { name: "crop" type: "Crop" bottom: "s" bottom: "data" top: "cropped" }\n'
+        'layer { name: "sigmoid-fuse" type: "Sigmoid" bottom: "cropped" top: "sigmoid-fuse" }\n'
+    )
+    model = tmp_path / "tiny.caffemodel"
+    model.write_bytes(b"")
+    det = build_detector("hed", prototxt=str(proto), caffemodel=str(model))
+    img = np.zeros((40, 50, 3), np.uint8)
+    img[:, 25:] = 255
+    cm = det(img)
+    assert cm.strength.shape == (40, 50) and cm.orientation.shape == (40, 50)
+    # sigmoid(0.01 * (B - mean_B)): the bright half responds more than the dark half
+    assert cm.strength[:, 30:].mean() > cm.strength[:, :20].mean()
