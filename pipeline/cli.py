@@ -342,6 +342,41 @@ def demo(
         raise typer.Exit(code)
 
 
+@evaluate_app.command("boundaries")
+def evaluate_boundaries_command(
+    root: Optional[str] = typer.Option(None, "--root", "-r", help="BSDS500-layout folder (images/<split>, groundTruth/<split>); default ../shared/data/BSDS500 beside the repo."),
+    split: str = typer.Option("test", help="Split to score: test, val or train."),
+    thresholds: int = typer.Option(99, help="Number of evenly spaced thresholds (BSDS uses 99; fewer for a quick look)."),
+    limit: Optional[int] = LimitOpt,
+    workers: int = typer.Option(2, help="Processes for the boundary matching (~0.1 s per threshold per annotator)."),
+    out: Optional[Path] = typer.Option(None, help="Folder for boundaries.json and the PR-curve PNG."),
+    detector: Optional[str] = typer.Option(None, help="Contour detector of the segments stage (classical, hed, onnx)."),
+    config: Optional[List[Path]] = ConfigOpt, set_: Optional[List[str]] = SetOpt, stages: Optional[Path] = StagesOpt,
+    cache: Optional[str] = CacheOpt, executor: Optional[str] = ExecutorOpt, num_workers: Optional[int] = WorkersOpt,
+    quiet: bool = QuietOpt,
+) -> None:
+    """Score the segments stage on BSDS500: contour map (after NMS) and UCM boundary P/R/F at ODS and OIS, AP,
+    and segmentation covering. Runs the segments stage there first, or reuses its cache."""
+    from clips4.evaluate.boundaries import _default_root, evaluate_boundaries
+    from clips4.pipeline.cache import StageReader
+    from clips4.pipeline.stage import print_summary, run_stage
+
+    root = root or str(_default_root())
+    extra = [f"segments.detector={detector}"] if detector else []
+    cfg = build_config(config, set_, stages, dataset="bsds", root=root, split=split, limit=limit, cache=cache,
+                       executor=executor, num_workers=num_workers, extra=extra)
+    run = run_stage(cfg, "segments", show_progress=not quiet)
+    if print_summary(run, max_failures=-1):
+        raise typer.Exit(1)
+    reader = StageReader(run.url)
+
+    def predictions(image_id: str) -> dict:
+        return {k: reader.get(image_id, k) for k in ("contours", "orientation", "ucm")}
+
+    evaluate_boundaries(root, split=split, thresholds=thresholds, limit=limit, workers=workers, out_dir=out,
+                        predictions=predictions, image_ids=reader.image_ids)
+
+
 def _mount_optional_commands() -> None:
     """Commands whose functions live in the evaluate package, mounted under their groups."""
     from importlib import import_module
@@ -349,7 +384,6 @@ def _mount_optional_commands() -> None:
     import typer.main as tm
 
     for module, attr, group, name in (
-        ("clips4.evaluate.boundaries", "boundaries_command", evaluate_app, "boundaries"),
         ("clips4.evaluate.davis", "davis_command", evaluate_app, "davis"),
     ):
         fn = getattr(import_module(module), attr)

@@ -108,3 +108,19 @@ def test_ray_workers_write_the_same_cache_as_local(tmp_path):
     assert len({p for p in ra.index["part"].to_pylist()}) == 3  # 5 images in batches of 2
     for image_id in rb.image_ids:
         np.testing.assert_array_equal(ra.get(image_id, "labels"), rb.get(image_id, "labels"))
+
+
+def test_evaluate_boundaries_reuses_the_segments_cache(tmp_path, capsys):
+    from conftest import shared_path
+
+    bsds = shared_path("BSDS500")
+    args = ["evaluate", "boundaries", "--root", str(bsds), "--limit", "1", "--thresholds", "3", "--workers", "1",
+            "--cache", str(tmp_path / "cache"), "--executor", "local", "--out", str(tmp_path / "out"), "--quiet"]
+    assert main(args) == 0
+    import json
+
+    res = json.loads((tmp_path / "out" / "boundaries.json").read_text())
+    assert 0.3 < res["contours"]["ODS"]["f"] <= 1 and 0 < res["ucm"]["covering"]["ODS"] <= 1
+    assert (tmp_path / "out" / "boundaries_pr.png").exists()
+    assert main(args) == 0
+    assert "nothing left to do" in capsys.readouterr().err
