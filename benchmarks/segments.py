@@ -84,6 +84,34 @@ def _load_images(root: Path, split: str, limit: int | None) -> list[np.ndarray]:
     return [np.ascontiguousarray(cv2.imread(str(p))[:, :, ::-1]) for p in paths]
 
 
+def ray_speedup(root: Path, split: str, n_images: int) -> float:
+    """Throughput of the segments stage (the real stage: decode, compute, write Zarr parts) with 1 and 2 Ray
+    workers on the same images, Ray started once beforehand so its start-up is not counted. Returns the ratio."""
+    import tempfile
+
+    import ray
+
+    from clips4.pipeline.config import load_config
+    from clips4.pipeline.runner import init_ray
+    from clips4.pipeline.stage import run_stage
+
+    init_ray("local")
+    print(f"== Ray throughput: segments stage on {n_images} BSDS {split} images (1 CPU per worker)")
+    rates = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for workers in (1, 2):
+            cfg = load_config(None, None, [f"cache_root={tmp}/w{workers}", "dataset.kind=bsds", f"dataset.root={root}",
+                                           f"dataset.split={split}", f"dataset.limit={n_images}", "ray.executor=ray",
+                                           f"ray.num_workers={workers}", "ray.batch_size=2"], search=False)
+            run = run_stage(cfg, "segments", show_progress=False)
+            rates[workers] = run.processed / run.seconds
+            print(f"  {workers} worker(s): {rates[workers]:.2f} img/s ({run.seconds:.1f} s for {run.processed} images)")
+    ray.shutdown()
+    ratio = rates[2] / rates[1]
+    print(f"  speed-up 2 vs 1 workers: {ratio:.2f}x (target >= 1.6x on 2 cores)")
+    return ratio
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--root", type=Path, default=BSDS, help="BSDS500-layout folder")
@@ -93,7 +121,9 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=2, help="processes for the matching")
     ap.add_argument("--detector", default="classical", help="contour detector name")
     ap.add_argument("--out", type=Path, default=None, help="folder for boundaries.json and the PR plot")
-    ap.add_argument("--skip-quality", action="store_true", help="only the speed part")
+    ap.add_argument("--skip-quality", action="store_true", help="only the speed parts")
+    ap.add_argument("--ray-images", type=int, default=24, help="images for the Ray 1-vs-2-worker throughput part")
+    ap.add_argument("--skip-ray", action="store_true", help="skip the Ray speed-up part")
     args = ap.parse_args()
 
     if not args.root.is_dir():
@@ -110,6 +140,8 @@ def main() -> None:
     if full:
         print(f"  321x481 images: {statistics.mean(full):.3f} s/image (target <= 0.5)")
     print(f"  segments per image (t=0.25, max 48): mean {statistics.mean(r['n_segments'] for r in rows):.1f}")
+    if not args.skip_ray:
+        ray_speedup(args.root, args.split, args.ray_images)
 
     if args.skip_quality:
         return
