@@ -408,6 +408,13 @@ def _mount_task_commands() -> None:
 _mount_task_commands()
 
 
+try:
+    from typer._click.exceptions import ClickException as _TyperClickException
+except ImportError:  # older typer uses click itself
+    class _TyperClickException(Exception):  # type: ignore[no-redef]
+        pass
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the exit status instead of exiting (tests call ``main([...])``)."""
     import click
@@ -426,6 +433,11 @@ def main(argv: list[str] | None = None) -> int:
     except click.ClickException as exc:
         exc.show()
         return exc.exit_code
+    except _TyperClickException as exc:  # typer >= 0.29 raises its own bundled copy of click's exceptions
+        if type(exc).__name__ == "NoArgsIsHelpError":
+            return 0
+        exc.show()
+        return getattr(exc, "exit_code", 2)
     except (CLIError, ConfigError, DatasetError, CacheError, FileNotFoundError) as exc:
         err_console.print(f"[red]error:[/] {exc}")
         return 2

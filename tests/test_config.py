@@ -51,3 +51,21 @@ def test_yaml_is_parsed_safely(tmp_path):
     evil.write_text("cache_root: !!python/object/apply:os.system ['echo hi']\n")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_config(None, [evil], search=False)
+
+
+def test_cli_usage_errors_exit_2_without_traceback(capsys):
+    from clips4.pipeline.cli import main
+
+    assert main(["train", "--bogus"]) == 2
+    assert main(["precompute", "segments", "--set", "segments.ucm_treshold=0.3", "--root", "."]) == 2
+    err = capsys.readouterr().err
+    assert "No such option" in err and "did you mean 'ucm_threshold'" in err and "Traceback" not in err
+
+
+def test_evaluate_is_not_a_top_level_package(tmp_path):
+    import subprocess
+    import sys
+
+    code = "import importlib.util, clips4.evaluate; print(importlib.util.find_spec('evaluate') is None)"
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "True"
