@@ -58,7 +58,7 @@ def test_cli_usage_errors_exit_2_without_traceback(capsys):
 
     assert main(["train", "--bogus"]) == 2
     assert main(["precompute", "segments", "--set", "segments.ucm_treshold=0.3", "--root", "."]) == 2
-    err = capsys.readouterr().err
+    err = " ".join(capsys.readouterr().err.split())  # rich wraps long lines
     assert "No such option" in err and "did you mean 'ucm_threshold'" in err and "Traceback" not in err
 
 
