@@ -76,7 +76,8 @@ def run_demo(out: Path, *, num_workers: int = 2, executor: str = "ray", iteratio
 
     console.rule("outputs")
     for o in list_stage_outputs(str(cache)) + list_stage_outputs(str(out / "synthetic-world" / "cache")):
-        console.print(f"  {o['stage']:<14} {o['state']:<10} {o['images']:>3} images  {o['url']}")
+        unit = "images" if o["stage"] in ("segments", "clip_features") else "outputs"
+        console.print(f"  {o['stage']:<14} {o['state']:<10} {o['images']:>3} {unit:<7} {o['url']}")
     console.print(f"  previews       {out / 'previews'}")
     console.print(f"  reports        {out / 'synthetic-world' / 'reports'}")
     console.print(f"[green]demo finished in {time.perf_counter() - t0:.0f} s[/]; outputs under {out}")
