@@ -42,3 +42,25 @@ def image_folder(tmp_path):
         img = np.clip(img.astype(int) + rng.integers(-10, 10, img.shape), 0, 255).astype(np.uint8)
         Image.fromarray(img).save(root / f"img{i}.png")
     return root
+
+
+def _syn_args(world: Path) -> list[str]:
+    return ["--config", str(world / "s.yaml"), "--root", str(world / "w"), "--cache", str(world / "cache"),
+            "--set", f"prototypes.classes={world / 'w' / 'classes.txt'}", "--set", "train.num_workers=0",
+            "--set", "train.batch_size=4"]
+
+
+def make_synthetic(world: Path, n_train: int = 6, n_val: int = 3) -> list[str]:
+    """A tiny synthetic world with segments + clip features for train and val; returns the shared CLI args."""
+    from importlib import resources
+
+    from clips4.pipeline.cli import main
+
+    world.mkdir(parents=True, exist_ok=True)
+    assert main(["synthetic", "make", "--root", str(world / "w"), "--n-train", str(n_train), "--n-val", str(n_val)]) == 0
+    (world / "s.yaml").write_text(resources.files("clips4.data").joinpath("configs", "synthetic.yaml").read_text())
+    a = _syn_args(world)
+    for split in ("train", "val"):
+        assert main(["precompute", "segments", *a, "--split", split, "-q"]) == 0
+        assert main(["precompute", "clip-features", *a, "--split", split, "-q"]) == 0
+    return a

@@ -36,7 +36,7 @@ def test_make_folds_other_class_sets():
 
 
 def test_class_free_end_to_end_on_synthetic_world(tmp_path, capsys):
-    from test_evaluate_cli import make_synthetic
+    from conftest import make_synthetic
 
     a = make_synthetic(tmp_path / "world", n_train=4, n_val=3)
     out = tmp_path / "cf"

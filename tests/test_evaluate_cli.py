@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from clips4.pipeline.cli import main
-from conftest import shared_path
+from conftest import make_synthetic, shared_path
 from conftest_clip import make_tiny_clip
 
 
@@ -82,26 +82,6 @@ def test_language_teacher_tiny_clip(tmp_path, tiny, capsys):
 
 
 # --------------------------------------------------------------------------------------- synthetic world
-def _syn_args(world: Path) -> list[str]:
-    return ["--config", str(world / "s.yaml"), "--root", str(world / "w"), "--cache", str(world / "cache"),
-            "--set", f"prototypes.classes={world / 'w' / 'classes.txt'}", "--set", "train.num_workers=0",
-            "--set", "train.batch_size=4"]
-
-
-def make_synthetic(world: Path, n_train: int = 6, n_val: int = 3, capsys=None) -> list[str]:
-    """A tiny synthetic world with segments + clip features for train and val; returns the shared args."""
-    from importlib import resources
-
-    world.mkdir(parents=True, exist_ok=True)
-    assert main(["synthetic", "make", "--root", str(world / "w"), "--n-train", str(n_train), "--n-val", str(n_val)]) == 0
-    (world / "s.yaml").write_text(resources.files("clips4.data").joinpath("configs", "synthetic.yaml").read_text())
-    a = _syn_args(world)
-    for split in ("train", "val"):
-        assert main(["precompute", "segments", *a, "--split", split, "-q"]) == 0
-        assert main(["precompute", "clip-features", *a, "--split", split, "-q"]) == 0
-    return a
-
-
 @pytest.fixture(scope="module")
 def synthetic(tmp_path_factory):
     world = tmp_path_factory.mktemp("syn")
