@@ -12,7 +12,7 @@ import os
 import time
 import traceback
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable
+from typing import Any, Callable
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
@@ -214,14 +214,3 @@ def run_batches(
             for a in actors:
                 ray.kill(a)
     return summaries
-
-
-def iter_chunks(items: Iterable[Any], n: int):
-    chunk = []
-    for x in items:
-        chunk.append(x)
-        if len(chunk) == n:
-            yield chunk
-            chunk = []
-    if chunk:
-        yield chunk

@@ -285,8 +285,3 @@ def print_summary(run: StageRun, max_failures: int = 0) -> int:
         console.print(f"[red]{len(run.failed)} image(s) failed (allowed: {max_failures}); exit status 1[/]")
         return 1
     return 0
-
-
-def describe_stage_output(url: str) -> dict[str, Any]:
-    r = StageReader(url)
-    return {"url": url, "images": len(r), "meta": r.meta}
