@@ -62,6 +62,8 @@ class SegmentsParams(Strict):
     ucm_threshold: float = Field(default=0.25, ge=0.0, le=1.0)
     #: at most this many superpixels per image (HSG: 48); the threshold rises until it holds
     max_segments: int = Field(default=48, ge=1)
+    #: regions below this fraction of the image are merged away in the UCM hierarchy (watershed slivers)
+    min_area: float = Field(default=3e-4, ge=0.0, lt=1.0)
     #: images above this many pixels are recorded as failed rather than exhausting memory
     max_pixels: int = Field(default=200_000_000, ge=1)
 

@@ -48,7 +48,8 @@ class SegmentsProcessor:
             try:
                 image = load_rgb(rec.path, max_pixels=self.params.max_pixels)
                 arrays = compute_segments(
-                    image, self.detector, ucm_threshold=self.params.ucm_threshold, max_segments=self.params.max_segments
+                    image, self.detector, ucm_threshold=self.params.ucm_threshold,
+                    max_segments=self.params.max_segments, min_area=self.params.min_area,
                 )
                 labels = arrays["labels"]
                 out.append(ItemResult(

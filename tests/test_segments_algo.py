@@ -172,3 +172,23 @@ def test_orientation_encoding_roundtrip():
 def test_contourmap_validation():
     with pytest.raises(ValueError):
         ContourMap(np.zeros((3, 3)), np.zeros((3, 4)))
+
+
+def test_min_area_merges_watershed_slivers():
+    """A thin bright line next to an edge makes sliver regions; min_area merges them away."""
+    from clips4.pipeline.contours import build_detector
+    from clips4.pipeline.segments import compute_segments
+
+    rng = np.random.default_rng(0)
+    img = np.full((90, 120, 3), 60, np.uint8)
+    img[:, 60:] = 200
+    img[:, 57] = 255  # a one-pixel line beside the step edge
+    img = np.clip(img + rng.normal(0, 3, img.shape), 0, 255).astype(np.uint8)
+    det = build_detector("classical")
+    limit = 3e-3 * img.shape[0] * img.shape[1]  # 32 px
+    raw = np.bincount(compute_segments(img, det, min_area=0.0, ucm_threshold=0.05)["labels"].ravel())
+    assert raw.min() < limit  # the sliver is there without the filter
+    labels = compute_segments(img, det, min_area=3e-3, ucm_threshold=0.05)["labels"]
+    areas = np.bincount(labels.ravel())
+    assert areas.min() >= limit and len(areas) == len(raw) - (raw < limit).sum()
+    assert labels.max() >= 1  # the real edge survives
