@@ -22,10 +22,9 @@ import multiprocessing as mp
 import os
 import time
 from pathlib import Path
-from typing import Annotated, Any, Callable, Iterable, Optional
+from typing import Any, Callable, Iterable, Optional
 
 import numpy as np
-import typer
 
 __all__ = [
     "load_bsds_ground_truth",
@@ -36,7 +35,6 @@ __all__ = [
     "summarize_boundaries",
     "summarize_covering",
     "evaluate_boundaries",
-    "boundaries_command",
     "MAX_DIST",
 ]
 
@@ -500,45 +498,10 @@ def plot_pr(summary: dict, path: str | Path) -> None:
 
 
 # ------------------------------------------------------------------------------------------------
-# CLI (mounted by the lead as `clips4 evaluate boundaries`)
+# default data location (`clips4 evaluate boundaries` lives in clips4.pipeline.cli: it runs the segments
+# stage first and scores its cached arrays)
 # ------------------------------------------------------------------------------------------------
 
 
 def _default_root() -> Path:
     return Path(__file__).resolve().parents[2] / "shared" / "data" / "BSDS500"
-
-
-def boundaries_command(
-    root: Annotated[
-        Optional[Path],
-        typer.Option(
-            help="BSDS500-layout folder (images/<split>, groundTruth/<split>); "
-            "default: ../shared/data/BSDS500 next to the repository."
-        ),
-    ] = None,
-    split: Annotated[str, typer.Option(help="Split to score: test, val or train.")] = "test",
-    thresholds: Annotated[int, typer.Option(help="Number of evenly spaced thresholds (BSDS uses 99).")] = 99,
-    detector: Annotated[str, typer.Option(help="Contour detector name: classical, hed or onnx.")] = "classical",
-    limit: Annotated[Optional[int], typer.Option(help="Score only the first N images (sorted by id).")] = None,
-    workers: Annotated[int, typer.Option(help="Worker processes for the matching (<= 1: inline).")] = 2,
-    out: Annotated[
-        Optional[Path], typer.Option(help="Output folder for boundaries.json and the PR-curve PNG.")
-    ] = None,
-) -> None:
-    """Score the contour maps (after NMS) and the OWT-UCMs on a BSDS500-layout folder: boundary
-    precision/recall/F at ODS and OIS, AP, and segmentation covering."""
-    evaluate_boundaries(
-        root if root is not None else _default_root(),
-        split=split,
-        thresholds=thresholds,
-        detector=detector,
-        limit=limit,
-        workers=workers,
-        out_dir=out,
-    )
-
-
-if __name__ == "__main__":  # pragma: no cover
-    import typer
-
-    typer.run(boundaries_command)

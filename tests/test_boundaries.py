@@ -126,15 +126,3 @@ def test_real_bsds_image():
         assert 0.3 < res[key]["ODS"]["f"] <= 1.0
         assert 0.0 < res[key]["AP"] <= 1.0
     assert 0.2 < res["ucm"]["covering"]["ODS"] <= 1.0
-
-
-def test_command_has_help_for_every_option():
-    import inspect
-    import typing
-
-    from clips4.evaluate.boundaries import boundaries_command
-
-    hints = typing.get_type_hints(boundaries_command, include_extras=True)
-    for name in inspect.signature(boundaries_command).parameters:
-        meta = getattr(hints[name], "__metadata__", ())
-        assert meta and getattr(meta[0], "help", None), name
