@@ -133,6 +133,17 @@ class Dataset:
     def describe(self) -> dict:
         return {"kind": self.kind, "root": self.root, "split": self.split, "key": self.key}
 
+    def _images_with_gt(self, img_dir: str, gt_path: Callable[[str], str]) -> list[ImageRecord]:
+        """Every ``*.jpg`` in ``img_dir``, with its ground truth at ``gt_path(image_id)`` where that file exists."""
+        if not self.fs.isdir(img_dir):
+            raise DatasetError(f"{self.kind}: {self.url(img_dir)} not found (split={self.split!r})")
+        recs = []
+        for p in self.fs.glob(f"{img_dir}/*.jpg"):
+            i = posixpath.basename(p).rsplit(".", 1)[0]
+            gt = gt_path(i)
+            recs.append(ImageRecord(i, self.url(p), self.split, self.url(gt) if self.fs.exists(gt) else None))
+        return recs
+
     def _read_ids(self, relpath: str) -> list[str]:
         p = f"{self.path}/{relpath}"
         if not self.fs.exists(p):
@@ -244,15 +255,8 @@ class CocoStuffDataset(Dataset):
     default_split = "val"
 
     def _list(self) -> list[ImageRecord]:
-        img_dir = f"{self.path}/images/{self.split}2017"
-        if not self.fs.isdir(img_dir):
-            raise DatasetError(f"cocostuff: {self.url(img_dir)} not found")
-        recs = []
-        for p in self.fs.glob(f"{img_dir}/*.jpg"):
-            i = posixpath.basename(p).rsplit(".", 1)[0]
-            gt = f"{self.path}/annotations/{self.split}2017/{i}.png"
-            recs.append(ImageRecord(i, self.url(p), self.split, self.url(gt) if self.fs.exists(gt) else None))
-        return recs
+        return self._images_with_gt(f"{self.path}/images/{self.split}2017",
+                                    lambda i: f"{self.path}/annotations/{self.split}2017/{i}.png")
 
     @property
     def class_names(self) -> list[str]:
@@ -297,15 +301,8 @@ class BSDSDataset(Dataset):
     default_split = "test"
 
     def _list(self) -> list[ImageRecord]:
-        img_dir = f"{self.path}/images/{self.split}"
-        if not self.fs.isdir(img_dir):
-            raise DatasetError(f"bsds: {self.url(img_dir)} not found (split={self.split!r})")
-        recs = []
-        for p in self.fs.glob(f"{img_dir}/*.jpg"):
-            i = posixpath.basename(p).rsplit(".", 1)[0]
-            gt = f"{self.path}/groundTruth/{self.split}/{i}.mat"
-            recs.append(ImageRecord(i, self.url(p), self.split, self.url(gt) if self.fs.exists(gt) else None))
-        return recs
+        return self._images_with_gt(f"{self.path}/images/{self.split}",
+                                    lambda i: f"{self.path}/groundTruth/{self.split}/{i}.mat")
 
     def load_bsds_gt(self, record: ImageRecord) -> list[dict[str, np.ndarray]]:
         """All annotators: ``[{'segmentation': (H,W) int, 'boundaries': (H,W) bool}, ...]``."""
