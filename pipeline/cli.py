@@ -185,6 +185,7 @@ def search_command(
     from clips4.pipeline.cache import url_join
     from clips4.pipeline.config import ClipFeaturesParams
     from clips4.pipeline.processors import build_backend
+    from clips4.pipeline.prototypes import iter_embedding_batches
     from clips4.pipeline.search import SegmentIndex, contact_sheet
     from clips4.pipeline.stage import dataset_from_config, open_stage
 
@@ -193,9 +194,7 @@ def search_command(
     feats = open_stage(cfg, "clip_features", ds)
 
     def batches():
-        for b in feats.iter_table("segments", columns=["row_id", "embedding"]):
-            d = b.schema.field("embedding").type.list_size
-            yield b.column("row_id").to_numpy(), b.column("embedding").flatten().to_numpy(zero_copy_only=False).reshape(-1, d)
+        return iter_embedding_batches(feats.iter_table("segments", columns=["row_id", "embedding"]))
 
     # the index is derived from one clip_features output: it lives beside it, named by that fingerprint
     index_path = url_join(cfg.cache_root, ds.key, "search", feats.fingerprint, "segments.faiss")

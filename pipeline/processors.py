@@ -187,16 +187,13 @@ def build_prototypes(params: "PrototypesParams", deps: dict[str, str], out_url: 
     from clips4.pipeline.backends import text_embeddings
     from clips4.pipeline.cache import StageReader, url_join, write_parquet_atomic
     from clips4.pipeline.config import ClipFeaturesParams
-    from clips4.pipeline.prototypes import PrototypeSet, known_prototypes, unknown_prototypes
+    from clips4.pipeline.prototypes import PrototypeSet, iter_embedding_batches, known_prototypes, unknown_prototypes
 
     feats = StageReader(deps["clip_features"])
     cf = ClipFeaturesParams.model_validate(feats.meta["params"])
 
     def batches():
-        for b in feats.iter_table("segments", columns=["row_id", "embedding"]):
-            emb = b.column("embedding")
-            d = emb.type.list_size
-            yield (b.column("row_id").to_numpy(), emb.flatten().to_numpy(zero_copy_only=False).reshape(-1, d).astype(np.float32))
+        return iter_embedding_batches(feats.iter_table("segments", columns=["row_id", "embedding"]))
 
     names: list[str] = []
     known = np.zeros((0, 0), np.float32)

@@ -214,7 +214,8 @@ def iter_embedding_batches(
     batch_size: int = 65536,
 ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """Stream ``(ids (n,) int64, emb (n, D) float32)`` batches from a Parquet file or folder (path/URL), a
-    ``pyarrow.Table`` or a ``pyarrow.dataset.Dataset``. ``emb_column`` is a ``fixed_size_list<float>``, ``list<float>``
+    ``pyarrow.Table``, a ``pyarrow.dataset.Dataset`` or an iterable of ``pyarrow.RecordBatch`` (e.g.
+    ``StageReader.iter_table``). ``emb_column`` is a ``fixed_size_list<float>``, ``list<float>``
     or ``fixed_size_binary(4*D)`` (raw float32 bytes; several times faster to decode from Parquet) column; with ``id_column=None`` the ids are the running row numbers."""
     import pyarrow as pa
     import pyarrow.dataset as ds
@@ -226,6 +227,8 @@ def iter_embedding_batches(
     cols = [emb_column] + ([id_column] if id_column else [])
     if isinstance(source, pa.Table):
         it = source.to_batches(max_chunksize=batch_size)
+    elif not isinstance(source, (str, os.PathLike, ds.Dataset)):
+        it = source  # record batches already
     elif isinstance(source, (str, os.PathLike)) and os.path.isfile(source):
         # a single local file: ParquetFile.iter_batches decodes ~3x faster and holds less than a dataset scan
         it = pq.ParquetFile(str(source), pre_buffer=False).iter_batches(batch_size=batch_size, columns=cols)
