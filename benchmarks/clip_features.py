@@ -90,8 +90,8 @@ def main(argv=None) -> int:
     import numpy as np
     import torch
 
-    from clips4.pipeline.cli import main as cli
-    from clips4.pipeline.clip_models import OpenClipBackend
+    from clips4.cli import main as cli
+    from clips4.pipeline.clip.backend import OpenClipBackend
     from clips4.pipeline.images import load_rgb
 
     cfg_json, ckpt = make_model(work)

@@ -2,7 +2,7 @@
 
 Everything goes through the same entry points a user has: ``clips4 synthetic make`` (``SyntheticWorld.write``),
 the bundled ``synthetic.yaml`` with the world's folder substituted, ``clips4 precompute ...`` (in-process
-``main([...])``, executor local) and ``clips4.evaluate.tasks.run_language``.
+``main([...])``, executor local) and ``clips4.evaluate.language.run_language``.
 """
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ def build_world(base: Path, n_train: int, n_val: int, *, seed: int = 0, quiet: b
     Returns the path of the world's config (the bundled ``synthetic.yaml`` pointed at ``base/world``). Idempotent:
     finished stages are skipped by the pipeline itself.
     """
-    from clips4.pipeline.cli import main
+    from clips4.cli import main
     from clips4.pipeline.synthetic import SyntheticWorld
 
     base.mkdir(parents=True, exist_ok=True)
@@ -65,7 +65,7 @@ def val_setup(cfg_path: Path):
 
 def language_miou(cfg_path: Path, model: str) -> float:
     """Language-driven mIoU on the val split: ``model`` = ``teacher`` or a checkpoint path."""
-    from clips4.evaluate.tasks import run_language
+    from clips4.evaluate.language import run_language
 
     cfg, ds = val_setup(cfg_path)
     return float(run_language(cfg, ds, model=model, out=None)["miou"])
@@ -87,7 +87,7 @@ def val_avgsim(cfg_path: Path, checkpoint: str | Path) -> float:
     """
     import torch
 
-    from clips4.evaluate.tasks import model_embedder
+    from clips4.evaluate.sources import model_embedder
     from clips4.pipeline.images import load_rgb
     from clips4.pipeline.stage import open_stage
     from clips4.trainer.train import load_trained_model

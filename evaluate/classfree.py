@@ -23,7 +23,7 @@ import json
 import math
 from importlib import resources
 from pathlib import Path
-from typing import Callable, List, Optional, Sequence  # List/Optional: the typer signature below
+from typing import Callable, Sequence
 
 import numpy as np
 
@@ -116,8 +116,9 @@ def run_class_free(
     With ``checkpoints``, nothing is trained: each checkpoint's known classes (stored in it) decide its fold
     (unknown = all classes it was not given); its ``train.seed`` is its seed."""
     from clips4.evaluate.report import write_report
-    from clips4.evaluate.tasks import (checkpoint_source, config_summary, embedding_source, language_confusion,
-                                       precompute, resolve_classes, text_embeddings_for, with_params, with_split)
+    from clips4.evaluate.language import language_confusion
+    from clips4.evaluate.sources import (checkpoint_source, config_summary, embedding_source, precompute,
+                                         resolve_classes, text_embeddings_for, with_params, with_split)
     from clips4.pipeline.stage import dataset_from_config
 
     say = progress or (lambda m: None)
@@ -255,51 +256,3 @@ def print_results(console, res: dict) -> None:
         console.print(f"mean over folds: mIoU_u = {100 * res['miou_unknown']:.1f}, mIoU_k = "
                       f"{100 * res['miou_known']:.1f}, hIoU = {100 * res['hiou']:.1f}" if res.get("hiou") is not None
                       else f"mean over folds: mIoU_u = {100 * res['miou_unknown']:.1f}")
-
-
-def register_command(evaluate_app) -> None:
-    """Mount ``clips4 evaluate class-free`` (reusing the CLI's shared option objects)."""
-    import typer
-    from rich.console import Console
-
-    from clips4.pipeline import cli
-    from clips4.pipeline.cli import (CacheOpt, ConfigOpt, DatasetOpt, LimitOpt, RootOpt, SetOpt, SplitOpt, StagesOpt,
-                                     build_config)
-
-    console = Console()
-    if not console.is_terminal:  # logs and pipes are not 80 columns: keep table rows on one line
-        console = Console(width=160)
-
-    @evaluate_app.command("class-free")
-    def class_free_command(
-        config: Optional[List[Path]] = ConfigOpt, set_: Optional[List[str]] = SetOpt, stages: Optional[Path] = StagesOpt,
-        dataset: Optional[str] = DatasetOpt, root: Optional[str] = RootOpt,
-        split: Optional[str] = typer.Option(None, "--train-split", help="Split the prototypes and models are trained on (default: the config's dataset.split)."),
-        eval_split: Optional[str] = typer.Option("val", "--split", help="Split evaluated on, with all classes (default val)."),
-        limit: Optional[int] = LimitOpt, cache: Optional[str] = CacheOpt,
-        folds: int = typer.Option(4, "--folds", help="Number of folds (paper: 4 over the 59 Pascal-Context classes, stored split)."),
-        fold: Optional[List[int]] = typer.Option(None, "--fold", help="Only run these folds (repeatable; default all)."),
-        fold_seed: int = typer.Option(0, "--fold-seed", help="Seed of the fold split for class sets other than the stored Context-59 one."),
-        seeds: int = typer.Option(5, "--seeds", help="Training runs per fold (seeds first-seed..first-seed+N-1; paper: 5)."),
-        first_seed: int = typer.Option(0, "--first-seed", help="First seed (prototypes.seed = train.seed = seed)."),
-        iterations: Optional[int] = typer.Option(None, "--iterations", help="Training iterations per run (default: train.iterations)."),
-        checkpoints: Optional[List[Path]] = typer.Option(None, "--checkpoints", help="Evaluate these trained checkpoints instead of training (repeatable); each one's known classes pick its fold."),
-        classes: Optional[str] = typer.Option(None, "--classes", help="All classes in GT id order (default: the dataset's class names)."),
-        baseline: bool = typer.Option(True, "--baseline/--no-baseline", help="Also evaluate the teacher (cached CLIP features) on the same folds."),
-        precompute_: bool = typer.Option(True, "--precompute/--no-precompute", help="Run the segments/clip_features stages first (cached images are skipped)."),
-        out: Path = typer.Option(Path("runs/class-free"), "--out", help="Report folder (and the known-class files)."),
-        device: str = typer.Option("auto", "--device", help="Torch device for evaluation: auto, cpu, cuda:0."),
-    ) -> None:
-        """Class-free segmentation (paper Tab. 3): per fold, its classes are unknown (left out of the known
-        prototypes); train with several seeds, evaluate on all classes: mIoU_u, mIoU_k and hIoU, mean ± std."""
-        cfg = build_config(config, set_, stages, dataset=dataset, root=root, split=split, limit=limit, cache=cache)
-        try:
-            res = run_class_free(cfg, n_folds=folds, fold_seed=fold_seed, only_folds=fold or None,
-                                 seeds=list(range(first_seed, first_seed + seeds)), iterations=iterations,
-                                 checkpoints=checkpoints or [], eval_split=eval_split, classes=classes,
-                                 baseline=baseline, precompute_stages=precompute_, device=device, out=out,
-                                 progress=console.print)
-        except ValueError as exc:
-            raise cli.CLIError(str(exc)) from None
-        print_results(console, res)
-        console.print(f"report: {out}/report.md, {out}/results.json")

@@ -18,7 +18,6 @@ Choices (documented conventions):
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
@@ -28,11 +27,17 @@ import torch.nn.functional as F
 
 from clips4.evaluate.metrics import ConfusionMatrix
 from clips4.evaluate.palette import save_indexed_png
+from clips4.evaluate.sources import (EmbeddingSource, config_summary, embedding_source, resolve_classes,
+                                     text_embeddings_for)
+from clips4.pipeline.config import Config
+from clips4.pipeline.datasets import Dataset
+from clips4.pipeline.images import load_rgb
 
 __all__ = [
     "predict_labels",
     "similarity_logits",
-    "sliding_window_embed",
+    "run_language",
+    "language_confusion",
     "voc_gt_transform",
     "voc_text_subset",
     "evaluate_language",
@@ -101,49 +106,6 @@ def predict_labels(
         return logits.argmax(0).cpu().numpy().astype(np.int64)
 
 
-def sliding_window_embed(
-    embed_fn: Callable[[np.ndarray], np.ndarray],
-    image: np.ndarray,
-    window: int | tuple[int, int],
-    stride: int | tuple[int, int],
-) -> np.ndarray:
-    """Embed a large image window by window and average the overlaps.
-
-    ``embed_fn(crop (wh, ww, 3)) -> (h', w', D)`` at any fixed downsampling; the output grid keeps the scale
-    of the first window (``round(H * h'/wh), round(W * w'/ww)``) and each window's embeddings are resized
-    (bilinear) onto the grid cells it covers. Returns ``(Hg, Wg, D) float32`` (not re-normalised)."""
-    image = np.asarray(image)
-    H, W = image.shape[:2]
-    wh, ww = (window, window) if isinstance(window, int) else window
-    sh, sw = (stride, stride) if isinstance(stride, int) else stride
-    wh, ww = min(wh, H), min(ww, W)
-    ny = max(H - wh + sh - 1, 0) // sh + 1
-    nx = max(W - ww + sw - 1, 0) // sw + 1
-    acc = cnt = None
-    sy = sx = None
-    for iy in range(ny):
-        for ix in range(nx):
-            y2, x2 = min(iy * sh + wh, H), min(ix * sw + ww, W)
-            y1, x1 = max(y2 - wh, 0), max(x2 - ww, 0)
-            e = np.asarray(embed_fn(image[y1:y2, x1:x2]), dtype=np.float32)
-            if e.ndim != 3:
-                raise ValueError(f"embed_fn must return (h, w, D), got {e.shape}")
-            if acc is None:
-                sy, sx = e.shape[0] / (y2 - y1), e.shape[1] / (x2 - x1)
-                Hg, Wg = max(1, round(H * sy)), max(1, round(W * sx))
-                acc = np.zeros((Hg, Wg, e.shape[2]), np.float64)
-                cnt = np.zeros((Hg, Wg, 1), np.float64)
-            gy1, gy2 = round(y1 * sy), max(round(y2 * sy), round(y1 * sy) + 1)
-            gx1, gx2 = round(x1 * sx), max(round(x2 * sx), round(x1 * sx) + 1)
-            gy2, gx2 = min(gy2, acc.shape[0]), min(gx2, acc.shape[1])
-            t = torch.from_numpy(e).permute(2, 0, 1)[None]
-            if t.shape[-2:] != (gy2 - gy1, gx2 - gx1):
-                t = F.interpolate(t, size=(gy2 - gy1, gx2 - gx1), mode="bilinear", align_corners=False)
-            acc[gy1:gy2, gx1:gx2] += t[0].permute(1, 2, 0).numpy()
-            cnt[gy1:gy2, gx1:gx2] += 1
-    return (acc / np.maximum(cnt, 1)).astype(np.float32)
-
-
 def voc_gt_transform(gt: np.ndarray, mode: int | str = 21, ignore_index: int = 255) -> np.ndarray:
     """VOC ground truth for the chosen mode: 21 -> unchanged; 20 -> background (0) ignored, ids 1..20 -> 0..19."""
     mode = int(mode)
@@ -208,4 +170,53 @@ def evaluate_language(
     res = cm.to_dict(class_names)
     res["n_images"] = n
     res["upsample"] = upsample
+    return res
+
+
+def language_confusion(src: EmbeddingSource, dataset: Dataset, names: list[str], text: np.ndarray, *,
+                       gt_transform=None, save_predictions: Path | None = None, save_offset: int = 0):
+    """(metrics dict, ConfusionMatrix, records) of language-driven segmentation with ``text`` over ``dataset``."""
+    records = [r for r in dataset.records() if r.gt_path]
+    if not records:
+        raise ValueError(f"dataset {dataset.kind} at {dataset.root} (split {dataset.split}) has no ground truth to evaluate against")
+    cm = ConfusionMatrix(len(names), dataset.ignore_index)
+    res = evaluate_language(records, dataset.load_gt, src.embed, text, names, dataset.ignore_index, save_predictions,
+                            gt_transform=gt_transform, save_offset=save_offset, confusion=cm)
+    return res, cm, records
+
+
+def run_language(cfg: Config, dataset: Dataset, *, model: str = "teacher", classes: str | None = None,
+                 voc_mode: int = 21, save_predictions: Path | None = None, out: Path | None = None,
+                 device: str = "auto", overlays: int = 4) -> dict:
+    """Language-driven segmentation over ``dataset``: mIoU, per-class IoU, pixel accuracy; report in ``out``."""
+    from clips4.evaluate.report import write_report
+
+    if int(voc_mode) not in (20, 21):
+        raise ValueError(f"--voc-mode must be 20 or 21, got {voc_mode}")
+    src = embedding_source(cfg, dataset, model, device)
+    names = resolve_classes(classes, dataset)
+    gt_transform = None
+    save_offset = 0
+    if dataset.kind == "voc" and not classes:
+        if voc_mode == 20:
+            names = names[1:]
+            gt_transform = lambda g: voc_gt_transform(g, 20)  # noqa: E731
+            save_offset = 1
+    text, backend_info = text_embeddings_for(cfg, names)
+    res, cm, records = language_confusion(src, dataset, names, text, gt_transform=gt_transform,
+                                          save_predictions=save_predictions, save_offset=save_offset)
+    res.update({"task": "language", "method": src.name, "model": src.name, "dataset": dataset.describe(),
+                "classes": names, "voc_mode": voc_mode if dataset.kind == "voc" else None, "embedding": src.info})
+    if out is not None:
+        shown = []
+        for rec in records[:overlays]:
+            img = load_rgb(rec.path)
+            gt = dataset.load_gt(rec)
+            if gt_transform is not None:
+                gt = gt_transform(gt)
+            shown.append((img, predict_labels(src.embed(rec), text, gt.shape, layout="hwd"), gt))
+        res["report"] = {k: str(v) for k, v in write_report(
+            out, res, title=f"language-driven segmentation — {src.name} on {dataset.key}", class_names=names,
+            confusion=cm, overlays=shown, config=config_summary(cfg),
+            fingerprints={"embeddings": src.fingerprint, "text_backend": backend_info}).items()}
     return res

@@ -3,15 +3,20 @@
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from clips4.evaluate.palette import colorize, save_indexed_png, voc_palette
+from clips4.evaluate.sources import checkpoint_source, text_embeddings_for, warn_clip_mismatch
+from clips4.pipeline.config import Config
+from clips4.pipeline.images import load_rgb
 
-__all__ = ["render_prediction", "class_areas", "overlay", "LEGEND_WIDTH"]
+__all__ = ["render_prediction", "class_areas", "overlay", "LEGEND_WIDTH", "Segmenter", "Prediction", "predict_images",
+           "PREDICT_PALETTE"]
 
 LEGEND_WIDTH = 220
 
@@ -100,3 +105,112 @@ def render_prediction(
     areas_path.write_text(json.dumps({"image_size": list(labels.shape), "classes": areas}, indent=2))
     return {"labels": label_path, "overlay": overlay_path, "areas_json": areas_path, "areas": areas,
             "legend_colors": {name: list(c) for name, c, _ in entries}}
+
+
+#: free-form classes have no background: class 0 gets the VOC palette's colour 1 (dark red), not black
+PREDICT_PALETTE = np.concatenate([voc_palette()[1:], np.zeros((1, 3), np.uint8)])
+
+
+@dataclass
+class Prediction:
+    """One image segmented with free-form class names."""
+
+    #: ``(H, W) int64`` index into :attr:`classes` of each pixel
+    labels: np.ndarray
+    #: ``(K, H, W) float32`` cosine similarity of each pixel's embedding to each class's text embedding
+    scores: np.ndarray
+    classes: list[str]
+
+
+class Segmenter:
+    """Segment images with any class names, in memory (for notebooks and ``clips4 predict``).
+
+    >>> from clips4 import Segmenter
+    >>> pred = Segmenter("runs/train/final.pt").predict("photo.jpg", ["sky", "tree", "moon"])
+    >>> pred.labels.shape, pred.scores.shape
+
+    ``model``: a trained checkpoint (``final.pt``) or ``"teacher"`` (the configured CLIP backend's dense
+    features). ``config``: a :class:`~clips4.pipeline.config.Config`, a YAML file, or None (the nearest
+    ``stages.yaml``, else defaults); it names the CLIP backend whose text encoder embeds the class names.
+    """
+
+    def __init__(self, model: str | Path = "teacher", *, config: Config | str | Path | None = None,
+                 device: str = "auto"):
+        from clips4.pipeline.config import load_config
+
+        self.cfg = config if isinstance(config, Config) else load_config(None, [config] if config else None, [])
+        self.model = str(model)
+        self._text: dict[tuple[str, ...], np.ndarray] = {}
+        if self.model == "teacher":
+            from clips4.pipeline.processors import build_backend
+
+            backend = build_backend(self.cfg.params("clip_features").clip)  # type: ignore[attr-defined]
+            self._embed = lambda img: np.asarray(backend.dense_features([img])[0], np.float32)
+            self.name = f"teacher ({backend.info().get('name', 'CLIP')})"
+        else:
+            src = checkpoint_source(self.model, device)
+            warn_clip_mismatch(self.cfg, src)
+            self._embed, self.name = src.embed_image, src.name
+
+    def embed(self, image: np.ndarray | str | Path) -> np.ndarray:
+        """``(h, w, D) float32`` L2-normalised pixel embeddings of an ``(H, W, 3) uint8`` image or an image file."""
+        return self._embed(load_rgb(str(image)) if isinstance(image, (str, Path)) else np.asarray(image))
+
+    def text_embeddings(self, classes: Sequence[str]) -> np.ndarray:
+        """``(K, D) float32`` class text embeddings (the 85 prompt templates), cached per class list."""
+        key = tuple(classes)
+        if key not in self._text:
+            self._text[key] = text_embeddings_for(self.cfg, list(classes))[0]
+        return self._text[key]
+
+    def predict(self, image: np.ndarray | str | Path, classes: Sequence[str]) -> Prediction:
+        """Every pixel of ``image`` takes the class whose text embedding is closest to its embedding."""
+        import torch
+
+        from clips4.evaluate.language import similarity_logits
+
+        img = load_rgb(str(image)) if isinstance(image, (str, Path)) else np.asarray(image)
+        if not classes:
+            raise ValueError("predict needs at least one class name")
+        with torch.no_grad():
+            scores = similarity_logits(self.embed(img), self.text_embeddings(classes), img.shape[:2], layout="hwd")
+        scores = scores.cpu().numpy().astype(np.float32)
+        return Prediction(scores.argmax(0).astype(np.int64), scores, list(classes))
+
+
+def predict_images(cfg: Config, images: Sequence[str | Path], classes: list[str], out: Path, *,
+                   model: str = "teacher", device: str = "auto", alpha: float = 0.5,
+                   on_result: Callable[[str, dict | None, str | None], None] | None = None) -> dict:
+    """Label PNG, overlay with legend and class areas (JSON) for each image; returns ``{"written", "failed"}``.
+
+    ``model="teacher"`` runs the configured CLIP backend's ``dense_features`` on the image itself (images need
+    not be in any cache); a checkpoint path runs the trained network. An image that cannot be read or embedded
+    is reported in ``failed`` (with the reason naming it); the others are still written."""
+    seg = Segmenter(model, config=cfg, device=device)
+    seg.text_embeddings(classes)  # a text-encoder problem fails the command, not each image
+    name = seg.name
+    out = Path(out)
+    written, failed = {}, {}
+    stems: dict[str, int] = {}
+    for path in images:
+        path = str(path)
+        stem = Path(path).stem
+        stems[stem] = stems.get(stem, 0) + 1
+        if stems[stem] > 1:  # two inputs with the same name must not overwrite each other
+            stem = f"{stem}_{stems[stem]}"
+        try:
+            img = load_rgb(path)
+            labels = seg.predict(img, classes).labels
+            r = render_prediction(img, labels, classes, out, stem, alpha=alpha, palette=PREDICT_PALETTE)
+            doc = json.loads(Path(r["areas_json"]).read_text())
+            doc.update({"image": path, "model": name, "queried_classes": list(classes)})
+            Path(r["areas_json"]).write_text(json.dumps(doc, indent=2))
+            written[path] = {k: str(r[k]) for k in ("labels", "overlay", "areas_json")} | {"areas": r["areas"]}
+            if on_result:
+                on_result(path, written[path], None)
+        except Exception as exc:  # noqa: BLE001 - one bad image must not stop the others
+            msg = str(exc) if path in str(exc) else f"{path}: {exc}"
+            failed[path] = msg
+            if on_result:
+                on_result(path, None, msg)
+    return {"written": written, "failed": failed, "model": name, "classes": list(classes)}

@@ -20,15 +20,14 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Annotated, Optional, Sequence
+from typing import Sequence
 
 import numpy as np
-import typer
 
 from clips4.evaluate.metrics import ConfusionMatrix
 from clips4.evaluate.palette import colorize
 
-__all__ = ["write_report", "side_by_side", "report_command", "markdown_table", "project_2d", "TABLE_KEYS"]
+__all__ = ["write_report", "side_by_side", "markdown_table", "project_2d", "TABLE_KEYS"]
 
 # metric key -> column title (order = column order)
 TABLE_KEYS = {
@@ -313,19 +312,3 @@ def side_by_side(run_dirs: Sequence[str | Path]) -> str:
             r["Method"] = method if method == name else f"{method} ({name})"
             rows.append(r)
     return markdown_table(rows)
-
-
-def report_command(
-    runs: Annotated[list[Path], typer.Argument(help="Run folders (or results.json files) to compare.")],
-    out: Annotated[Optional[Path], typer.Option(help="Also write the Markdown table to this file.")] = None,
-) -> None:
-    """Show the results of several runs side by side (Markdown table); optionally write it to ``--out``."""
-    from rich.console import Console
-    from rich.markdown import Markdown
-
-    table = side_by_side(runs)
-    Console().print(Markdown(table))
-    if out is not None:
-        out = Path(out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(table + "\n")

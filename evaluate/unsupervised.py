@@ -16,13 +16,19 @@ Conventions:
 
 from __future__ import annotations
 
-from typing import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from clips4.evaluate.metrics import ConfusionMatrix
+from clips4.evaluate.sources import EmbeddingSource, config_summary, embedding_source, torch_device, with_split
+from clips4.pipeline.config import ClipFeaturesParams, Config
+from clips4.pipeline.datasets import Dataset, ImageRecord
+from clips4.pipeline.grid import pixel_to_cell, resize_nearest
 
 __all__ = [
     "segment_embeddings",
@@ -32,37 +38,22 @@ __all__ = [
     "train_linear_classifier",
     "linear_logits",
     "linear_segmentation",
-    "resize_nearest",
+    "run_unsupervised",
 ]
 
 
-def resize_nearest(labels: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """Nearest-neighbour resize of an id map (pixel centres), e.g. segments/GT onto an embedding grid."""
-    labels = np.asarray(labels)
-    H, W = labels.shape[:2]
-    h, w = size
-    ys = np.minimum(((np.arange(h) + 0.5) * H / h).astype(np.int64), H - 1)
-    xs = np.minimum(((np.arange(w) + 0.5) * W / w).astype(np.int64), W - 1)
-    return labels[ys[:, None], xs[None, :]]
-
-
 def segment_embeddings(pixel_emb: np.ndarray, segments: np.ndarray, n_segments: int | None = None) -> np.ndarray:
-    """Mean pixel embedding per segment id, L2-normalised -> ``(n_segments, D)`` float32.
+    """``(n, D) float32``: the L2-normalised mean embedding of each segment id ``0..n-1`` (zero where a segment has
+    no pixel). ``pixel_emb (h, w, D)``; ``segments`` at the grid or at image resolution, where each pixel takes
+    its grid cell's embedding (:func:`clips4.pipeline.prototypes.segment_embeddings`, so none is lost)."""
+    from clips4.pipeline.prototypes import segment_embeddings as _per_segment
 
-    ``pixel_emb (h, w, D)``; ``segments (H, W)`` ids ``0..n-1`` (negative = unassigned) are resized (nearest)
-    to ``(h, w)`` if the sizes differ. Segments without any cell get a zero vector."""
-    pixel_emb = np.asarray(pixel_emb, dtype=np.float32)
     segments = np.asarray(segments)
-    if segments.shape != pixel_emb.shape[:2]:
-        segments = resize_nearest(segments, pixel_emb.shape[:2])
-    n = int(segments.max()) + 1 if n_segments is None else n_segments
-    seg = segments.reshape(-1)
-    emb = pixel_emb.reshape(-1, pixel_emb.shape[-1])
-    ok = (seg >= 0) & (seg < n)
-    out = np.zeros((n, emb.shape[1]), np.float64)
-    np.add.at(out, seg[ok], emb[ok])
-    norm = np.linalg.norm(out, axis=1, keepdims=True)
-    return (out / np.maximum(norm, 1e-12)).astype(np.float32)
+    n = (int(segments.max()) + 1 if segments.size and segments.max() >= 0 else 0) if n_segments is None else n_segments
+    out = np.zeros((n, np.asarray(pixel_emb).shape[-1]), np.float32)
+    se = _per_segment(np.asarray(pixel_emb, np.float32), np.where(segments < n, segments, -1))
+    out[se.segment_id] = se.embedding
+    return out
 
 
 def segment_majority_labels(
@@ -211,4 +202,133 @@ def linear_segmentation(
         n_img += 1
     res = cm.to_dict(class_names)
     res.update({"method": "linear", "n_images": n_img})
+    return res
+
+
+def _consecutive(seg: np.ndarray) -> tuple[np.ndarray, int]:
+    """Segment ids renumbered 0..n-1 (negative = none stays -1)."""
+    seg = np.asarray(seg).astype(np.int64)
+    out = np.full(seg.shape, -1, np.int64)
+    ok = seg >= 0
+    ids, inv = np.unique(seg[ok], return_inverse=True)
+    out[ok] = inv
+    return out, len(ids)
+
+
+@dataclass
+class _SegmentSource:
+    kind: str  # ucm | kmeans
+    reader: object | None = None
+    n_clusters: int = 8
+    seed: int = 0
+
+    def __call__(self, rec: ImageRecord, emb: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
+        """``(H, W)`` segment ids 0..n-1 for the image."""
+        if self.kind == "ucm":
+            seg = np.asarray(self.reader.get(rec.image_id, "labels"))  # type: ignore[union-attr]
+            if seg.shape != tuple(hw):
+                seg = resize_nearest(seg, hw)
+        else:
+            from clips4.pipeline.prototypes import cluster_segments
+
+            seg = resize_nearest(cluster_segments(emb, n_clusters=self.n_clusters, seed=self.seed), hw)
+        return _consecutive(seg)[0]
+
+
+def run_unsupervised(cfg: Config, train_ds: Dataset, eval_ds: Dataset, *, model: str = "teacher",
+                     segments: str = "ucm", k: int = 10, n_clusters: int | None = None, pixels_per_image: int = 2000,
+                     epochs: int = 10, lr: float = 0.1, seed: int = 0, device: str = "auto",
+                     out: Path | None = None, progress: Callable[[str], None] | None = None) -> dict:
+    """k-NN segment classification and a linear classifier on frozen embeddings (paper section 4.4).
+
+    k-NN: every training segment (UCM superpixels of the segments stage, or per-image k-means over the evaluated
+    embeddings) gets the majority GT label of its pixels and its mean embedding; each evaluation segment takes
+    the majority label of its ``k`` most cosine-similar training segments (FAISS, exact). Linear: logistic
+    regression on up to ``pixels_per_image`` random labelled pixels per training image (each pixel takes the
+    embedding of its grid cell); evaluation resizes the logits bilinearly to the GT size."""
+    from clips4.evaluate.report import write_report
+    from clips4.pipeline.stage import open_stage
+
+    if segments not in ("ucm", "kmeans"):
+        raise ValueError(f"--segments must be ucm or kmeans, got {segments!r}")
+    say = progress or (lambda m: None)
+    names = list(eval_ds.class_names or train_ds.class_names or [])
+    if not names:
+        raise ValueError(f"dataset {eval_ds.kind} at {eval_ds.root} has no class names (classes.txt)")
+    nc = len(names)
+    ignore = eval_ds.ignore_index
+    cf: ClipFeaturesParams = cfg.params("clip_features")  # type: ignore[assignment]
+
+    def seg_source(ds: Dataset) -> _SegmentSource:
+        if segments == "ucm":
+            return _SegmentSource("ucm", open_stage(cfg if ds.split == cfg.dataset.split else with_split(cfg, ds.split), "segments", ds))
+        return _SegmentSource("kmeans", None, n_clusters or cf.n_clusters, cf.seed)
+
+    def source(ds: Dataset) -> EmbeddingSource:
+        return embedding_source(cfg if ds.split == cfg.dataset.split else with_split(cfg, ds.split), ds, model, device)
+
+    src_tr = source(train_ds)
+    segs_tr = seg_source(train_ds)
+    rng = np.random.default_rng(seed)
+    seg_vecs, seg_labels, px_x, px_y = [], [], [], []
+    n_train = 0
+    for rec in train_ds.records():
+        if not rec.gt_path:
+            continue
+        gt = train_ds.load_gt(rec)
+        emb = src_tr.embed(rec)
+        H, W = gt.shape
+        seg = segs_tr(rec, emb, (H, W))
+        seg_vecs.append(segment_embeddings(emb, seg))
+        seg_labels.append(segment_majority_labels(seg, gt, nc, ignore, n_segments=len(seg_vecs[-1])))
+        ok = np.flatnonzero((gt.ravel() != ignore) & (gt.ravel() >= 0) & (gt.ravel() < nc))
+        pick = rng.choice(ok, size=min(pixels_per_image, len(ok)), replace=False) if len(ok) else ok
+        ys, xs = pixel_to_cell(H, W, emb.shape[0], emb.shape[1])
+        py, pxx = pick // W, pick % W
+        px_x.append(emb[ys[py], xs[pxx]])
+        px_y.append(gt.ravel()[pick])
+        n_train += 1
+    if not n_train:
+        raise ValueError(f"training split {train_ds.split!r} of {train_ds.root} has no ground truth")
+    train_emb = np.concatenate(seg_vecs)
+    train_lab = np.concatenate(seg_labels)
+    say(f"train: {n_train} images, {int((train_lab != ignore).sum())} labelled segments, "
+        f"{sum(len(y) for y in px_y)} labelled pixels")
+    linear = train_linear_classifier(np.concatenate(px_x), np.concatenate(px_y), nc, epochs=epochs, lr=lr,
+                                     ignore_index=ignore, seed=seed, device=str(torch_device(device)))
+
+    src_ev = source(eval_ds)
+    segs_ev = seg_source(eval_ds)
+    recs = [r for r in eval_ds.records() if r.gt_path]
+    if not recs:
+        raise ValueError(f"evaluation split {eval_ds.split!r} of {eval_ds.root} has no ground truth")
+
+    def knn_items():
+        for rec in recs:
+            gt = eval_ds.load_gt(rec)
+            emb = src_ev.embed(rec)
+            seg = segs_ev(rec, emb, gt.shape)
+            yield segment_embeddings(emb, seg), seg, gt
+
+    def linear_items():
+        for rec in recs:
+            yield src_ev.embed(rec), eval_ds.load_gt(rec)
+
+    knn = knn_segmentation(train_emb, train_lab, knn_items(), nc, k=k, ignore_index=ignore, class_names=names)
+    lin = linear_segmentation(linear, linear_items(), nc, ignore_index=ignore, class_names=names)
+    res = {
+        "task": "unsupervised", "method": src_ev.name, "model": src_ev.name,
+        "knn_miou": knn["miou"], "linear_miou": lin["miou"],
+        "knn": knn, "linear": lin, "classes": names,
+        "train_dataset": train_ds.describe(), "dataset": eval_ds.describe(),
+        "n_train_images": n_train, "n_train_segments": int((train_lab != ignore).sum()), "n_images": len(recs),
+        "settings": {"segments": segments, "k": k, "n_clusters": n_clusters or cf.n_clusters if segments == "kmeans" else None,
+                     "pixels_per_image": pixels_per_image, "epochs": epochs, "lr": lr, "seed": seed},
+        "embedding": src_ev.info,
+    }
+    if train_ds.split == eval_ds.split:
+        res["note"] = "training and evaluation split are the same (transductive read-out)"
+    if out is not None:
+        write_report(out, res, title=f"unsupervised segmentation — {src_ev.name} on {eval_ds.key}", class_names=names,
+                     config=config_summary(cfg), fingerprints={"train": src_tr.fingerprint, "eval": src_ev.fingerprint})
     return res

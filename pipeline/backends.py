@@ -1,7 +1,7 @@
 """The vision-language backend protocol that the clip-features / prototypes stages talk to.
 
 A *backend* turns images into dense, CLIP-space pixel embeddings (``clip-i`` in the paper, Sec. 3.2) and texts
-into the same space (``clip-t``). :class:`clips4.pipeline.clip_models.OpenClipBackend` is the real one (open_clip
+into the same space (``clip-t``). :class:`clips4.pipeline.clip.backend.OpenClipBackend` is the real one (open_clip
 weights + a MaskCLIP-style dense head); tests and users may plug in others (e.g. a synthetic teacher) through
 :func:`load_backend` with a ``"package.module:Factory"`` spec.
 
@@ -103,12 +103,12 @@ def text_embeddings(
 def load_backend(spec: str | None = None, **params) -> VisionLanguageBackend:
     """Build a backend from a spec string.
 
-    ``None`` or ``"open_clip"`` -> :class:`clips4.pipeline.clip_models.OpenClipBackend` ``(**params)``;
+    ``None`` or ``"open_clip"`` -> :class:`clips4.pipeline.clip.backend.OpenClipBackend` ``(**params)``;
     ``"package.module:Factory"`` -> ``import package.module`` and call ``Factory(**params)`` (a class or a
     function). The result must have ``embed_dim``, ``logit_scale``, ``dense_features``, ``encode_text``, ``info``.
     """
     if spec is None or spec in ("open_clip", "openclip"):
-        from clips4.pipeline.clip_models import OpenClipBackend
+        from clips4.pipeline.clip.backend import OpenClipBackend
 
         return OpenClipBackend(**params)
     if ":" not in spec:

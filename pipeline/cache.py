@@ -45,6 +45,11 @@ class CacheError(RuntimeError):
     """A cache is missing, incomplete or inconsistent; the message names it."""
 
 
+class UndeclaredOutputError(CacheError):
+    """A stage wrote an output that its ``outs`` in stages.yaml do not declare (a code/config mismatch: the run
+    stops; it is never recorded as an image's failure)."""
+
+
 def url_join(base: str, *parts: str) -> str:
     return "/".join([base.rstrip("/"), *[p.strip("/") for p in parts]])
 
@@ -84,6 +89,18 @@ def read_parquet(url: str, columns: list[str] | None = None) -> pa.Table:
     fs, path = _fs(url)
     with fs.open(path, "rb") as f:
         return pq.read_table(f, columns=columns)
+
+
+def commit_files(url: str, names: list[str], meta: dict | None = None) -> None:
+    """Commit a whole-output folder (a whole-dataset stage, a training run): write ``meta.json`` (when given),
+    then the index, one row per file with its sha256, **last**: until the index exists nothing looks done."""
+    from clips4.pipeline.io import file_sha256
+
+    if meta is not None:
+        write_bytes_atomic(url_join(url, META), json.dumps(meta, indent=2, default=str).encode())
+    rows = [{"image_id": n, "status": "ok", "error": "", "part": "", "sha256": file_sha256(url_join(url, n))}
+            for n in names]
+    write_parquet_atomic(url_join(url, INDEX), pa.Table.from_pylist(rows))
 
 
 def new_part_id() -> str:

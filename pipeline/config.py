@@ -12,11 +12,13 @@ from __future__ import annotations
 
 import copy
 import difflib
+import functools
+import importlib
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 
 class ConfigError(ValueError):
@@ -117,28 +119,40 @@ class PrototypesParams(Strict):
 
 
 class StageDecl(Strict):
-    """A stage as declared in stages.yaml: DVC-like params, deps and outs."""
+    """A stage as declared in stages.yaml (DVC-like). ``run`` names the code, ``deps`` the upstream stages
+    (``dataset`` = the images), ``outs`` what it writes (checked when it writes), ``params`` its parameters."""
 
+    #: ``module:Object`` — a per-image processor class, a whole-dataset builder or an external stage (see
+    #: :func:`stage_object`)
+    run: str = ""
     deps: list[str] = Field(default_factory=list)
     outs: list[str] = Field(default_factory=list)
     params: dict[str, Any] = Field(default_factory=dict)
 
 
-#: stage name -> params model. Other modules register theirs with ``register_params``.
-PARAMS_MODELS: dict[str, type[BaseModel]] = {
-    "segments": SegmentsParams,
-    "clip_features": ClipFeaturesParams,
-    "prototypes": PrototypesParams,
-}
+#: what ``run`` may name
+STAGE_KINDS = ("per_image", "builder", "external")
 
 
-def register_params(stage: str, model: type[BaseModel]) -> None:
-    PARAMS_MODELS[stage] = model
-
-
-def _register_all() -> None:
-    """Params models that live outside the pipeline package (imported late: they import this module)."""
-    import clips4.trainer.config  # noqa: F401  (registers "train")
+@functools.lru_cache(maxsize=None)
+def stage_object(run: str):
+    """The object a stage's ``run`` names. It declares ``kind`` (``per_image``: ``Object(params, ctx)`` is a
+    processor called on batches of records; ``builder``: ``Object.build(params, deps, out_url) -> [file names]``;
+    ``external``: run by its own command, e.g. ``clips4 train``), ``version`` (bumped when its outputs change; it
+    enters the fingerprint), ``Params`` (the pydantic params model) and optionally ``preflight(params) -> dict``
+    and ``active_deps(params, deps) -> deps`` (deps that only some params use). Raises ConfigError."""
+    mod, _, attr = run.partition(":")
+    if not mod or not attr:
+        raise ConfigError(f"run: {run!r} must be 'package.module:Object'")
+    try:
+        obj = getattr(importlib.import_module(mod), attr)
+    except (ImportError, AttributeError) as exc:
+        raise ConfigError(f"run: {run!r} cannot be imported ({exc})") from None
+    missing = [a for a in ("kind", "version", "Params") if not hasattr(obj, a)]
+    if missing or obj.kind not in STAGE_KINDS:
+        raise ConfigError(f"run: {run!r} is not a stage object (needs kind in {STAGE_KINDS}, version, Params; "
+                          f"missing {missing or ['a valid kind']})")
+    return obj
 
 
 class Config(Strict):
@@ -148,21 +162,68 @@ class Config(Strict):
     ray: RayConfig = Field(default_factory=RayConfig)
     stages: dict[str, StageDecl] = Field(default_factory=dict)
 
-    @field_validator("stages")
-    @classmethod
-    def _known_stages(cls, v: dict[str, StageDecl]) -> dict[str, StageDecl]:
-        unknown = [k for k in v if k not in PARAMS_MODELS]
-        if unknown:
-            raise ValueError(f"unknown stage(s) {unknown}; valid stages: {sorted(PARAMS_MODELS)}")
-        return v
+    def decl(self, stage: str) -> StageDecl:
+        if stage not in self.stages:
+            raise ConfigError(f"no stage {stage!r} in the configuration; stages: {', '.join(self.stages) or 'none'}")
+        return self.stages[stage]
 
     def params(self, stage: str) -> BaseModel:
-        """The validated params model of ``stage`` (defaults where stages.yaml is silent)."""
-        decl = self.stages.get(stage, StageDecl())
-        return PARAMS_MODELS[stage].model_validate(decl.params)
+        """The validated params model of ``stage`` (its model's defaults where stages.yaml is silent)."""
+        decl = self.decl(stage)
+        return stage_object(decl.run).Params.model_validate(decl.params)
 
-    def deps(self, stage: str) -> list[str]:
-        return list(self.stages.get(stage, StageDecl()).deps)
+    def stage_deps(self, stage: str) -> list[str]:
+        """Upstream stages whose outputs ``stage`` reads with its current params (``dataset`` excluded)."""
+        decl = self.decl(stage)
+        deps = [d for d in decl.deps if d != "dataset"]
+        obj = stage_object(decl.run)
+        if hasattr(obj, "active_deps"):
+            deps = list(obj.active_deps(self.params(stage), deps))
+        return deps
+
+
+def _check_graph(cfg: Config, lines: dict[tuple, str]) -> None:
+    """Every stage runs something, its deps exist, and the graph has no cycle."""
+    problems = []
+    names = list(cfg.stages)
+    for name, decl in cfg.stages.items():
+        where = lines.get(("stages", name))
+        at = f"  [{where}]" if where else ""
+        if not decl.run:
+            others = [n for n in names if cfg.stages[n].run]
+            close = difflib.get_close_matches(name, others, n=1)
+            problems.append(f"  stages.{name}: unknown stage (no run: module:Object declared)"
+                            + (f" (did you mean {close[0]!r}?)" if close else "") + f"; stages: {', '.join(others)}{at}")
+            continue
+        try:
+            stage_object(decl.run)
+        except ConfigError as exc:
+            problems.append(f"  stages.{name}.{exc}{at}")
+        for d in decl.deps:
+            if d != "dataset" and d not in cfg.stages:
+                close = difflib.get_close_matches(d, names, n=1)
+                problems.append(f"  stages.{name}.deps: unknown dep {d!r}" + (f" (did you mean {close[0]!r}?)" if close else "")
+                                + f"; valid: dataset, {', '.join(n for n in names if n != name)}"
+                                + (f"  [{lines.get(('stages', name, 'deps'))}]" if lines.get(("stages", name, "deps")) else ""))
+    if problems:
+        raise ConfigError("invalid stage graph:\n" + "\n".join(problems))
+    state: dict[str, int] = {}
+
+    def visit(n: str, path: list[str]) -> None:
+        state[n] = 1
+        for d in cfg.stages[n].deps:
+            if d == "dataset":
+                continue
+            if state.get(d) == 1:
+                cycle = path[path.index(d):] + [n, d] if d in path else [n, d]
+                raise ConfigError(f"invalid stage graph: a cycle {' -> '.join(dict.fromkeys(cycle)) } -> {d}")
+            if d not in state:
+                visit(d, path + [n])
+        state[n] = 2
+
+    for n in names:
+        if n not in state:
+            visit(n, [])
 
 
 # ------------------------------------------------------------------------------------------- YAML + lines
@@ -212,7 +273,7 @@ def _set_path(d: dict, path: list[str], value: Any) -> None:
     cur[path[-1]] = value
 
 
-def parse_override(item: str) -> tuple[list[str], Any]:
+def parse_override(item: str, stage_names=()) -> tuple[list[str], Any]:
     """``'segments.ucm_threshold=0.3'`` → (['stages','segments','params','ucm_threshold'], 0.3)."""
     if "=" not in item:
         raise ConfigError(f"--set {item!r}: expected PATH=VALUE, e.g. segments.ucm_threshold=0.3")
@@ -224,7 +285,7 @@ def parse_override(item: str) -> tuple[list[str], Any]:
         value = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError as exc:
         raise ConfigError(f"--set {item!r}: value is not valid YAML ({exc})") from None
-    if parts[0] in PARAMS_MODELS and (len(parts) == 1 or parts[1] not in ("params", "deps", "outs")):
+    if parts[0] in stage_names and (len(parts) == 1 or parts[1] not in ("run", "params", "deps", "outs")):
         parts = ["stages", parts[0], "params", *parts[1:]]
     return parts, value
 
@@ -233,7 +294,7 @@ def _allowed_keys(model: type[BaseModel] | None) -> list[str]:
     return sorted(model.model_fields) if model is not None else []
 
 
-def _model_at(path: tuple) -> type[BaseModel] | None:
+def _model_at(path: tuple, merged: dict | None = None) -> type[BaseModel] | None:
     """The pydantic model that owns the mapping at ``path`` (for 'valid keys' hints)."""
     model: Any = Config
     i = 0
@@ -243,7 +304,11 @@ def _model_at(path: tuple) -> type[BaseModel] | None:
             if i + 1 < len(path):
                 stage = path[i + 1]
                 if i + 2 < len(path) and path[i + 2] == "params":
-                    model = PARAMS_MODELS.get(stage)
+                    run = ((merged or {}).get("stages", {}).get(stage) or {}).get("run", "")
+                    try:
+                        model = stage_object(run).Params if run else None
+                    except ConfigError:
+                        model = None
                     i += 3
                     continue
                 model = StageDecl
@@ -260,7 +325,7 @@ def _model_at(path: tuple) -> type[BaseModel] | None:
     return model
 
 
-def _format_errors(err: ValidationError, lines: dict[tuple, str], prefix: tuple = ()) -> str:
+def _format_errors(err: ValidationError, lines: dict[tuple, str], prefix: tuple = (), merged: dict | None = None) -> str:
     msgs = []
     for e in err.errors():
         loc = prefix + tuple(e["loc"])
@@ -268,7 +333,7 @@ def _format_errors(err: ValidationError, lines: dict[tuple, str], prefix: tuple 
         dotted = ".".join(str(p) for p in loc)
         msg = e["msg"]
         if e["type"] == "extra_forbidden":
-            allowed = _allowed_keys(_model_at(loc[:-1]))
+            allowed = _allowed_keys(_model_at(loc[:-1], merged))
             close = difflib.get_close_matches(str(loc[-1]), allowed, n=1)
             msg = f"unknown key {loc[-1]!r}" + (f" (did you mean {close[0]!r}?)" if close else "") + (
                 f"; valid keys: {', '.join(allowed)}" if allowed else ""
@@ -277,6 +342,13 @@ def _format_errors(err: ValidationError, lines: dict[tuple, str], prefix: tuple 
             msg = f"{msg} (got {e.get('input')!r})"
         msgs.append(f"  {dotted}: {msg}" + (f"  [{where}]" if where else ""))
     return "\n".join(msgs)
+
+
+def bundled_stages_yaml() -> Path:
+    """The stages.yaml shipped with the package (a copy of the project's; used where no stages.yaml is found)."""
+    from importlib import resources
+
+    return Path(str(resources.files("clips4.data").joinpath("stages.yaml")))
 
 
 def find_stages_yaml(start: Path | None = None) -> Path | None:
@@ -295,8 +367,10 @@ def load_config(
     *,
     search: bool = True,
 ) -> Config:
-    """Resolve and validate the configuration (see module docstring). Raises ``ConfigError``."""
-    _register_all()
+    """Resolve and validate the configuration (see module docstring). Raises ``ConfigError``.
+
+    The stage graph comes from ``stages_file``, else the nearest ``stages.yaml`` (with ``search``), else the one
+    bundled with the package."""
     merged: dict = {}
     lines: dict[tuple, str] = {}
     files: list[Path] = []
@@ -304,6 +378,8 @@ def load_config(
         files.append(Path(stages_file))
     elif search and (found := find_stages_yaml()) is not None:
         files.append(found)
+    else:
+        files.append(bundled_stages_yaml())
     files += [Path(c) for c in configs or []]
     for f in files:
         if not f.is_file():
@@ -319,20 +395,21 @@ def load_config(
         merged = _deep_merge(merged, data)
         lines.update(file_lines)
     for item in overrides or []:
-        path, value = parse_override(item)
+        path, value = parse_override(item, tuple((merged.get("stages") or {}).keys()))
         _set_path(merged, path, value)
         lines[tuple(path)] = f"--set {item}"
     try:
         cfg = Config.model_validate(merged)
     except ValidationError as err:
-        raise ConfigError("invalid configuration:\n" + _format_errors(err, lines)) from None
+        raise ConfigError("invalid configuration:\n" + _format_errors(err, lines, merged=merged)) from None
+    _check_graph(cfg, lines)
     # validate each stage's params now, so a typo fails before any work starts
     problems = []
     for name, decl in cfg.stages.items():
         try:
-            PARAMS_MODELS[name].model_validate(decl.params)
+            stage_object(decl.run).Params.model_validate(decl.params)
         except ValidationError as err:
-            problems.append(_format_errors(err, lines, ("stages", name, "params")))
+            problems.append(_format_errors(err, lines, ("stages", name, "params"), merged))
     if problems:
         raise ConfigError("invalid configuration:\n" + "\n".join(problems))
     return cfg
@@ -341,7 +418,6 @@ def load_config(
 def resolved_dict(cfg: Config) -> dict:
     """The fully resolved configuration with every stage's params expanded (saved with every output)."""
     out = cfg.model_dump(mode="json")
-    for name in PARAMS_MODELS:
-        out.setdefault("stages", {}).setdefault(name, {"deps": [], "outs": [], "params": {}})
+    for name in cfg.stages:
         out["stages"][name]["params"] = cfg.params(name).model_dump(mode="json")
     return out

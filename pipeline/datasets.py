@@ -283,6 +283,11 @@ class DavisDataset(Dataset):
             return self._read_ids(f"ImageSets/2017/{self.split}.txt")
         return sorted(posixpath.basename(p) for p in self.fs.ls(f"{self.path}/JPEGImages/480p") if self.fs.isdir(p))
 
+    def sequence_records(self, name: str) -> list[ImageRecord]:
+        """The frames of sequence ``name`` in frame order, each with its own annotation (matched by frame name,
+        ``None`` where that frame has none)."""
+        return sorted((r for r in self.records() if r.meta.get("sequence") == name), key=lambda r: r.meta["frame"])
+
     def _list(self) -> list[ImageRecord]:
         recs = []
         for seq in self.sequences():

@@ -30,8 +30,13 @@ def segments_preflight(params: SegmentsParams) -> dict:
 
 
 class SegmentsProcessor:
-    """contours → OWT-UCM → superpixels. Arrays: ``contours`` (H,W) uint8, ``ucm`` (see segments.py),
-    ``labels`` (H,W) int32; row: ``n_segments``."""
+    """contours → OWT-UCM → superpixels. Arrays: ``contours`` (H,W) uint8, ``orientation`` (H,W) uint8, ``ucm``
+    (see segments.py), ``labels`` (H,W) int32; row: ``n_segments``."""
+
+    kind = "per_image"
+    version = "1"
+    Params = SegmentsParams
+    preflight = staticmethod(segments_preflight)
 
     def __init__(self, params: SegmentsParams, ctx: dict | None = None):
         from clips4.pipeline.contours import build_detector
@@ -73,11 +78,6 @@ def segment_row_ids(image_id: str, segment_ids) -> np.ndarray:
     return (np.int64(base) << np.int64(12)) | seg
 
 
-def clip_features_deps(params: ClipFeaturesParams) -> tuple[str, ...]:
-    """clip_features reads the UCM superpixels only when CLIP segments come from them."""
-    return ("segments",) if params.segment_source == "ucm" else ()
-
-
 def _model_name(model: str) -> str:
     """``model`` may be an open_clip name or a model-config JSON file (registered here, in every process)."""
     if model.endswith(".json"):
@@ -115,7 +115,8 @@ def clip_features_preflight(params: ClipFeaturesParams) -> dict:
     if clip.backend not in (None, "open_clip", "openclip"):
         backend = build_backend(clip)
         return {"backend": clip.backend, "info": backend.info()}
-    from clips4.pipeline.clip_models import file_sha256, resolve_weights
+    from clips4.pipeline.clip.weights import resolve_weights
+    from clips4.pipeline.io import file_sha256
 
     w = resolve_weights(_model_name(clip.model), clip.checkpoint or clip.pretrained, cache_dir=clip.cache_dir, offline=clip.offline)
     return {"backend": "open_clip", "model": clip.model, "pretrained": clip.checkpoint or clip.pretrained,
@@ -131,6 +132,25 @@ class ClipFeaturesProcessor:
     ``embedding`` (D float32, normalised mean CLIP embedding), ``area`` (grid cells) and ``bbox``
     (y0, x0, y1, x1 in image pixels). Decoding runs in a thread pool, overlapping the model's forward passes.
     """
+
+    kind = "per_image"
+    #: 2: image-resolution labels map to grid cells by pixel centres (clips4.pipeline.grid)
+    version = "2"
+    Params = ClipFeaturesParams
+
+    @staticmethod
+    def preflight(params: ClipFeaturesParams) -> dict:
+        return clip_features_preflight(params)
+
+    @staticmethod
+    def active_deps(params: ClipFeaturesParams, deps: list[str]) -> list[str]:
+        """The segments stage is read only when the CLIP segments are the UCM superpixels."""
+        if params.segment_source == "ucm" and "segments" not in deps:
+            from clips4.pipeline.config import ConfigError
+
+            raise ConfigError("clip_features with segment_source: ucm reads the segments stage: add segments to "
+                              "stages.clip_features.deps")
+        return [d for d in deps if d != "segments" or params.segment_source == "ucm"]
 
     def __init__(self, params: ClipFeaturesParams, ctx: dict | None = None):
         from concurrent.futures import ThreadPoolExecutor
@@ -217,3 +237,12 @@ def build_prototypes(params: "PrototypesParams", deps: dict[str, str], out_url: 
         write_parquet_atomic(url_join(out_url, "text.parquet"), t)
         files.append("text.parquet")
     return files
+
+
+class PrototypesBuilder:
+    """The prototypes stage: a whole-dataset builder (see :func:`build_prototypes`)."""
+
+    kind = "builder"
+    version = "1"
+    Params = PrototypesParams
+    build = staticmethod(build_prototypes)

@@ -19,11 +19,12 @@ row ids of the segments table); :func:`iter_embedding_batches` streams them from
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass, field
 from typing import Iterable, Iterator, NamedTuple
 
 import numpy as np
+
+from clips4.pipeline.grid import pixel_to_cell
 
 __all__ = [
     "cluster_segments",
@@ -94,12 +95,6 @@ def cluster_segments(features: np.ndarray, n_clusters: int = 8, seed: int = 0, i
     return inv.reshape(h, w).astype(np.int32)
 
 
-def _cell_index(H: int, W: int, h: int, w: int) -> tuple[np.ndarray, np.ndarray]:
-    """Grid row of each image row and grid column of each image column: pixel y lies in cell ``floor(y*h/H)``
-    (cell i covers rows ``[i*H/h, (i+1)*H/h)``, the backends' alignment contract)."""
-    return (np.arange(H, dtype=np.int64) * h) // H, (np.arange(W, dtype=np.int64) * w) // W
-
-
 def labels_to_grid(labels: np.ndarray, grid_hw: tuple[int, int]) -> np.ndarray:
     """Image-resolution labels ``(H, W)`` -> ``(h, w) int32`` labels at the feature grid, by **majority**: each cell
     takes the label covering most of its pixels (ties -> the smaller label). Negative labels are "no segment"
@@ -111,7 +106,7 @@ def labels_to_grid(labels: np.ndarray, grid_hw: tuple[int, int]) -> np.ndarray:
     h, w = int(grid_hw[0]), int(grid_hw[1])
     if (H, W) == (h, w):
         return labels.astype(np.int32)
-    cy, cx = _cell_index(H, W, h, w)
+    cy, cx = pixel_to_cell(H, W, h, w)
     cell = (cy[:, None] * w + cx[None, :]).ravel()
     lab = labels.ravel().astype(np.int64)
     valid = lab >= 0
@@ -182,7 +177,7 @@ def segment_embeddings(
     else:
         import scipy.sparse as sp
 
-        cy, cx = _cell_index(H, W, h, w)
+        cy, cx = pixel_to_cell(H, W, h, w)
         cell = (cy[:, None] * w + cx[None, :]).ravel()[valid]
         # (segment, cell) -> number of the segment's pixels in that cell; sums = overlap matrix @ cell features
         M = sp.coo_matrix((np.ones(len(inv), np.float64), (inv, cell)), shape=(S, h * w)).tocsr()

@@ -17,7 +17,7 @@ from typing import Any, Callable
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from clips4.pipeline.cache import ItemResult, StageWriter, new_part_id
+from clips4.pipeline.cache import ItemResult, StageWriter, UndeclaredOutputError, new_part_id
 from clips4.pipeline.datasets import ImageRecord
 
 log = logging.getLogger(__name__)
@@ -59,6 +59,8 @@ def process_batch(processor: Callable, records: list[ImageRecord], sigs: list[st
         results = list(processor(records))
         if len(results) != len(records):
             raise RuntimeError(f"processor returned {len(results)} results for {len(records)} images")
+    except UndeclaredOutputError:
+        raise
     except Exception as exc:  # noqa: BLE001 - a whole-batch failure still becomes per-image rows
         msg = f"{type(exc).__name__}: {exc}"
         log.debug("batch failed: %s", traceback.format_exc())

@@ -15,7 +15,7 @@ from typing import Callable, Iterable, Sequence
 
 import numpy as np
 
-__all__ = ["SegmentIndex", "contact_sheet"]
+__all__ = ["SegmentIndex", "contact_sheet", "search_segments"]
 
 
 class SegmentIndex:
@@ -205,3 +205,43 @@ def contact_sheet(
     Path(out_png).parent.mkdir(parents=True, exist_ok=True)
     sheet.save(out_png)
     return str(out_png)
+
+
+def search_segments(cfg, query: str, *, top: int = 16, templates: bool = False, out: str | Path | None = None) -> list[dict]:
+    """The ``top`` cached CLIP segments closest to ``query`` (the clip_features stage of ``cfg``'s dataset), best
+    first, as ``{"rank", "score", "image_id", "segment_id", "row_id"}``; with ``out``, also their contact sheet.
+    The FAISS index is built once per clip_features output and kept beside it (named by its fingerprint)."""
+    from clips4 import data as bundled
+    from clips4.pipeline.backends import text_embeddings
+    from clips4.pipeline.cache import url_join
+    from clips4.pipeline.config import ClipFeaturesParams
+    from clips4.pipeline.processors import build_backend
+    from clips4.pipeline.prototypes import iter_embedding_batches
+    from clips4.pipeline.stage import dataset_from_config, open_stage
+
+    ds = dataset_from_config(cfg)
+    feats = open_stage(cfg, "clip_features", ds)
+    index_path = url_join(cfg.cache_root, ds.key, "search", feats.fingerprint, "segments.faiss")
+    index = SegmentIndex.load_or_build(
+        index_path, lambda: iter_embedding_batches(feats.iter_table("segments", columns=["row_id", "embedding"])))
+    backend = build_backend(ClipFeaturesParams.model_validate(feats.meta["params"]).clip)
+    text = text_embeddings(backend, [query], bundled.prompt_templates() if templates else ["{}"])[0]
+    hits = index.query(text, top=top)
+    wanted = {int(r) for r, _ in hits}
+    rows = {}
+    for b in feats.iter_table("segments", columns=["row_id", "image_id", "segment_id", "bbox"]):
+        ids = b.column("row_id").to_numpy()
+        for i in np.flatnonzero(np.isin(ids, list(wanted))):
+            rows[int(ids[i])] = {k: b.column(k)[int(i)].as_py() for k in ("image_id", "segment_id", "bbox")}
+    found, sheet = [], []
+    for rank, (rid, score) in enumerate(hits, 1):
+        r = rows[int(rid)]
+        found.append({"rank": rank, "score": float(score), "image_id": r["image_id"], "segment_id": r["segment_id"],
+                      "row_id": int(rid)})
+        if out is not None:
+            mask = feats.get(r["image_id"], "segment_labels") == r["segment_id"]
+            sheet.append({"image_path": feats.row(r["image_id"])["path"], "mask": mask, "bbox": r["bbox"],
+                          "score": float(score), "image_id": r["image_id"], "segment_id": r["segment_id"]})
+    if out is not None:
+        contact_sheet(sheet, str(out), title=query)
+    return found

@@ -16,67 +16,21 @@ import json
 import subprocess
 import time
 from dataclasses import dataclass, field
-from importlib import import_module
 from pathlib import Path
-from typing import Any
 
 from rich.console import Console
 
-from clips4.pipeline.cache import INDEX, META, StageReader, StageWriter, url_join
-from clips4.pipeline.config import Config, resolved_dict
+from clips4.pipeline.cache import (INDEX, META, StageReader, StageWriter, UndeclaredOutputError, commit_files,
+                                   url_join)
+from clips4.pipeline.config import Config, resolved_dict, stage_object
 from clips4.pipeline.datasets import Dataset, open_dataset, source_signature
 from clips4.pipeline.runner import run_batches
 
 console = Console(stderr=True)
 
 
-@dataclass(frozen=True)
-class StageSpec:
-    """Declaration of a per-image stage. ``version`` is bumped whenever the code changes its outputs."""
-
-    name: str
-    version: str
-    #: ``module:Class`` of the processor (see notes/CONTRACTS.md); built once per worker
-    processor: str
-    #: upstream stages (their committed outputs are inputs; their fingerprints enter ours)
-    deps: tuple[str, ...] = ()
-    outs: tuple[str, ...] = ()
-    #: optional ``module:function(params) -> tuple[str, ...]`` when deps depend on params
-    dynamic_deps: str | None = None
-    #: a whole-dataset stage instead of a per-image one: ``module:function(params, deps: dict[str, url],
-    #: out_url: str) -> list[str]`` writes its files under ``out_url`` and returns their names
-    builder: str | None = None
-    #: optional ``module:function(params) -> dict`` run in the driver before any fan-out: fails fast (missing
-    #: weights, bad detector files) and returns facts recorded in meta.json (e.g. resolved weights + sha256)
-    preflight: str | None = None
-
-
-STAGES: dict[str, StageSpec] = {
-    "segments": StageSpec(
-        "segments", "1", "clips4.pipeline.processors:SegmentsProcessor", (), ("contours", "ucm", "labels"),
-        preflight="clips4.pipeline.processors:segments_preflight",
-    ),
-    "clip_features": StageSpec(
-        "clip_features", "1", "clips4.pipeline.processors:ClipFeaturesProcessor", (), ("features", "segments"),
-        dynamic_deps="clips4.pipeline.processors:clip_features_deps",
-        preflight="clips4.pipeline.processors:clip_features_preflight",
-    ),
-    # run by the trainer (clips4 train), declared here for its fingerprint and deps
-    "train": StageSpec("train", "1", "", ("segments", "clip_features", "prototypes"), ("checkpoints", "metrics")),
-    "prototypes": StageSpec(
-        "prototypes", "1", "", ("clip_features",), ("prototypes",),
-        builder="clips4.pipeline.processors:build_prototypes",
-    ),
-}
-
-
 class StageError(RuntimeError):
     """A stage cannot run (missing upstream output, bad input); the message says what to do."""
-
-
-def _import(path: str):
-    mod, _, name = path.partition(":")
-    return getattr(import_module(mod), name)
 
 
 def code_version() -> str:
@@ -114,10 +68,30 @@ def fingerprint(stage: str, version: str, params: dict, deps: dict[str, str], da
 
 
 def stage_deps(cfg: Config, name: str) -> tuple[str, ...]:
-    spec = STAGES[name]
-    if spec.dynamic_deps:
-        return tuple(_import(spec.dynamic_deps)(cfg.params(name)))
-    return spec.deps
+    """The upstream stages ``name`` reads with its current params (from stages.yaml)."""
+    return tuple(cfg.stage_deps(name))
+
+
+def stage_def(cfg: Config, name: str):
+    """The code object stages.yaml names for ``name`` (see :func:`clips4.pipeline.config.stage_object`)."""
+    return stage_object(cfg.decl(name).run)
+
+
+class _CheckedProcessor:
+    """A processor whose results may only write the outputs stages.yaml declares for its stage."""
+
+    def __init__(self, cls, outs: tuple[str, ...], stage: str, params, ctx: dict):
+        self.inner = cls(params, ctx)
+        self.outs, self.stage = set(outs), stage
+
+    def __call__(self, records):
+        results = self.inner(records)
+        for r in results:
+            extra = (set(r.arrays or {}) | set(r.tables or {})) - self.outs
+            if extra:
+                raise UndeclaredOutputError(f"stage {self.stage!r} wrote {sorted(extra)}, which its outs in "
+                                            f"stages.yaml ({sorted(self.outs)}) do not declare")
+        return results
 
 
 def stage_url(cfg: Config, name: str, dataset: Dataset) -> tuple[str, str, dict[str, str]]:
@@ -127,7 +101,7 @@ def stage_url(cfg: Config, name: str, dataset: Dataset) -> tuple[str, str, dict[
         _, fp, _ = stage_url(cfg, dep, dataset)
         dep_fps[dep] = fp
     params = cfg.params(name).model_dump(mode="json")
-    fp = fingerprint(name, STAGES[name].version, params, dep_fps, dataset.describe())
+    fp = fingerprint(name, str(stage_def(cfg, name).version), params, dep_fps, dataset.describe())
     return url_join(cfg.cache_root, dataset.key, name, fp), fp, dep_fps
 
 
@@ -160,6 +134,8 @@ class StageRun:
     processed: int
     failed: list[tuple[str, str]] = field(default_factory=list)
     seconds: float = 0.0
+    #: a whole-dataset stage (counts are outputs, not images)
+    builder: bool = False
 
     @property
     def nothing_to_do(self) -> bool:
@@ -178,23 +154,24 @@ def run_stage(
     show_progress: bool = True,
 ) -> StageRun:
     """Run stage ``name`` over the dataset, skipping finished images, and commit its index."""
-    if name not in STAGES:
-        raise StageError(f"unknown stage {name!r}; valid stages: {', '.join(STAGES)}")
-    spec = STAGES[name]
-    if not spec.processor and not spec.builder:
+    if name not in cfg.stages:
+        raise StageError(f"unknown stage {name!r}; stages in the configuration: {', '.join(cfg.stages)}")
+    spec = stage_def(cfg, name)
+    if spec.kind == "external":
         raise StageError(f"stage {name!r} is not run by the pipeline (use `clips4 {name}`)")
     dataset = dataset or dataset_from_config(cfg)
     url, fp, dep_fps = stage_url(cfg, name, dataset)
     deps = {dep: open_stage(cfg, dep, dataset).url for dep in stage_deps(cfg, name)}
     params = cfg.params(name)
     writer = StageWriter(url)
-    if spec.builder:
-        return _run_global(cfg, spec, dataset, url, fp, dep_fps, deps)
+    if spec.kind == "builder":
+        return _run_global(cfg, name, dataset, url, fp, dep_fps, deps)
+    preflight = getattr(spec, "preflight", None)
     if not writer.fs.exists(f"{writer.path}/{META}"):
-        facts = _import(spec.preflight)(params) if spec.preflight else {}
-        writer.write_meta({**_meta(cfg, spec, dataset, fp, dep_fps, deps), "preflight": facts})
-    elif spec.preflight:
-        _import(spec.preflight)(params)
+        facts = preflight(params) if preflight else {}
+        writer.write_meta({**_meta(cfg, name, dataset, fp, dep_fps, deps), "preflight": facts})
+    elif preflight:
+        preflight(params)
     t0 = time.perf_counter()
     records = dataset.records()
     sigs = [source_signature(r.path) for r in records]
@@ -216,7 +193,8 @@ def run_stage(
     console.print(f"  {len(records)} images, {skipped} already done, {len(todo)} to process")
     summaries = []
     if todo:
-        factory = functools.partial(_import(spec.processor), params, {"stage_url": url, "deps": deps, "dataset": dataset.describe()})
+        factory = functools.partial(_CheckedProcessor, spec, tuple(cfg.decl(name).outs), name, params,
+                                    {"stage_url": url, "deps": deps, "dataset": dataset.describe()})
         summaries = run_batches(
             factory, todo, url, executor=cfg.ray.executor, address=cfg.ray.address, num_workers=cfg.ray.num_workers,
             batch_size=cfg.ray.batch_size, num_cpus=cfg.ray.num_cpus, num_gpus=cfg.ray.num_gpus,
@@ -229,47 +207,40 @@ def run_stage(
     return run
 
 
-def _meta(cfg: Config, spec: StageSpec, dataset: Dataset, fp: str, dep_fps: dict, deps: dict) -> dict:
+def _meta(cfg: Config, name: str, dataset: Dataset, fp: str, dep_fps: dict, deps: dict) -> dict:
     return {
-        "stage": spec.name, "fingerprint": fp, "version": spec.version,
-        "params": cfg.params(spec.name).model_dump(mode="json"),
-        "deps": {d: {"fingerprint": dep_fps[d], "url": deps[d]} for d in deps}, "outs": list(spec.outs),
+        "stage": name, "fingerprint": fp, "version": str(stage_def(cfg, name).version), "run": cfg.decl(name).run,
+        "params": cfg.params(name).model_dump(mode="json"),
+        "deps": {d: {"fingerprint": dep_fps[d], "url": deps[d]} for d in deps}, "outs": list(cfg.decl(name).outs),
         "dataset": dataset.describe(), "code": code_version(), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "config": resolved_dict(cfg),
     }
 
 
-def _run_global(cfg: Config, spec: StageSpec, dataset: Dataset, url: str, fp: str, dep_fps: dict, deps: dict) -> StageRun:
+def _run_global(cfg: Config, name: str, dataset: Dataset, url: str, fp: str, dep_fps: dict, deps: dict) -> StageRun:
     """A whole-dataset stage: build everything under the folder, then write the index (one row per output
     file, with its sha256) last. A finished folder is never rebuilt; an unfinished one is rebuilt whole."""
-    import hashlib as _h
-
-    import pyarrow as pa
-
-    from clips4.pipeline.cache import write_parquet_atomic
-
     writer = StageWriter(url)
-    console.print(f"[bold]{spec.name}[/]: {dataset.key} → {url}")
+    console.print(f"[bold]{name}[/]: {dataset.key} → {url}")
     if writer.fs.exists(f"{writer.path}/{INDEX}"):
         console.print("  already finished")
-        return StageRun(spec.name, url, fp, 1, 1, 0)
+        return StageRun(name, url, fp, 1, 1, 0, builder=True)
     t0 = time.perf_counter()
-    writer.write_meta(_meta(cfg, spec, dataset, fp, dep_fps, deps))
-    names = _import(spec.builder)(cfg.params(spec.name), deps, url)
-    rows = []
-    for n in names:
-        with writer.fs.open(f"{writer.path}/{n}", "rb") as f:
-            digest = _h.sha256(f.read()).hexdigest()
-        rows.append({"image_id": n, "status": "ok", "error": "", "part": "", "sha256": digest})
-    write_parquet_atomic(url_join(url, INDEX), pa.Table.from_pylist(rows))
-    return StageRun(spec.name, url, fp, 1, 0, 1, [], time.perf_counter() - t0)
+    writer.write_meta(_meta(cfg, name, dataset, fp, dep_fps, deps))
+    names = stage_def(cfg, name).build(cfg.params(name), deps, url)
+    outs = cfg.decl(name).outs
+    if set(names) - set(outs):
+        raise UndeclaredOutputError(f"stage {name!r} wrote {sorted(set(names) - set(outs))}, which its outs in stages.yaml "
+                         f"({sorted(outs)}) do not declare")
+    commit_files(url, names)
+    return StageRun(name, url, fp, 1, 0, 1, [], time.perf_counter() - t0, builder=True)
 
 
 def print_summary(run: StageRun, max_failures: int = 0) -> int:
     """Print the final summary; return the exit code (1 when failures exceed ``max_failures``, -1 = no limit)."""
     if run.nothing_to_do:
         console.print(f"[green]nothing left to do[/]: all {run.total} images of '{run.stage}' are finished")
-    elif STAGES[run.stage].builder:
+    elif run.builder:
         console.print(f"[bold]{run.stage}[/]: built in {run.seconds:.1f} s")
     else:
         ok = run.processed - len(run.failed)

@@ -54,7 +54,7 @@ def make_synthetic(world: Path, n_train: int = 6, n_val: int = 3) -> list[str]:
     """A tiny synthetic world with segments + clip features for train and val; returns the shared CLI args."""
     from importlib import resources
 
-    from clips4.pipeline.cli import main
+    from clips4.cli import main
 
     world.mkdir(parents=True, exist_ok=True)
     assert main(["synthetic", "make", "--root", str(world / "w"), "--n-train", str(n_train), "--n-val", str(n_val)]) == 0

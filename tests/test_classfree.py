@@ -9,7 +9,7 @@ import pytest
 
 from clips4 import data as bundled
 from clips4.evaluate.classfree import bundled_folds, folds_for, make_folds
-from clips4.pipeline.cli import main
+from clips4.cli import main
 
 
 def test_stored_context59_folds_are_a_documented_seeded_partition():

@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from clips4.pipeline.cache import StageReader, list_stage_outputs
-from clips4.pipeline.cli import main
+from clips4.cli import main
 from conftest_clip import make_tiny_clip
 
 

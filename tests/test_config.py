@@ -54,7 +54,7 @@ def test_yaml_is_parsed_safely(tmp_path):
 
 
 def test_cli_usage_errors_exit_2_without_traceback(capsys):
-    from clips4.pipeline.cli import main
+    from clips4.cli import main
 
     assert main(["train", "--bogus"]) == 2
     assert main(["precompute", "segments", "--set", "segments.ucm_treshold=0.3", "--root", "."]) == 2

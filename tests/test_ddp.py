@@ -1,4 +1,4 @@
-"""DDP on CPU: ``torchrun --nproc_per_node 2 -m clips4.trainer ...`` (gloo) trains; rank 0 alone writes outputs."""
+"""DDP on CPU: ``torchrun --nproc_per_node 2 -m clips4.cli train ...`` (gloo) trains; rank 0 alone writes outputs."""
 from __future__ import annotations
 
 import os
@@ -29,7 +29,7 @@ def test_torchrun_two_processes_on_cpu(tmp_path_factory, tmp_path):
     out = tmp_path / "ddp"
     args = train_args(world, out, "--iterations", "2", sets=("train.device=cpu",))[1:]  # drop the "train" verb
     cmd = [str(TORCHRUN), "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
-           "-m", "clips4.trainer", *args]
+           "-m", "clips4.cli", "train", *args]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=180, env=env)
     assert proc.returncode == 0, proc.stderr[-4000:]

@@ -6,10 +6,10 @@ from clips4.evaluate.language import (
     evaluate_language,
     predict_labels,
     similarity_logits,
-    sliding_window_embed,
     voc_gt_transform,
     voc_text_subset,
 )
+from clips4.evaluate.sources import sliding_window_embed
 
 
 def _text():

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from clips4.pipeline.cli import main
+from clips4.cli import main
 from conftest_clip import make_tiny_clip
 
 

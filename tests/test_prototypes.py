@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import numpy as np
+
+from clips4.pipeline.grid import pixel_to_cell
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -76,7 +78,7 @@ def test_segment_embeddings_image_resolution_labels_area_weighted():
     lab[0, 0] = 99  # a one-pixel superpixel survives
     ids, emb, area, bbox = segment_embeddings(feats, lab)
     # reference: nearest-upsample features to the image by the alignment contract, then mean per label
-    ry, rx = (np.arange(H) * h) // H, (np.arange(W) * w) // W
+    ry, rx = pixel_to_cell(H, W, h, w)
     up = feats[ry][:, rx]
     for i, s in enumerate(ids):
         m = up[lab == s].astype(np.float64).mean(0)

@@ -4,7 +4,8 @@ import numpy as np
 from PIL import Image
 
 from clips4.evaluate.metrics import ConfusionMatrix
-from clips4.evaluate.report import markdown_table, project_2d, report_command, side_by_side, write_report
+from clips4.cli.report import report as report_command
+from clips4.evaluate.report import markdown_table, project_2d, side_by_side, write_report
 
 
 def _results():

@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 from clips4.pipeline.cache import StageReader, list_stage_outputs
-from clips4.pipeline.cli import main
+from clips4.cli import main
 
 
 def _world(folder: Path, n: int) -> Path:
@@ -66,7 +66,7 @@ def test_bad_inputs_recorded_and_exit_status(tmp_path, capsys):
 def test_kill_9_then_rerun_equals_uninterrupted(tmp_path):
     root = _world(tmp_path / "imgs", 24)
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    cmd = [sys.executable, "-m", "clips4.pipeline", *_cli(tmp_path / "killed", root, "--batch-size", "1")]
+    cmd = [sys.executable, "-m", "clips4.cli", *_cli(tmp_path / "killed", root, "--batch-size", "1")]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.time() + 120
     parts = []

@@ -7,8 +7,8 @@ import pytest
 from pydantic import BaseModel
 
 from clips4.pipeline import stage as stage_mod
-from clips4.pipeline.cache import INDEX, ItemResult, StageReader, StageWriter, list_stage_outputs
-from clips4.pipeline.config import PARAMS_MODELS, load_config
+from clips4.pipeline.cache import INDEX, UndeclaredOutputError, ItemResult, StageReader, StageWriter, list_stage_outputs
+from clips4.pipeline.config import ConfigError, load_config
 from clips4.pipeline.images import load_rgb
 
 
@@ -17,6 +17,11 @@ class ToyParams(BaseModel):
 
 
 class ToyProcessor:
+    """A stage added the documented way: a params model, this processor, and a stages.yaml entry (see _cfg)."""
+
+    kind = "per_image"
+    version = "1"
+    Params = ToyParams
     calls: list[str] = []
 
     def __init__(self, params, ctx):
@@ -39,20 +44,18 @@ class ToyProcessor:
 
 
 @pytest.fixture
-def toy_stage(monkeypatch):
-    monkeypatch.setitem(PARAMS_MODELS, "toy", ToyParams)
-    monkeypatch.setitem(stage_mod.STAGES, "toy", stage_mod.StageSpec("toy", "1", "tests.test_stage_framework:ToyProcessor"))
-    monkeypatch.setattr(stage_mod, "_import", lambda p: ToyProcessor if "ToyProcessor" in p else stage_mod.__dict__["_import_orig"](p))
+def toy_stage():
     ToyProcessor.calls = []
     return "toy"
 
 
-stage_mod._import_orig = stage_mod._import
+#: the toy stage's stages.yaml entry, as --set items
+TOY = [f"stages.toy.run={__name__}:ToyProcessor", "stages.toy.deps=[dataset]", "stages.toy.outs=[gray, feat, segs]"]
 
 
 def _cfg(tmp_path, root, *extra):
     return load_config(None, None, [f"cache_root={tmp_path / 'cache'}", "dataset.kind=folder", f"dataset.root={root}",
-                                   "ray.executor=local", "ray.batch_size=4", *extra], search=False)
+                                   "ray.executor=local", "ray.batch_size=4", *TOY, *extra], search=False)
 
 
 def test_run_commit_resume_and_read(tmp_path, image_folder, toy_stage):
@@ -118,3 +121,33 @@ def test_bad_images_are_recorded_not_fatal(tmp_path, image_folder, toy_stage):
     again = stage_mod.run_stage(cfg, "toy", show_progress=False)
     assert ToyProcessor.calls == ["text"] and [i for i, _ in again.failed] == []
     assert len(StageReader(run.url)) == 7
+
+
+def test_outs_declared_in_stages_yaml_are_enforced(tmp_path, image_folder, toy_stage):
+    cfg = _cfg(tmp_path, image_folder, "stages.toy.outs=[gray]")
+    with pytest.raises(UndeclaredOutputError, match="do not declare"):
+        stage_mod.run_stage(cfg, "toy", show_progress=False)
+
+
+def test_unknown_dep_cycle_and_bad_run_are_config_errors(tmp_path, image_folder):
+    with pytest.raises(ConfigError, match="unknown dep 'nonsense'.*valid: dataset"):
+        _cfg(tmp_path, image_folder, "stages.prototypes.deps=[segments, dataset, nonsense]")
+    with pytest.raises(ConfigError, match="cycle"):
+        _cfg(tmp_path, image_folder, "stages.segments.deps=[toy]", "stages.toy.deps=[segments]")
+    with pytest.raises(ConfigError, match="cannot be imported"):
+        _cfg(tmp_path, image_folder, "stages.toy.run=no.such.module:Thing")
+    with pytest.raises(ConfigError, match="add segments"):
+        cfg = _cfg(tmp_path, image_folder, "stages.clip_features.deps=[dataset]", "clip_features.segment_source=ucm")
+        cfg.stage_deps("clip_features")
+
+
+def test_deps_from_stages_yaml_drive_the_fingerprint(tmp_path, image_folder):
+    from clips4.pipeline.datasets import open_dataset
+
+    ds = open_dataset("folder", str(image_folder))
+    a = _cfg(tmp_path, image_folder, "stages.toy.deps=[dataset]")
+    b = _cfg(tmp_path, image_folder, "stages.toy.deps=[dataset, segments]")
+    _, _, deps_a = stage_mod.stage_url(a, "toy", ds)
+    _, fp_b, deps_b = stage_mod.stage_url(b, "toy", ds)
+    assert deps_a == {} and list(deps_b) == ["segments"]
+    assert stage_mod.stage_url(a, "toy", ds)[1] != fp_b

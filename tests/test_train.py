@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from clips4.pipeline.cli import main
+from clips4.cli import main
 from clips4.pipeline.config import load_config
 
 REPO = Path(__file__).resolve().parents[1]

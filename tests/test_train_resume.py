@@ -58,14 +58,14 @@ def test_resume_equals_uninterrupted(world, tmp_path, workers):
 
 def test_kill_9_then_resume_equals_uninterrupted(world, tmp_path):
     """``kill -9`` the CLI once ``last.pt`` exists (step 3 of 6), then ``clips4 train --resume`` finishes it."""
-    from clips4.pipeline.cli import main
+    from clips4.cli import main
 
     sets = ("train.num_workers=2",)
     full = tmp_path / "full"
     assert main(train_args(world, full, sets=sets)) == 0
 
     killed = tmp_path / "killed"
-    cmd = [sys.executable, "-m", "clips4.pipeline", *train_args(world, killed, sets=sets)]
+    cmd = [sys.executable, "-m", "clips4.cli", *train_args(world, killed, sets=sets)]
     # the DataLoader workers are in the same session: killpg takes them down too, as a real kill would
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True,
                             env={**os.environ, "PYTHONUNBUFFERED": "1"})

@@ -5,7 +5,7 @@ from typing import Literal
 
 from pydantic import Field
 
-from clips4.pipeline.config import Strict, register_params
+from clips4.pipeline.config import Strict
 
 
 class TrainParams(Strict):
@@ -54,4 +54,9 @@ class TrainParams(Strict):
     device: str = "auto"
 
 
-register_params("train", TrainParams)
+class TrainStage:
+    """The train stage as stages.yaml names it: run by ``clips4 train`` (:func:`clips4.trainer.train.train`)."""
+
+    kind = "external"
+    version = "1"
+    Params = TrainParams

@@ -236,19 +236,12 @@ def train(cfg: Config, *, dataset: Dataset | None = None, resume: bool = False, 
 
 def _commit(out: Path, cfg: Config, fp: str, signature: dict, deps: dict) -> None:
     """meta.json + index.parquet (written last) make a finished run visible to ``clips4 cache ls``."""
-    import hashlib
-
-    import pyarrow as pa
-
-    from clips4.pipeline.cache import INDEX, url_join, write_bytes_atomic, write_parquet_atomic
+    from clips4.pipeline.cache import commit_files
 
     meta = {"stage": "train", "fingerprint": fp, "params": cfg.params("train").model_dump(mode="json"),
             "deps": deps, "signature": signature, "code": code_version(), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "dataset": {"key": out.parent.parent.name}}
-    write_bytes_atomic(url_join(str(out), "meta.json"), json.dumps(meta, indent=2).encode())
-    digest = hashlib.sha256((out / "final.pt").read_bytes()).hexdigest()
-    write_parquet_atomic(url_join(str(out), INDEX), pa.Table.from_pylist(
-        [{"image_id": "final.pt", "status": "ok", "error": "", "part": "", "sha256": digest}]))
+    commit_files(str(out), list(cfg.decl("train").outs), meta)  # stages.yaml outs: what a finished run holds
 
 
 def _tensorboard(out: Path):

@@ -12,9 +12,8 @@ import torch
 import torch.nn.functional as F
 
 from conftest_clip import tiny_resnet, tiny_vit  # noqa: F401  (session fixtures)
-from clips4.pipeline import clip_models
 from clips4.pipeline.backends import load_backend, text_embeddings
-from clips4.pipeline.clip_models import (
+from clips4.pipeline.clip import (
     DENSE_VARIANTS,
     OpenClipBackend,
     WeightsMismatchError,
@@ -80,7 +79,7 @@ def test_load_from_checkpoint_file_and_local_dir(tiny_vit):
 def test_load_backend_specs(tiny_vit):
     b = load_backend(None, model=tiny_vit.name, pretrained=tiny_vit.checkpoint, device="cpu")
     assert isinstance(b, OpenClipBackend)
-    b2 = load_backend("clips4.pipeline.clip_models:OpenClipBackend", model=tiny_vit.name,
+    b2 = load_backend("clips4.pipeline.clip.backend:OpenClipBackend", model=tiny_vit.name,
                       pretrained=tiny_vit.checkpoint, device="cpu")
     assert b2.info()["sha256"] == b.info()["sha256"]
     with pytest.raises(ValueError, match="package.module:Factory"):

@@ -6,11 +6,12 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
-from rich.console import Console
+import typer
 
-console = Console()
+from clips4.cli.common import console
 
 #: scikit-image sample images used by the demo (all ship with the wheel; no download)
 SAMPLES = ("astronaut", "chelsea", "coffee", "rocket", "camera", "coins", "immunohistochemistry", "motorcycle_left")
@@ -86,7 +87,7 @@ def run_demo(out: Path, *, num_workers: int = 2, executor: str = "ray", iteratio
 
 def _real_clip_stages(cfg) -> bool:
     """clip-features + prototypes on the samples with the configured CLIP, when its weights can be found."""
-    from clips4.pipeline.clip_models import WeightsNotFoundError
+    from clips4.pipeline.clip.weights import WeightsNotFoundError
     from clips4.pipeline.processors import clip_features_preflight
     from clips4.pipeline.stage import print_summary, run_stage
 
@@ -108,7 +109,7 @@ def _synthetic_world(root: Path, iterations: int) -> int:
 
     import yaml
 
-    from clips4.evaluate.tasks import run_language
+    from clips4.evaluate.language import run_language
     from clips4.pipeline.config import load_config
     from clips4.pipeline.stage import dataset_from_config, print_summary, run_stage
     from clips4.pipeline.synthetic import SyntheticWorld
@@ -159,3 +160,16 @@ def _save_segment_previews(stage_url: str, folder: Path) -> None:
         labels = r.get(image_id, "labels")
         img[find_boundaries(labels, mode="inner")] = (255, 255, 0)
         Image.fromarray(img).save(folder / f"{image_id}_segments.png")
+
+
+def demo(
+    out: Path = typer.Option(Path("outputs/demo"), "--out", help="Folder for the demo's images, caches and pictures."),
+    num_workers: int = typer.Option(2, "--num-workers", "-j", help="Ray workers."),
+    executor: str = typer.Option("ray", "--executor", help="'ray' or 'local'."),
+    iterations: int = typer.Option(300, "--iterations", help="Training iterations of the synthetic-world run."),
+    clip_checkpoint: Optional[str] = typer.Option(None, help="Real CLIP weights (ViT-B-16) to run the CLIP stages on the samples."),
+) -> None:
+    """Run every stage on sample images and a synthetic world, offline, and print where outputs are."""
+    code = run_demo(out, num_workers=num_workers, executor=executor, iterations=iterations, clip_checkpoint=clip_checkpoint)
+    if code:
+        raise typer.Exit(code)

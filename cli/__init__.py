@@ -1,0 +1,10 @@
+"""``clips4.cli``: the command line. One module per command group (:mod:`.precompute`, :mod:`.train`,
+:mod:`.evaluate`, :mod:`.predict` (predict + search), :mod:`.cache`, :mod:`.synthetic`, :mod:`.demo`,
+:mod:`.report`), shared options in :mod:`.common`, the app and ``main`` in :mod:`.app`. Heavy packages (torch,
+ray, the evaluations) are imported inside command bodies, so ``clips4 --help`` starts fast."""
+
+
+def main(argv: list[str] | None = None) -> int:
+    from clips4.cli.app import main as _main
+
+    return _main(argv)

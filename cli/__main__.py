@@ -1,0 +1,3 @@
+from clips4.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,151 @@
+"""The ``clips4`` command line: the groups and commands, and ``main(argv)`` (callable from tests), which maps every
+error to its exit code without a traceback (``CLIPS4_DEBUG=1`` shows it)."""
+from __future__ import annotations
+
+import os
+import signal
+import sys
+
+import typer
+
+from clips4.cli import cache, demo, evaluate, precompute, predict, report, synthetic, train
+from clips4.cli.common import (EXIT_FAILED, EXIT_LOCKED, EXIT_SIGINT, EXIT_SIGTERM, EXIT_USAGE, CLIError, emit_summary,
+                               err_console)
+
+
+def _version(value: bool) -> None:
+    if value:
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            v = version("clips4")
+        except PackageNotFoundError:
+            v = "unknown (not installed)"
+        print(f"clips4 {v}")
+        raise typer.Exit(0)
+
+
+app = typer.Typer(
+    name="clips4",
+    help="CLIP-S4: language-guided self-supervised semantic segmentation — offline pipeline and trainer.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+
+@app.callback()
+def _root(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                       help="Print the version and exit.")) -> None:
+    """CLIP-S4: language-guided self-supervised semantic segmentation — offline pipeline and trainer."""
+
+
+app.add_typer(precompute.app, name="precompute")
+app.add_typer(evaluate.app, name="evaluate")
+app.add_typer(cache.app, name="cache")
+app.add_typer(synthetic.app, name="synthetic")
+app.command("train")(train.train)
+app.command("predict")(predict.predict)
+app.command("search")(predict.search)
+app.command("report")(report.report)
+app.command("demo")(demo.demo)
+
+
+class _Terminated(Exception):
+    """SIGTERM, raised in the main thread so that ``finally`` blocks run (stages commit finished parts)."""
+
+
+def _on_sigterm(signum, frame):  # noqa: ARG001
+    raise _Terminated()
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """Exceptions that are the user's to fix (bad config, input, missing file / weights / package): exit 2."""
+    from clips4.pipeline.config import ConfigError
+    from clips4.pipeline.datasets import DatasetError
+
+    errs: list[type[BaseException]] = [CLIError, ConfigError, DatasetError, FileNotFoundError, NotADirectoryError,
+                                       PermissionError, ModuleNotFoundError]
+    for mod, names in (("clips4.pipeline.io", ("UnsafePathError",)),
+                       ("clips4.pipeline.clip.weights", ("WeightsNotFoundError", "WeightsMismatchError")),
+                       ("clips4.trainer.checkpoint", ("CheckpointError",)), ("clips4.trainer.model", ("WeightsError",))):
+        m = sys.modules.get(mod)  # only what was imported can have been raised
+        errs += [getattr(m, n) for n in names if m is not None and hasattr(m, n)]
+    return tuple(errs)
+
+
+def _exit_code(exc: BaseException) -> int:
+    """The documented exit code of an exception that ended a command."""
+    if isinstance(exc, KeyboardInterrupt):
+        return EXIT_SIGINT
+    if isinstance(exc, _Terminated):
+        return EXIT_SIGTERM
+    if type(exc).__name__ in ("StageLocked", "LockedError"):
+        return EXIT_LOCKED
+    if isinstance(exc, _user_errors()):
+        return EXIT_USAGE
+    return EXIT_FAILED
+
+
+def _message(exc: BaseException) -> str:
+    if isinstance(exc, KeyboardInterrupt):
+        return "interrupted (SIGINT); finished work is kept, a rerun continues"
+    if isinstance(exc, _Terminated):
+        return "terminated (SIGTERM); finished work is kept, a rerun continues"
+    if isinstance(exc, ModuleNotFoundError):
+        return (f"optional package {exc.name!r} is not installed ({exc}); install the extra that provides it, e.g. "
+                f"pip install 'clips4[s3]' for s3:// URLs, 'clips4[tensorboard]' for TensorBoard")
+    text = str(exc) or type(exc).__name__
+    if isinstance(exc, (CLIError,)) or type(exc).__module__.startswith("clips4"):
+        return text
+    if isinstance(exc, OSError) and exc.errno is not None:  # disk full, read-only, permission: name the cause
+        return f"{type(exc).__name__}: {text}"
+    return f"{type(exc).__name__}: {text}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point; returns the exit status instead of exiting (tests call ``main([...])``)."""
+    import click
+
+    debug = os.environ.get("CLIPS4_DEBUG", "") not in ("", "0")
+    old = signal.getsignal(signal.SIGTERM)
+    in_main_thread = True
+    try:
+        signal.signal(signal.SIGTERM, _on_sigterm)
+    except ValueError:  # not the main thread (a test calling main from a worker thread)
+        in_main_thread = False
+    try:
+        rv = app(args=argv if argv is not None else sys.argv[1:], standalone_mode=False)
+        return rv if isinstance(rv, int) else 0
+    except typer.Exit as exc:
+        return exc.exit_code
+    except click.exceptions.Abort:
+        err_console.print("aborted")
+        return EXIT_SIGINT
+    except Exception as exc:  # noqa: BLE001 - typer's bundled click raises its own copies of click's exceptions
+        if isinstance(exc, click.ClickException) or type(exc).__name__ in ("UsageError", "NoSuchOption", "BadParameter",
+                                                                            "MissingParameter", "NoArgsIsHelpError"):
+            if type(exc).__name__ == "NoArgsIsHelpError":
+                return 0
+            exc.show()
+            return getattr(exc, "exit_code", EXIT_USAGE) or EXIT_USAGE
+        return _fail(exc, debug)
+    except (KeyboardInterrupt, _Terminated) as exc:
+        return _fail(exc, debug)
+    finally:
+        if in_main_thread:
+            signal.signal(signal.SIGTERM, old)
+
+
+def _fail(exc: BaseException, debug: bool) -> int:
+    code = _exit_code(exc)
+    msg = _message(exc)
+    if debug:
+        import traceback
+
+        traceback.print_exception(exc)
+    err_console.print(f"error: {msg}", markup=False)
+    if not debug and code == EXIT_FAILED and not type(exc).__module__.startswith("clips4"):
+        err_console.print("(set CLIPS4_DEBUG=1 to see the traceback)")
+    emit_summary({}, code, error=msg)
+    return code

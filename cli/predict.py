@@ -1,0 +1,70 @@
+"""``clips4 predict`` (segment any images with class names) and ``clips4 search`` (find cached segments by text)."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from clips4.cli.common import CLIError, Common, DeviceOpt, common_options, console, err_console
+
+
+@common_options("predict", dataset=False)
+def predict(
+    opts: Common,
+    images: List[Path] = typer.Argument(..., help="Image files (any format the segments stage reads)."),
+    classes: str = typer.Option(..., "--classes", help="Class names: 'sky,tree,moon', a bundled list (voc21, context59, cocostuff171) or a text file."),
+    model: str = typer.Option("teacher", "--model", help="'teacher': the configured CLIP backend run on each image; or a checkpoint path."),
+    checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="A trained model (final.pt); overrides --model."),
+    out: Path = typer.Option(Path("predictions"), "--out", help="Folder for <stem>_labels.png, <stem>_overlay.png, <stem>_areas.json."),
+    alpha: float = typer.Option(0.5, "--alpha", help="Opacity of the class colours in the overlay."),
+    device: str = DeviceOpt,
+) -> dict:
+    """Segment images with free-form class names: label PNG, colour overlay with a legend, class areas (JSON).
+
+    Exit status 1 when any image failed (the others are still written)."""
+    from clips4.evaluate.predict import predict_images
+    from clips4.evaluate.sources import parse_class_list
+
+    cfg = opts.build_config()
+    try:
+        names = parse_class_list(classes)
+    except (ValueError, FileNotFoundError) as exc:
+        raise CLIError(str(exc)) from None
+
+    def show(path, r, err):
+        if err:
+            err_console.print(f"error: {err}", markup=False)
+        elif not opts.quiet:
+            top = ", ".join(f"{n} {100 * a['fraction']:.0f}%" for n, a in list(r["areas"].items())[:4])
+            console.print(f"{path} → {r['overlay']} ({top})", markup=False)
+
+    res = predict_images(cfg, images, names, out, model=str(checkpoint) if checkpoint else model, device=device,
+                         alpha=alpha, on_result=show)
+    console.print(f"{len(res['written'])} image(s) written to {out}, {len(res['failed'])} failed")
+    return {"out": str(out), "written": res["written"], "failed": res["failed"], "exit_code": 1 if res["failed"] else 0}
+
+
+@common_options("search")
+def search(
+    opts: Common,
+    query: str = typer.Argument(..., help="Text to look for, e.g. 'a photo of the moon'."),
+    top: int = typer.Option(16, "--top", help="Number of segments to return."),
+    out: Path = typer.Option(Path("search.png"), "--out", help="Contact sheet PNG to write."),
+    templates: bool = typer.Option(False, "--templates", help="Average the query over the 85 prompt templates (for bare class names)."),
+) -> dict:
+    """Find the cached CLIP segments closest to a text (FAISS over all segment embeddings) and draw a contact sheet."""
+    from rich.table import Table
+
+    from clips4.pipeline.search import search_segments
+
+    cfg = opts.build_config()
+    hits = search_segments(cfg, query, top=top, templates=templates, out=out)
+    table = Table(title=f"top {len(hits)} segments for {query!r}")
+    for col in ("rank", "score", "image", "segment"):
+        table.add_column(col)
+    for rank, h in enumerate(hits, 1):
+        table.add_row(str(rank), f"{h['score']:.3f}", h["image_id"], str(h["segment_id"]))
+    console.print(table)
+    console.print(f"contact sheet: {out}")
+    return {"out": str(out), "hits": hits}

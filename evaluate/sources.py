@@ -1,0 +1,243 @@
+"""Where evaluated embeddings and text embeddings come from, and the config helpers the evaluations share.
+
+Embedding sources (``--model``):
+
+- ``teacher``: the cached CLIP dense features of the clip_features stage (the MaskCLIP row of the paper's tables;
+  no training involved);
+- a checkpoint path: the trained pixel embedding network, run on each image (sliding windows for large images).
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from clips4 import data as bundled
+from clips4.pipeline.config import ClipFeaturesParams, Config
+from clips4.pipeline.datasets import Dataset, ImageRecord
+from clips4.pipeline.images import load_rgb
+from clips4.pipeline.io import file_sha256
+
+#: images whose long side exceeds this are embedded by sliding windows of this size (2/3 overlap stride)
+MAX_SIDE = 640
+
+
+@dataclass
+class EmbeddingSource:
+    """``embed(record) -> (h, w, D) float32`` L2-normalised, plus what identifies it in reports."""
+
+    name: str
+    embed: Callable[[ImageRecord], np.ndarray]
+    fingerprint: str
+    embed_image: Callable[[np.ndarray], np.ndarray] | None = None
+    #: for a checkpoint: its path, known classes and the CLIP params it was trained against
+    info: dict = field(default_factory=dict)
+
+
+def torch_device(device: str | None = "auto") -> torch.device:
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def sliding_window_embed(
+    embed_fn: Callable[[np.ndarray], np.ndarray],
+    image: np.ndarray,
+    window: int | tuple[int, int],
+    stride: int | tuple[int, int],
+) -> np.ndarray:
+    """Embed a large image window by window and average the overlaps.
+
+    ``embed_fn(crop (wh, ww, 3)) -> (h', w', D)`` at any fixed downsampling; the output grid keeps the scale
+    of the first window (``round(H * h'/wh), round(W * w'/ww)``) and each window's embeddings are resized
+    (bilinear) onto the grid cells it covers. Returns ``(Hg, Wg, D) float32`` (not re-normalised)."""
+    image = np.asarray(image)
+    H, W = image.shape[:2]
+    wh, ww = (window, window) if isinstance(window, int) else window
+    sh, sw = (stride, stride) if isinstance(stride, int) else stride
+    wh, ww = min(wh, H), min(ww, W)
+    ny = max(H - wh + sh - 1, 0) // sh + 1
+    nx = max(W - ww + sw - 1, 0) // sw + 1
+    acc = cnt = None
+    sy = sx = None
+    for iy in range(ny):
+        for ix in range(nx):
+            y2, x2 = min(iy * sh + wh, H), min(ix * sw + ww, W)
+            y1, x1 = max(y2 - wh, 0), max(x2 - ww, 0)
+            e = np.asarray(embed_fn(image[y1:y2, x1:x2]), dtype=np.float32)
+            if e.ndim != 3:
+                raise ValueError(f"embed_fn must return (h, w, D), got {e.shape}")
+            if acc is None:
+                sy, sx = e.shape[0] / (y2 - y1), e.shape[1] / (x2 - x1)
+                Hg, Wg = max(1, round(H * sy)), max(1, round(W * sx))
+                acc = np.zeros((Hg, Wg, e.shape[2]), np.float64)
+                cnt = np.zeros((Hg, Wg, 1), np.float64)
+            gy1, gy2 = round(y1 * sy), max(round(y2 * sy), round(y1 * sy) + 1)
+            gx1, gx2 = round(x1 * sx), max(round(x2 * sx), round(x1 * sx) + 1)
+            gy2, gx2 = min(gy2, acc.shape[0]), min(gx2, acc.shape[1])
+            t = torch.from_numpy(e).permute(2, 0, 1)[None]
+            if t.shape[-2:] != (gy2 - gy1, gx2 - gx1):
+                t = F.interpolate(t, size=(gy2 - gy1, gx2 - gx1), mode="bilinear", align_corners=False)
+            acc[gy1:gy2, gx1:gx2] += t[0].permute(1, 2, 0).numpy()
+            cnt[gy1:gy2, gx1:gx2] += 1
+    return (acc / np.maximum(cnt, 1)).astype(np.float32)
+
+
+def model_embedder(model: torch.nn.Module, device: torch.device) -> Callable[[np.ndarray], np.ndarray]:
+    """``image (H, W, 3) uint8 -> (h, w, D) float32`` from a trained network (output stride 8)."""
+    from clips4.trainer.augment import normalize_image
+
+    @torch.inference_mode()
+    def one(img: np.ndarray) -> np.ndarray:
+        x = normalize_image(img)[None].to(device)
+        if min(img.shape[:2]) < 16:  # the network needs a few pixels per output cell
+            x = torch.nn.functional.interpolate(x, size=(max(16, img.shape[0]), max(16, img.shape[1])), mode="bilinear")
+        return model(x)[0].permute(1, 2, 0).float().cpu().numpy()
+
+    def embed(img: np.ndarray) -> np.ndarray:
+        if max(img.shape[:2]) <= MAX_SIDE:
+            return one(img)
+        e = sliding_window_embed(one, img, MAX_SIDE, MAX_SIDE * 2 // 3)
+        return e / np.maximum(np.linalg.norm(e, axis=-1, keepdims=True), 1e-12)
+
+    return embed
+
+
+def checkpoint_source(path: str | Path, device: str | None = "auto") -> EmbeddingSource:
+    """A trained checkpoint as an embedding source (image -> embeddings; no cache needed)."""
+    from clips4.trainer.train import load_trained_model
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} not found")
+    dev = torch_device(device)
+    net, ck = load_trained_model(path, dev)
+    fn = model_embedder(net, dev)
+    digest = file_sha256(path)[:16]
+    try:
+        stages = json.loads(ck.get("config") or "{}").get("stages", {})
+    except (TypeError, ValueError):
+        stages = {}
+    info = {"checkpoint": str(path), "sha256_16": digest, "known_classes": list(ck.get("classes") or []),
+            "clip": stages.get("clip_features", {}).get("params", {}).get("clip"),
+            "train_seed": stages.get("train", {}).get("params", {}).get("seed"),
+            "step": int(ck["step"]) if "step" in ck else None,
+            "signature": json.loads(ck["signature"]) if "signature" in ck else None}
+    return EmbeddingSource(f"CLIP-S4 ({path.parent.name}/{path.name})", lambda rec: fn(load_rgb(rec.path)), digest, fn, info)
+
+
+def embedding_source(cfg: Config, dataset: Dataset, model: str, device: str = "auto") -> EmbeddingSource:
+    """``model`` = ``teacher`` (cached CLIP features) or a checkpoint path."""
+    from clips4.pipeline.stage import open_stage
+
+    if model == "teacher":
+        feats = open_stage(cfg, "clip_features", dataset)
+
+        def embed(rec: ImageRecord) -> np.ndarray:
+            return feats.get(rec.image_id, "features").astype(np.float32)
+
+        return EmbeddingSource("teacher (CLIP dense features)", embed, feats.fingerprint, info={"cache": feats.url})
+    src = checkpoint_source(model, device)
+    warn_clip_mismatch(cfg, src)
+    return src
+
+
+def warn_clip_mismatch(cfg: Config, src: EmbeddingSource) -> None:
+    """A checkpoint is only meaningful against the CLIP text space it was trained in: say so when they differ."""
+    trained = src.info.get("clip")
+    if not trained:
+        return
+    now = cfg.params("clip_features").clip.model_dump(mode="json")  # type: ignore[attr-defined]
+    keys = ("backend", "model", "pretrained", "checkpoint", "backend_params")
+    diff = [k for k in keys if trained.get(k) != now.get(k)]
+    if diff:
+        from rich.console import Console
+
+        Console(stderr=True).print(
+            f"[yellow]warning:[/] {src.info['checkpoint']} was trained against CLIP "
+            f"{ {k: trained.get(k) for k in diff} } but the text embeddings come from { {k: now.get(k) for k in diff} }")
+
+
+def parse_class_list(spec: str) -> list[str]:
+    """``"sky,tree,moon"``, a bundled list name (voc, voc21, context59, cocostuff171) or a text file."""
+    if "," in spec:
+        names = [c.strip() for c in spec.split(",") if c.strip()]
+    elif spec in bundled.CLASS_LISTS or Path(spec).is_file():
+        names = bundled.class_names(spec)
+    else:
+        names = [spec.strip()] if spec.strip() else []
+    if not names:
+        raise ValueError(f"no class names in {spec!r}")
+    return names
+
+
+def resolve_classes(spec: str | None, dataset: Dataset) -> list[str]:
+    """Class names from ``--classes``: a bundled list, a file, a comma-separated list, or the dataset's own."""
+    if spec:
+        if "," in spec:
+            return [c.strip() for c in spec.split(",") if c.strip()]
+        return bundled.class_names(spec)
+    names = dataset.class_names
+    if not names:
+        raise ValueError(f"dataset {dataset.kind} at {dataset.root} has no class names; pass --classes")
+    return list(names)
+
+
+def text_embeddings_for(cfg: Config, names: list[str]) -> tuple[np.ndarray, dict]:
+    """Text embeddings of ``names`` (85 templates) from the backend the clip_features stage is configured with."""
+    from clips4.pipeline.backends import text_embeddings
+    from clips4.pipeline.processors import build_backend
+
+    params: ClipFeaturesParams = cfg.params("clip_features")  # type: ignore[assignment]
+    backend = build_backend(params.clip)
+    return text_embeddings(backend, names, bundled.prompt_templates()), backend.info()
+
+
+def with_split(cfg: Config, split: str | None) -> Config:
+    """``cfg`` for another split of the same dataset."""
+    c = cfg.model_copy(deep=True)
+    c.dataset = c.dataset.model_copy(update={"split": split})
+    return c
+
+
+def with_params(cfg: Config, **stages: dict) -> Config:
+    """``cfg`` with some stage params replaced, e.g. ``with_params(cfg, train={"seed": 1})``."""
+    from clips4.pipeline.config import StageDecl
+
+    c = cfg.model_copy(deep=True)
+    new = dict(c.stages)
+    for stage, upd in stages.items():
+        decl = new.get(stage, StageDecl())
+        new[stage] = StageDecl(deps=list(decl.deps), outs=list(decl.outs), params={**decl.params, **upd})
+    c.stages = new
+    for stage in stages:  # validate now: a typo must fail before any work
+        c.params(stage)
+    return c
+
+
+def precompute(cfg: Config, stages: Sequence[str], show_progress: bool = False) -> None:
+    """Run pipeline stages (finished images are skipped, so this is cheap when the cache is complete)."""
+    from clips4.pipeline.stage import StageError, run_stage
+
+    for name in stages:
+        run = run_stage(cfg, name, show_progress=show_progress)
+        if run.failed:
+            raise StageError(f"{name}: {len(run.failed)} image(s) failed, e.g. {run.failed[0][0]}: {run.failed[0][1]}")
+
+
+def config_summary(cfg: Config) -> dict:
+    from clips4.pipeline.config import resolved_dict
+
+    return resolved_dict(cfg)
+
+
+def checkpoint_embedder(checkpoint: Path | None = None, device: str | None = None, **_):
+    """``image (H, W, 3) uint8 -> (h, w, D)`` of a trained checkpoint (the DAVIS ``checkpoint`` embedder)."""
+    if checkpoint is None:
+        raise ValueError("--embedding checkpoint needs --checkpoint PATH (a clips4 train final.pt)")
+    return checkpoint_source(checkpoint, device or "auto").embed_image

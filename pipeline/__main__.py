@@ -1,3 +1,0 @@
-from clips4.pipeline.cli import main
-
-raise SystemExit(main())

@@ -1,0 +1,115 @@
+"""The package layout: no import circles, nothing imports upwards (cli -> evaluate/trainer -> pipeline), and the
+CLI starts without torch. Imports inside functions count too: a lazy import is still a dependency."""
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+PACKAGES = {"clips4": "clips4", "clips4.pipeline": "pipeline", "clips4.trainer": "trainer",
+            "clips4.evaluate": "evaluate", "clips4.cli": "cli", "clips4.data": "data"}
+#: layer of each top-level package; a package may import its own layer's siblings only where listed
+ALLOWED = {
+    "clips4.pipeline": {"clips4.pipeline", "clips4.data"},
+    "clips4.trainer": {"clips4.trainer", "clips4.pipeline", "clips4.data"},
+    "clips4.evaluate": {"clips4.evaluate", "clips4.trainer", "clips4.pipeline", "clips4.data"},
+    "clips4.cli": {"clips4.cli", "clips4.evaluate", "clips4.trainer", "clips4.pipeline", "clips4.data"},
+    "clips4.data": {"clips4.data"},
+    "clips4": {"clips4.evaluate"},
+}
+
+
+def _modules() -> dict[str, Path]:
+    out = {}
+    for pkg, folder in PACKAGES.items():
+        for f in (REPO / folder).rglob("*.py"):
+            rel = f.relative_to(REPO / folder).with_suffix("")
+            parts = [p for p in rel.parts if p != "__init__"]
+            out[".".join([pkg, *parts])] = f
+    return out
+
+
+def _imports(path: Path, name: str, modules) -> set[str]:
+    """clips4 modules that ``name`` imports (``from pkg import sub`` names the submodule, not ``pkg``)."""
+    tree = ast.parse(path.read_text())
+    found = set()
+    is_pkg = path.name == "__init__.py"
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:  # relative import
+                base = name.split(".")
+                base = base[: len(base) - node.level + (1 if is_pkg else 0)]
+                mod = ".".join(base + ([node.module] if node.module else []))
+            else:
+                mod = node.module or ""
+            for a in node.names:
+                found.add(f"{mod}.{a.name}" if f"{mod}.{a.name}" in modules else mod)
+    return {m for m in found if m == "clips4" or m.startswith("clips4.")}
+
+
+def _graph() -> dict[str, set[str]]:
+    mods = _modules()
+    graph = {}
+    for name, path in mods.items():
+        deps = set()
+        for m in _imports(path, name, mods):
+            while m and m not in mods:  # `from clips4.x import name` names a module or an attribute
+                m = m.rpartition(".")[0]
+            if m and m != name:
+                deps.add(m)
+        graph[name] = deps
+    return graph
+
+
+def _top(module: str) -> str:
+    parts = module.split(".")
+    return ".".join(parts[:2]) if len(parts) > 1 else parts[0]
+
+
+def test_nothing_imports_upwards():
+    bad = [f"{m} imports {d}" for m, deps in _graph().items() for d in deps if _top(d) not in ALLOWED[_top(m)]]
+    assert not bad, "upward imports:\n" + "\n".join(sorted(bad))
+
+
+def test_no_import_circles():
+    graph = _graph()
+    state: dict[str, int] = {}
+    cycles = []
+
+    def visit(n, stack):
+        state[n] = 1
+        stack.append(n)
+        for d in sorted(graph.get(n, ())):
+            if state.get(d) == 1:
+                cycles.append(stack[stack.index(d):] + [d])
+            elif d not in state:
+                visit(d, stack)
+        stack.pop()
+        state[n] = 2
+
+    for n in sorted(graph):
+        if n not in state:
+            visit(n, [])
+    assert not cycles, "import circles:\n" + "\n".join(" -> ".join(c) for c in cycles)
+
+
+def test_every_package_folder_is_listed_for_the_wheel():
+    import tomllib
+
+    cfg = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]
+    listed = set(cfg["packages"])
+    wanted = {m for m, p in _modules().items() if p.name == "__init__.py"}
+    assert wanted <= listed, f"packages missing from pyproject: {sorted(wanted - listed)}"
+    assert "evaluate" not in cfg["package-dir"], "evaluate must not become a top-level package"
+
+
+@pytest.mark.parametrize("code", ["import clips4.cli.app", "import clips4", "import clips4.pipeline.config"])
+def test_cli_and_config_import_without_torch(code):
+    out = subprocess.run([sys.executable, "-c", f"{code}; import sys; print('torch' in sys.modules, 'ray' in sys.modules)"],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["False", "False"], f"{code} imported torch/ray"
