@@ -65,8 +65,9 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from clips4.pipeline.datasets import DatasetError
 
     errs: list[type[BaseException]] = [CLIError, ConfigError, DatasetError, FileNotFoundError, NotADirectoryError,
-                                       PermissionError, ModuleNotFoundError]
-    for mod, names in (("clips4.pipeline.io", ("UnsafePathError",)),
+                                       PermissionError, ImportError]
+    for mod, names in (("clips4.pipeline.io", ("UnsafePathError",)), ("clips4.pipeline.stage", ("StageError",)),
+                       ("clips4.pipeline.runner", ("WorkerStartError",)),
                        ("clips4.pipeline.clip.weights", ("WeightsNotFoundError", "WeightsMismatchError")),
                        ("clips4.trainer.checkpoint", ("CheckpointError",)), ("clips4.trainer.model", ("WeightsError",))):
         m = sys.modules.get(mod)  # only what was imported can have been raised
@@ -92,9 +93,9 @@ def _message(exc: BaseException) -> str:
         return "interrupted (SIGINT); finished work is kept, a rerun continues"
     if isinstance(exc, _Terminated):
         return "terminated (SIGTERM); finished work is kept, a rerun continues"
-    if isinstance(exc, ModuleNotFoundError):
-        return (f"optional package {exc.name!r} is not installed ({exc}); install the extra that provides it, e.g. "
-                f"pip install 'clips4[s3]' for s3:// URLs, 'clips4[tensorboard]' for TensorBoard")
+    if isinstance(exc, ImportError):
+        return (f"a package is missing: {exc}. Install the extra that provides it, e.g. pip install 'clips4[s3]' "
+                f"for s3:// URLs, 'clips4[tensorboard]' for TensorBoard, 'clips4[gpu]' for FAISS on GPU")
     text = str(exc) or type(exc).__name__
     if isinstance(exc, (CLIError,)) or type(exc).__module__.startswith("clips4"):
         return text

@@ -18,19 +18,10 @@ from pathlib import Path
 from typing import Any, List, Optional
 
 import typer
-from rich.console import Console
+from clips4.pipeline.console import make_console
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_LOCKED = 0, 1, 2, 3
 EXIT_SIGINT, EXIT_SIGTERM = 130, 143
-
-
-def make_console(stderr: bool = False) -> Console:
-    """A terminal gets Rich; a file or pipe (cron, cluster logs) gets plain lines that are never wrapped or cut."""
-    probe = Console(stderr=stderr)
-    if probe.is_terminal:
-        return probe
-    # soft_wrap: printed lines are never wrapped or cut; tables and rules get a wide, fixed width
-    return Console(stderr=stderr, width=200, soft_wrap=True, no_color=True, highlight=False, emoji=False)
 
 
 console = make_console()

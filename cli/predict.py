@@ -9,10 +9,10 @@ import typer
 from clips4.cli.common import CLIError, Common, DeviceOpt, common_options, console, err_console
 
 
-@common_options("predict", dataset=False)
+@common_options("predict")
 def predict(
     opts: Common,
-    images: List[Path] = typer.Argument(..., help="Image files (any format the segments stage reads)."),
+    images: Optional[List[Path]] = typer.Argument(None, help="Image files (any format the segments stage reads); with --root, the dataset's images are added."),
     classes: str = typer.Option(..., "--classes", help="Class names: 'sky,tree,moon', a bundled list (voc21, context59, cocostuff171) or a text file."),
     model: str = typer.Option("teacher", "--model", help="'teacher': the configured CLIP backend run on each image; or a checkpoint path."),
     checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="A trained model (final.pt); overrides --model."),
@@ -27,6 +27,13 @@ def predict(
     from clips4.evaluate.sources import parse_class_list
 
     cfg = opts.build_config()
+    paths = [str(p) for p in images or []]
+    if cfg.dataset.root:
+        from clips4.pipeline.stage import dataset_from_config
+
+        paths += [r.path for r in dataset_from_config(cfg).records()]
+    if not paths:
+        raise CLIError("no images: give image files, or --root (and --dataset) for a dataset's images")
     try:
         names = parse_class_list(classes)
     except (ValueError, FileNotFoundError) as exc:
@@ -39,7 +46,7 @@ def predict(
             top = ", ".join(f"{n} {100 * a['fraction']:.0f}%" for n, a in list(r["areas"].items())[:4])
             console.print(f"{path} → {r['overlay']} ({top})", markup=False)
 
-    res = predict_images(cfg, images, names, out, model=str(checkpoint) if checkpoint else model, device=device,
+    res = predict_images(cfg, paths, names, out, model=str(checkpoint) if checkpoint else model, device=device,
                          alpha=alpha, on_result=show)
     console.print(f"{len(res['written'])} image(s) written to {out}, {len(res['failed'])} failed")
     return {"out": str(out), "written": res["written"], "failed": res["failed"], "exit_code": 1 if res["failed"] else 0}

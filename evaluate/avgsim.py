@@ -26,9 +26,9 @@ def run_avgsim(cfg: Config, dataset: Dataset, checkpoint: str | Path, *, segment
 
     if segments not in ("clip", "ucm"):
         raise ValueError(f"--segments must be clip or ucm, got {segments!r}")
+    src = checkpoint_source(checkpoint, device)  # a missing or foreign checkpoint fails before any cache read
     feats = open_stage(cfg, "clip_features", dataset)
     ucm = open_stage(cfg, "segments", dataset) if segments == "ucm" else None
-    src = checkpoint_source(checkpoint, device)
     warn_clip_mismatch(cfg, src)
     cached: dict[str, dict[int, np.ndarray]] = {}
     if segments == "clip":

@@ -207,13 +207,11 @@ def with_split(cfg: Config, split: str | None) -> Config:
 
 def with_params(cfg: Config, **stages: dict) -> Config:
     """``cfg`` with some stage params replaced, e.g. ``with_params(cfg, train={"seed": 1})``."""
-    from clips4.pipeline.config import StageDecl
-
     c = cfg.model_copy(deep=True)
     new = dict(c.stages)
     for stage, upd in stages.items():
-        decl = new.get(stage, StageDecl())
-        new[stage] = StageDecl(deps=list(decl.deps), outs=list(decl.outs), params={**decl.params, **upd})
+        decl = c.decl(stage)
+        new[stage] = decl.model_copy(update={"params": {**decl.params, **upd}})
     c.stages = new
     for stage in stages:  # validate now: a typo must fail before any work
         c.params(stage)

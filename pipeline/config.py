@@ -26,7 +26,8 @@ class ConfigError(ValueError):
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # strict: no silent coercion (``true`` is not 1, ``"3"`` is not 3); ints are still accepted for floats
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, strict=True)
 
 
 # ----------------------------------------------------------------------------------------------- sections
@@ -56,8 +57,8 @@ class RayConfig(Strict):
 
 
 class SegmentsParams(Strict):
-    #: contour detector name (``classical``, ``hed``, ``onnx``); see ``clips4.pipeline.contours``
-    detector: str = "classical"
+    #: contour detector, a key of ``clips4.pipeline.contours.CONTOUR_DETECTORS`` (a test keeps them equal)
+    detector: Literal["classical", "hed", "onnx"] = "classical"
     #: keyword arguments of the detector (e.g. ``{prototxt: ..., caffemodel: ...}`` for hed)
     detector_params: dict[str, Any] = Field(default_factory=dict)
     #: UCM level at which superpixels are cut (HSG: 0.25)
@@ -83,8 +84,9 @@ class ClipParams(Strict):
     checkpoint: str | None = None
     #: directory where open_clip / Hugging Face look for and store weights
     cache_dir: str | None = None
-    #: dense feature variant: maskclip (paper), sclip, clearclip, naclip
-    variant: str = "maskclip"
+    #: dense feature variant, a key of ``clips4.pipeline.clip.DENSE_VARIANTS``: maskclip (paper), sclip, clearclip,
+    #: naclip
+    variant: Literal["maskclip", "sclip", "clearclip", "naclip"] = "maskclip"
     #: resize the short image side to this before sliding (None keeps the size)
     short_side: int | None = Field(default=448, ge=16)
     window: int = Field(default=224, ge=16)

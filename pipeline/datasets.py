@@ -281,7 +281,11 @@ class DavisDataset(Dataset):
         p = f"{self.path}/ImageSets/2017/{self.split}.txt"
         if self.fs.exists(p):
             return self._read_ids(f"ImageSets/2017/{self.split}.txt")
-        return sorted(posixpath.basename(p) for p in self.fs.ls(f"{self.path}/JPEGImages/480p") if self.fs.isdir(p))
+        frames = f"{self.path}/JPEGImages/480p"
+        if not self.fs.isdir(frames):
+            raise DatasetError(f"davis: {self.root} is not a DAVIS 2017 folder: neither ImageSets/2017/{self.split}.txt "
+                               f"nor JPEGImages/480p/ exists")
+        return sorted(posixpath.basename(p) for p in self.fs.ls(frames) if self.fs.isdir(p))
 
     def sequence_records(self, name: str) -> list[ImageRecord]:
         """The frames of sequence ``name`` in frame order, each with its own annotation (matched by frame name,

@@ -93,7 +93,28 @@ def _model_name(model: str) -> str:
 
 
 def build_backend(clip: "ClipParams"):
-    """The vision-language backend named by ``clip`` params (open_clip by default, or an import path)."""
+    """The vision-language backend named by ``clip`` params (open_clip by default, or an import path).
+    A bad model name, weight file or backend spec is a :class:`ConfigError` naming it."""
+    with _clip_config_errors():
+        return _build_backend(clip)
+
+
+class _clip_config_errors:
+    """ValueErrors of model / weights resolution are configuration mistakes (exit 2, no traceback)."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, typ, exc, tb):
+        from clips4.pipeline.clip.weights import WeightsNotFoundError
+        from clips4.pipeline.config import ConfigError
+
+        if exc is not None and isinstance(exc, ValueError) and not isinstance(exc, (ConfigError, WeightsNotFoundError)):
+            raise ConfigError(f"clip_features.clip: {exc}") from exc
+        return False
+
+
+def _build_backend(clip: "ClipParams"):
     from clips4.pipeline.backends import load_backend
 
     if clip.backend in (None, "open_clip", "openclip"):
@@ -118,7 +139,9 @@ def clip_features_preflight(params: ClipFeaturesParams) -> dict:
     from clips4.pipeline.clip.weights import resolve_weights
     from clips4.pipeline.io import file_sha256
 
-    w = resolve_weights(_model_name(clip.model), clip.checkpoint or clip.pretrained, cache_dir=clip.cache_dir, offline=clip.offline)
+    with _clip_config_errors():
+        w = resolve_weights(_model_name(clip.model), clip.checkpoint or clip.pretrained, cache_dir=clip.cache_dir,
+                            offline=clip.offline)
     return {"backend": "open_clip", "model": clip.model, "pretrained": clip.checkpoint or clip.pretrained,
             "weight_file": w.weight_file, "sha256": file_sha256(w.weight_file), "variant": clip.variant}
 

@@ -14,14 +14,14 @@ import traceback
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+from clips4.pipeline.console import make_console
 from clips4.pipeline.cache import ItemResult, StageWriter, UndeclaredOutputError, new_part_id
 from clips4.pipeline.datasets import ImageRecord
 
 log = logging.getLogger(__name__)
-console = Console(stderr=True)
+console = make_console(stderr=True)
 
 
 @dataclass

@@ -18,15 +18,15 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from rich.console import Console
 
+from clips4.pipeline.console import make_console
 from clips4.pipeline.cache import (INDEX, META, StageReader, StageWriter, UndeclaredOutputError, commit_files,
                                    url_join)
 from clips4.pipeline.config import Config, resolved_dict, stage_object
 from clips4.pipeline.datasets import Dataset, open_dataset, source_signature
 from clips4.pipeline.runner import run_batches
 
-console = Console(stderr=True)
+console = make_console(stderr=True)
 
 
 class StageError(RuntimeError):

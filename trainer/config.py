@@ -11,7 +11,7 @@ from clips4.pipeline.config import Strict
 class TrainParams(Strict):
     # --- model
     #: backbone: resnet50 (paper, dilated, output stride 8), resnet18, tiny (tests / CPU)
-    backbone: str = "resnet50"
+    backbone: Literal["resnet50", "resnet18", "tiny"] = "resnet50"
     #: ``imagenet`` (torchvision weights, from the local torch hub cache or a download), a file path, or
     #: ``random`` (explicit random init; logged loudly)
     backbone_weights: str = "imagenet"

@@ -256,7 +256,12 @@ def load_trained_model(path: str | Path, device: str | torch.device = "cpu") -> 
     """A trained model from a checkpoint (weights_only) for evaluation; returns (model in eval mode, checkpoint)."""
     from clips4.trainer.model import PixelEmbeddingNet, build_backbone
 
+    from clips4.trainer.checkpoint import CheckpointError
+
     ck = load_checkpoint(path, map_location=device)
+    if not isinstance(ck, dict) or "signature" not in ck or "model" not in ck:
+        raise CheckpointError(f"{path} is not a clips4 train checkpoint (it has no model signature); pass a "
+                              f"final.pt or step-*.pt written by `clips4 train`")
     sig = json.loads(ck["signature"])
     mc = ModelConfig(backbone=sig["backbone"], embed_dim=sig["embed_dim"], backbone_weights=None,
                      head_dim=sig["head_dim"], psp_bins=tuple(sig["psp_bins"]))
@@ -264,7 +269,5 @@ def load_trained_model(path: str | Path, device: str | torch.device = "cpu") -> 
     try:
         model.load_state_dict(ck["model"])
     except RuntimeError as exc:
-        from clips4.trainer.checkpoint import CheckpointError
-
         raise CheckpointError(f"checkpoint {path} does not fit its declared model {sig}: {str(exc)[:300]}") from None
     return model.to(device).eval(), ck

@@ -108,7 +108,8 @@ class OpenClipBackend:
                     f"(open_clip.list_models()) or the checkpoint that matches the model.\n"
                     f"(open_clip said: {msg.splitlines()[0][:300]})"
                 ) from e
-            raise
+            raise WeightsMismatchError(f"weight file {w.weight_file} cannot be loaded as CLIP model {model!r}: "
+                                       f"{msg.splitlines()[0][:300]}") from e
         clip.eval().to(self.device)
         self.model = clip
         self.model_name = w.model_name if w.source in ("tag", "file") else model
