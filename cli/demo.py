@@ -8,7 +8,6 @@ import time
 from pathlib import Path
 from typing import Optional
 
-import numpy as np
 import typer
 
 from clips4.cli.common import console
@@ -19,6 +18,7 @@ SAMPLES = ("astronaut", "chelsea", "coffee", "rocket", "camera", "coins", "immun
 
 def write_samples(folder: Path) -> list[Path]:
     """Write the skimage sample images as PNGs into ``folder`` (odd modes kept: camera/coins are greyscale)."""
+    import numpy as np
     from PIL import Image
     from skimage import data as skdata
 

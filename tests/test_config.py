@@ -69,3 +69,42 @@ def test_evaluate_is_not_a_top_level_package(tmp_path):
     code = "import importlib.util, clips4.evaluate; print(importlib.util.find_spec('evaluate') is None)"
     out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "True"
+
+
+def test_stages_yaml_params_are_the_models_defaults():
+    """One default per parameter: every value stages.yaml lists equals its params model's default."""
+    import yaml
+
+    from clips4.pipeline.config import stage_object
+
+    doc = yaml.safe_load((REPO / "stages.yaml").read_text())
+    for name, decl in doc["stages"].items():
+        model = stage_object(decl["run"]).Params
+        defaults = model().model_dump(mode="json")
+
+        def check(listed, default, path):
+            if isinstance(listed, dict) and isinstance(default, dict) and listed:
+                for k, v in listed.items():
+                    assert k in default, f"{path}.{k} is not a param"
+                    check(v, default[k], f"{path}.{k}")
+            else:
+                assert listed == default, f"{path}: stages.yaml says {listed!r}, the model's default is {default!r}"
+
+        check(decl.get("params") or {}, defaults, f"stages.{name}.params")
+
+
+def test_choice_fields_match_their_registries():
+    import typing
+
+    from clips4.pipeline.clip.dense_heads import DENSE_VARIANTS
+    from clips4.pipeline.config import ClipParams, SegmentsParams
+    from clips4.pipeline.contours import CONTOUR_DETECTORS
+    from clips4.trainer.config import TrainParams
+    from clips4.trainer.model import BACKBONES
+
+    def choices(model, field):
+        return set(typing.get_args(model.model_fields[field].annotation))
+
+    assert choices(SegmentsParams, "detector") == set(CONTOUR_DETECTORS)
+    assert choices(ClipParams, "variant") == set(DENSE_VARIANTS)
+    assert choices(TrainParams, "backbone") == set(BACKBONES)
