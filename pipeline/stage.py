@@ -63,8 +63,9 @@ STAGES: dict[str, StageSpec] = {
     ),
     # run by the trainer (clips4 train), declared here for its fingerprint and deps
     "train": StageSpec("train", "1", "", ("segments", "clip_features", "prototypes"), ("checkpoints", "metrics")),
+    # 2: class prompts use the natural-language names (clips4.data.prompt_names)
     "prototypes": StageSpec(
-        "prototypes", "1", "", ("clip_features",), ("prototypes",),
+        "prototypes", "2", "", ("clip_features",), ("prototypes",),
         builder="clips4.pipeline.processors:build_prototypes",
     ),
 }
