@@ -149,7 +149,7 @@ def _wrapped(text: str, width_in: float, fontsize: float) -> str:
     import textwrap
 
     chars = max(20, int(width_in * 72 / (0.62 * fontsize)))  # ~0.6 em per character in DejaVu Sans
-    return "\n".join(textwrap.wrap(text, chars)) or text
+    return "\n".join(textwrap.wrap(text, chars, break_on_hyphens=False)) or text
 
 
 def _save(fig, path: Path, dpi: int = 100) -> None:
@@ -221,7 +221,7 @@ def confusion_figure(cm: ConfusionMatrix, names: list[str], top_n: int = 20):
     ax.set_yticklabels(names, fontsize=fs)
     ax.set_xlabel("prediction")
     ax.set_ylabel("ground truth")
-    fig.colorbar(im, ax=ax, fraction=0.046, label="share of the ground-truth class's pixels")
+    fig.colorbar(im, ax=ax, shrink=0.8, label="share of the ground-truth class's pixels")
     ax.set_title("confusion (row-normalised)")
     if small:
         for g in range(n):
@@ -229,7 +229,9 @@ def confusion_figure(cm: ConfusionMatrix, names: list[str], top_n: int = 20):
                 if cm.mat[g].sum() == 0:
                     continue
                 v = 100 * m[g, p]
-                ax.text(p, g, f"{v:.0f}", ha="center", va="center", fontsize=7 if n > 12 else 8,
+                if g != p and v < 0.5:  # empty cells stay empty: the eye goes to the confusions
+                    continue
+                ax.text(p, g, f"{v:.0f}", ha="center", va="center", fontsize=8,
                         color="black" if m[g, p] > 0.6 else "white")
     else:
         top = top_confusions(cm, names, top_n)
