@@ -186,7 +186,7 @@ def search_command(
     from clips4.pipeline.config import ClipFeaturesParams
     from clips4.pipeline.processors import build_backend
     from clips4.pipeline.prototypes import iter_embedding_batches
-    from clips4.pipeline.search import SegmentIndex, contact_sheet
+    from clips4.pipeline.search import SegmentIndex, contact_sheet, segment_mask
     from clips4.pipeline.stage import dataset_from_config, open_stage
 
     cfg = build_config(config, set_, stages, dataset=dataset, root=root, split=split, limit=limit, cache=cache)
@@ -214,7 +214,7 @@ def search_command(
         table.add_column(col)
     for rank, (rid, score) in enumerate(hits, 1):
         r = rows[int(rid)]
-        mask = feats.get(r["image_id"], "segment_labels") == r["segment_id"]
+        mask = segment_mask(feats, r["image_id"], r["segment_id"])
         sheet.append({"image_path": feats.row(r["image_id"])["path"], "mask": mask, "bbox": r["bbox"], "score": score,
                       "image_id": r["image_id"], "segment_id": r["segment_id"]})
         table.add_row(str(rank), f"{score:.3f}", r["image_id"], str(r["segment_id"]))
