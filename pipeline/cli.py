@@ -180,8 +180,7 @@ def search_command(
     """Find the cached CLIP segments closest to a text (FAISS over all segment embeddings) and draw a contact sheet."""
     import numpy as np
 
-    from clips4 import data as bundled
-    from clips4.pipeline.backends import text_embeddings
+    from clips4.pipeline.backends import class_text_embeddings, text_embeddings
     from clips4.pipeline.cache import url_join
     from clips4.pipeline.config import ClipFeaturesParams
     from clips4.pipeline.processors import build_backend
@@ -200,7 +199,8 @@ def search_command(
     index_path = url_join(cfg.cache_root, ds.key, "search", feats.fingerprint, "segments.faiss")
     index = SegmentIndex.load_or_build(index_path, batches)
     backend = build_backend(ClipFeaturesParams.model_validate(feats.meta["params"]).clip)
-    text = text_embeddings(backend, [query], bundled.prompt_templates() if templates else ["{}"])[0]
+    # a bare class name is prompted like the classes are (natural-language name, 85 templates)
+    text = (class_text_embeddings(backend, [query]) if templates else text_embeddings(backend, [query], ["{}"]))[0]
     hits = index.query(text, top=top)
     wanted = {int(r): float(sc) for r, sc in hits}
     rows = {}
