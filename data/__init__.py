@@ -17,6 +17,14 @@ CLASS_LISTS = {
     "cocostuff171": "cocostuff171.txt",
 }
 
+#: dataset list -> the names CLIP is prompted with, line for line (MaskCLIP's natural-language names, e.g.
+#: ``diningtable`` -> ``dining table``, ``wall-brick`` -> ``brick wall``). Reports keep the dataset's names.
+PROMPT_LISTS = {
+    "voc21": "voc21_prompt.txt",
+    "context59": "context59_prompt.txt",
+    "cocostuff171": "cocostuff171_prompt.txt",
+}
+
 
 def _read_lines(text: str) -> list[str]:
     out = []
@@ -47,6 +55,39 @@ def class_names(name_or_path: str) -> list[str]:
     if not names:
         raise ValueError(f"class list file {p} holds no class names")
     return names
+
+
+def _bundled(file: str) -> list[str]:
+    return _read_lines(resources.files(__package__).joinpath("class_names", file).read_text())
+
+
+_PROMPT_MAP: dict[str, str] | None = None
+
+
+def prompt_name_map() -> dict[str, str]:
+    """``{dataset class name: prompt name}`` for every bundled list, only where the two differ.
+
+    One table for all lists: a name means the same thing wherever it appears (``aeroplane`` in VOC and Context),
+    so names from a dataset's own label file or ``--classes`` are mapped too."""
+    global _PROMPT_MAP
+    if _PROMPT_MAP is None:
+        table: dict[str, str] = {}
+        for key, file in PROMPT_LISTS.items():
+            names, prompts = _bundled(CLASS_LISTS[key]), _bundled(file)
+            if len(names) != len(prompts):  # a packaging error, not user input
+                raise RuntimeError(f"{file}: {len(prompts)} prompt names for {len(names)} classes of {key}")
+            for n, p in zip(names, prompts):
+                if n != p and table.setdefault(n, p) != p:
+                    raise RuntimeError(f"class {n!r} has two prompt names: {table[n]!r} and {p!r}")
+        _PROMPT_MAP = table
+    return dict(_PROMPT_MAP)
+
+
+def prompt_names(names: list[str]) -> list[str]:
+    """The text CLIP is prompted with for each class name (same order); names without a natural-language
+    variant are kept as they are. Use this wherever class names are put into prompt templates."""
+    table = prompt_name_map()
+    return [table.get(n, n) for n in names]
 
 
 def prompt_templates() -> list[str]:

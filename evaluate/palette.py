@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-__all__ = ["voc_palette", "palette_list", "save_indexed_png", "load_indexed_png", "colorize"]
+__all__ = ["voc_palette", "palette_list", "save_indexed_png", "load_indexed_png", "colorize", "overlay", "legend_entries"]
 
 
 def voc_palette(n: int = 256) -> np.ndarray:
@@ -65,3 +65,34 @@ def colorize(labels: np.ndarray, palette: np.ndarray | None = None) -> np.ndarra
     pal = voc_palette() if palette is None else np.asarray(palette, dtype=np.uint8).reshape(-1, 3)
     labels = np.asarray(labels).astype(np.int64)
     return pal[np.mod(labels, len(pal))]
+
+
+def overlay(image: np.ndarray, labels: np.ndarray, palette: np.ndarray | None = None, alpha: float = 0.5,
+            ignore_index: int = 255) -> np.ndarray:
+    """``(H, W, 3) uint8`` image blended with the colours of ``(H, W)`` labels (ignored pixels keep the image)."""
+    image = np.asarray(image, dtype=np.uint8)
+    if image.ndim == 2:
+        image = np.repeat(image[:, :, None], 3, axis=2)
+    labels = np.asarray(labels)
+    if image.shape[:2] != labels.shape:
+        raise ValueError(f"image {image.shape[:2]} and labels {labels.shape} sizes differ")
+    col = colorize(labels, palette).astype(np.float32)
+    out = image.astype(np.float32) * (1 - alpha) + col * alpha
+    out[labels == ignore_index] = image[labels == ignore_index]
+    return np.clip(out + 0.5, 0, 255).astype(np.uint8)
+
+
+def legend_entries(label_maps, class_names=None, palette: np.ndarray | None = None, ignore_index: int = 255,
+                   limit: int | None = None) -> list[tuple[int, str, tuple[int, int, int]]]:
+    """``[(id, name, (r, g, b))]`` for the ids present in any of ``label_maps``, largest total area first (at
+    most ``limit``); ids without a name are shown as their number."""
+    pal = voc_palette() if palette is None else np.asarray(palette, dtype=np.uint8).reshape(-1, 3)
+    counts: dict[int, int] = {}
+    for lab in label_maps:
+        ids, n = np.unique(np.asarray(lab).astype(np.int64), return_counts=True)
+        for i, c in zip(ids.tolist(), n.tolist()):
+            if i != ignore_index:
+                counts[i] = counts.get(i, 0) + c
+    order = sorted(counts, key=lambda i: (-counts[i], i))[:limit]
+    names = list(class_names) if class_names is not None else []
+    return [(i, names[i] if 0 <= i < len(names) else str(i), tuple(int(v) for v in pal[i % len(pal)])) for i in order]

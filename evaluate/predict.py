@@ -10,12 +10,12 @@ from typing import Callable, Sequence
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from clips4.evaluate.palette import colorize, save_indexed_png, voc_palette
+from clips4.evaluate.palette import overlay, save_indexed_png, voc_palette
 from clips4.evaluate.sources import checkpoint_source, text_embeddings_for, warn_clip_mismatch
 from clips4.pipeline.config import Config
 from clips4.pipeline.images import load_rgb
 
-__all__ = ["render_prediction", "class_areas", "overlay", "LEGEND_WIDTH", "Segmenter", "Prediction", "predict_images",
+__all__ = ["render_prediction", "class_areas", "LEGEND_WIDTH", "Segmenter", "Prediction", "predict_images",
            "PREDICT_PALETTE"]
 
 LEGEND_WIDTH = 220
@@ -37,19 +37,6 @@ def class_areas(labels: np.ndarray, class_names: Sequence[str], ignore_index: in
             name = f"id_{i}"
         out[name] = {"id": int(i), "pixels": int(c), "fraction": float(c / total) if total else 0.0}
     return out
-
-
-def overlay(image: np.ndarray, labels: np.ndarray, palette: np.ndarray | None = None, alpha: float = 0.5,
-            ignore_index: int = 255) -> np.ndarray:
-    """Blend label colours over the image (ignored pixels keep the image)."""
-    image = np.asarray(image, dtype=np.uint8)
-    labels = np.asarray(labels)
-    if image.shape[:2] != labels.shape:
-        raise ValueError(f"image {image.shape[:2]} and labels {labels.shape} sizes differ")
-    col = colorize(labels, palette).astype(np.float32)
-    out = image.astype(np.float32) * (1 - alpha) + col * alpha
-    out[labels == ignore_index] = image[labels == ignore_index]
-    return np.clip(out + 0.5, 0, 255).astype(np.uint8)
 
 
 def _font(size: int):

@@ -5,8 +5,9 @@
 * ``results.json`` -- everything in ``results`` (plus ``title``, ``config`` and ``fingerprints`` if passed);
 * ``report.md`` -- a table in the layout of the paper's tables (method row(s) x metric columns, numbers in
   percent with one decimal: values in [0, 1] are multiplied by 100), then per-class IoU and the figure list;
-* figures (matplotlib, Agg): ``per_class_iou.png`` (bars), ``confusion.png`` (row-normalised),
-  ``overlay_<i>.png`` (image | prediction | GT), ``embeddings.png`` (2-D projection of segment embeddings,
+* figures (matplotlib, Agg): ``per_class_iou.png`` (bars), ``confusion.png`` (row-normalised; values in the
+  cells for small class counts, the largest confusions listed beside it for large ones),
+  ``overlay_<i>.png`` (image | prediction | GT, both blended with the image, legend of class names and colours), ``embeddings.png`` (2-D projection of segment embeddings,
   one panel per source, e.g. CLIP vs the model as in the paper's Fig. 4a: t-SNE when scikit-learn is
   installed and ``projection="tsne"``, else a shared PCA computed with numpy).
 
@@ -25,9 +26,9 @@ from typing import Sequence
 import numpy as np
 
 from clips4.evaluate.metrics import ConfusionMatrix
-from clips4.evaluate.palette import colorize
 
-__all__ = ["write_report", "side_by_side", "markdown_table", "project_2d", "TABLE_KEYS"]
+__all__ = ["write_report", "side_by_side", "markdown_table", "project_2d", "TABLE_KEYS", "per_class_figure",
+           "confusion_figure", "overlay_figure", "top_confusions"]
 
 # metric key -> column title (order = column order)
 TABLE_KEYS = {
@@ -142,53 +143,140 @@ def _plt():
     return plt
 
 
-def _per_class_bars(path: Path, names: list[str], ious: list, title: str) -> None:
+def _wrapped(text: str, width_in: float, fontsize: float) -> str:
+    """``text`` broken into lines that fit ``width_in`` inches (a title wider than its figure is cut off)."""
+    import textwrap
+
+    chars = max(20, int(width_in * 72 / (0.62 * fontsize)))  # ~0.6 em per character in DejaVu Sans
+    return "\n".join(textwrap.wrap(text, chars, break_on_hyphens=False)) or text
+
+
+def _save(fig, path: Path, dpi: int = 100) -> None:
+    fig.savefig(path, dpi=dpi)
+    _plt().close(fig)
+
+
+def per_class_figure(names: list[str], ious: list, title: str):
+    """Bar chart of per-class IoU (%) -> matplotlib Figure; the title is wrapped to stay inside the figure."""
     plt = _plt()
     vals = np.array([np.nan if v is None else v for v in ious], dtype=float) * 100
-    fig, ax = plt.subplots(figsize=(max(6, 0.28 * len(names) + 2), 4))
+    width = max(6.0, 0.28 * len(names) + 2)
+    fig, ax = plt.subplots(figsize=(width, 4.5), layout="constrained")
     ax.bar(range(len(names)), np.nan_to_num(vals), color="tab:blue")
     ax.set_xticks(range(len(names)))
-    ax.set_xticklabels(names, rotation=90, fontsize=7)
+    ax.set_xticklabels(names, rotation=90, fontsize=8)
+    ax.set_xlim(-0.6, len(names) - 0.4)
     ax.set_ylabel("IoU (%)")
     ax.set_ylim(0, 100)
-    ax.set_title(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    ax.set_title(_wrapped(title, width - 0.8, 12), fontsize=12)
+    return fig
 
 
-def _confusion_fig(path: Path, cm: ConfusionMatrix, names: list[str]) -> None:
+#: up to this many classes the confusion matrix is drawn with its values; above it the largest confusions
+#: are listed beside it (a 171 x 171 grid of numbers is unreadable)
+CONFUSION_VALUES_MAX = 25
+
+
+def top_confusions(cm: ConfusionMatrix, names: Sequence[str], n: int = 20) -> list[dict]:
+    """The ``n`` largest off-diagonal entries, as a share of their ground-truth class's pixels:
+    ``[{"gt", "pred", "fraction", "pixels"}]``, largest fraction first (classes without pixels are skipped)."""
+    m = cm.mat.astype(np.float64)
+    rows = m.sum(1, keepdims=True)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        frac = np.where(rows > 0, m / rows, 0.0)
+    np.fill_diagonal(frac, 0.0)
+    order = np.argsort(-frac, axis=None, kind="stable")[:n]
+    out = []
+    for flat in order:
+        g, p = divmod(int(flat), m.shape[1])
+        if frac[g, p] <= 0:
+            break
+        out.append({"gt": names[g], "pred": names[p], "fraction": float(frac[g, p]), "pixels": int(m[g, p])})
+    return out
+
+
+def confusion_figure(cm: ConfusionMatrix, names: list[str], top_n: int = 20):
+    """Row-normalised confusion matrix -> matplotlib Figure. Up to :data:`CONFUSION_VALUES_MAX` classes each cell
+    shows its percentage; for more, a second panel lists the ``top_n`` largest confusions (gt -> prediction)."""
     plt = _plt()
     m = cm.mat.astype(np.float64)
     with np.errstate(invalid="ignore", divide="ignore"):
         m = m / m.sum(1, keepdims=True)
+    m = np.nan_to_num(m)
     n = len(names)
-    fig, ax = plt.subplots(figsize=(max(5, 0.22 * n + 2), max(4, 0.22 * n + 1.5)))
-    im = ax.imshow(np.nan_to_num(m), cmap="viridis", vmin=0, vmax=1)
+    small = n <= CONFUSION_VALUES_MAX
+    cell = 0.42 if small else 0.16
+    side = max(4.5, cell * n + 2.5)
+    if small:
+        fig, ax = plt.subplots(figsize=(side + 1, side), layout="constrained")
+    else:
+        fig, (ax, ax_top) = plt.subplots(1, 2, figsize=(side + 7, side), layout="constrained",
+                                         gridspec_kw={"width_ratios": [side, 6]})
+    im = ax.imshow(m, cmap="viridis", vmin=0, vmax=1)
     ax.set_xticks(range(n))
     ax.set_yticks(range(n))
-    ax.set_xticklabels(names, rotation=90, fontsize=6)
-    ax.set_yticklabels(names, fontsize=6)
+    fs = 9 if small else 6
+    ax.set_xticklabels(names, rotation=90, fontsize=fs)
+    ax.set_yticklabels(names, fontsize=fs)
     ax.set_xlabel("prediction")
     ax.set_ylabel("ground truth")
-    fig.colorbar(im, ax=ax, fraction=0.046)
+    fig.colorbar(im, ax=ax, shrink=0.8, label="share of the ground-truth class's pixels")
     ax.set_title("confusion (row-normalised)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    if small:
+        for g in range(n):
+            for p in range(n):
+                if cm.mat[g].sum() == 0:
+                    continue
+                v = 100 * m[g, p]
+                if g != p and v < 0.5:  # empty cells stay empty: the eye goes to the confusions
+                    continue
+                ax.text(p, g, f"{v:.0f}", ha="center", va="center", fontsize=8,
+                        color="black" if m[g, p] > 0.6 else "white")
+    else:
+        top = top_confusions(cm, names, top_n)
+        labels = [f"{t['gt']} \u2192 {t['pred']}" for t in top][::-1]
+        ax_top.barh(range(len(top)), [100 * t["fraction"] for t in top][::-1], color="tab:red")
+        ax_top.set_yticks(range(len(top)))
+        ax_top.set_yticklabels(labels, fontsize=9)
+        ax_top.set_xlabel("% of the ground-truth class's pixels")
+        ax_top.set_title(f"top {len(top)} confusions (ground truth \u2192 prediction)")
+    return fig
 
 
-def _overlay_fig(path: Path, image, pred, gt, ignore_index: int = 255) -> None:
+def overlay_figure(image, pred, gt, names: Sequence[str] | None = None, ignore_index: int = 255,
+                   alpha: float = 0.55, max_legend: int = 30):
+    """image | prediction over the image | ground truth over the image, with a legend of the classes present
+    (names and colours, largest first) -> matplotlib Figure. Labels of another size are resized (nearest)."""
+    from matplotlib.patches import Patch
+
+    from clips4.evaluate.palette import legend_entries, overlay
+
     plt = _plt()
-    fig, axes = plt.subplots(1, 3, figsize=(12, 4))
     image = np.asarray(image)
-    for ax, (t, im) in zip(axes, [("image", image), ("prediction", colorize(pred)), ("ground truth", colorize(gt))]):
+    if image.ndim == 2:
+        image = np.repeat(image[:, :, None], 3, axis=2)
+    H, W = image.shape[:2]
+
+    def fit(lab):
+        lab = np.asarray(lab).astype(np.int64)
+        if lab.shape != (H, W):
+            lab = lab[(np.arange(H) * lab.shape[0]) // H][:, (np.arange(W) * lab.shape[1]) // W]
+        return lab
+
+    pred, gt = fit(pred), fit(gt)
+    fig, axes = plt.subplots(1, 3, figsize=(13, 4.2), layout="constrained")
+    panels = [("image", image), ("prediction", overlay(image, pred, alpha=alpha, ignore_index=ignore_index)),
+              ("ground truth", overlay(image, gt, alpha=alpha, ignore_index=ignore_index))]
+    for ax, (t, im) in zip(axes, panels):
         ax.imshow(im)
         ax.set_title(t)
         ax.axis("off")
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
+    entries = legend_entries([pred, gt], names, ignore_index=ignore_index, limit=max_legend)
+    handles = [Patch(facecolor=np.array(c) / 255, edgecolor="black", label=name) for _, name, c in entries]
+    if handles:
+        fig.legend(handles=handles, loc="outside right center", fontsize=9, frameon=False,
+                   ncol=1 + (len(handles) - 1) // 16)
+    return fig
 
 
 def _embedding_fig(path: Path, embeddings: dict, class_names: list[str] | None, projection: str) -> None:
@@ -261,16 +349,17 @@ def write_report(
         per_class = {(names[i] if names else f"class_{i}"): (None if np.isnan(v) else float(v)) for i, v in enumerate(ious)}
     if per_class:
         paths["per_class_iou"] = out / "per_class_iou.png"
-        _per_class_bars(paths["per_class_iou"], list(per_class), list(per_class.values()), f"{title}: per-class IoU")
+        _save(per_class_figure(list(per_class), list(per_class.values()), f"{title}: per-class IoU"),
+              paths["per_class_iou"])
         figures.append(paths["per_class_iou"])
     if confusion is not None:
         cm_names = names if names and len(names) == confusion.num_classes else [str(i) for i in range(confusion.num_classes)]
         paths["confusion"] = out / "confusion.png"
-        _confusion_fig(paths["confusion"], confusion, cm_names)
+        _save(confusion_figure(confusion, cm_names), paths["confusion"])
         figures.append(paths["confusion"])
     for i, (image, pred, gt) in enumerate(list(overlays)[:max_overlays]):
         p = out / f"overlay_{i}.png"
-        _overlay_fig(p, image, pred, gt)
+        _save(overlay_figure(image, pred, gt, names), p, dpi=90)
         paths[f"overlay_{i}"] = p
         figures.append(p)
     if embeddings:
@@ -282,6 +371,10 @@ def write_report(
     if per_class:
         md += ["## Per-class IoU", "", "| Class | IoU |", "|---|---:|"]
         md += [f"| {k} | {_fmt('iou', v)} |" for k, v in per_class.items()]
+        md.append("")
+    if confusion is not None and confusion.num_classes > CONFUSION_VALUES_MAX:
+        md += ["## Largest confusions", "", "| Ground truth | Prediction | % of its pixels |", "|---|---|---:|"]
+        md += [f"| {t['gt']} | {t['pred']} | {100 * t['fraction']:.1f} |" for t in top_confusions(confusion, cm_names)]
         md.append("")
     if config:
         md += ["## Configuration", "", "```json", json.dumps(_sanitize(config), indent=2, default=_json_default), "```", ""]

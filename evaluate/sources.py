@@ -189,13 +189,13 @@ def resolve_classes(spec: str | None, dataset: Dataset) -> list[str]:
 
 
 def text_embeddings_for(cfg: Config, names: list[str]) -> tuple[np.ndarray, dict]:
-    """Text embeddings of ``names`` (85 templates) from the backend the clip_features stage is configured with."""
-    from clips4.pipeline.backends import text_embeddings
+    """Text embeddings of ``names`` (their prompt names, 85 templates) from the configured clip_features backend."""
+    from clips4.pipeline.backends import class_text_embeddings
     from clips4.pipeline.processors import build_backend
 
     params: ClipFeaturesParams = cfg.params("clip_features")  # type: ignore[assignment]
     backend = build_backend(params.clip)
-    return text_embeddings(backend, names, bundled.prompt_templates()), backend.info()
+    return class_text_embeddings(backend, names), backend.info()
 
 
 def with_split(cfg: Config, split: str | None) -> Config:

@@ -25,7 +25,7 @@ from typing import Protocol, Sequence, runtime_checkable
 
 import numpy as np
 
-__all__ = ["VisionLanguageBackend", "text_embeddings", "load_backend", "l2_normalize"]
+__all__ = ["VisionLanguageBackend", "text_embeddings", "class_text_embeddings", "load_backend", "l2_normalize"]
 
 
 @runtime_checkable
@@ -98,6 +98,15 @@ def text_embeddings(
         chunks.append(l2_normalize(emb))  # normalise each prompt: templates weigh the same
     all_emb = np.concatenate(chunks, axis=0).reshape(len(class_names), len(templates), -1)
     return l2_normalize(all_emb.mean(axis=1))
+
+
+def class_text_embeddings(backend: VisionLanguageBackend, class_names: Sequence[str]) -> np.ndarray:
+    """``(K, D) float32`` text embeddings of dataset classes: each name mapped to the name CLIP is prompted with
+    (:func:`clips4.data.prompt_names`, e.g. ``diningtable`` -> ``dining table``) and ensembled over the 85
+    templates. Every class-name prompt goes through here; callers keep the dataset's names for reports."""
+    from clips4 import data as bundled
+
+    return text_embeddings(backend, bundled.prompt_names(list(class_names)), bundled.prompt_templates())
 
 
 def load_backend(spec: str | None = None, **params) -> VisionLanguageBackend:

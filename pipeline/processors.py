@@ -222,12 +222,12 @@ def build_prototypes(params: "PrototypesParams", deps: dict[str, str], out_url: 
     """Known prototypes (top-m segments per class, FAISS) + unknown ones, from the clip_features cache.
 
     Writes ``prototypes.parquet`` (name, kind, vector, support ids) and ``text.parquet`` (class text
-    embeddings from the 85 templates); returns their names. The segments table is streamed, never loaded whole.
+    embeddings of the classes' prompt names over the 85 templates; rows keep the dataset's names); returns their names. The segments table is streamed, never loaded whole.
     """
     import pyarrow as pa
 
     from clips4 import data as bundled
-    from clips4.pipeline.backends import text_embeddings
+    from clips4.pipeline.backends import class_text_embeddings
     from clips4.pipeline.cache import StageReader, url_join, write_parquet_atomic
     from clips4.pipeline.config import ClipFeaturesParams
     from clips4.pipeline.prototypes import PrototypeSet, iter_embedding_batches, known_prototypes, unknown_prototypes
@@ -245,7 +245,7 @@ def build_prototypes(params: "PrototypesParams", deps: dict[str, str], out_url: 
     if params.classes:
         names = bundled.class_names(params.classes)
         backend = build_backend(cf.clip)
-        text = text_embeddings(backend, names, bundled.prompt_templates())
+        text = class_text_embeddings(backend, names)
         known, support = known_prototypes(batches(), text, backend.logit_scale, top_m=params.top_m)
     unknown, unknown_ids = unknown_prototypes(batches(), u=params.n_unknown, seed=params.seed)
     protos = PrototypeSet.from_parts(names, known, support, unknown, unknown_ids)
@@ -266,6 +266,7 @@ class PrototypesBuilder:
     """The prototypes stage: a whole-dataset builder (see :func:`build_prototypes`)."""
 
     kind = "builder"
-    version = "1"
+    #: 2: class prompts use the natural-language names (clips4.data.prompt_names)
+    version = "2"
     Params = PrototypesParams
     build = staticmethod(build_prototypes)

@@ -15,7 +15,7 @@ from typing import Callable, Iterable, Sequence
 
 import numpy as np
 
-__all__ = ["SegmentIndex", "contact_sheet", "search_segments"]
+__all__ = ["SegmentIndex", "contact_sheet", "render_tile", "segment_mask", "search_segments"]
 
 
 class SegmentIndex:
@@ -117,12 +117,92 @@ class SegmentIndex:
 
 
 # ================================================================================================ contact sheet
-def _outline(mask: np.ndarray, thickness: int = 2) -> np.ndarray:
-    from scipy import ndimage
-    from skimage.segmentation import find_boundaries
+def segment_mask(feats, image_id: str, segment_id: int) -> np.ndarray:
+    """``(H, W) bool`` mask of one CLIP segment of a clip_features output (a ``StageReader``). When the segments are
+    the superpixels of the segments stage (``segment_source: ucm``) the mask is the superpixel at image resolution;
+    k-means segments exist only at the feature grid, so their mask is ``(h, w)`` (the contact sheet resizes it)."""
+    dep = (feats.meta.get("deps") or {}).get("segments")
+    if dep and dep.get("url"):
+        from clips4.pipeline.cache import StageReader
 
-    b = find_boundaries(mask, mode="inner")
-    return ndimage.binary_dilation(b, iterations=max(0, thickness - 1)) & mask if thickness > 1 else b
+        try:
+            return np.asarray(StageReader(dep["url"]).get(image_id, "labels")) == int(segment_id)
+        except Exception:  # noqa: BLE001 - the segments output was cleaned away: the grid mask still shows it
+            pass
+    return np.asarray(feats.get(image_id, "segment_labels")) == int(segment_id)
+
+
+def _font(size: int):
+    """DejaVu Sans (shipped with matplotlib, a dependency) at ``size`` px: the fonts Pillow bundles draw spaces so
+    narrow that a query's words run together."""
+    from PIL import ImageFont
+
+    try:
+        import matplotlib
+
+        return ImageFont.truetype(str(Path(matplotlib.get_data_path()) / "fonts" / "ttf" / "DejaVuSans.ttf"), size)
+    except (ImportError, OSError):  # pragma: no cover - no matplotlib / no FreeType
+        try:
+            return ImageFont.load_default(size=size)
+        except TypeError:  # Pillow < 10.1
+            return ImageFont.load_default()
+
+
+def _resize_mask(mask: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
+    """Bool mask resized to ``hw``; a coarser mask (the feature grid) is interpolated, so its blocks become
+    rounded regions instead of a staircase."""
+    from PIL import Image
+
+    mask = np.asarray(mask).astype(bool)
+    if mask.shape == tuple(hw):
+        return mask
+    smooth = mask.shape[0] < hw[0] and mask.shape[1] < hw[1]
+    im = Image.fromarray(mask.astype(np.uint8) * 255).resize((hw[1], hw[0]), Image.BILINEAR if smooth else Image.NEAREST)
+    return np.asarray(im) >= 128
+
+
+def render_tile(image: np.ndarray, mask: np.ndarray | None, bbox=None, *, thumb: int = 192, context: float = 0.25,
+                color: tuple[int, int, int] = (255, 40, 40)) -> tuple[np.ndarray, np.ndarray | None]:
+    """One contact-sheet tile: the crop around a segment (its box grown by ``context`` of its size on each side),
+    scaled so its longer side is ``thumb``. With a mask (any resolution) the segment is shown filled: pixels
+    outside it are washed out (grey, light), pixels inside keep the image and its boundary is drawn in ``color``
+    on the inside of the segment. With only a ``bbox`` (``y0, x0, y1, x1``) the box is drawn.
+    Returns ``(tile (h, w, 3) uint8, mask at tile resolution (h, w) bool or None)``."""
+    from PIL import Image, ImageDraw
+    from scipy import ndimage
+
+    img = np.asarray(image)
+    if img.ndim == 2:
+        img = np.repeat(img[:, :, None], 3, axis=2)
+    H, W = img.shape[:2]
+    if mask is not None:
+        mask = _resize_mask(mask, (H, W))
+        if bbox is None and mask.any():
+            ys, xs = np.nonzero(mask)
+            bbox = (ys.min(), xs.min(), ys.max() + 1, xs.max() + 1)
+    if bbox is None:
+        bbox = (0, 0, H, W)
+    y0, x0, y1, x1 = (int(v) for v in bbox)
+    gy, gx = int((y1 - y0) * context), int((x1 - x0) * context)
+    cy0, cx0, cy1, cx1 = max(0, y0 - gy), max(0, x0 - gx), min(H, y1 + gy), min(W, x1 + gx)
+    pil = Image.fromarray(np.ascontiguousarray(img[cy0:cy1, cx0:cx1]))
+    scale = thumb / max(pil.width, pil.height, 1)
+    size = (max(1, round(pil.width * scale)), max(1, round(pil.height * scale)))
+    pil = pil.resize(size, Image.BICUBIC)
+    if mask is None:
+        ImageDraw.Draw(pil).rectangle([(x0 - cx0) * scale, (y0 - cy0) * scale, (x1 - cx0) * scale - 1,
+                                       (y1 - cy0) * scale - 1], outline=color, width=2)
+        return np.asarray(pil), None
+    m = _resize_mask(mask[cy0:cy1, cx0:cx1], (size[1], size[0]))
+    tile = np.asarray(pil).astype(np.float32)
+    col = np.asarray(color, np.float32)
+    # the segment keeps its colours; the rest is washed out (grey, light), so dark and bright segments both stand out
+    faded = 0.4 * tile.mean(axis=2, keepdims=True) + 0.6 * 235
+    out = np.where(m[..., None], tile, faded)
+    # a 2-pixel line along the inside of the segment's boundary (not along the crop's edge)
+    edge = m & ~ndimage.binary_erosion(m, iterations=2, border_value=1)
+    out[edge] = col
+    return np.clip(out + 0.5, 0, 255).astype(np.uint8), m
 
 
 def contact_sheet(
@@ -136,72 +216,46 @@ def contact_sheet(
     color: tuple[int, int, int] = (255, 40, 40),
     load_image: Callable[[str], np.ndarray] | None = None,
 ) -> str:
-    """A grid of image crops around the hit segments, outlined, with their scores (as the paper's Fig. 4b).
+    """A grid of image crops around the hit segments with their scores (as the paper's Fig. 4b), under ``title``.
 
     Each hit is a dict with ``image_path`` (or ``image``: an ``(H, W, 3) uint8`` array), ``score``, and the
-    segment as ``mask`` (``(H, W)`` bool at image resolution, or at any resolution: resized nearest) and/or
-    ``bbox`` (``y0, x0, y1, x1`` in image pixels, end exclusive); ``image_id`` / ``segment_id`` go in the caption.
-    The crop is the segment's box grown by ``context`` of its size on each side. With a mask the segment's
-    boundary is drawn; with only a box, the box. Writes ``out_png`` and returns its path.
+    segment as ``mask`` (``(H, W)`` bool at image resolution, or coarser, e.g. the feature grid: interpolated)
+    and/or ``bbox`` (``y0, x0, y1, x1`` in image pixels, end exclusive); ``image_id`` / ``segment_id`` go in the
+    caption. See :func:`render_tile` for how a segment is drawn. Writes ``out_png`` and returns its path.
     """
-    from PIL import Image, ImageDraw, ImageFont
+    import textwrap
+
+    from PIL import Image, ImageDraw
 
     if load_image is None:
         from clips4.pipeline.images import load_rgb as load_image
     cols = max(1, min(cols, len(hits) or 1))
     rows = max(1, (len(hits) + cols - 1) // cols)
-    cap_h, title_h, pad = 30, (28 if title else 0), 6
+    font, small, title_font = _font(13), _font(11), _font(16)
+    pad, cap_h = 6, 34
     W = cols * (thumb + pad) + pad
+    lines = textwrap.wrap(title, max(10, int(W / (0.55 * 16)))) if title else []
+    title_h = 20 * len(lines) + (8 if lines else 0)
     Hs = title_h + rows * (thumb + cap_h + pad) + pad
     sheet = Image.new("RGB", (W, Hs), (255, 255, 255))
     draw = ImageDraw.Draw(sheet)
-    font = ImageFont.load_default()
-    if title:
-        draw.text((pad, 6), title, fill=(0, 0, 0), font=font)
+    for i, line in enumerate(lines):
+        draw.text((pad, 4 + 20 * i), line, fill=(0, 0, 0), font=title_font)
     for n, hit in enumerate(hits):
         img = hit.get("image")
         if img is None:
             img = load_image(str(hit["image_path"]))
-        img = np.asarray(img)
-        if img.ndim == 2:
-            img = np.repeat(img[:, :, None], 3, axis=2)
-        H, W0 = img.shape[:2]
-        mask = hit.get("mask")
-        if mask is not None:
-            mask = np.asarray(mask).astype(bool)
-            if mask.shape != (H, W0):  # nearest resize to the image
-                ry = (np.arange(H) * mask.shape[0]) // H
-                rx = (np.arange(W0) * mask.shape[1]) // W0
-                mask = mask[ry][:, rx]
-        bbox = hit.get("bbox")
-        if bbox is None and mask is not None and mask.any():
-            ys, xs = np.nonzero(mask)
-            bbox = (ys.min(), xs.min(), ys.max() + 1, xs.max() + 1)
-        if bbox is None:
-            bbox = (0, 0, H, W0)
-        y0, x0, y1, x1 = (int(v) for v in bbox)
-        gy, gx = int((y1 - y0) * context), int((x1 - x0) * context)
-        cy0, cx0, cy1, cx1 = max(0, y0 - gy), max(0, x0 - gx), min(H, y1 + gy), min(W0, x1 + gx)
-        crop = img[cy0:cy1, cx0:cx1].copy()
-        if mask is not None:
-            crop[_outline(mask[cy0:cy1, cx0:cx1], thickness=max(1, (cy1 - cy0) // 100 + 1))] = color
-        pil = Image.fromarray(crop)
-        scale = thumb / max(pil.width, pil.height, 1)
-        pil = pil.resize((max(1, round(pil.width * scale)), max(1, round(pil.height * scale))), Image.BICUBIC)
-        if mask is None:  # only a box: draw it on the thumbnail
-            d = ImageDraw.Draw(pil)
-            d.rectangle([(x0 - cx0) * scale, (y0 - cy0) * scale, (x1 - cx0) * scale - 1, (y1 - cy0) * scale - 1],
-                        outline=color, width=2)
+        tile, _ = render_tile(img, hit.get("mask"), hit.get("bbox"), thumb=thumb, context=context, color=color)
         r, c = divmod(n, cols)
-        ox = pad + c * (thumb + pad) + (thumb - pil.width) // 2
-        oy = title_h + pad + r * (thumb + cap_h + pad) + (thumb - pil.height) // 2
-        sheet.paste(pil, (ox, oy))
+        ox = pad + c * (thumb + pad) + (thumb - tile.shape[1]) // 2
+        oy = title_h + pad + r * (thumb + cap_h + pad) + (thumb - tile.shape[0]) // 2
+        sheet.paste(Image.fromarray(tile), (ox, oy))
         tx, ty = pad + c * (thumb + pad), title_h + pad + r * (thumb + cap_h + pad) + thumb + 2
         score = hit.get("score")
         draw.text((tx, ty), f"#{n + 1}  {score:.3f}" if score is not None else f"#{n + 1}", fill=(0, 0, 0), font=font)
         ident = ":".join(str(hit[k]) for k in ("image_id", "segment_id") if hit.get(k) is not None)
         if ident:
-            draw.text((tx, ty + 13), ident[:40], fill=(90, 90, 90), font=font)
+            draw.text((tx, ty + 16), ident[:40], fill=(90, 90, 90), font=small)
     Path(out_png).parent.mkdir(parents=True, exist_ok=True)
     sheet.save(out_png)
     return str(out_png)
@@ -211,8 +265,7 @@ def search_segments(cfg, query: str, *, top: int = 16, templates: bool = False, 
     """The ``top`` cached CLIP segments closest to ``query`` (the clip_features stage of ``cfg``'s dataset), best
     first, as ``{"rank", "score", "image_id", "segment_id", "row_id"}``; with ``out``, also their contact sheet.
     The FAISS index is built once per clip_features output and kept beside it (named by its fingerprint)."""
-    from clips4 import data as bundled
-    from clips4.pipeline.backends import text_embeddings
+    from clips4.pipeline.backends import class_text_embeddings, text_embeddings
     from clips4.pipeline.cache import url_join
     from clips4.pipeline.config import ClipFeaturesParams
     from clips4.pipeline.processors import build_backend
@@ -225,7 +278,8 @@ def search_segments(cfg, query: str, *, top: int = 16, templates: bool = False, 
     index = SegmentIndex.load_or_build(
         index_path, lambda: iter_embedding_batches(feats.iter_table("segments", columns=["row_id", "embedding"])))
     backend = build_backend(ClipFeaturesParams.model_validate(feats.meta["params"]).clip)
-    text = text_embeddings(backend, [query], bundled.prompt_templates() if templates else ["{}"])[0]
+    # a bare class name is prompted like the classes are (natural-language name, 85 templates)
+    text = (class_text_embeddings(backend, [query]) if templates else text_embeddings(backend, [query], ["{}"]))[0]
     hits = index.query(text, top=top)
     wanted = {int(r) for r, _ in hits}
     rows = {}
@@ -239,7 +293,7 @@ def search_segments(cfg, query: str, *, top: int = 16, templates: bool = False, 
         found.append({"rank": rank, "score": float(score), "image_id": r["image_id"], "segment_id": r["segment_id"],
                       "row_id": int(rid)})
         if out is not None:
-            mask = feats.get(r["image_id"], "segment_labels") == r["segment_id"]
+            mask = segment_mask(feats, r["image_id"], r["segment_id"])
             sheet.append({"image_path": feats.row(r["image_id"])["path"], "mask": mask, "bbox": r["bbox"],
                           "score": float(score), "image_id": r["image_id"], "segment_id": r["segment_id"]})
     if out is not None:

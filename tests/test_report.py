@@ -61,3 +61,64 @@ def test_project_2d_pca():
     X[:, 2] = np.arange(10)
     P = project_2d(X)
     assert P.shape == (10, 2) and np.ptp(np.abs(P[:, 0])) > 0
+
+
+def _inside(fig, artist) -> bool:
+    fig.canvas.draw()
+    bb, fb = artist.get_window_extent(), fig.bbox
+    return bb.x0 >= fb.x0 - 1 and bb.x1 <= fb.x1 + 1 and bb.y0 >= fb.y0 - 1 and bb.y1 <= fb.y1 + 1
+
+
+def test_per_class_title_stays_inside_the_figure():
+    from clips4.evaluate.report import per_class_figure
+
+    title = "language-driven segmentation — student (checkpoint runs/voc-resnet50/ckpt_020000.pt) on voc-val: per-class IoU"
+    fig = per_class_figure(["bg", "cat", "dog"], [0.5, None, 0.25], title)
+    assert _inside(fig, fig.axes[0].title)
+    assert fig.axes[0].title.get_text().replace("\n", " ") == title  # wrapped, not cut
+
+
+def test_overlay_figure_blends_and_has_a_legend_of_present_classes():
+    from clips4.evaluate.palette import voc_palette
+    from clips4.evaluate.report import overlay_figure
+
+    img = np.full((20, 30, 3), 200, np.uint8)
+    pred = np.zeros((20, 30), np.int64)
+    pred[:, 10:] = 2  # dog 400 px, background 200, cat (in gt) 300
+    gt = np.full((20, 30), 255)
+    gt[:10] = 1
+    fig = overlay_figure(img, pred, gt, ["background", "cat", "dog", "cow"])
+    (legend,) = fig.legends
+    assert [t.get_text() for t in legend.get_texts()] == ["dog", "cat", "background"]  # by area; cow absent
+    assert _inside(fig, legend)
+    shown = fig.axes[1].images[0].get_array()
+    # the prediction panel is the image tinted with the class colour, not the bare colour
+    np.testing.assert_allclose(shown[0, 20], 0.45 * 200 + 0.55 * voc_palette()[2], atol=1)
+    np.testing.assert_array_equal(fig.axes[2].images[0].get_array()[15, 5], [200, 200, 200])  # ignore keeps image
+
+
+def test_confusion_values_for_few_classes_top_list_for_many(tmp_path):
+    from clips4.evaluate.report import CONFUSION_VALUES_MAX, confusion_figure, top_confusions
+
+    cm = ConfusionMatrix(3)
+    cm.update(np.array([0, 0, 1, 1, 1, 1, 0, 2, 2]), np.array([0, 0, 0, 1, 1, 1, 1, 2, 2]))  # (pred, gt)
+    fig = confusion_figure(cm, ["bg", "cat", "dog"])
+    texts = {t.get_text() for t in fig.axes[0].texts}
+    assert {"67", "33", "100", "75", "25"} <= texts  # row-normalised percentages in the cells
+    assert _inside(fig, fig.axes[0].yaxis.label) and _inside(fig, fig.axes[0].title)
+    top = top_confusions(cm, ["bg", "cat", "dog"])
+    assert [(t["gt"], t["pred"]) for t in top] == [("bg", "cat"), ("cat", "bg")]
+    assert abs(top[0]["fraction"] - 1 / 3) < 1e-9 and top[1]["pixels"] == 1
+
+    n = CONFUSION_VALUES_MAX + 5
+    big = ConfusionMatrix(n)
+    g = np.arange(n).repeat(10)
+    p = g.copy()
+    p[::10] = (g[::10] + 1) % n  # every class loses a tenth to the next one
+    big.update(p, g)
+    names = [f"c{i}" for i in range(n)]
+    fig = confusion_figure(big, names, top_n=7)
+    assert not fig.axes[0].texts and len(fig.axes) == 3  # matrix, top list, colour bar
+    assert [t.get_text() for t in fig.axes[1].get_yticklabels()][-1] == "c0 \u2192 c1"
+    paths = write_report(tmp_path, big.to_dict(names), title="many", class_names=names, confusion=big)
+    assert "## Largest confusions" in paths["markdown"].read_text() and "| c0 | c1 | 10.0 |" in paths["markdown"].read_text()

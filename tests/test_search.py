@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from clips4.pipeline.search import SegmentIndex, contact_sheet
+from clips4.pipeline.search import SegmentIndex, contact_sheet, render_tile, segment_mask
 
 
 def _unit(x):
@@ -79,6 +79,61 @@ def test_contact_sheet(tmp_path):
     ]
     out = contact_sheet(hits, str(tmp_path / "sheet" / "q.png"), title="a query", cols=2, thumb=96)
     im = Image.open(out)
-    assert im.size == (2 * (96 + 6) + 6, 28 + 2 * (96 + 30 + 6) + 6)
+    assert im.size == (2 * (96 + 6) + 6, 28 + 2 * (96 + 34 + 6) + 6)
     arr = np.asarray(im.convert("RGB"))
     assert ((arr[..., 0] == 255) & (arr[..., 1] == 40) & (arr[..., 2] == 40)).sum() > 20  # outlines drawn
+
+
+RED = np.array([255, 40, 40])
+
+
+def test_tile_shows_the_segment_filled_and_outlined_inside_it_only():
+    rng = np.random.default_rng(1)
+    img = rng.integers(0, 255, (100, 100, 3), dtype=np.uint8)
+    yy, xx = np.mgrid[:100, :100]
+    mask = (yy - 50) ** 2 + (xx - 50) ** 2 < 20 ** 2  # a disc: one region, one outline
+    tile, m = render_tile(img, mask, thumb=100, context=1.0)  # crop = whole image, scale 1
+    assert tile.shape == (100, 100, 3) and np.array_equal(m, mask)
+    red = (tile == RED).all(-1)
+    assert red.sum() > 100 and not (red & ~mask).any()  # the outline lies inside the segment
+    ring = mask & ~np.pad(mask[2:-2, 2:-2] & mask[:-4, 2:-2] & mask[4:, 2:-2] & mask[2:-2, :-4] & mask[2:-2, 4:],
+                          2)
+    assert red[mask & ~ring].sum() == 0  # a thin line, not a filled disc
+    inner = mask & ~red
+    np.testing.assert_array_equal(tile[inner], img[inner])  # the segment keeps the image's colours
+    out = tile[~mask].astype(int)
+    assert (np.ptp(out, axis=-1) <= 1).all() and out.min() >= 140  # outside: grey and light
+
+
+def test_tile_grid_mask_becomes_one_region():
+    img = np.full((64, 64, 3), 100, np.uint8)
+    grid = np.zeros((4, 4), bool)
+    grid[1:3, 1:3] = True  # the feature grid, 16 px cells
+    tile, m = render_tile(img, grid, thumb=64, context=10.0)
+    from scipy import ndimage
+
+    assert ndimage.label(m)[1] == 1 and 0.15 < m.mean() < 0.35  # one blob where the cells are
+    assert m[32, 32] and not m[5, 5] and not m[60, 60]
+
+
+def test_segment_mask_from_the_grid_without_a_segments_stage():
+    class Feats:
+        meta = {"deps": {}}
+
+        def get(self, image_id, key):
+            assert key == "segment_labels"
+            return np.array([[0, 1], [1, 2]])
+
+    np.testing.assert_array_equal(segment_mask(Feats(), "a", 1), [[False, True], [True, False]])
+
+
+def test_sheet_title_keeps_its_spaces():
+    from PIL import ImageDraw
+
+    from clips4.pipeline.search import _font
+
+    d = ImageDraw.Draw(Image.new("RGB", (10, 10)))
+    f = _font(16)
+    # each space is drawn at least half an "o" wide (the bundled fonts' spaces let the words run together)
+    assert d.textlength("a photo of a red car", font=f) - d.textlength("aphotoofaredcar", font=f) >= \
+        5 * d.textlength("o", font=f) / 2
