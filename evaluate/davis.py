@@ -61,6 +61,7 @@ import typer
 from PIL import Image
 
 from clips4.evaluate.palette import load_indexed_png, save_indexed_png, voc_palette
+from clips4.pipeline.safepath import check_name, output_path
 
 __all__ = [
     "DavisSequence",
@@ -118,7 +119,9 @@ def list_sequences(root: str | Path, split: str = "val", year: str = "2017") -> 
     path = Path(root) / "ImageSets" / year / f"{split}.txt"
     if not path.is_file():
         raise FileNotFoundError(f"DAVIS sequence list not found: {path}")
-    return [ln.strip() for ln in path.read_text().splitlines() if ln.strip()]
+    # names are joined into input and output paths: refuse '/abs/seq', '../x' (they would escape the folders)
+    return [check_name(ln.strip(), what="sequence name", source=str(path), line=n)
+            for n, ln in enumerate(path.read_text().splitlines(), 1) if ln.strip()]
 
 
 def load_sequence(root: str | Path, name: str, resolution: str = "480p") -> DavisSequence:
@@ -346,7 +349,8 @@ def evaluate_results_dir(
 ) -> dict:
     """Score a DAVIS-layout results folder (``<results>/<seq>/<frame>.png``) against ``<root>/Annotations``."""
     root, results_dir = Path(root), Path(results_dir)
-    names = list(sequences) if sequences else list_sequences(root, split)
+    names = ([check_name(s, what="sequence name", source="sequences") for s in sequences] if sequences
+             else list_sequences(root, split))
     per_seq = {}
     for name in names:
         seq = load_sequence(root, name, resolution)
@@ -612,7 +616,8 @@ def run_davis(
     root, out = Path(root), Path(out)
     embed_arg = embed
     embed = embed or get_embedder(embedding, checkpoint, device)
-    names = list(sequences) if sequences else list_sequences(root, split)
+    names = ([check_name(s, what="sequence name", source="--sequences") for s in sequences] if sequences
+             else list_sequences(root, split))
     per_seq, timing = {}, {}
     for name in names:
         t0 = time.time()
@@ -626,7 +631,7 @@ def run_davis(
             propagate_sequence(frames, seq.read_annotation(0), embed, n_context=n_context, radius=radius,
                                topk=topk, temperature=temperature, device=device)
         ):
-            save_indexed_png(out / name / f"{seq.frames[i].stem}.png", mask, DAVIS_PALETTE)
+            save_indexed_png(output_path(out, name, f"{seq.frames[i].stem}.png", what="DAVIS mask"), mask, DAVIS_PALETTE)
             preds.append(mask)
         n_gt = min(n, len(seq.annotations))
         gt = np.stack([seq.read_annotation(i) for i in range(n_gt)])

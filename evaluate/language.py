@@ -28,6 +28,7 @@ import torch.nn.functional as F
 
 from clips4.evaluate.metrics import ConfusionMatrix
 from clips4.evaluate.palette import save_indexed_png
+from clips4.pipeline.safepath import output_path
 
 __all__ = [
     "predict_labels",
@@ -96,6 +97,13 @@ def predict_labels(
 
     ``pixel_emb`` is ``(h, w, D)`` or ``(D, h, w)`` (``layout="auto"`` picks the axis whose size is D; pass
     ``"hwd"`` / ``"dhw"`` when ambiguous). ``out_size=(H, W)`` resizes bilinearly (logits by default)."""
+    d_text = np.shape(text_emb)[-1]
+    if d_text not in np.shape(pixel_emb):  # same message whichever source; no numpy/torch shape error
+        from clips4.evaluate.compat import check_width
+
+        dims = np.shape(pixel_emb)
+        check_width(dims[-1] if layout != "dhw" else dims[0], d_text, source="the pixel embeddings",
+                    against="the text embeddings")
     with torch.no_grad():
         logits = similarity_logits(pixel_emb, text_emb, out_size, layout=layout, upsample=upsample)
         return logits.argmax(0).cpu().numpy().astype(np.int64)
@@ -203,7 +211,7 @@ def evaluate_language(
         cm.update(pred, gt)
         if out_dir is not None:
             image_id = getattr(rec, "image_id", None) or str(n)
-            save_indexed_png(out_dir / f"{image_id}.png", pred + save_offset)
+            save_indexed_png(output_path(out_dir, f"{image_id}.png", what="prediction"), pred + save_offset)
         n += 1
     res = cm.to_dict(class_names)
     res["n_images"] = n

@@ -10,6 +10,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from clips4.evaluate.palette import colorize, save_indexed_png, voc_palette
+from clips4.pipeline.safepath import output_path
 
 __all__ = ["render_prediction", "class_areas", "overlay", "LEGEND_WIDTH"]
 
@@ -85,7 +86,7 @@ def render_prediction(
     pal = voc_palette() if palette is None else np.asarray(palette, dtype=np.uint8).reshape(-1, 3)
     labels = np.asarray(labels).astype(np.int64)
     image = np.asarray(image, dtype=np.uint8)
-    label_path = save_indexed_png(out_dir / f"{stem}_labels.png", labels, pal)
+    label_path = save_indexed_png(output_path(out_dir, f"{stem}_labels.png"), labels, pal)
     areas = class_areas(labels, class_names, ignore_index)
     entries = [(name, tuple(pal[a["id"] % len(pal)].tolist()), a["fraction"]) for name, a in areas.items()
                if a["id"] != ignore_index]
@@ -94,9 +95,9 @@ def render_prediction(
     canvas = Image.new("RGB", (ov.width + legend.width, max(ov.height, legend.height)), (255, 255, 255))
     canvas.paste(ov, (0, 0))
     canvas.paste(legend, (ov.width, 0))
-    overlay_path = out_dir / f"{stem}_overlay.png"
+    overlay_path = output_path(out_dir, f"{stem}_overlay.png")
     canvas.save(overlay_path)
-    areas_path = out_dir / f"{stem}_areas.json"
+    areas_path = output_path(out_dir, f"{stem}_areas.json")
     areas_path.write_text(json.dumps({"image_size": list(labels.shape), "classes": areas}, indent=2))
     return {"labels": label_path, "overlay": overlay_path, "areas_json": areas_path, "areas": areas,
             "legend_colors": {name: list(c) for name, c, _ in entries}}

@@ -27,6 +27,7 @@ import typer
 
 from clips4.evaluate.metrics import ConfusionMatrix
 from clips4.evaluate.palette import colorize
+from clips4.pipeline.safepath import output_path
 
 __all__ = ["write_report", "side_by_side", "report_command", "markdown_table", "project_2d", "TABLE_KEYS"]
 
@@ -270,7 +271,7 @@ def write_report(
         _confusion_fig(paths["confusion"], confusion, cm_names)
         figures.append(paths["confusion"])
     for i, (image, pred, gt) in enumerate(list(overlays)[:max_overlays]):
-        p = out / f"overlay_{i}.png"
+        p = output_path(out, f"overlay_{i}.png", what="report figure")
         _overlay_fig(p, image, pred, gt)
         paths[f"overlay_{i}"] = p
         figures.append(p)

@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from clips4 import data as bundled
+from clips4.evaluate.compat import check_width, source_width
 from clips4.evaluate.palette import voc_palette
 from clips4.pipeline.config import ClipFeaturesParams, Config
 from clips4.pipeline.datasets import Dataset, ImageRecord
@@ -215,6 +216,8 @@ def language_confusion(src: EmbeddingSource, dataset: Dataset, names: list[str],
     records = [r for r in dataset.records() if r.gt_path]
     if not records:
         raise ValueError(f"dataset {dataset.kind} at {dataset.root} (split {dataset.split}) has no ground truth to evaluate against")
+    check_width(source_width(src), np.shape(text)[-1], source=src.info.get("checkpoint", src.name),
+                against="the text embeddings of the configured CLIP backend")
     cm = ConfusionMatrix(len(names), dataset.ignore_index)
     res = evaluate_language(records, dataset.load_gt, src.embed, text, names, dataset.ignore_index, save_predictions,
                             gt_transform=gt_transform, save_offset=save_offset, confusion=cm)
@@ -460,6 +463,7 @@ def run_avgsim(cfg: Config, dataset: Dataset, checkpoint: str | Path, *, segment
             ids, clip_vecs = ce.segment_id.tolist(), ce.embedding
         if not ids:
             continue
+        check_width(mine.shape[-1], np.shape(clip_vecs)[-1], source=str(checkpoint), against=f"the CLIP features in {feats.url}")
         from clips4.pipeline.prototypes import segment_embeddings
 
         me = segment_embeddings(mine, seg)
@@ -510,6 +514,8 @@ def predict_images(cfg: Config, images: Sequence[str | Path], classes: list[str]
     else:
         src = checkpoint_source(model, device)
         _warn_clip_mismatch(cfg, src)
+        check_width(source_width(src), np.shape(text)[-1], source=str(model),
+                    against="the text embeddings of the configured CLIP backend")
         embed, name = src.embed_image, src.name
     out = Path(out)
     written, failed = {}, {}

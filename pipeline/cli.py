@@ -228,7 +228,7 @@ def train_command(
     config: Optional[List[Path]] = ConfigOpt, set_: Optional[List[str]] = SetOpt, stages: Optional[Path] = StagesOpt,
     dataset: Optional[str] = DatasetOpt, root: Optional[str] = RootOpt, split: Optional[str] = SplitOpt,
     limit: Optional[int] = LimitOpt, cache: Optional[str] = CacheOpt, quiet: bool = QuietOpt,
-    resume: bool = typer.Option(False, "--resume", help="Continue an unfinished run from its last checkpoint."),
+    resume: bool = typer.Option(False, "--resume", help="Continue a run from its last checkpoint; with --iterations N also lengthen or shorten a finished or unfinished run (the LR schedule follows the new length)."),
     restart: bool = typer.Option(False, "--restart", help="Start over, ignoring (and later replacing) checkpoints."),
     iterations: Optional[int] = typer.Option(None, help="Training iterations (paper: 20k VOC/Context, 80k COCO-Stuff)."),
     backbone: Optional[str] = typer.Option(None, help="resnet50 (paper), resnet18 or tiny."),
@@ -243,7 +243,9 @@ def train_command(
              {"iterations": iterations, "backbone": backbone, "backbone_weights": backbone_weights, "out": out}.items()
              if v is not None]
     cfg = build_config(config, set_, stages, dataset=dataset, root=root, split=split, limit=limit, cache=cache, extra=extra)
-    train(cfg, resume=resume, restart=restart, max_steps=max_steps, show_progress=not quiet)
+    res = train(cfg, resume=resume, restart=restart, max_steps=max_steps, show_progress=not quiet)
+    if res.stopped == "interrupted":  # last.pt holds the current step; 143 (SIGTERM) / 130 (SIGINT)
+        raise typer.Exit(128 + int(res.signal))
 
 
 @synthetic_app.command("make")
@@ -420,6 +422,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from clips4.pipeline.cache import CacheError
     from clips4.pipeline.datasets import DatasetError
+    from clips4.pipeline.safepath import UnsafePathError
 
     try:
         rv = app(args=argv if argv is not None else sys.argv[1:], standalone_mode=False)
@@ -437,7 +440,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         exc.show()
         return getattr(exc, "exit_code", 2)
-    except (CLIError, ConfigError, DatasetError, CacheError, FileNotFoundError) as exc:
+    except (CLIError, ConfigError, DatasetError, CacheError, FileNotFoundError, UnsafePathError) as exc:
         err_console.print(f"[red]error:[/] {exc}")
         return 2
     except Exception as exc:  # noqa: BLE001 - stage errors with their own clear messages
