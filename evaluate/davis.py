@@ -113,6 +113,11 @@ class DavisSequence:
     def read_annotation(self, i: int) -> np.ndarray:
         return load_indexed_png(self.annotations[i])
 
+    def annotation_for(self, i: int) -> Path | None:
+        """The annotation of frame ``i`` matched by name (``<frame>.png``), or None when it has none."""
+        by_name = {p.stem: p for p in self.annotations}
+        return by_name.get(self.frames[i].stem)
+
 
 def list_sequences(root: str | Path, split: str = "val", year: str = "2017") -> list[str]:
     """Sequence names from ``<root>/ImageSets/<year>/<split>.txt``."""
@@ -264,19 +269,21 @@ def evaluate_sequence(
     *,
     semi_supervised: bool = True,
     bound_th: float = 0.008,
+    n_objects: int | None = None,
 ) -> dict:
     """J and F of one sequence. ``gt_masks`` / ``pred_masks``: ``(T, H, W)`` integer ids (0 = background).
 
     Semi-supervised protocol of the toolkit: 255 in GT -> 0, objects = ``1..max(gt[0])``, frames ``1..T-2``
     scored (first and last dropped), missing predicted objects are empty masks, extra predicted ids raise.
     Returns per-object per-frame lists and statistics, plus the sequence means over objects.
+    ``n_objects`` (the first annotation's object count) is given when ``gt_masks`` does not start with it.
     """
     gt = np.asarray(gt_masks).astype(np.int64).copy()
     pred = np.asarray(pred_masks).astype(np.int64)
     if gt.shape != pred.shape:
         raise ValueError(f"GT {gt.shape} and prediction {pred.shape} shapes differ")
     gt[gt == 255] = 0
-    n_obj = int(gt[0].max()) if gt.size else 0
+    n_obj = n_objects if n_objects is not None else (int(gt[0].max()) if gt.size else 0)
     if semi_supervised:
         gt, pred = gt[1:-1], pred[1:-1]
     n_pred = int(pred.max()) if pred.size else 0
@@ -338,6 +345,30 @@ def summarize(per_sequence: dict[str, dict]) -> dict:
     }
 
 
+def score_by_name(seq: DavisSequence, n: int, pred: Callable[[int], np.ndarray], *, bound_th: float = 0.008) -> dict:
+    """Semi-supervised J/F of the first ``n`` frames of ``seq``, ground truth matched to frames by file name.
+
+    ``pred(i)`` is frame ``i``'s predicted ids. Object count from frame 0's annotation (missing: an error); the
+    first and last frame are not scored (toolkit protocol); a frame without an annotation is not scored and
+    listed in ``missing_annotations``."""
+    first = seq.annotation_for(0)
+    if first is None:
+        raise FileNotFoundError(f"sequence {seq.name}: no annotation for its first frame {seq.frames[0].name} "
+                                f"(expected {seq.frames[0].stem}.png in Annotations); its masks are the input")
+    ann0 = load_indexed_png(first)
+    n_obj = int(np.where(ann0 == 255, 0, ann0).max())
+    missing = [seq.frames[i].stem for i in range(n) if seq.annotation_for(i) is None]
+    scored = [i for i in range(1, n - 1) if seq.annotation_for(i) is not None]
+    if scored:
+        gt = np.stack([load_indexed_png(seq.annotation_for(i)) for i in scored])
+        pr = np.stack([pred(i) for i in scored])
+    else:
+        gt = pr = np.zeros((0,) + ann0.shape, np.int64)
+    res = evaluate_sequence(gt, pr, semi_supervised=False, bound_th=bound_th, n_objects=n_obj)
+    res["missing_annotations"] = missing
+    return res
+
+
 def evaluate_results_dir(
     root: str | Path,
     results_dir: str | Path,
@@ -354,10 +385,9 @@ def evaluate_results_dir(
     per_seq = {}
     for name in names:
         seq = load_sequence(root, name, resolution)
-        n = len(seq.annotations) if max_frames is None else min(max_frames, len(seq.annotations))
-        gt = np.stack([seq.read_annotation(i) for i in range(n)])
-        pred = np.stack([load_indexed_png(results_dir / name / f"{seq.annotations[i].stem}.png") for i in range(n)])
-        per_seq[name] = evaluate_sequence(gt, pred)
+        n = len(seq) if max_frames is None else min(max_frames, len(seq))
+        per_seq[name] = score_by_name(
+            seq, n, lambda i: load_indexed_png(results_dir / name / f"{seq.frames[i].stem}.png"))
     return {"sequences": per_seq, "global": summarize(per_seq)}
 
 
@@ -619,27 +649,42 @@ def run_davis(
     names = ([check_name(s, what="sequence name", source="--sequences") for s in sequences] if sequences
              else list_sequences(root, split))
     per_seq, timing = {}, {}
+    # what a finished sequence's saved result depends on: a rerun with the same settings skips it
+    run_key = {"embedding": embedding if embed_arg is None else "custom", "checkpoint": str(checkpoint) if checkpoint else None,
+               "checkpoint_file": _file_stamp(checkpoint), "n_context": n_context, "radius": radius, "topk": topk,
+               "temperature": temperature, "limit_frames": limit_frames}
     for name in names:
         t0 = time.time()
         seq = load_sequence(root, name)
-        if not seq.annotations:
-            raise FileNotFoundError(f"sequence {name}: no annotations (the first frame's mask is required)")
         n = len(seq) if limit_frames is None else min(limit_frames, len(seq))
+        done_file = output_path(out, "sequences", f"{name}.json", what="per-sequence result")
+        prev = _load_done(done_file, run_key)
+        if prev is not None:
+            per_seq[name], timing[name] = prev["result"], prev["seconds"]
+            if progress:
+                progress(f"{name}: already scored (J&F={per_seq[name]['J&F']:.4f}, {done_file}); skipped")
+            continue
+        first = seq.annotation_for(0)
+        if first is None:
+            raise FileNotFoundError(f"sequence {name}: no annotation for its first frame {seq.frames[0].name} "
+                                    "(the first frame's mask is the input)")
         frames = (seq.read_frame(i) for i in range(n))
         preds = []
         for i, mask in enumerate(
-            propagate_sequence(frames, seq.read_annotation(0), embed, n_context=n_context, radius=radius,
+            propagate_sequence(frames, load_indexed_png(first), embed, n_context=n_context, radius=radius,
                                topk=topk, temperature=temperature, device=device)
         ):
             save_indexed_png(output_path(out, name, f"{seq.frames[i].stem}.png", what="DAVIS mask"), mask, DAVIS_PALETTE)
             preds.append(mask)
-        n_gt = min(n, len(seq.annotations))
-        gt = np.stack([seq.read_annotation(i) for i in range(n_gt)])
-        per_seq[name] = evaluate_sequence(gt, np.stack(preds[:n_gt]))
+        per_seq[name] = score_by_name(seq, n, lambda i: preds[i])
         timing[name] = time.time() - t0
+        _save_done(done_file, run_key, per_seq[name], timing[name])
         if progress:
             r = per_seq[name]
-            progress(f"{name}: J={r['J']:.4f} F={r['F']:.4f} J&F={r['J&F']:.4f} ({n} frames, {timing[name]:.1f}s)")
+            miss = r["missing_annotations"]
+            progress(f"{name}: J={r['J']:.4f} F={r['F']:.4f} J&F={r['J&F']:.4f} ({n} frames, {timing[name]:.1f}s)"
+                     + (f"; {len(miss)} frame(s) without annotation not scored: {', '.join(miss[:10])}"
+                        + (" …" if len(miss) > 10 else "") if miss else ""))
     result = {
         "task": "davis2017-semi-supervised-propagation",
         "config": {
@@ -655,6 +700,35 @@ def run_davis(
     out.mkdir(parents=True, exist_ok=True)
     (out / "davis_results.json").write_text(json.dumps(result, indent=2, allow_nan=True))
     return result
+
+
+def _file_stamp(path: Path | None) -> str | None:
+    if not path:
+        return None
+    try:
+        st = Path(path).stat()
+    except OSError:
+        return None
+    return f"{st.st_size}-{st.st_mtime_ns}"
+
+
+def _load_done(path: Path, run_key: dict) -> dict | None:
+    """A finished sequence's saved result when it was made with the same settings, else None."""
+    try:
+        doc = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return doc if doc.get("run") == run_key and "result" in doc else None
+
+
+def _save_done(path: Path, run_key: dict, result: dict, seconds: float) -> None:
+    """Written as the sequence finishes (temp file + rename: a kill never leaves half a file)."""
+    import os
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps({"run": run_key, "result": result, "seconds": seconds}, allow_nan=True))
+    os.replace(tmp, path)
 
 
 def davis_command(
