@@ -63,11 +63,11 @@ def test_checkpoint_wider_than_text_embeddings_is_a_clear_error(tmp_path):
     from clips4.evaluate.tasks import language_confusion
 
     root = tmp_path / "ds"
-    (root / "images").mkdir(parents=True)
-    (root / "masks").mkdir()
-    Image.new("RGB", (8, 8)).save(root / "images" / "x.png")
-    Image.new("L", (8, 8)).save(root / "masks" / "x.png")
-    ds = open_dataset("folder", str(root))
+    (root / "images" / "val").mkdir(parents=True)
+    (root / "masks" / "val").mkdir(parents=True)
+    Image.new("RGB", (8, 8)).save(root / "images" / "val" / "x.png")
+    Image.new("L", (8, 8)).save(root / "masks" / "val" / "x.png")
+    ds = open_dataset("folder", str(root), "val")
     with pytest.raises(EmbeddingWidthError, match=r"runs/x/final\.pt gives 7-dim embeddings .* 5-dim"):
         language_confusion(_fake_checkpoint_source(7), ds, ["a", "b"], np.ones((2, 5), np.float32))
 
