@@ -66,7 +66,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 
     errs: list[type[BaseException]] = [CLIError, ConfigError, DatasetError, FileNotFoundError, NotADirectoryError,
                                        PermissionError, ImportError]
-    for mod, names in (("clips4.pipeline.io", ("UnsafePathError",)), ("clips4.pipeline.stage", ("StageError",)),
+    for mod, names in (("clips4.pipeline.safepath", ("UnsafePathError",)), ("clips4.pipeline.stage", ("StageError",)),
                        ("clips4.pipeline.runner", ("WorkerStartError",)),
                        ("clips4.pipeline.clip.weights", ("WeightsNotFoundError", "WeightsMismatchError")),
                        ("clips4.trainer.checkpoint", ("CheckpointError",)), ("clips4.trainer.model", ("WeightsError",))):

@@ -152,6 +152,7 @@ def _save_segment_previews(stage_url: str, folder: Path) -> None:
 
     from clips4.pipeline.cache import StageReader
     from clips4.pipeline.images import load_rgb
+    from clips4.pipeline.safepath import output_path
 
     folder.mkdir(parents=True, exist_ok=True)
     r = StageReader(stage_url)
@@ -159,7 +160,7 @@ def _save_segment_previews(stage_url: str, folder: Path) -> None:
         img = load_rgb(r.row(image_id)["path"]).copy()
         labels = r.get(image_id, "labels")
         img[find_boundaries(labels, mode="inner")] = (255, 255, 0)
-        Image.fromarray(img).save(folder / f"{image_id}_segments.png")
+        Image.fromarray(img).save(output_path(folder, f"{image_id}_segments.png", what="preview"))
 
 
 def demo(

@@ -11,7 +11,7 @@ from clips4.cli.common import Common, common_options, sets
 @common_options("train")
 def train(
     opts: Common,
-    resume: bool = typer.Option(False, "--resume", help="Continue an unfinished run from its last checkpoint."),
+    resume: bool = typer.Option(False, "--resume", help="Continue a run from its last checkpoint; with --iterations N also lengthen or shorten a finished or unfinished run (the LR schedule follows the new length)."),
     restart: bool = typer.Option(False, "--restart", help="Start over, ignoring (and later replacing) checkpoints."),
     iterations: Optional[int] = typer.Option(None, help="Training iterations (paper: 20k VOC/Context, 80k COCO-Stuff)."),
     backbone: Optional[str] = typer.Option(None, help="resnet50 (paper), resnet18 or tiny."),
@@ -26,5 +26,8 @@ def train(
                            "out": out})
     cfg = opts.build_config(extra=extra)
     res = run_training(cfg, resume=resume, restart=restart, max_steps=max_steps, show_progress=not opts.quiet)
-    return {"out": str(res.out), "step": res.step, "stopped": res.stopped,
-            "last_loss": res.losses[-1] if getattr(res, "losses", None) else None}
+    summary = {"out": str(res.out), "step": res.step, "stopped": res.stopped,
+               "last_loss": res.losses[-1] if getattr(res, "losses", None) else None}
+    if res.stopped == "interrupted":  # last.pt holds the current step; 143 (SIGTERM) / 130 (SIGINT)
+        summary["exit_code"] = 128 + int(res.signal)
+    return summary

@@ -5,6 +5,7 @@ from pathlib import Path
 
 import numpy as np
 
+from clips4.evaluate.compat import check_width
 from clips4.evaluate.sources import checkpoint_source, config_summary, warn_clip_mismatch
 from clips4.pipeline.config import Config
 from clips4.pipeline.datasets import Dataset
@@ -55,6 +56,8 @@ def run_avgsim(cfg: Config, dataset: Dataset, checkpoint: str | Path, *, segment
             ids, clip_vecs = ce.segment_id.tolist(), ce.embedding
         if not ids:
             continue
+        check_width(mine.shape[-1], np.shape(clip_vecs)[-1], source=str(checkpoint),
+                    against=f"the CLIP features in {feats.url}")
         me = segment_embeddings(mine, seg)
         pos = {int(s): i for i, s in enumerate(me.segment_id.tolist())}
         keep = [j for j, s in enumerate(ids) if s in pos]

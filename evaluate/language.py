@@ -25,6 +25,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from clips4.evaluate.compat import check_width, source_width
 from clips4.evaluate.metrics import ConfusionMatrix
 from clips4.evaluate.palette import save_indexed_png
 from clips4.evaluate.sources import (EmbeddingSource, config_summary, embedding_source, resolve_classes,
@@ -32,6 +33,7 @@ from clips4.evaluate.sources import (EmbeddingSource, config_summary, embedding_
 from clips4.pipeline.config import Config
 from clips4.pipeline.datasets import Dataset
 from clips4.pipeline.images import load_rgb
+from clips4.pipeline.safepath import output_path
 
 __all__ = [
     "predict_labels",
@@ -101,6 +103,13 @@ def predict_labels(
 
     ``pixel_emb`` is ``(h, w, D)`` or ``(D, h, w)`` (``layout="auto"`` picks the axis whose size is D; pass
     ``"hwd"`` / ``"dhw"`` when ambiguous). ``out_size=(H, W)`` resizes bilinearly (logits by default)."""
+    d_text = np.shape(text_emb)[-1]
+    if d_text not in np.shape(pixel_emb):  # same message whichever source; no numpy/torch shape error
+        from clips4.evaluate.compat import check_width
+
+        dims = np.shape(pixel_emb)
+        check_width(dims[-1] if layout != "dhw" else dims[0], d_text, source="the pixel embeddings",
+                    against="the text embeddings")
     with torch.no_grad():
         logits = similarity_logits(pixel_emb, text_emb, out_size, layout=layout, upsample=upsample)
         return logits.argmax(0).cpu().numpy().astype(np.int64)
@@ -165,7 +174,7 @@ def evaluate_language(
         cm.update(pred, gt)
         if out_dir is not None:
             image_id = getattr(rec, "image_id", None) or str(n)
-            save_indexed_png(out_dir / f"{image_id}.png", pred + save_offset)
+            save_indexed_png(output_path(out_dir, f"{image_id}.png", what="prediction"), pred + save_offset)
         n += 1
     res = cm.to_dict(class_names)
     res["n_images"] = n
@@ -179,6 +188,8 @@ def language_confusion(src: EmbeddingSource, dataset: Dataset, names: list[str],
     records = [r for r in dataset.records() if r.gt_path]
     if not records:
         raise ValueError(f"dataset {dataset.kind} at {dataset.root} (split {dataset.split}) has no ground truth to evaluate against")
+    check_width(source_width(src), np.shape(text)[-1], source=src.info.get("checkpoint", src.name),
+                against="the text embeddings of the configured CLIP backend")
     cm = ConfusionMatrix(len(names), dataset.ignore_index)
     res = evaluate_language(records, dataset.load_gt, src.embed, text, names, dataset.ignore_index, save_predictions,
                             gt_transform=gt_transform, save_offset=save_offset, confusion=cm)

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-__all__ = ["voc_palette", "palette_list", "save_indexed_png", "load_indexed_png", "colorize", "overlay", "legend_entries"]
+__all__ = ["voc_palette", "palette_list", "save_indexed_png", "colorize", "overlay", "legend_entries"]
 
 
 def voc_palette(n: int = 256) -> np.ndarray:
@@ -50,14 +50,6 @@ def save_indexed_png(path: str | Path, labels: np.ndarray, palette: np.ndarray |
     img.putpalette(palette_list(palette))
     img.save(path)
     return path
-
-
-def load_indexed_png(path: str | Path) -> np.ndarray:
-    """Read an indexed (or grey) PNG as ``(H, W) int64`` ids (no palette conversion)."""
-    with Image.open(path) as img:
-        if img.mode not in ("P", "L", "I", "I;16"):
-            raise ValueError(f"{path}: expected an indexed or single-channel PNG, got mode {img.mode}")
-        return np.array(img).astype(np.int64)
 
 
 def colorize(labels: np.ndarray, palette: np.ndarray | None = None) -> np.ndarray:

@@ -10,10 +10,12 @@ from typing import Callable, Sequence
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from clips4.evaluate.compat import check_width, source_width
 from clips4.evaluate.palette import overlay, save_indexed_png, voc_palette
 from clips4.evaluate.sources import checkpoint_source, text_embeddings_for, warn_clip_mismatch
 from clips4.pipeline.config import Config
 from clips4.pipeline.images import load_rgb
+from clips4.pipeline.safepath import output_path
 
 __all__ = ["render_prediction", "class_areas", "LEGEND_WIDTH", "Segmenter", "Prediction", "predict_images",
            "PREDICT_PALETTE"]
@@ -77,7 +79,7 @@ def render_prediction(
     pal = voc_palette() if palette is None else np.asarray(palette, dtype=np.uint8).reshape(-1, 3)
     labels = np.asarray(labels).astype(np.int64)
     image = np.asarray(image, dtype=np.uint8)
-    label_path = save_indexed_png(out_dir / f"{stem}_labels.png", labels, pal)
+    label_path = save_indexed_png(output_path(out_dir, f"{stem}_labels.png"), labels, pal)
     areas = class_areas(labels, class_names, ignore_index)
     entries = [(name, tuple(pal[a["id"] % len(pal)].tolist()), a["fraction"]) for name, a in areas.items()
                if a["id"] != ignore_index]
@@ -86,9 +88,9 @@ def render_prediction(
     canvas = Image.new("RGB", (ov.width + legend.width, max(ov.height, legend.height)), (255, 255, 255))
     canvas.paste(ov, (0, 0))
     canvas.paste(legend, (ov.width, 0))
-    overlay_path = out_dir / f"{stem}_overlay.png"
+    overlay_path = output_path(out_dir, f"{stem}_overlay.png")
     canvas.save(overlay_path)
-    areas_path = out_dir / f"{stem}_areas.json"
+    areas_path = output_path(out_dir, f"{stem}_areas.json")
     areas_path.write_text(json.dumps({"image_size": list(labels.shape), "classes": areas}, indent=2))
     return {"labels": label_path, "overlay": overlay_path, "areas_json": areas_path, "areas": areas,
             "legend_colors": {name: list(c) for name, c, _ in entries}}
@@ -128,6 +130,7 @@ class Segmenter:
         self.cfg = config if isinstance(config, Config) else load_config(None, [config] if config else None, [])
         self.model = str(model)
         self._text: dict[tuple[str, ...], np.ndarray] = {}
+        self.width: int | None = None  # the model's embedding width where it declares one (a checkpoint)
         if self.model == "teacher":
             from clips4.pipeline.processors import build_backend
 
@@ -137,7 +140,7 @@ class Segmenter:
         else:
             src = checkpoint_source(self.model, device)
             warn_clip_mismatch(self.cfg, src)
-            self._embed, self.name = src.embed_image, src.name
+            self._embed, self.name, self.width = src.embed_image, src.name, source_width(src)
 
     def embed(self, image: np.ndarray | str | Path) -> np.ndarray:
         """``(h, w, D) float32`` L2-normalised pixel embeddings of an ``(H, W, 3) uint8`` image or an image file."""
@@ -147,7 +150,10 @@ class Segmenter:
         """``(K, D) float32`` class text embeddings (the 85 prompt templates), cached per class list."""
         key = tuple(classes)
         if key not in self._text:
-            self._text[key] = text_embeddings_for(self.cfg, list(classes))[0]
+            text = text_embeddings_for(self.cfg, list(classes))[0]
+            check_width(self.width, text.shape[-1], source=self.model,
+                        against="the text embeddings of the configured CLIP backend")
+            self._text[key] = text
         return self._text[key]
 
     def predict(self, image: np.ndarray | str | Path, classes: Sequence[str]) -> Prediction:

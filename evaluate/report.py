@@ -26,6 +26,8 @@ from typing import Sequence
 import numpy as np
 
 from clips4.evaluate.metrics import ConfusionMatrix
+from clips4.pipeline.safepath import output_path
+
 
 __all__ = ["write_report", "side_by_side", "markdown_table", "project_2d", "TABLE_KEYS", "per_class_figure",
            "confusion_figure", "overlay_figure", "top_confusions"]
@@ -358,7 +360,7 @@ def write_report(
         _save(confusion_figure(confusion, cm_names), paths["confusion"])
         figures.append(paths["confusion"])
     for i, (image, pred, gt) in enumerate(list(overlays)[:max_overlays]):
-        p = out / f"overlay_{i}.png"
+        p = output_path(out, f"overlay_{i}.png", what="report figure")
         _save(overlay_figure(image, pred, gt, names), p, dpi=90)
         paths[f"overlay_{i}"] = p
         figures.append(p)

@@ -69,6 +69,8 @@ class SegmentsParams(Strict):
     min_area: float = Field(default=3e-4, ge=0.0, lt=1.0)
     #: images above this many pixels are recorded as failed rather than exhausting memory
     max_pixels: int = Field(default=200_000_000, ge=1)
+    #: an image taking longer than this (seconds) is recorded as failed so its batch goes on; 0 = no limit
+    item_timeout_s: float = Field(default=600.0, ge=0)
 
 
 class ClipParams(Strict):
@@ -108,6 +110,15 @@ class ClipFeaturesParams(Strict):
     #: k-means clusters per image for ``segment_source=kmeans``
     n_clusters: int = Field(default=8, ge=1)
     seed: int = 0
+    # limits checked from the image header before decoding; an image breaking one is recorded as failed
+    #: images above this many pixels
+    max_pixels: int = Field(default=200_000_000, ge=1)
+    #: long side / short side above this (a 3x10000 strip would become a 14x46667 feature grid)
+    max_aspect_ratio: float = Field(default=16.0, ge=1)
+    #: longest side after the ``clip.short_side`` / ``clip.window`` resize
+    max_resized_side: int = Field(default=8192, ge=16)
+    #: an image taking longer than this (seconds) is recorded as failed so its batch goes on; 0 = no limit
+    item_timeout_s: float = Field(default=600.0, ge=0)
 
 
 class PrototypesParams(Strict):

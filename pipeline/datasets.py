@@ -23,6 +23,7 @@ Layouts:
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import posixpath
 from dataclasses import dataclass, field
@@ -33,9 +34,11 @@ import numpy as np
 
 from clips4 import data as bundled
 from clips4.pipeline.images import ImageError, image_size, load_label_png
+from clips4.pipeline.safepath import UnsafePathError, check_name
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif", ".ppm", ".pgm")
 IGNORE = 255
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -87,6 +90,8 @@ class Dataset:
         self.split = split if split is not None else self.default_split
         self.limit = limit
         self._records: list[ImageRecord] | None = None
+        #: what listing skipped (unreadable sub-folders, ...): logged as warnings and kept for run summaries
+        self.problems: list[str] = []
         if not self.fs.exists(self.path):
             raise DatasetError(f"{self.kind} dataset root {self.root!r} does not exist")
 
@@ -130,6 +135,10 @@ class Dataset:
             raise DatasetError(f"{self.kind} image {record.image_id!r} has no ground truth")
         return load_label_png(record.gt_path)
 
+    def _problem(self, msg: str) -> None:
+        self.problems.append(msg)
+        log.warning("%s", msg)
+
     def describe(self) -> dict:
         return {"kind": self.kind, "root": self.root, "split": self.split, "key": self.key}
 
@@ -144,12 +153,21 @@ class Dataset:
             recs.append(ImageRecord(i, self.url(p), self.split, self.url(gt) if self.fs.exists(gt) else None))
         return recs
 
-    def _read_ids(self, relpath: str) -> list[str]:
+    def _read_ids(self, relpath: str, what: str = "image id") -> list[str]:
         p = f"{self.path}/{relpath}"
         if not self.fs.exists(p):
             raise DatasetError(f"{self.kind}: split file {self.url(p)} not found (split={self.split!r})")
         with self.fs.open(p, "r") as f:
-            return [line.split()[0] for line in f.read().splitlines() if line.strip()]
+            lines = f.read().splitlines()
+        ids = []
+        # ids become file names (ours and the dataset's): a line like '/abs/x' or '../x' must not escape
+        for n, line in enumerate(lines, 1):
+            if line.strip():
+                try:
+                    ids.append(check_name(line.split()[0], what=what, source=self.url(p), line=n))
+                except UnsafePathError as exc:
+                    raise DatasetError(str(exc)) from None
+        return ids
 
 
 class FolderDataset(Dataset):
@@ -165,7 +183,7 @@ class FolderDataset(Dataset):
 
     def _list(self) -> list[ImageRecord]:
         base = self._image_dir()
-        files = [p for p in self.fs.find(base) if p.lower().endswith(IMAGE_EXTS)]
+        files = [p for p in self._find_files(base) if p.lower().endswith(IMAGE_EXTS)]
         # a masks/ tree next to images/ is ground truth, never input
         mask_root = f"{self.path}/masks"
         files = [p for p in files if not p.startswith(mask_root + "/")]
@@ -184,6 +202,27 @@ class FolderDataset(Dataset):
         if not recs:
             raise DatasetError(f"folder dataset {self.root!r}: no images ({', '.join(IMAGE_EXTS)}) found under {base}")
         return recs
+
+    def _find_files(self, base: str) -> list[str]:
+        """Every file under ``base``, recursively. ``fs.find`` would silently skip a sub-folder it cannot list
+        (a permission error hides its images); such folders are reported through :meth:`_problem` instead."""
+        files, todo = [], [base]
+        while todo:
+            d = todo.pop()
+            try:
+                entries = self.fs.ls(d, detail=True)
+            except OSError as exc:
+                if d == base:
+                    raise DatasetError(f"folder dataset {self.root!r}: cannot read {self.url(d)}: {exc}") from None
+                self._problem(f"folder dataset {self.root!r}: cannot read sub-folder {self.url(d)} "
+                              f"({exc.strerror or exc}); its images are skipped")
+                continue
+            for e in entries:
+                name = e["name"].rstrip("/")
+                if name == d:
+                    continue
+                (todo if e["type"] == "directory" else files).append(name)
+        return sorted(files)
 
     @property
     def class_names(self) -> list[str] | None:
@@ -280,7 +319,7 @@ class DavisDataset(Dataset):
     def sequences(self) -> list[str]:
         p = f"{self.path}/ImageSets/2017/{self.split}.txt"
         if self.fs.exists(p):
-            return self._read_ids(f"ImageSets/2017/{self.split}.txt")
+            return self._read_ids(f"ImageSets/2017/{self.split}.txt", "sequence name")
         frames = f"{self.path}/JPEGImages/480p"
         if not self.fs.isdir(frames):
             raise DatasetError(f"davis: {self.root} is not a DAVIS 2017 folder: neither ImageSets/2017/{self.split}.txt "

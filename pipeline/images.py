@@ -71,7 +71,13 @@ def open_image(path: str) -> Image.Image:
     if not data:
         raise ImageError(f"{path}: empty file")
     try:
-        img = Image.open(io.BytesIO(data))
+        with warnings.catch_warnings():
+            # between Pillow's warning and error thresholds our max_pixels decides (checked from the header)
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))
+    except Image.DecompressionBombError as exc:
+        # Pillow's own guard stays on for every reader in the process; it refuses what no limit here allows
+        raise ImageError(f"{path}: refused as a possible decompression bomb ({exc})") from exc
     except UnidentifiedImageError as exc:
         raise ImageError(f"{path}: not an image file Pillow can identify") from exc
     except (OSError, SyntaxError, ValueError) as exc:
@@ -106,10 +112,7 @@ def load_rgb(path: str, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
             "downscale it or raise the limit (--set segments.max_pixels=...)"
         )
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            Image.MAX_IMAGE_PIXELS = None  # our own max_pixels check above replaces Pillow's
-            img.load()
+        img.load()
     except (OSError, SyntaxError, ValueError) as exc:
         # "image file is truncated", "broken data stream", bad Huffman tables, ...
         raise ImageError(f"{path}: corrupt or truncated image ({exc})") from exc

@@ -13,6 +13,7 @@ from clips4.pipeline.cache import ItemResult
 from clips4.pipeline.config import ClipFeaturesParams, ClipParams, PrototypesParams, SegmentsParams
 from clips4.pipeline.datasets import ImageRecord
 from clips4.pipeline.images import ImageError, load_rgb
+from clips4.pipeline.limits import check_image_size, header_hw, resized_size, time_limit
 
 
 def _fail(rec: ImageRecord, exc: BaseException) -> ItemResult:
@@ -51,11 +52,12 @@ class SegmentsProcessor:
         for rec in records:
             t0 = time.perf_counter()
             try:
-                image = load_rgb(rec.path, max_pixels=self.params.max_pixels)
-                arrays = compute_segments(
-                    image, self.detector, ucm_threshold=self.params.ucm_threshold,
-                    max_segments=self.params.max_segments, min_area=self.params.min_area,
-                )
+                with time_limit(self.params.item_timeout_s, rec.path):
+                    image = load_rgb(rec.path, max_pixels=self.params.max_pixels)
+                    arrays = compute_segments(
+                        image, self.detector, ucm_threshold=self.params.ucm_threshold,
+                        max_segments=self.params.max_segments, min_area=self.params.min_area,
+                    )
                 labels = arrays["labels"]
                 out.append(ItemResult(
                     row={"n_segments": int(labels.max()) + 1 if labels.size else 0, "seconds": time.perf_counter() - t0},
@@ -187,6 +189,22 @@ class ClipFeaturesProcessor:
             self.segments = StageReader((ctx or {})["deps"]["segments"])
         self.pool = ThreadPoolExecutor(max_workers=2)
 
+    def _checked_load(self, rec: ImageRecord):
+        """A future of the decoded image; the size limits are checked from the header first (no decoding)."""
+        from concurrent.futures import Future
+
+        p = self.params
+        h, w = header_hw(rec)
+        try:
+            check_image_size(rec.path, h, w, max_pixels=p.max_pixels, max_aspect_ratio=p.max_aspect_ratio,
+                             resized=resized_size(h, w, p.clip.short_side, p.clip.window) if h > 0 and w > 0 else None,
+                             max_resized_side=p.max_resized_side, stage="clip_features")
+        except ImageError as exc:
+            fut: Future = Future()
+            fut.set_exception(exc)
+            return fut
+        return self.pool.submit(load_rgb, rec.path, max_pixels=p.max_pixels)
+
     def _segments_for(self, rec: ImageRecord, feat: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
         from clips4.pipeline.prototypes import cluster_segments, labels_to_grid
 
@@ -197,13 +215,14 @@ class ClipFeaturesProcessor:
     def __call__(self, records: list[ImageRecord]) -> list[ItemResult]:
         from clips4.pipeline.prototypes import segment_embeddings
 
-        futures = [self.pool.submit(load_rgb, r.path) for r in records]
+        futures = [self._checked_load(r) for r in records]
         out = []
         for rec, fut in zip(records, futures):
             t0 = time.perf_counter()
             try:
-                image = fut.result()
-                feat = self.backend.dense_features([image])[0]
+                with time_limit(self.params.item_timeout_s, rec.path):
+                    image = fut.result()
+                    feat = self.backend.dense_features([image])[0]
                 labels = self._segments_for(rec, feat, image.shape[:2])
                 seg = dict(segment_embeddings(feat, labels, image_hw=image.shape[:2]))
                 seg["row_id"] = segment_row_ids(rec.image_id, seg["segment_id"])

@@ -8,6 +8,8 @@ from __future__ import annotations
 import json
 import math
 import os
+import signal
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,7 +41,52 @@ class TrainResult:
     out: Path
     step: int
     losses: list[dict]
-    stopped: str = "finished"  # finished | max_steps | nothing_to_do
+    stopped: str = "finished"  # finished | max_steps | nothing_to_do | interrupted
+    #: the signal that interrupted the run (SIGTERM 15, SIGINT 2); the CLI exits with 128 + signal
+    signal: int | None = None
+
+
+class _StopRequest:
+    """SIGTERM/SIGINT set a flag instead of killing the process: the loop finishes the current step, writes
+    ``last.pt`` and returns (nothing beyond the current step is lost). A second signal stops at once."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._previous: dict = {}
+
+    def _handle(self, signum, frame) -> None:
+        if self.signum is not None:  # second signal: the user does not want to wait for the checkpoint
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
+        self.signum = signum
+        # DataLoader workers killed by the same signal (killpg, Ctrl-C) must not raise from torch's SIGCHLD
+        # handler in the middle of a step or of the checkpoint write; the loop stops before the next fetch
+        if hasattr(signal, "SIGCHLD") and signal.SIGCHLD not in self._previous:
+            self._previous[signal.SIGCHLD] = signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+
+    def __enter__(self) -> "_StopRequest":
+        if threading.current_thread() is threading.main_thread():  # signal handlers only work there
+            for s in self.SIGNALS:
+                self._previous[s] = signal.signal(s, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for s, h in self._previous.items():
+            signal.signal(s, h if h is not None else signal.SIG_DFL)
+
+    def requested(self, world: int, device: torch.device) -> bool:
+        """True on every rank once any rank got a signal (a rank stopping alone would hang the others in the
+        next collective)."""
+        if world == 1:
+            return self.signum is not None
+        flag = torch.tensor([0 if self.signum is None else self.signum], device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        if self.signum is None and int(flag):
+            self.signum = int(flag)
+        return bool(int(flag))
 
 
 def load_prototypes(url: str) -> tuple[list[str], torch.Tensor, torch.Tensor]:
@@ -82,7 +129,7 @@ def train(cfg: Config, *, dataset: Dataset | None = None, resume: bool = False, 
     dataset = dataset or dataset_from_config(cfg)
     rank, world, local_rank = _dist_setup()
     deps = {name: open_stage(cfg, name, dataset).url for name in ("segments", "clip_features", "prototypes")}
-    url, fp, _ = stage_url(cfg, "train", dataset)
+    url, fp, _ = stage_url(_without_iterations(cfg), "train", dataset)
     out = Path(p.out) if p.out else Path(url)
     if "://" in str(out) and not str(out).startswith("file://"):
         raise TrainingError(f"training output {out} must be a local folder (set train.out)")
@@ -114,10 +161,17 @@ def train(cfg: Config, *, dataset: Dataset | None = None, resume: bool = False, 
                  "fingerprint": fp}
 
     start = 0
+    schedule = [{"from_step": 0, "iterations": p.iterations}]
     last, final = out / "last.pt", out / "final.pt"
     if final.exists() and not restart:
-        console.print(f"[green]nothing left to do[/]: {final} exists (train.iterations={p.iterations})")
-        return TrainResult(out, p.iterations, [], "nothing_to_do")
+        done_at = _finished_step(out)
+        if done_at >= p.iterations:
+            console.print(f"[green]nothing left to do[/]: {final} exists (finished at step {done_at}, "
+                          f"train.iterations={p.iterations})")
+            return TrainResult(out, done_at, [], "nothing_to_do")
+        if not resume:
+            raise TrainingError(f"{out} holds a run finished at step {done_at}; pass --resume to continue it to "
+                                f"{p.iterations} iterations, or --restart")
     if last.exists() and not restart:
         if not resume:
             raise TrainingError(f"{out} holds an unfinished run (last.pt); pass --resume to continue it or --restart")
@@ -129,6 +183,12 @@ def train(cfg: Config, *, dataset: Dataset | None = None, resume: bool = False, 
         loss_fn.memory.load_state_dict(ck["memory"])
         set_rng_state(ck["rng"])
         start = int(ck["step"])
+        # the iteration count may change on resume: the poly LR schedule then follows the new length from here
+        schedule = json.loads(ck.get("schedule", "[]")) or [{"from_step": 0, "iterations": int(ck.get("iterations", p.iterations))}]
+        if schedule[-1]["iterations"] != p.iterations:
+            console.print(f"train.iterations {schedule[-1]['iterations']} -> {p.iterations} from step {start}: "
+                          "the learning-rate schedule follows the new length")
+            schedule.append({"from_step": start, "iterations": p.iterations})
         console.print(f"resumed from {last} at step {start}")
     if restart and rank == 0:
         # a restarted run must not leave the previous run's final checkpoint (or its commit marker) behind: a
@@ -147,7 +207,8 @@ def train(cfg: Config, *, dataset: Dataset | None = None, resume: bool = False, 
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.json").write_text(json.dumps({"config": resolved_dict(cfg), "git": code_version(), "deps": deps,
-                                                     "signature": signature, "classes": names}, indent=2))
+                                                     "signature": signature, "classes": names,
+                                                     "lr_schedule": schedule}, indent=2))
         kept = [ln for ln in (metrics_path.read_text().splitlines() if metrics_path.exists() else [])
                 if ln.strip() and json.loads(ln)["step"] < start]
         metrics_path.write_text("".join(k + "\n" for k in kept))
@@ -159,7 +220,7 @@ def train(cfg: Config, *, dataset: Dataset | None = None, resume: bool = False, 
                 "model": raw_model.state_dict(), "prototypes": protos.state_dict(), "optimizer": opt.state_dict(),
                 "scaler": scaler.state_dict(), "memory": loss_fn.memory.state_dict(), "rng": rng_state(),
                 "step": step, "signature": json.dumps(signature), "config": json.dumps(resolved_dict(cfg)),
-                "git": code_version(), "classes": names,
+                "git": code_version(), "classes": names, "iterations": p.iterations, "schedule": json.dumps(schedule),
             })
 
     losses: list[dict] = []
@@ -173,10 +234,23 @@ def train(cfg: Config, *, dataset: Dataset | None = None, resume: bool = False, 
     prog = Progress(TextColumn("train"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[rate]} it/s"),
                     TimeRemainingColumn(), TextColumn("{task.fields[losses]}"), console=console,
                     disable=not show_progress or rank != 0)
-    with prog:
+    with prog, _StopRequest() as stop_req:
         task = prog.add_task("train", total=p.iterations, completed=start, rate="-", losses="")
-        step = start
-        for step, batch in zip(range(start, stop), loader):
+        batches = iter(loader)
+        for step in range(start, stop):
+            if stop_req.requested(world, device):
+                if rank == 0:
+                    console.print(f"[yellow]{signal.Signals(stop_req.signum).name} received[/]: stopping at step {step} "
+                                  "and writing a checkpoint (send it again to stop at once)")
+                break
+            try:
+                batch = next(batches)
+            except StopIteration:
+                break
+            except Exception:  # noqa: BLE001 - DataLoader workers killed by the same signal
+                if stop_req.signum is not None:  # local check: no collective on an error path
+                    break
+                raise
             t_batch = time.perf_counter()
             lr = poly_lr(p.lr, step, p.iterations, p.poly_power)
             for grp in opt.param_groups:
@@ -201,7 +275,7 @@ def train(cfg: Config, *, dataset: Dataset | None = None, resume: bool = False, 
             with torch.no_grad():
                 protos.renormalize_()
             t_now = time.perf_counter()
-            rec = {"step": step, "lr": lr, **{k: float(v) for k, v in parts.items()},
+            rec = {"step": step, "lr": lr, "iterations": p.iterations, **{k: float(v) for k, v in parts.items()},
                    "data_s": t_batch - t_fetch, "step_s": t_now - t_end}
             t_end = t_now
             losses.append(rec)
@@ -217,12 +291,19 @@ def train(cfg: Config, *, dataset: Dataset | None = None, resume: bool = False, 
             if (step + 1) % p.checkpoint_every == 0 and step + 1 < p.iterations:
                 save(step + 1, last)
             t_fetch = time.perf_counter()  # checkpoint/log time is not data wait (it still counts in step_s)
+        del batches  # shut the workers down before the checkpoint is written
     done = start + len(losses)
-    if done >= p.iterations:
-        save(p.iterations, last)
-        save(p.iterations, final)
+    if stop_req.signum is not None:
+        if losses or not last.exists():
+            save(done, last)
+        stopped = "interrupted"
+    elif done >= p.iterations:
+        if start >= p.iterations and rank == 0:
+            console.print(f"[yellow]already at step {start} >= train.iterations={p.iterations}[/]: finishing here")
+        save(done, last)
+        save(done, final)
         if rank == 0:
-            _commit(out, cfg, fp, signature, deps)
+            _commit(out, cfg, fp, signature, deps, done)
         stopped = "finished"
     else:
         save(done, last)
@@ -230,24 +311,56 @@ def train(cfg: Config, *, dataset: Dataset | None = None, resume: bool = False, 
     if tb is not None:
         tb.close()
     if rank == 0:
-        console.print(f"{stopped} at step {done}; outputs in {out}")
-    return TrainResult(out, done, losses, stopped)
+        if stopped == "interrupted":
+            console.print(f"[yellow]interrupted[/] by {signal.Signals(stop_req.signum).name} at step {done}: {last} "
+                          "written; continue with --resume")
+        else:
+            console.print(f"{stopped} at step {done}; outputs in {out}")
+    return TrainResult(out, done, losses, stopped, stop_req.signum)
 
 
-def _commit(out: Path, cfg: Config, fp: str, signature: dict, deps: dict) -> None:
+def _without_iterations(cfg: Config) -> Config:
+    """``cfg`` without ``train.iterations``: the iteration count is not part of what identifies a run (its
+    fingerprint, folder and checkpoint compatibility), so ``--resume --iterations N`` can lengthen or shorten it."""
+    decl = cfg.stages.get("train")
+    if decl is None or "iterations" not in decl.params:
+        return cfg
+    c = cfg.model_copy(deep=True)
+    c.stages["train"].params = {k: v for k, v in decl.params.items() if k != "iterations"}
+    return c
+
+
+def _finished_step(out: Path) -> int:
+    """Step of ``final.pt``, from meta.json (written with it) or, for older runs, the checkpoint itself."""
+    try:
+        meta = json.loads((out / "meta.json").read_text())
+        return int(meta["step"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return int(load_checkpoint(out / "final.pt")["step"])
+
+
+def _commit(out: Path, cfg: Config, fp: str, signature: dict, deps: dict, step: int) -> None:
     """meta.json + index.parquet (written last) make a finished run visible to ``clips4 cache ls``."""
     from clips4.pipeline.cache import commit_files
 
     meta = {"stage": "train", "fingerprint": fp, "params": cfg.params("train").model_dump(mode="json"),
-            "deps": deps, "signature": signature, "code": code_version(), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "deps": deps, "signature": signature, "step": step, "code": code_version(), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "dataset": {"key": out.parent.parent.name}}
     commit_files(str(out), list(cfg.decl("train").outs), meta)  # stages.yaml outs: what a finished run holds
 
 
+_TB_WARNED = False
+
+
 def _tensorboard(out: Path):
+    global _TB_WARNED
     try:
         from torch.utils.tensorboard import SummaryWriter
-    except Exception:  # noqa: BLE001 - TensorBoard is optional
+    except Exception as exc:  # noqa: BLE001 - TensorBoard is optional
+        if not _TB_WARNED:  # once per process, not once per step or per run in a sweep
+            _TB_WARNED = True
+            console.print(f"[yellow]warning:[/] TensorBoard is not available ({exc}); no {out / 'tb'} logs. "
+                          f"metrics.jsonl holds every step (pip install tensorboard for the tb/ logs)")
         return None
     return SummaryWriter(str(out / "tb"))
 

@@ -19,7 +19,7 @@ from clips4.evaluate.davis.propagation import EmbedFn, make_color_embedder, prop
 from clips4.evaluate.palette import save_indexed_png, voc_palette
 from clips4.pipeline.datasets import DavisDataset, ImageRecord
 from clips4.pipeline.images import load_label_png, load_rgb
-from clips4.pipeline.io import safe_join
+from clips4.pipeline.safepath import check_name, output_path
 
 __all__ = ["DAVIS_PALETTE", "register_embedder", "get_embedder", "run_davis", "evaluate_results_dir"]
 
@@ -58,15 +58,18 @@ def _frames(ds: DavisDataset, name: str, limit_frames: int | None) -> tuple[list
     if limit_frames is not None:
         recs = recs[:limit_frames]
     if recs[0].gt_path is None:
-        raise FileNotFoundError(f"DAVIS sequence {name!r}: the first frame {recs[0].meta['frame']} has no annotation "
-                                f"(Annotations/480p/{name}/{recs[0].meta['frame']}.png); it defines the objects")
+        raise FileNotFoundError(f"DAVIS sequence {name}: no annotation for its first frame {recs[0].meta['frame']}.jpg "
+                                f"(Annotations/480p/{name}/{recs[0].meta['frame']}.png); the first frame defines the objects")
     missing = [r.meta["frame"] for r in recs[1:] if r.gt_path is None]
     return recs, missing
 
 
 def _score(recs: list[ImageRecord], preds: list[np.ndarray]) -> dict:
+    """Scores of one sequence; frames without an annotation are listed in ``missing_annotations``, not scored."""
     gts = [load_label_png(r.gt_path) if r.gt_path else np.zeros_like(p) for r, p in zip(recs, preds)]
-    return evaluate_sequence(np.stack(gts), np.stack(preds), scored=np.array([r.gt_path is not None for r in recs]))
+    res = evaluate_sequence(np.stack(gts), np.stack(preds), scored=np.array([r.gt_path is not None for r in recs]))
+    res["missing_annotations"] = [r.meta["frame"] for r in recs[1:] if r.gt_path is None]
+    return res
 
 
 def run_davis(
@@ -96,12 +99,12 @@ def run_davis(
     settings = {"root": ds.root, "embedding": embedding if embed is None else "custom",
                 "checkpoint": str(checkpoint) if checkpoint else None, "split": split, "n_context": n_context,
                 "radius": radius, "topk": topk, "temperature": temperature, "limit_frames": limit_frames}
-    names = list(sequences) if sequences else ds.sequences()
+    names = [check_name(n, what="sequence name") for n in sequences] if sequences else ds.sequences()
     say = progress or (lambda m: None)
     per_seq, timing, missing_gt = {}, {}, {}
     embed_fn = embed
     for name in names:
-        seq_json = safe_join(out, "sequences", f"{name}.json")
+        seq_json = output_path(out, "sequences", f"{name}.json", what="DAVIS result")
         if seq_json.is_file():
             done = json.loads(seq_json.read_text())
             if done.get("settings") == settings:  # finished by an earlier run with the same settings
@@ -117,7 +120,7 @@ def run_davis(
         for r, mask in zip(recs, propagate_sequence(frames, load_label_png(recs[0].gt_path), embed_fn,
                                                      n_context=n_context, radius=radius, topk=topk,
                                                      temperature=temperature, device=device)):
-            save_indexed_png(safe_join(out, name, f"{r.meta['frame']}.png"), mask, DAVIS_PALETTE)
+            save_indexed_png(output_path(out, name, f"{r.meta['frame']}.png", what="DAVIS mask"), mask, DAVIS_PALETTE)
             preds.append(mask)
         per_seq[name] = _score(recs, preds)
         timing[name] = time.time() - t0
@@ -150,6 +153,6 @@ def evaluate_results_dir(root: str | Path, results_dir: str | Path, sequences: S
     per_seq = {}
     for name in (list(sequences) if sequences else ds.sequences()):
         recs, _ = _frames(ds, name, max_frames)
-        preds = [load_label_png(str(safe_join(results_dir, name, f"{r.meta['frame']}.png"))) for r in recs]
+        preds = [load_label_png(str(output_path(results_dir, name, f"{r.meta['frame']}.png", what="DAVIS mask"))) for r in recs]
         per_seq[name] = _score(recs, preds)
     return {"sequences": per_seq, "global": summarize(per_seq)}
