@@ -13,7 +13,7 @@ from rich.table import Table
 from clips4.pipeline.config import Config, ConfigError, load_config
 
 console = Console()
-err_console = Console(stderr=True)
+err_console = Console(stderr=True, soft_wrap=True)  # logs: long paths stay on one line
 
 app = typer.Typer(
     name="clips4",
@@ -53,6 +53,8 @@ ExecutorOpt = typer.Option(None, "--executor", help="'ray' (default) or 'local' 
 MaxFailOpt = typer.Option(0, "--max-failures", help="Exit non-zero when more than this many images fail (-1: never).")
 RetryOpt = typer.Option(False, "--retry-failed", help="Process images that failed before again (changed files always are).")
 QuietOpt = typer.Option(False, "--quiet", "-q", help="No progress bar.")
+WaitOpt = typer.Option(False, "--wait", help="If another run holds this stage output, wait for it instead of exiting 3.")
+WaitTimeoutOpt = typer.Option(None, "--wait-timeout", help="With --wait: give up (exit 3) after this many seconds.")
 
 
 def build_config(
@@ -88,10 +90,11 @@ def build_config(
         raise CLIError(str(exc)) from None
 
 
-def _run_stage_command(name: str, cfg: Config, max_failures: int, retry_failed: bool, quiet: bool) -> None:
+def _run_stage_command(name: str, cfg: Config, max_failures: int, retry_failed: bool, quiet: bool,
+                       wait: bool = False, wait_timeout: float | None = None) -> None:
     from clips4.pipeline.stage import print_summary, run_stage
 
-    run = run_stage(cfg, name, retry_failed=retry_failed, show_progress=not quiet)
+    run = run_stage(cfg, name, retry_failed=retry_failed, show_progress=not quiet, wait=wait, wait_timeout=wait_timeout)
     code = print_summary(run, max_failures)
     if code:
         raise typer.Exit(code)
@@ -105,6 +108,7 @@ def precompute_segments(
     limit: Optional[int] = LimitOpt, cache: Optional[str] = CacheOpt, address: Optional[str] = AddressOpt,
     num_workers: Optional[int] = WorkersOpt, batch_size: Optional[int] = BatchOpt, executor: Optional[str] = ExecutorOpt,
     max_failures: int = MaxFailOpt, retry_failed: bool = RetryOpt, quiet: bool = QuietOpt,
+    wait: bool = WaitOpt, wait_timeout: Optional[float] = WaitTimeoutOpt,
     detector: Optional[str] = typer.Option(None, help="Contour detector: classical (default, no weights), hed, onnx."),
     ucm_threshold: Optional[float] = typer.Option(None, help="UCM level at which superpixels are cut (default 0.25)."),
     max_segments: Optional[int] = typer.Option(None, help="At most this many superpixels per image (default 48)."),
@@ -114,7 +118,7 @@ def precompute_segments(
              {"detector": detector, "ucm_threshold": ucm_threshold, "max_segments": max_segments}.items() if v is not None]
     cfg = build_config(config, set_, stages, dataset=dataset, root=root, split=split, limit=limit, cache=cache,
                        address=address, num_workers=num_workers, batch_size=batch_size, executor=executor, extra=extra)
-    _run_stage_command("segments", cfg, max_failures, retry_failed, quiet)
+    _run_stage_command("segments", cfg, max_failures, retry_failed, quiet, wait, wait_timeout)
 
 
 @precompute_app.command("clip-features")
@@ -124,6 +128,7 @@ def precompute_clip_features(
     limit: Optional[int] = LimitOpt, cache: Optional[str] = CacheOpt, address: Optional[str] = AddressOpt,
     num_workers: Optional[int] = WorkersOpt, batch_size: Optional[int] = BatchOpt, executor: Optional[str] = ExecutorOpt,
     max_failures: int = MaxFailOpt, retry_failed: bool = RetryOpt, quiet: bool = QuietOpt,
+    wait: bool = WaitOpt, wait_timeout: Optional[float] = WaitTimeoutOpt,
     clip_model: Optional[str] = typer.Option(None, help="open_clip model name (default ViT-B-16; RN50 works too)."),
     clip_pretrained: Optional[str] = typer.Option(None, help="Pretrained tag (openai), hf-hub:org/repo, local-dir:/path or a file."),
     clip_checkpoint: Optional[str] = typer.Option(None, help="Local CLIP checkpoint file (overrides --clip-pretrained)."),
@@ -143,7 +148,7 @@ def precompute_clip_features(
         extra.append(f"ray.num_gpus={num_gpus}")
     cfg = build_config(config, set_, stages, dataset=dataset, root=root, split=split, limit=limit, cache=cache,
                        address=address, num_workers=num_workers, batch_size=batch_size, executor=executor, extra=extra)
-    _run_stage_command("clip_features", cfg, max_failures, retry_failed, quiet)
+    _run_stage_command("clip_features", cfg, max_failures, retry_failed, quiet, wait, wait_timeout)
 
 
 @precompute_app.command("prototypes")
@@ -441,6 +446,10 @@ def main(argv: list[str] | None = None) -> int:
         err_console.print(f"[red]error:[/] {exc}")
         return 2
     except Exception as exc:  # noqa: BLE001 - stage errors with their own clear messages
+        code = getattr(exc, "exit_code", None)  # StageLocked 3, RunFailed 1, StageInterrupted 130/143, RayConnectError 2
+        if isinstance(code, int) and type(exc).__module__.startswith("clips4."):
+            err_console.print(f"[red]error:[/] {exc}")
+            return code
         from clips4.pipeline.runner import WorkerStartError
         from clips4.pipeline.stage import StageError
         from clips4.trainer.checkpoint import CheckpointError
