@@ -313,7 +313,10 @@ def run_batches(
         def drop(aid: int) -> None:
             nonlocal spawns_left
             if aid in live:
-                ray.kill(live.pop(aid), no_restart=True)
+                try:
+                    ray.kill(live.pop(aid), no_restart=True)
+                except Exception:  # noqa: BLE001 - gone with its node already
+                    pass
                 load.pop(aid, None)
                 if spawns_left > 0:
                     spawns_left -= 1
@@ -343,6 +346,9 @@ def run_batches(
                     raise RunFailed(f"{description}: no Ray worker is left to run the remaining batches "
                                     f"({len(work) - n_done} image(s) unprocessed); see the errors above")
                 refs = list(pending) + list(starting)
+                if not refs:  # only batches waiting out their backoff
+                    time.sleep(0.1)
+                    continue
                 ready, _ = ray.wait(refs, num_returns=1, timeout=0.5)
                 progress.tick()
                 for ref in ready:
