@@ -167,6 +167,13 @@ print("nodes", sum(1 for n in ray.nodes() if n.get("Alive")), flush=True)
 def _probe_cluster(address: str, timeout_s: float) -> None:
     """Join ``address`` from a throw-away process first: Ray retries some failures (e.g. a missing auth token)
     forever inside ``ray.init``; a child process can be killed when it takes too long."""
+    host, _, port = address.rpartition(":")
+    if host and port.isdigit() and "://" not in address:
+        try:  # nothing listening there: say so now instead of after Ray's own retries
+            socket.create_connection((host, int(port)), timeout=min(5.0, timeout_s)).close()
+        except OSError as exc:
+            raise RayConnectError(f"no Ray cluster at {address!r} ({plain_reason(exc)}): start one there "
+                                  "(`ray start --head`), fix --address, or use --address local") from None
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
     try:
         p = subprocess.run([sys.executable, "-c", _PROBE, address], capture_output=True, text=True, timeout=timeout_s,

@@ -86,7 +86,7 @@ def test_connecting_to_no_cluster_fails_fast_with_a_message():
     t0 = time.monotonic()
     with pytest.raises(RayConnectError, match="127.0.0.1:"):
         init_ray(f"127.0.0.1:{_free_port()}", connect_timeout_s=20)
-    assert time.monotonic() - t0 < 40
+    assert time.monotonic() - t0 < 10
 
 
 def test_two_node_cluster_survives_losing_a_node_and_equals_a_single_node_run(tmp_path, short_tmp):
