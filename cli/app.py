@@ -9,7 +9,7 @@ import sys
 import typer
 
 from clips4.cli import cache, demo, evaluate, precompute, predict, report, synthetic, train
-from clips4.cli.common import (EXIT_FAILED, EXIT_LOCKED, EXIT_SIGINT, EXIT_SIGTERM, EXIT_USAGE, CLIError, emit_summary,
+from clips4.cli.common import (EXIT_FAILED, EXIT_SIGINT, EXIT_SIGTERM, EXIT_USAGE, CLIError, emit_summary,
                                err_console)
 
 
@@ -81,8 +81,9 @@ def _exit_code(exc: BaseException) -> int:
         return EXIT_SIGINT
     if isinstance(exc, _Terminated):
         return EXIT_SIGTERM
-    if type(exc).__name__ in ("StageLocked", "LockedError"):
-        return EXIT_LOCKED
+    code = getattr(exc, "exit_code", None)  # StageLocked 3, RunFailed 1, StageInterrupted 130/143, RayConnectError 2
+    if isinstance(code, int) and type(exc).__module__.startswith("clips4."):
+        return code
     if isinstance(exc, _user_errors()):
         return EXIT_USAGE
     return EXIT_FAILED

@@ -50,6 +50,8 @@ AddressOpt = typer.Option(None, "--address", help="Ray address: 'local' (start o
 BatchOpt = typer.Option(None, "--batch-size", help="Images per task (one cache part per batch).")
 MaxFailOpt = typer.Option(0, "--max-failures", help="Exit 1 when more than this many images failed, counting earlier runs' (-1: never).")
 RetryOpt = typer.Option(False, "--retry-failed", help="Process images that failed before again (changed files always are).")
+WaitOpt = typer.Option(False, "--wait", help="If another run holds this stage output, wait for it instead of exiting 3.")
+WaitTimeoutOpt = typer.Option(None, "--wait-timeout", help="With --wait: give up (exit 3) after this many seconds.")
 DeviceOpt = typer.Option("auto", "--device", help="Torch device for checkpoints: auto (cuda if available), cpu, cuda:0.")
 
 

@@ -5,16 +5,19 @@ from typing import Optional
 
 import typer
 
-from clips4.cli.common import (AddressOpt, BatchOpt, Common, MaxFailOpt, RetryOpt, common_options, sets)
+from clips4.cli.common import (AddressOpt, BatchOpt, Common, MaxFailOpt, RetryOpt, WaitOpt, WaitTimeoutOpt,
+                               common_options, sets)
 
 app = typer.Typer(help="Run the offline pipeline stages into the cache.", no_args_is_help=True)
 
 
-def run_stage_command(name: str, cfg, opts: Common, *, max_failures: int = 0, retry_failed: bool = False) -> dict:
+def run_stage_command(name: str, cfg, opts: Common, *, max_failures: int = 0, retry_failed: bool = False,
+                      wait: bool = False, wait_timeout: float | None = None) -> dict:
     """Run one stage, print its summary, return the ``--json`` summary (with ``exit_code``)."""
     from clips4.pipeline.stage import print_summary, run_stage
 
-    run = run_stage(cfg, name, retry_failed=retry_failed, show_progress=not opts.quiet)
+    run = run_stage(cfg, name, retry_failed=retry_failed, show_progress=not opts.quiet, wait=wait,
+                    wait_timeout=wait_timeout)
     code = print_summary(run, max_failures)
     return {**run.to_dict(), "exit_code": code}
 
@@ -25,6 +28,7 @@ def segments(
     opts: Common,
     address: Optional[str] = AddressOpt, batch_size: Optional[int] = BatchOpt,
     max_failures: int = MaxFailOpt, retry_failed: bool = RetryOpt,
+    wait: bool = WaitOpt, wait_timeout: Optional[float] = WaitTimeoutOpt,
     detector: Optional[str] = typer.Option(None, help="Contour detector: classical (default, no weights), hed, onnx."),
     ucm_threshold: Optional[float] = typer.Option(None, help="UCM level at which superpixels are cut (default 0.25)."),
     max_segments: Optional[int] = typer.Option(None, help="At most this many superpixels per image (default 48)."),
@@ -32,7 +36,8 @@ def segments(
     """Contours → oriented watershed → UCM → superpixels for every image, into the segments cache."""
     extra = sets("segments", {"detector": detector, "ucm_threshold": ucm_threshold, "max_segments": max_segments})
     cfg = opts.build_config(address=address, batch_size=batch_size, extra=extra)
-    return run_stage_command("segments", cfg, opts, max_failures=max_failures, retry_failed=retry_failed)
+    return run_stage_command("segments", cfg, opts, max_failures=max_failures, retry_failed=retry_failed, wait=wait,
+                             wait_timeout=wait_timeout)
 
 
 @app.command("clip-features")
@@ -41,6 +46,7 @@ def clip_features(
     opts: Common,
     address: Optional[str] = AddressOpt, batch_size: Optional[int] = BatchOpt,
     max_failures: int = MaxFailOpt, retry_failed: bool = RetryOpt,
+    wait: bool = WaitOpt, wait_timeout: Optional[float] = WaitTimeoutOpt,
     clip_model: Optional[str] = typer.Option(None, help="open_clip model name (default ViT-B-16; RN50 works too)."),
     clip_pretrained: Optional[str] = typer.Option(None, help="Pretrained tag (openai), hf-hub:org/repo, local-dir:/path or a file."),
     clip_checkpoint: Optional[str] = typer.Option(None, help="Local CLIP checkpoint file (overrides --clip-pretrained)."),
@@ -55,7 +61,8 @@ def clip_features(
                                         "cache_dir": clip_cache_dir, "variant": variant, "backend": backend})
     extra += sets("clip_features", {"segment_source": segment_source}) + sets("ray", {"num_gpus": num_gpus})
     cfg = opts.build_config(address=address, batch_size=batch_size, extra=extra)
-    return run_stage_command("clip_features", cfg, opts, max_failures=max_failures, retry_failed=retry_failed)
+    return run_stage_command("clip_features", cfg, opts, max_failures=max_failures, retry_failed=retry_failed,
+                             wait=wait, wait_timeout=wait_timeout)
 
 
 @app.command("prototypes")

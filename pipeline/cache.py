@@ -134,6 +134,7 @@ class StageWriter:
     def __init__(self, url: str):
         self.url = url.rstrip("/")
         self.fs, self.path = _fs(self.url)
+        self.quarantined: list[tuple[str, str]] = []
 
     # -- parts ---------------------------------------------------------------------------------------
     def write_part(self, part: str, rows: list[dict], results: list[ItemResult]) -> None:
@@ -182,55 +183,95 @@ class StageWriter:
             write_parquet_atomic(url_join(self.url, "tables", tname, f"{part}.parquet"), t)
         write_parquet_atomic(url_join(self.url, "parts", f"{part}.parquet"), pa.Table.from_pylist(rows))
 
-    def part_rows(self) -> pa.Table | None:
-        """Rows of every completed part (committed or not), newest part last."""
+    def part_rows(self, quarantine: bool = False) -> pa.Table | None:
+        """Rows of every completed part (committed or not), newest part last.
+
+        A part file that cannot be read (truncated, not Parquet) raises :class:`CacheError` naming it, or with
+        ``quarantine`` (the lock holder only) is moved to ``quarantine/`` and left out, so its images are
+        computed again; ``self.quarantined`` lists ``(file, reason)`` of the parts moved aside.
+        """
         files = sorted(self.fs.glob(f"{self.path}/parts/*.parquet"))
-        if not files:
-            return None
         tables = []
         for f in files:
-            with self.fs.open(f, "rb") as fh:
-                tables.append(pq.read_table(fh))
+            try:
+                with self.fs.open(f, "rb") as fh:
+                    t = pq.read_table(fh)
+                missing = [c for c in ("image_id", "status", "part") if c not in t.column_names]
+                if missing:
+                    raise CacheError(f"no column(s) {missing}")
+            except (pa.ArrowException, OSError, ValueError, CacheError) as exc:
+                reason = " ".join(str(exc).split())[:300]
+                if not quarantine:
+                    raise CacheError(f"corrupt cache part {f}: {reason}") from None
+                dest = f"{self.path}/quarantine/{os.path.basename(f)}"
+                self.fs.makedirs(f"{self.path}/quarantine", exist_ok=True)
+                self.fs.mv(f, dest)
+                self.quarantined.append((f, reason))
+                continue
+            tables.append(t)
+        if not tables:
+            return None
         return pa.concat_tables(tables, promote_options="permissive")
 
     # -- meta / commit -------------------------------------------------------------------------------
     def write_meta(self, meta: dict) -> None:
         write_bytes_atomic(url_join(self.url, META), json.dumps(meta, indent=2, sort_keys=True, default=str).encode())
 
-    def commit(self) -> pa.Table:
-        """Index = the newest row per image over all complete parts. Errors first, index last."""
-        rows = self.part_rows()
+    def commit(self, exclusive: bool = False) -> pa.Table:
+        """Index = the newest row per image over all complete parts. Errors first, index last.
+
+        Then garbage: parts referenced by neither the new nor the previous index (superseded ones, and orphans
+        of killed runs: ``.zarr`` folders and tables without a part record) and ``*.tmp-*`` files. With
+        ``exclusive`` (this run holds the stage lock on a local folder) they go at once; otherwise only those
+        older than 6 h, which no running job can still be writing. The previous index's parts are kept for
+        readers that opened it before this commit.
+        """
+        previous: set[str] = set()
+        try:
+            previous = set(read_parquet(url_join(self.url, INDEX), columns=["part"])["part"].to_pylist())
+        except Exception:  # noqa: BLE001 - no (readable) previous index: nothing to protect
+            pass
+        rows = self.part_rows(quarantine=True)
         if rows is None:
-            rows = pa.Table.from_pylist([], schema=pa.schema([(c, pa.string()) for c in ("image_id", "status")]))
+            rows = pa.Table.from_pylist([], schema=pa.schema([(c, pa.string()) for c in ("image_id", "status", "part")]))
         latest = _latest_per_image(rows)
         failed = latest.filter(pa.compute.equal(latest["status"], "failed")) if latest.num_rows else latest
         write_parquet_atomic(url_join(self.url, ERRORS), failed)
         write_parquet_atomic(url_join(self.url, INDEX), latest)
-        self.remove_orphans(min_age_s=6 * 3600)
+        keep = previous | set(latest["part"].to_pylist())
+        self.collect_garbage(keep, min_age_s=0.0 if exclusive else 6 * 3600)
         return latest
 
-    def remove_orphans(self, min_age_s: float) -> int:
-        """Delete part folders/tables without a part record (left by a killed run) older than ``min_age_s``.
-
-        The age guard keeps parts that another, still running job is writing right now.
-        """
-        done = {os.path.basename(f)[: -len(".parquet")] for f in self.fs.glob(f"{self.path}/parts/*.parquet")}
+    def collect_garbage(self, keep: set[str], min_age_s: float) -> int:
+        """Delete parts (record, arrays, tables) not in ``keep`` and ``*.tmp-*`` files, older than ``min_age_s``."""
+        candidates = [(p, os.path.basename(p)[: -len(".parquet")]) for p in self.fs.glob(f"{self.path}/parts/*.parquet")]
+        candidates += [(p, os.path.basename(p)[: -len(".zarr")]) for p in self.fs.glob(f"{self.path}/parts/*.zarr")]
+        candidates += [(p, os.path.basename(p)[: -len(".parquet")]) for p in self.fs.glob(f"{self.path}/tables/*/*.parquet")]
+        candidates = [(p, part) for p, part in candidates if part not in keep]
+        candidates += [(p, "") for p in self.fs.glob(f"{self.path}/**/*.tmp-*")]
         removed = 0
         now = time.time()
-        candidates = [(p, os.path.basename(p)[: -len(".zarr")]) for p in self.fs.glob(f"{self.path}/parts/*.zarr")]
-        candidates += [(p, os.path.basename(p)[: -len(".parquet")]) for p in self.fs.glob(f"{self.path}/tables/*/*.parquet")]
-        for p, part in candidates:
-            if part in done:
-                continue
+        # the part record goes last: a half-deleted part must never look complete
+        for p, _ in sorted(candidates, key=lambda c: c[0].endswith(".parquet") and "/parts/" in c[0]):
+            if min_age_s > 0:
+                try:
+                    mtime = self.fs.info(p).get("mtime") or 0
+                    mtime = mtime.timestamp() if hasattr(mtime, "timestamp") else float(mtime)
+                except (OSError, FileNotFoundError):
+                    continue
+                if now - mtime < min_age_s:
+                    continue
             try:
-                mtime = self.fs.info(p).get("mtime") or 0
-                mtime = mtime.timestamp() if hasattr(mtime, "timestamp") else float(mtime)
-            except (OSError, FileNotFoundError):
-                continue
-            if now - mtime >= min_age_s:
                 self.fs.rm(p, recursive=True)
                 removed += 1
+            except FileNotFoundError:
+                pass
         return removed
+
+    def remove_orphans(self, min_age_s: float) -> int:
+        """Parts without a record that are older than ``min_age_s`` (kept for callers of the old API)."""
+        done = {os.path.basename(f)[: -len(".parquet")] for f in self.fs.glob(f"{self.path}/parts/*.parquet")}
+        return self.collect_garbage(done, min_age_s)
 
 
 def _table_from_columns(cols: dict[str, Any]) -> pa.Table:

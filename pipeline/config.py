@@ -54,6 +54,17 @@ class RayConfig(Strict):
     num_gpus: float = Field(default=0.0, ge=0)
     #: CPUs per actor
     num_cpus: float = Field(default=1.0, gt=0)
+    #: tries per batch when it fails for reasons outside its images (worker died, disk full, node lost); then the
+    #: run fails (exit 1) and leaves those images for the next run
+    max_attempts: int = Field(default=3, ge=1)
+    #: first retry after this many seconds, doubling per try
+    backoff_s: float = Field(default=1.0, ge=0)
+    #: batches queued per actor (bounds the driver's futures: a 100k-image run holds a handful, not 100k)
+    in_flight_per_worker: int = Field(default=2, ge=1)
+    #: joining a cluster (``address`` other than local) fails with a clear message after this many seconds
+    connect_timeout_s: float = Field(default=60.0, gt=0)
+    #: plain progress lines (when stderr is not a terminal) at least this often, and every 5 % of the images
+    progress_every_s: float = Field(default=30.0, gt=0)
 
 
 class SegmentsParams(Strict):

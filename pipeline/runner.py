@@ -1,24 +1,36 @@
 """Fan-out of per-image work: a pool of Ray actors (or this process), one cache part per batch.
 
 Each actor builds its processor once (a model is loaded once per actor), takes batches of ``ImageRecord``s,
-and writes the batch's arrays/tables/rows straight into the stage folder, so only small summaries travel
-back to the driver. ``ray.init(address=...)`` is the only thing that differs between a laptop
-(``address=local``) and a cluster (``address=auto`` or ``ray://head:10001``).
+reads the images and writes the batch's arrays/tables/rows straight into the stage folder through the storage
+URL, so only small summaries (counts, reasons, node) travel back to the driver: no image or array passes through
+Ray's object store. ``ray.init(address=...)`` is the only thing that differs between a laptop
+(``address=local``) and a cluster (``address=auto``, ``host:6379`` or ``ray://head:10001``).
+
+The driver keeps at most ``in_flight_per_worker`` batches queued per actor (a 100k-image run holds a handful of
+task specs, not 100k). A batch that fails for an infrastructure reason (worker died, OOM kill, disk full, node
+lost: see :mod:`clips4.pipeline.failures`) is retried with exponential backoff, on a fresh actor where its actor
+died; after ``max_attempts`` tries the run fails (:class:`RunFailed`, exit 1) and its images stay unprocessed for
+the next run. Only an item's own errors become failed rows.
 """
 from __future__ import annotations
 
+import collections
 import logging
 import os
+import pickle
+import socket
+import subprocess
+import sys
 import time
-import traceback
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from clips4.pipeline.console import make_console
 from clips4.pipeline.cache import ItemResult, StageWriter, UndeclaredOutputError, new_part_id
 from clips4.pipeline.datasets import ImageRecord
+from clips4.pipeline.failures import InfraError, is_infra, is_infra_message, plain_message, plain_reason
+from clips4.pipeline.progress import make_progress
 
 log = logging.getLogger(__name__)
 console = make_console(stderr=True)
@@ -30,6 +42,24 @@ class BatchSummary:
     ok: int = 0
     failed: list[tuple[str, str]] = field(default_factory=list)
     seconds: float = 0.0
+    #: where the batch ran: ``host`` or ``host/<ray node id prefix>``
+    node: str = ""
+
+
+class RunFailed(RuntimeError):
+    """The run could not finish for reasons outside its images; exit status 1. Finished parts stay reusable."""
+
+    exit_code = 1
+
+
+class RayConnectError(RuntimeError):
+    """Ray could not be started or joined within the time limit; the message says why and what to do."""
+
+    exit_code = 2
+
+
+class WorkerStartError(RuntimeError):
+    """The per-worker processor could not be built; nothing was processed."""
 
 
 def _limit_threads(num_cpus: float) -> None:
@@ -51,25 +81,45 @@ def _limit_threads(num_cpus: float) -> None:
         pass
 
 
-def process_batch(processor: Callable, records: list[ImageRecord], sigs: list[str], stage_url: str) -> BatchSummary:
-    """Run ``processor`` on ``records`` and write one part. Per-image failures are rows, never crashes."""
-    part = new_part_id()
-    t0 = time.perf_counter()
+def _run_processor(processor: Callable, records: list[ImageRecord]) -> list[ItemResult]:
+    """Results for ``records``. A batch-level exception is split per image so that it lands on the image that
+    caused it; an infrastructure error is raised (:class:`InfraError`), never recorded."""
     try:
         results = list(processor(records))
         if len(results) != len(records):
             raise RuntimeError(f"processor returned {len(results)} results for {len(records)} images")
     except UndeclaredOutputError:
         raise
-    except Exception as exc:  # noqa: BLE001 - a whole-batch failure still becomes per-image rows
-        msg = f"{type(exc).__name__}: {exc}"
-        log.debug("batch failed: %s", traceback.format_exc())
-        results = [ItemResult.failed(msg) for _ in records]
-    elapsed = time.perf_counter() - t0
-    rows, summary = [], BatchSummary(part=part, seconds=elapsed)
-    for rec, sig, res in zip(records, sigs, results):
+    except Exception as exc:  # noqa: BLE001
+        if is_infra(exc):
+            raise InfraError(plain_reason(exc)) from exc
+        if len(records) == 1:
+            log.debug("item %s failed", records[0].image_id, exc_info=True)
+            return [ItemResult.failed(plain_reason(exc))]
+        return [r for rec in records for r in _run_processor(processor, [rec])]
+    out = []
+    for res in results:
         if isinstance(res, BaseException):
-            res = ItemResult.failed(f"{type(res).__name__}: {res}")
+            if is_infra(res):
+                raise InfraError(plain_reason(res)) from res
+            res = ItemResult.failed(plain_reason(res))
+        elif res.error:
+            if is_infra_message(res.error):  # a processor caught e.g. ENOSPC and called it the image's failure
+                raise InfraError(plain_message(res.error))
+            res.error = plain_message(res.error)
+        out.append(res)
+    return out
+
+
+def process_batch(processor: Callable, records: list[ImageRecord], sigs: list[str], stage_url: str,
+                  node: str = "") -> BatchSummary:
+    """Run ``processor`` on ``records`` and write one part. Item errors are rows; infrastructure errors raise."""
+    part = new_part_id()
+    t0 = time.perf_counter()
+    results = _run_processor(processor, records)
+    elapsed = time.perf_counter() - t0
+    rows, summary = [], BatchSummary(part=part, seconds=elapsed, node=node or socket.gethostname())
+    for rec, sig, res in zip(records, sigs, results):
         row = {
             **rec.to_dict(),
             "source_sig": sig,
@@ -85,20 +135,11 @@ def process_batch(processor: Callable, records: list[ImageRecord], sigs: list[st
             row.update(res.row)
             summary.ok += 1
         rows.append(row)
-    StageWriter(stage_url).write_part(part, rows, results)
+    try:
+        StageWriter(stage_url).write_part(part, rows, results)
+    except Exception as exc:  # noqa: BLE001 - a write that fails is never the images' fault
+        raise InfraError(f"writing part {part} to {stage_url}: {plain_reason(exc)}") from exc
     return summary
-
-
-class WorkerStartError(RuntimeError):
-    """The per-worker processor could not be built; nothing was processed."""
-
-
-class _AlwaysFail:
-    def __init__(self, msg: str):
-        self.msg = msg
-
-    def __call__(self, records):
-        return [ItemResult.failed(self.msg) for _ in records]
 
 
 class _Worker:
@@ -108,16 +149,62 @@ class _Worker:
         _limit_threads(num_cpus)
         self.processor = factory()
         self.stage_url = stage_url
+        import ray
 
-    def ready(self) -> bool:
-        return True
+        self.node = f"{socket.gethostname()}/{ray.get_runtime_context().get_node_id()[:8]}"
+
+    def ready(self) -> str:
+        return self.node
 
     def run(self, records: list[ImageRecord], sigs: list[str]) -> BatchSummary:
-        return process_batch(self.processor, records, sigs, self.stage_url)
+        return process_batch(self.processor, records, sigs, self.stage_url, node=self.node)
 
 
-def init_ray(address: str = "local", num_cpus: int | None = None) -> None:
-    """Start or join Ray. ``local`` starts a private instance; anything else is passed to ``ray.init``."""
+# ------------------------------------------------------------------------------------------------ Ray
+_PROBE = """
+import logging, sys, ray
+ray.init(address=sys.argv[1], logging_level=logging.ERROR, include_dashboard=False, log_to_driver=False)
+print("nodes", sum(1 for n in ray.nodes() if n.get("Alive")), flush=True)
+"""
+
+
+def _probe_cluster(address: str, timeout_s: float) -> None:
+    """Join ``address`` from a throw-away process first: Ray retries some failures (e.g. a missing auth token)
+    forever inside ``ray.init``; a child process can be killed when it takes too long."""
+    host, _, port = address.rpartition(":")
+    if host and port.isdigit() and "://" not in address:
+        try:  # nothing listening there: say so now instead of after Ray's own retries
+            socket.create_connection((host, int(port)), timeout=min(5.0, timeout_s)).close()
+        except OSError as exc:
+            raise RayConnectError(f"no Ray cluster at {address!r} ({plain_reason(exc)}): start one there "
+                                  "(`ray start --head`), fix --address, or use --address local") from None
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
+    try:
+        p = subprocess.run([sys.executable, "-c", _PROBE, address], capture_output=True, text=True, timeout=timeout_s,
+                           env=env, start_new_session=True)
+        out, code = (p.stdout or "") + (p.stderr or ""), p.returncode
+    except subprocess.TimeoutExpired as exc:
+        out = (exc.stdout or b"").decode(errors="replace") if isinstance(exc.stdout, bytes) else (exc.stdout or "")
+        out += (exc.stderr or b"").decode(errors="replace") if isinstance(exc.stderr, bytes) else (exc.stderr or "")
+        code = None
+    if code == 0:
+        return
+    text = plain_message(out, limit=100000)
+    hint = ""
+    if "auth" in text.lower() or "token" in text.lower():
+        hint = (" The cluster requires token authentication: export RAY_AUTH_MODE=token and the cluster's token as "
+                "RAY_AUTH_TOKEN (or RAY_AUTH_TOKEN_PATH=file, or put it in ~/.ray/auth_token); see README, 'Ray clusters'.")
+    elif "Could not find any running Ray instance" in text or "ConnectionError" in text:
+        hint = " No Ray cluster is running there: start one (`ray start --head`) or use --address local."
+    last = [ln for ln in out.strip().splitlines() if ln.strip()][-3:]
+    why = "timed out after %.0f s" % timeout_s if code is None else f"failed (exit {code})"
+    raise RayConnectError(f"joining the Ray cluster at {address!r} {why}.{hint}"
+                          + (f" Last output: {plain_message(' | '.join(last), 600)}" if last else ""))
+
+
+def init_ray(address: str = "local", num_cpus: int | None = None, connect_timeout_s: float = 60.0) -> None:
+    """Start or join Ray. ``local`` starts a private instance (its processes die with this one: Ray ties a
+    head it starts to the driver's lifetime); anything else is joined after a bounded probe."""
     import ray
 
     if ray.is_initialized():
@@ -128,7 +215,17 @@ def init_ray(address: str = "local", num_cpus: int | None = None) -> None:
     if address in ("local", "", None):
         ray.init(num_cpus=num_cpus, **kwargs)
     else:
-        ray.init(address=address, **kwargs)
+        _probe_cluster(address, connect_timeout_s)
+        try:
+            ray.init(address=address, **kwargs)
+        except Exception as exc:  # noqa: BLE001
+            raise RayConnectError(f"joining the Ray cluster at {address!r} failed: {plain_reason(exc)}") from None
+
+
+def _actor_dead(exc: BaseException) -> bool:
+    names = {c.__name__ for c in type(exc).__mro__}
+    return bool(names & {"RayActorError", "ActorDiedError", "ActorUnavailableError", "WorkerCrashedError",
+                         "NodeDiedError", "LocalRayletDiedError", "ActorUnschedulableError"})
 
 
 def run_batches(
@@ -144,75 +241,162 @@ def run_batches(
     num_gpus: float = 0.0,
     description: str = "images",
     show_progress: bool = True,
+    max_attempts: int = 3,
+    backoff_s: float = 1.0,
+    in_flight_per_worker: int = 2,
+    connect_timeout_s: float = 60.0,
+    progress_every_s: float = 30.0,
+    stats: dict | None = None,
 ) -> list[BatchSummary]:
-    """Process ``work`` ((record, source signature) pairs) in batches; returns one summary per batch."""
+    """Process ``work`` ((record, source signature) pairs) in batches; returns one summary per finished batch.
+
+    ``stats`` (if given) receives ``per_node`` (items per node), ``max_in_flight``, ``retries`` and
+    ``max_result_bytes`` (largest batch result that came back to the driver through Ray).
+    Raises :class:`RunFailed` when a batch fails ``max_attempts`` times for infrastructure reasons.
+    """
     batches = [work[i : i + batch_size] for i in range(0, len(work), batch_size)]
     summaries: list[BatchSummary] = []
-    progress = Progress(
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("{task.fields[rate]} img/s"),
-        TextColumn("failed {task.fields[failed]}"),
-        TimeElapsedColumn(),
-        TextColumn("ETA"),
-        TimeRemainingColumn(),
-        console=console,
-        disable=not show_progress,
-        transient=False,
-    )
-    t0 = time.perf_counter()
+    st = stats if stats is not None else {}
+    st.update(per_node={}, max_in_flight=0, retries=0, max_result_bytes=0)
+    progress = make_progress(description, len(work), show_progress, every_s=progress_every_s)
+    n_done = n_failed = 0
+
+    def done(s: BatchSummary) -> None:
+        nonlocal n_done, n_failed
+        summaries.append(s)
+        n_done += s.ok + len(s.failed)
+        n_failed += len(s.failed)
+        st["per_node"][s.node] = st["per_node"].get(s.node, 0) + s.ok + len(s.failed)
+        progress.update(n_done, n_failed)
+
+    def give_up(b: list, attempts: int, exc: BaseException) -> RunFailed:
+        left = len(work) - n_done
+        return RunFailed(
+            f"{description}: a batch of {len(b)} image(s) (first: {b[0][0].image_id}) failed {attempts} time(s) "
+            f"for a reason outside the images: {plain_reason(exc)}. {left} image(s) are left unprocessed "
+            "(none recorded as failed); run again once the cause is fixed."
+        )
+
+    def retry_later(attempts: int, b: list, exc: BaseException) -> float:
+        st["retries"] += 1
+        delay = backoff_s * 2 ** (attempts - 1)
+        log.warning("%s: batch of %d (first %s) failed (%s); retry %d/%d in %.1f s", description, len(b),
+                    b[0][0].image_id, plain_reason(exc), attempts, max_attempts - 1, delay)
+        return delay
+
     with progress:
-        task = progress.add_task(description, total=len(work), rate="-", failed=0)
-
-        def done(s: BatchSummary) -> None:
-            summaries.append(s)
-            n = sum(x.ok + len(x.failed) for x in summaries)
-            rate = n / max(1e-9, time.perf_counter() - t0)
-            progress.update(task, advance=s.ok + len(s.failed), rate=f"{rate:.2f}",
-                            failed=sum(len(x.failed) for x in summaries))
-
         if executor == "local" or not batches:
             _limit_threads(num_cpus)
             processor = factory() if batches else None
             for b in batches:
-                done(process_batch(processor, [r for r, _ in b], [s for _, s in b], stage_url))
+                attempts = 0
+                while True:
+                    st["max_in_flight"] = 1
+                    try:
+                        done(process_batch(processor, [r for r, _ in b], [s for _, s in b], stage_url))
+                        break
+                    except Exception as exc:  # noqa: BLE001 - item errors never get here; this is the machine
+                        attempts += 1
+                        if attempts >= max_attempts:
+                            raise give_up(b, attempts, exc) from None
+                        time.sleep(retry_later(attempts, b, exc))
             return summaries
 
         import ray
 
-        init_ray(address, num_cpus=None)
+        init_ray(address, num_cpus=None, connect_timeout_s=connect_timeout_s)
         n_workers = max(1, min(num_workers, len(batches)))
-        Actor = ray.remote(num_cpus=num_cpus, num_gpus=num_gpus)(_Worker)
-        actors = [Actor.remote(factory, num_cpus, stage_url) for _ in range(n_workers)]
+        Actor = ray.remote(num_cpus=num_cpus, num_gpus=num_gpus, max_restarts=0)(_Worker)
+        live: dict[int, Any] = {}          # actor id -> handle (ready)
+        starting: dict[Any, tuple[int, Any]] = {}  # ready ref -> (actor id, handle)
+        load: dict[int, int] = {}          # actor id -> batches in flight
+        pending: dict[Any, tuple[int, int, int]] = {}  # task ref -> (actor id, batch index, attempts so far)
+        queue: collections.deque = collections.deque((i, 0, 0.0) for i in range(len(batches)))
+        next_id = 0
+        spawns_left = n_workers * max_attempts  # replacements for dead actors are bounded too
+
+        def spawn() -> None:
+            nonlocal next_id
+            a = Actor.remote(factory, num_cpus, stage_url)
+            starting[a.ready.remote()] = (next_id, a)
+            next_id += 1
+
+        def drop(aid: int) -> None:
+            nonlocal spawns_left
+            if aid in live:
+                try:
+                    ray.kill(live.pop(aid), no_restart=True)
+                except Exception:  # noqa: BLE001 - gone with its node already
+                    pass
+                load.pop(aid, None)
+                if spawns_left > 0:
+                    spawns_left -= 1
+                    spawn()
+
+        for _ in range(n_workers):
+            spawn()
         try:
-            # a processor that cannot be built (missing weights, bad detector params) stops the run with its own
-            # message instead of turning every image into a failed row
-            try:
-                ray.get([a.ready.remote() for a in actors])
-            except Exception as exc:  # noqa: BLE001
-                cause = getattr(exc, "cause", None) or exc
-                raise WorkerStartError(f"{description} workers could not start: {cause}") from None
-            pending: dict[Any, tuple[int, list]] = {}
-            queue = list(range(len(batches)))
-            free = list(range(n_workers))
             while queue or pending:
-                while queue and free:
-                    w = free.pop()
-                    b = batches[queue.pop(0)]
-                    pending[actors[w].run.remote([r for r, _ in b], [s for _, s in b])] = (w, b)
-                ready, _ = ray.wait(list(pending), num_returns=1)
+                now = time.monotonic()
+                # dispatch: least-loaded ready actor first, never more than in_flight_per_worker each
+                for _ in range(len(queue)):
+                    cands = [a for a in live if load[a] < in_flight_per_worker]
+                    if not cands:
+                        break
+                    i, attempts, not_before = queue[0]
+                    if not_before > now:
+                        queue.rotate(-1)
+                        continue
+                    queue.popleft()
+                    aid = min(cands, key=lambda a: load[a])
+                    b = batches[i]
+                    pending[live[aid].run.remote([r for r, _ in b], [s for _, s in b])] = (aid, i, attempts)
+                    load[aid] += 1
+                st["max_in_flight"] = max(st["max_in_flight"], len(pending))
+                if not live and not starting:
+                    raise RunFailed(f"{description}: no Ray worker is left to run the remaining batches "
+                                    f"({len(work) - n_done} image(s) unprocessed); see the errors above")
+                refs = list(pending) + list(starting)
+                if not refs:  # only batches waiting out their backoff
+                    time.sleep(0.1)
+                    continue
+                ready, _ = ray.wait(refs, num_returns=1, timeout=0.5)
+                progress.tick()
                 for ref in ready:
-                    w, b = pending.pop(ref)
+                    if ref in starting:
+                        aid, handle = starting.pop(ref)
+                        try:
+                            ray.get(ref)
+                        except Exception as exc:  # noqa: BLE001
+                            if _actor_dead(exc) or is_infra(exc):
+                                log.warning("%s: a worker was lost while starting (%s)", description, plain_reason(exc))
+                                if spawns_left > 0:
+                                    spawns_left -= 1
+                                    spawn()
+                                continue
+                            # the processor cannot be built (missing weights, bad params): stop with its message
+                            raise WorkerStartError(f"{description} workers could not start: {plain_reason(exc)}") from None
+                        live[aid], load[aid] = handle, 0
+                        continue
+                    aid, i, attempts = pending.pop(ref)
+                    if aid in load:
+                        load[aid] -= 1
                     try:
-                        done(ray.get(ref))
-                    except Exception as exc:  # noqa: BLE001 - a dead worker (OOM, segfault) fails its batch only
-                        msg = f"worker crashed: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
-                        done(process_batch(_AlwaysFail(msg), [r for r, _ in b], [s for _, s in b], stage_url))
-                        ray.kill(actors[w])
-                        actors[w] = Actor.remote(factory, num_cpus, stage_url)
-                    free.append(w)
+                        s = ray.get(ref)
+                        # what came back through the object store: counts and reasons only, never pixels
+                        st["max_result_bytes"] = max(st["max_result_bytes"], len(pickle.dumps(s)))
+                        done(s)
+                    except Exception as exc:  # noqa: BLE001 - the machine's fault: retry with backoff
+                        attempts += 1
+                        if attempts >= max_attempts:
+                            raise give_up(batches[i], attempts, exc) from None
+                        if _actor_dead(exc):
+                            drop(aid)  # its other queued batches fail the same way and are requeued too
+                        queue.append((i, attempts, time.monotonic() + retry_later(attempts, batches[i], exc)))
         finally:
-            for a in actors:
-                ray.kill(a)
+            for handle in [*live.values(), *(h for _, h in starting.values())]:
+                try:
+                    ray.kill(handle, no_restart=True)
+                except Exception:  # noqa: BLE001 - already gone with its node
+                    pass
     return summaries

@@ -18,13 +18,14 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-
-from clips4.pipeline.console import make_console
 from clips4.pipeline.cache import (INDEX, META, StageReader, StageWriter, UndeclaredOutputError, commit_files,
                                    url_join)
 from clips4.pipeline.config import Config, resolved_dict, stage_object
 from clips4.pipeline.datasets import Dataset, open_dataset, source_signature
-from clips4.pipeline.runner import run_batches
+from clips4.pipeline.failures import StageInterrupted, _Signalled, signal_name, signals_as_exceptions
+from clips4.pipeline.lock import StageLock, StageLocked  # noqa: F401 - StageLocked is part of this API
+from clips4.pipeline.console import make_console
+from clips4.pipeline.runner import RunFailed, run_batches  # noqa: F401 - RunFailed is part of this API
 
 console = make_console(stderr=True)
 
@@ -87,7 +88,7 @@ class _CheckedProcessor:
     def __call__(self, records):
         results = self.inner(records)
         for r in results:
-            extra = (set(r.arrays or {}) | set(r.tables or {})) - self.outs
+            extra = (set(getattr(r, "arrays", None) or {}) | set(getattr(r, "tables", None) or {})) - self.outs
             if extra:
                 raise UndeclaredOutputError(f"stage {self.stage!r} wrote {sorted(extra)}, which its outs in "
                                             f"stages.yaml ({sorted(self.outs)}) do not declare")
@@ -134,6 +135,17 @@ class StageRun:
     processed: int
     failed: list[tuple[str, str]] = field(default_factory=list)
     seconds: float = 0.0
+    #: images that had failed in an earlier run and were not retried (still failed in the cache)
+    failed_before: list[tuple[str, str]] = field(default_factory=list)
+    #: items done per node (``host`` or ``host/<ray node id>``)
+    per_node: dict[str, int] = field(default_factory=dict)
+    #: corrupt part files moved to ``quarantine/`` (their images were computed again): (file, reason)
+    quarantined: list[tuple[str, str]] = field(default_factory=list)
+    #: fan-out facts: most batches in flight at once, batches retried after infrastructure errors
+    max_in_flight: int = 0
+    retries: int = 0
+    #: largest batch result that travelled back to the driver (bytes): summaries only, never image data
+    max_result_bytes: int = 0
     #: a whole-dataset stage (counts are outputs, not images)
     builder: bool = False
 
@@ -141,8 +153,15 @@ class StageRun:
     def nothing_to_do(self) -> bool:
         return self.processed == 0
 
+    @property
+    def all_failed(self) -> list[tuple[str, str]]:
+        """Every image of the dataset that is failed in the cache now (this run's and earlier runs')."""
+        return self.failed + self.failed_before
+
     def to_dict(self) -> dict:
-        return {k: getattr(self, k) for k in ("stage", "url", "fingerprint", "total", "skipped", "processed", "failed", "seconds")}
+        keys = ("stage", "url", "fingerprint", "total", "skipped", "processed", "failed", "failed_before", "seconds",
+                "per_node", "quarantined", "max_in_flight", "retries", "max_result_bytes")
+        return {k: getattr(self, k) for k in keys}
 
 
 def run_stage(
@@ -152,8 +171,16 @@ def run_stage(
     dataset: Dataset | None = None,
     retry_failed: bool = False,
     show_progress: bool = True,
+    wait: bool = False,
+    wait_timeout: float | None = None,
 ) -> StageRun:
-    """Run stage ``name`` over the dataset, skipping finished images, and commit its index."""
+    """Run stage ``name`` over the dataset, skipping finished images, and commit its index.
+
+    One run at a time per stage output: another run holding it raises :class:`StageLocked` (exit 3), or with
+    ``wait`` is waited for (at most ``wait_timeout`` seconds; None = no limit). SIGTERM/SIGINT raise
+    :class:`StageInterrupted` (exit 143/130) after the finished parts are on disk; infrastructure failures that
+    outlast the retries raise :class:`RunFailed` (exit 1). Neither writes the index.
+    """
     if name not in cfg.stages:
         raise StageError(f"unknown stage {name!r}; stages in the configuration: {', '.join(cfg.stages)}")
     spec = stage_def(cfg, name)
@@ -162,10 +189,23 @@ def run_stage(
     dataset = dataset or dataset_from_config(cfg)
     url, fp, dep_fps = stage_url(cfg, name, dataset)
     deps = {dep: open_stage(cfg, dep, dataset).url for dep in stage_deps(cfg, name)}
+    try:
+        with signals_as_exceptions(), StageLock(url, wait=wait, timeout=wait_timeout) as lock:
+            if spec.kind == "builder":
+                return _run_global(cfg, name, dataset, url, fp, dep_fps, deps)
+            return _run_per_image(cfg, name, dataset, url, fp, dep_fps, deps, retry_failed, show_progress, lock.exclusive)
+    except _Signalled as sig:
+        raise StageInterrupted(
+            sig.signum, f"{name}: interrupted by {signal_name(sig.signum)}; finished parts in {url} are kept and a "
+            "rerun continues from them (the index was not written)",
+        ) from None
+
+
+def _run_per_image(cfg: Config, name: str, dataset: Dataset, url: str, fp: str, dep_fps: dict, deps: dict,
+                   retry_failed: bool, show_progress: bool, exclusive: bool) -> StageRun:
+    spec = stage_def(cfg, name)
     params = cfg.params(name)
     writer = StageWriter(url)
-    if spec.kind == "builder":
-        return _run_global(cfg, name, dataset, url, fp, dep_fps, deps)
     preflight = getattr(spec, "preflight", None)
     if not writer.fs.exists(f"{writer.path}/{META}"):
         facts = preflight(params) if preflight else {}
@@ -175,36 +215,50 @@ def run_stage(
     t0 = time.perf_counter()
     records = dataset.records()
     sigs = [source_signature(r.path) for r in records]
-    finished: dict[str, tuple[str, str]] = {}
-    prior = writer.part_rows()
+    finished: dict[str, tuple[str, str, str, str]] = {}
+    prior = writer.part_rows(quarantine=True)
+    for f, reason in writer.quarantined:
+        console.print(f"  [yellow]corrupt part moved aside[/] {f} ({reason}); its images are computed again")
     if prior is not None and prior.num_rows:
-        for img, st, sig, part in zip(prior["image_id"].to_pylist(), prior["status"].to_pylist(),
-                                      prior["source_sig"].to_pylist(), prior["part"].to_pylist()):
+        errors = prior["error"].to_pylist() if "error" in prior.column_names else [""] * prior.num_rows
+        for img, st, sig, part, err in zip(prior["image_id"].to_pylist(), prior["status"].to_pylist(),
+                                           prior["source_sig"].to_pylist(), prior["part"].to_pylist(), errors):
             if img not in finished or part >= finished[img][2]:
-                finished[img] = (st, sig, part)
-    todo = []
+                finished[img] = (st, sig, part, err or "")
+    todo, failed_before = [], []
     for rec, sig in zip(records, sigs):
         prev = finished.get(rec.image_id)
         if prev and prev[1] == sig and (prev[0] == "ok" or not retry_failed):
+            if prev[0] != "ok":
+                failed_before.append((rec.image_id, prev[3]))
             continue
         todo.append((rec, sig))
     skipped = len(records) - len(todo)
     console.print(f"[bold]{name}[/]: {dataset.key} → {url}")
-    console.print(f"  {len(records)} images, {skipped} already done, {len(todo)} to process")
-    summaries = []
+    console.print(f"  {len(records)} images, {skipped} already done"
+                  + (f" ({len(failed_before)} of them failed)" if failed_before else "") + f", {len(todo)} to process")
+    summaries, stats = [], {}
     if todo:
         factory = functools.partial(_CheckedProcessor, spec, tuple(cfg.decl(name).outs), name, params,
                                     {"stage_url": url, "deps": deps, "dataset": dataset.describe()})
         summaries = run_batches(
             factory, todo, url, executor=cfg.ray.executor, address=cfg.ray.address, num_workers=cfg.ray.num_workers,
             batch_size=cfg.ray.batch_size, num_cpus=cfg.ray.num_cpus, num_gpus=cfg.ray.num_gpus,
-            description=name, show_progress=show_progress,
+            description=name, show_progress=show_progress, stats=stats,
+            **{k: v for k, v in cfg.ray.model_dump().items() if k in _RUNNER_KNOBS},
         )
-    if todo or not writer.fs.exists(f"{writer.path}/{INDEX}"):
-        writer.commit()
+    if todo or writer.quarantined or not writer.fs.exists(f"{writer.path}/{INDEX}"):
+        writer.commit(exclusive=exclusive)
     failed = [f for s in summaries for f in s.failed]
-    run = StageRun(name, url, fp, len(records), skipped, len(todo), failed, time.perf_counter() - t0)
+    run = StageRun(name, url, fp, len(records), skipped, len(todo), failed, time.perf_counter() - t0,
+                   failed_before=failed_before, per_node=stats.get("per_node", {}), quarantined=writer.quarantined,
+                   max_in_flight=stats.get("max_in_flight", 0), retries=stats.get("retries", 0),
+                   max_result_bytes=stats.get("max_result_bytes", 0))
     return run
+
+
+#: RayConfig fields that are passed to the runner as they are (where the config has them)
+_RUNNER_KNOBS = ("max_attempts", "backoff_s", "in_flight_per_worker", "connect_timeout_s", "progress_every_s")
 
 
 def _meta(cfg: Config, name: str, dataset: Dataset, fp: str, dep_fps: dict, deps: dict) -> dict:
@@ -237,22 +291,35 @@ def _run_global(cfg: Config, name: str, dataset: Dataset, url: str, fp: str, dep
 
 
 def print_summary(run: StageRun, max_failures: int = 0) -> int:
-    """Print the final summary; return the exit code (1 when failures exceed ``max_failures``, -1 = no limit)."""
+    """Print the final summary; return the exit code: 1 when the images failed in the cache (this run's and
+    earlier runs' not retried) exceed ``max_failures`` (-1 = no limit), else 0."""
+    all_failed = run.all_failed
     if run.nothing_to_do:
-        console.print(f"[green]nothing left to do[/]: all {run.total} images of '{run.stage}' are finished")
+        if run.failed_before:
+            console.print(f"nothing left to do: all {run.total} images of '{run.stage}' were processed before; "
+                          f"{len(run.failed_before)} of them failed (--retry-failed processes them again)")
+        else:
+            console.print(f"[green]nothing left to do[/]: all {run.total} images of '{run.stage}' are finished")
     elif run.builder:
         console.print(f"[bold]{run.stage}[/]: built in {run.seconds:.1f} s")
     else:
         ok = run.processed - len(run.failed)
         rate = run.processed / max(run.seconds, 1e-9)
+        before = f", {len(run.failed_before)} failed in earlier runs" if run.failed_before else ""
         console.print(f"[bold]{run.stage}[/]: processed {run.processed} ({ok} ok, {len(run.failed)} failed), "
-                      f"skipped {run.skipped}, {run.seconds:.1f} s, {rate:.2f} img/s")
-    for img, err in run.failed[:20]:
+                      f"skipped {run.skipped}{before}, {run.seconds:.1f} s, {rate:.2f} img/s")
+    if len(run.per_node) > 1 or (run.per_node and "/" in next(iter(run.per_node))):
+        console.print("  per node: " + ", ".join(f"{n}: {c}" for n, c in sorted(run.per_node.items()))
+                      + (f" (at most {run.max_result_bytes} bytes per batch came back to the driver; "
+                         f"at most {run.max_in_flight} batches in flight)" if run.max_result_bytes else ""))
+    if run.retries:
+        console.print(f"  {run.retries} batch(es) retried after infrastructure errors")
+    for img, err in all_failed[:20]:
         console.print(f"  [red]failed[/] {img}: {err}")
-    if len(run.failed) > 20:
-        console.print(f"  … and {len(run.failed) - 20} more (see errors.parquet)")
+    if len(all_failed) > 20:
+        console.print(f"  … and {len(all_failed) - 20} more (see errors.parquet)")
     console.print(f"outputs: {run.url}")
-    if max_failures >= 0 and len(run.failed) > max_failures:
-        console.print(f"[red]{len(run.failed)} image(s) failed (allowed: {max_failures}); exit status 1[/]")
+    if max_failures >= 0 and len(all_failed) > max_failures:
+        console.print(f"[red]{len(all_failed)} image(s) failed (allowed: {max_failures}); exit status 1[/]")
         return 1
     return 0

@@ -37,7 +37,7 @@ def test_signal_writes_checkpoint_and_resume_equals_uninterrupted(world, tmp_pat
     assert full.stopped == "finished"
 
     run = tmp_path / "run"
-    cmd = [sys.executable, "-m", "clips4.pipeline", *train_args(world, run, sets=sets)]
+    cmd = [sys.executable, "-m", "clips4.cli", *train_args(world, run, sets=sets)]
     # start_new_session: killpg reaches the DataLoader workers too, as a cluster scheduler's SIGTERM does
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True,
                             env={**os.environ, "PYTHONUNBUFFERED": "1"})

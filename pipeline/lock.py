@@ -1,0 +1,194 @@
+"""One writer per stage output: a lock file ``<stage folder>/.lock`` naming its holder (host, pid, start time).
+
+Local folders (and NFS mounts, where the kernel forwards the lock to the server) use ``flock``: the kernel drops
+the lock when the holder dies, so a lock left by a killed run is never an obstacle (stale detection is exact).
+The file's content only names the holder for the message a second run prints.
+
+Other fsspec roots (``s3://``, ``gs://`` …) have no atomic create-if-absent in fsspec, so the lock there is best
+effort: the file carries a heartbeat that the holder rewrites every ``heartbeat_s``; a lock whose holder is a dead
+pid on this host, or whose heartbeat is older than ``stale_after_s``, is stale and taken over. Two runs that start
+within the same instant on an object store may both believe they hold it; the commit-by-index rule still keeps
+the cache consistent then (parts are unique, the newest row wins), only work is duplicated.
+"""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import threading
+import time
+import uuid
+
+import fsspec
+
+LOCK = ".lock"
+
+
+class StageLocked(RuntimeError):
+    """Another run holds the stage output; exit status 3."""
+
+    exit_code = 3
+
+    def __init__(self, url: str, holder: dict, waited_s: float | None = None):
+        self.url, self.holder = url, holder
+        who = (f"pid {holder.get('pid', '?')} on {holder.get('host', '?')} since {holder.get('started', '?')}"
+               if holder else "another run (holder unknown)")
+        cmd = holder.get("argv") if holder else None
+        waited = f" (waited {waited_s:.0f} s)" if waited_s else ""
+        super().__init__(
+            f"{url} is being written by {who}{' — ' + cmd if cmd else ''}{waited}; "
+            "wait for it (--wait) or run again later"
+        )
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, another user's
+        return True
+    return True
+
+
+def _holder_info(token: str) -> dict:
+    import sys
+
+    now = time.time()
+    return {
+        "host": socket.gethostname(), "pid": os.getpid(), "token": token,
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(now)), "started_ts": now, "heartbeat": now,
+        "argv": " ".join(sys.argv[:6])[:200],
+    }
+
+
+class StageLock:
+    """Context manager: ``with StageLock(url, wait=True, timeout=600): ...``.
+
+    ``wait=False`` raises :class:`StageLocked` at once when another run holds the lock; ``wait=True`` polls until
+    it is free or ``timeout`` seconds passed (None: forever), then raises :class:`StageLocked`.
+    """
+
+    def __init__(self, url: str, *, wait: bool = False, timeout: float | None = None, poll_s: float = 0.5,
+                 stale_after_s: float = 300.0, heartbeat_s: float = 30.0):
+        self.url = url.rstrip("/")
+        self.fs, self.path = fsspec.core.url_to_fs(self.url)
+        self.lock_path = f"{self.path}/{LOCK}"
+        self.wait, self.timeout, self.poll_s = wait, timeout, poll_s
+        self.stale_after_s, self.heartbeat_s = stale_after_s, heartbeat_s
+        proto = self.fs.protocol if isinstance(self.fs.protocol, (tuple, list)) else (self.fs.protocol,)
+        #: True where the OS guarantees mutual exclusion (local folders); False = best effort (object stores)
+        self.exclusive = ("file" in proto or "local" in proto) and os.name == "posix"
+        self.token = uuid.uuid4().hex
+        self._fd: int | None = None
+        self._stop = threading.Event()
+        self._beat: threading.Thread | None = None
+        self.held = False
+
+    # -- public --------------------------------------------------------------------------------------------
+    def acquire(self) -> "StageLock":
+        t0 = time.monotonic()
+        self.fs.makedirs(self.path, exist_ok=True)
+        while True:
+            holder = self._try_local() if self.exclusive else self._try_remote()
+            if holder is None:
+                self.held = True
+                return self
+            waited = time.monotonic() - t0
+            if not self.wait or (self.timeout is not None and waited >= self.timeout):
+                raise StageLocked(self.url, holder, waited if self.wait else None)
+            time.sleep(self.poll_s)
+
+    def release(self) -> None:
+        if not self.held:
+            return
+        self.held = False
+        if self.exclusive:
+            import fcntl
+
+            assert self._fd is not None
+            # the file stays: unlinking it would let a waiter lock the old inode while a newcomer locks a new one
+            os.ftruncate(self._fd, 0)
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            os.close(self._fd)
+            self._fd = None
+        else:
+            self._stop.set()
+            if self._beat is not None:
+                self._beat.join(timeout=5)
+            try:
+                if self._read_remote().get("token") == self.token:
+                    self.fs.rm(self.lock_path)
+            except (OSError, FileNotFoundError):
+                pass
+
+    def __enter__(self) -> "StageLock":
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+    # -- local: flock --------------------------------------------------------------------------------------
+    def _try_local(self) -> dict | None:
+        import fcntl
+
+        fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            try:
+                with open(self.lock_path) as f:
+                    text = f.read()
+                holder = json.loads(text) if text.strip() else {}
+            except (OSError, ValueError):
+                holder = {}
+            os.close(fd)
+            return holder
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps(_holder_info(self.token)).encode(), 0)
+        os.fsync(fd)
+        self._fd = fd
+        return None
+
+    # -- object stores: heartbeat file ---------------------------------------------------------------------
+    def _read_remote(self) -> dict:
+        try:
+            with self.fs.open(self.lock_path, "rb") as f:
+                return json.loads(f.read() or b"{}")
+        except (FileNotFoundError, ValueError):
+            return {}
+
+    def is_stale(self, holder: dict) -> bool:
+        if not holder:
+            return True
+        if holder.get("host") == socket.gethostname() and not _pid_alive(int(holder.get("pid", -1))):
+            return True
+        return time.time() - float(holder.get("heartbeat", 0)) > self.stale_after_s
+
+    def _write_remote(self, info: dict) -> None:
+        with self.fs.open(self.lock_path, "wb") as f:  # one PUT on object stores
+            f.write(json.dumps(info).encode())
+
+    def _try_remote(self) -> dict | None:
+        if self.fs.exists(self.lock_path):
+            holder = self._read_remote()
+            if not self.is_stale(holder):
+                return holder
+        self._write_remote(_holder_info(self.token))
+        time.sleep(min(0.2, self.poll_s))  # a racing writer's PUT lands in this window; the last one wins
+        holder = self._read_remote()
+        if holder.get("token") != self.token:
+            return holder
+        self._stop.clear()
+        self._beat = threading.Thread(target=self._heartbeat, name="clips4-lock-heartbeat", daemon=True)
+        self._beat.start()
+        return None
+
+    def _heartbeat(self) -> None:
+        info = self._read_remote()
+        while not self._stop.wait(self.heartbeat_s):
+            info["heartbeat"] = time.time()
+            try:
+                self._write_remote(info)
+            except OSError:  # a missed beat only makes the lock look older
+                pass

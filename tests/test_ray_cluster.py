@@ -1,0 +1,187 @@
+"""Ray as users run it: a two-node cluster started with `ray start`, a node lost mid-run, bounded connects, and no
+Ray process outliving a killed driver (issues 9 and 10). Every test stops only the processes it started."""
+from __future__ import annotations
+
+import os
+import re
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from clips4.pipeline.cache import StageReader, list_stage_outputs
+
+pytestmark = pytest.mark.ray
+RAY = str(Path(sys.executable).parent / "ray")
+
+
+def _world(folder: Path, n: int) -> Path:
+    from test_segments_stage import _world as make
+
+    return make(folder, n)
+
+
+def _procs_under(marker: str) -> set[int]:
+    """Pids whose command line mentions ``marker`` (our temp dir), plus all their descendants (Ray renames its
+    workers' titles, so they are found through their parents)."""
+    cmd, parent = {}, {}
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            cmd[int(d.name)] = (d / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            parent[int(d.name)] = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+    found = {p for p, c in cmd.items() if marker in c and p != os.getpid()}
+    grew = True
+    while grew:
+        kids = {p for p, pp in parent.items() if pp in found} - found
+        grew = bool(kids)
+        found |= kids
+    return found
+
+
+def _kill_all(pids: set[int]) -> None:
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for p in pids:
+            try:
+                os.kill(p, sig)
+            except ProcessLookupError:
+                pass
+        time.sleep(0.5)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def short_tmp():
+    # Ray's unix socket paths live under its temp dir and must stay below ~107 bytes: pytest's tmp_path is too long
+    d = Path(tempfile.mkdtemp(prefix="c4r", dir="/tmp"))
+    yield d
+    _kill_all(_procs_under(str(d)))
+    shutil.rmtree(d, ignore_errors=True)
+
+
+def _segments(root: Path, cache: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "clips4.cli", "precompute", "segments", "--dataset", "folder", "--root",
+            str(root), "--cache", str(cache), *extra]
+
+
+def test_connecting_to_no_cluster_fails_fast_with_a_message():
+    from clips4.pipeline.runner import RayConnectError, init_ray
+
+    t0 = time.monotonic()
+    with pytest.raises(RayConnectError, match="127.0.0.1:"):
+        init_ray(f"127.0.0.1:{_free_port()}", connect_timeout_s=20)
+    assert time.monotonic() - t0 < 10
+
+
+def test_two_node_cluster_survives_losing_a_node_and_equals_a_single_node_run(tmp_path, short_tmp):
+    root = _world(tmp_path / "imgs", 20)
+    port = _free_port()
+    token = secrets.token_hex(16)
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0",
+           # find a dead node in ~2 s instead of ~30 s
+           "RAY_health_check_period_ms": "500", "RAY_health_check_timeout_ms": "500",
+           "RAY_health_check_failure_threshold": "3", "RAY_health_check_initial_delay_ms": "0",
+           # a cluster with token authentication, as Ray will default to
+           "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token}
+    common = ["--num-cpus=1", "--object-store-memory=80000000", "--disable-usage-stats"]
+    head_tmp, node_tmp = short_tmp / "h", short_tmp / "w"
+    subprocess.run([RAY, "start", "--head", f"--port={port}", "--node-ip-address=127.0.0.1", f"--temp-dir={head_tmp}",
+                    "--include-dashboard=false", *common], env=env, check=True, timeout=120, capture_output=True)
+    subprocess.run([RAY, "start", f"--address=127.0.0.1:{port}", "--node-ip-address=127.0.0.1",
+                    f"--temp-dir={node_tmp}", *common], env=env, check=True, timeout=120, capture_output=True)
+    address = f"127.0.0.1:{port}"
+
+    # a driver without the token gets a clear, bounded error instead of retrying forever
+    no_token = {k: v for k, v in env.items() if not k.startswith("RAY_AUTH")}
+    t0 = time.monotonic()
+    p = subprocess.run(_segments(root, tmp_path / "nope", "--address", address, "--set", "ray.connect_timeout_s=20",
+                                 "-q"), env={**no_token, "HOME": str(tmp_path)}, capture_output=True, text=True,
+                       timeout=90)
+    assert p.returncode == 2 and "token" in p.stderr.lower(), p.stderr
+    assert time.monotonic() - t0 < 60 and "Traceback" not in p.stderr
+
+    # the real run, across both nodes; the second node's raylet is killed mid-run
+    log = tmp_path / "driver.log"
+    with open(log, "w") as f:
+        drv = subprocess.Popen(_segments(root, tmp_path / "ray", "--address", address, "--num-workers", "2",
+                                         "--batch-size", "1", "--set", "ray.backoff_s=0.2"),
+                               env={**env, "PYTHONUNBUFFERED": "1"}, stdout=f, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.time() + 150
+        while time.time() < deadline and len(list((tmp_path / "ray").glob("*/segments/*/parts/*.parquet"))) < 4:
+            assert drv.poll() is None, log.read_text()
+            time.sleep(0.05)
+        raylets = [p for p in _procs_under(str(node_tmp))
+                   if Path(f"/proc/{p}/comm").exists() and Path(f"/proc/{p}/comm").read_text().strip() == "raylet"]
+        assert len(raylets) == 1, "the second node's raylet was not found"
+        os.kill(raylets[0], signal.SIGKILL)
+        assert drv.wait(timeout=240) == 0, log.read_text()
+    finally:
+        if drv.poll() is None:
+            drv.kill()
+    text = log.read_text()
+    per_node = re.search(r"per node: (.*?) \(at most (\d+) bytes per batch came back.*?at most (\d+) batches in flight",
+                         text)
+    assert per_node, text
+    counts = [int(c) for c in re.findall(r": (\d+)", per_node.group(1))]
+    assert len(counts) == 2 and min(counts) > 0 and sum(counts) >= 20, text  # both nodes worked
+    assert int(per_node.group(2)) < 4096, "image data must not travel back through the object store"
+    assert int(per_node.group(3)) <= 4, "the driver keeps a bounded number of batches in flight"
+    assert "retried" in text, text  # the lost node's batches were run again
+
+    # an undisturbed single-node run: same index, same arrays; nothing lost, nothing duplicated
+    from clips4.cli import main
+
+    assert main(["precompute", "segments", "--dataset", "folder", "--root", str(root), "--cache",
+                 str(tmp_path / "local"), "--executor", "local", "-q"]) == 0
+    (a,) = list_stage_outputs(str(tmp_path / "ray"))
+    (b,) = list_stage_outputs(str(tmp_path / "local"))
+    ra, rb = StageReader(a["url"]), StageReader(b["url"])
+    assert ra.image_ids == rb.image_ids and len(ra) == 20 and ra.errors().num_rows == 0
+    cols = ["image_id", "path", "height", "width", "status"]
+    assert ra.all_rows.select(cols).equals(rb.all_rows.select(cols))
+    for image_id in ra.image_ids:
+        for field in ("contours", "ucm", "labels"):
+            np.testing.assert_array_equal(ra.get(image_id, field), rb.get(image_id, field))
+    parts = list(Path(a["url"], "parts").glob("*.parquet"))
+    assert len(parts) == 20, "superseded duplicates of the lost batches are collected at commit"
+
+
+def test_no_ray_process_outlives_a_killed_driver(tmp_path, short_tmp):
+    root = _world(tmp_path / "imgs", 30)
+    env = {**os.environ, "RAY_TMPDIR": str(short_tmp), "RAY_USAGE_STATS_ENABLED": "0", "PYTHONUNBUFFERED": "1"}
+    drv = subprocess.Popen(_segments(root, tmp_path / "cache", "--num-workers", "1", "--batch-size", "1", "-q"),
+                           env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 150
+        while time.time() < deadline and not list((tmp_path / "cache").glob("*/segments/*/parts/*.parquet")):
+            assert drv.poll() is None
+            time.sleep(0.05)
+        started = _procs_under(str(short_tmp))
+        assert started, "the driver's Ray processes were not found"
+        drv.kill()
+        drv.wait()
+        deadline = time.time() + 10
+        while time.time() < deadline and (_procs_under(str(short_tmp)) & started):
+            time.sleep(0.2)
+        left = _procs_under(str(short_tmp)) & started
+        assert not left, [Path(f"/proc/{p}/cmdline").read_text()[:100] for p in left if Path(f"/proc/{p}").exists()]
+    finally:
+        if drv.poll() is None:
+            drv.kill()
