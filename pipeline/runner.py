@@ -295,6 +295,8 @@ def run_batches(
                     try:
                         done(process_batch(processor, [r for r, _ in b], [s for _, s in b], stage_url))
                         break
+                    except UndeclaredOutputError:  # the code and stages.yaml disagree: no retry helps
+                        raise
                     except Exception as exc:  # noqa: BLE001 - item errors never get here; this is the machine
                         attempts += 1
                         if attempts >= max_attempts:
@@ -386,6 +388,8 @@ def run_batches(
                         # what came back through the object store: counts and reasons only, never pixels
                         st["max_result_bytes"] = max(st["max_result_bytes"], len(pickle.dumps(s)))
                         done(s)
+                    except UndeclaredOutputError:  # the code and stages.yaml disagree: no retry helps
+                        raise
                     except Exception as exc:  # noqa: BLE001 - the machine's fault: retry with backoff
                         attempts += 1
                         if attempts >= max_attempts:
