@@ -95,11 +95,11 @@ _OUTPUT_OPTS = {"quiet": (bool, QuietOpt), "json": (bool, JsonOpt), "summary_jso
 _current: dict[str, Any] = {}
 
 
-def common_options(name: str, *, dataset: bool = True):
-    """Decorator: add the shared options to a command (``dataset=False``: only config/cache + output options) and
-    pass them as ``opts: Common``. The command returns a summary dict (or None); it is printed with ``--json``
-    and written with ``--summary-json``."""
-    extra = {**(_DATASET_OPTS if dataset else _CONFIG_OPTS), **_OUTPUT_OPTS}
+def common_options(name: str, *, dataset: bool | None = True):
+    """Decorator: add the shared options to a command (``dataset=False``: only config/cache + output options;
+    ``None``: only the output options) and pass them as ``opts: Common``. The command returns a summary dict (or
+    None); it is printed with ``--json`` and written with ``--summary-json``."""
+    extra = {**(_DATASET_OPTS if dataset else _CONFIG_OPTS if dataset is False else {}), **_OUTPUT_OPTS}
 
     def deco(fn):
         hints = typing.get_type_hints(fn, include_extras=True)

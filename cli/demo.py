@@ -10,7 +10,7 @@ from typing import Optional
 
 import typer
 
-from clips4.cli.common import console
+from clips4.cli.common import Common, common_options, console
 
 #: scikit-image sample images used by the demo (all ship with the wheel; no download)
 SAMPLES = ("astronaut", "chelsea", "coffee", "rocket", "camera", "coins", "immunohistochemistry", "motorcycle_left")
@@ -163,14 +163,15 @@ def _save_segment_previews(stage_url: str, folder: Path) -> None:
         Image.fromarray(img).save(output_path(folder, f"{image_id}_segments.png", what="preview"))
 
 
+@common_options("demo", dataset=None)
 def demo(
+    opts: Common,
     out: Path = typer.Option(Path("outputs/demo"), "--out", help="Folder for the demo's images, caches and pictures."),
     num_workers: int = typer.Option(2, "--num-workers", "-j", help="Ray workers."),
     executor: str = typer.Option("ray", "--executor", help="'ray' or 'local'."),
     iterations: int = typer.Option(300, "--iterations", help="Training iterations of the synthetic-world run."),
     clip_checkpoint: Optional[str] = typer.Option(None, help="Real CLIP weights (ViT-B-16) to run the CLIP stages on the samples."),
-) -> None:
+) -> dict:
     """Run every stage on sample images and a synthetic world, offline, and print where outputs are."""
     code = run_demo(out, num_workers=num_workers, executor=executor, iterations=iterations, clip_checkpoint=clip_checkpoint)
-    if code:
-        raise typer.Exit(code)
+    return {"out": str(out), "exit_code": code}

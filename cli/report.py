@@ -6,13 +6,15 @@ from typing import List, Optional
 
 import typer
 
-from clips4.cli.common import console
+from clips4.cli.common import Common, common_options, console
 
 
+@common_options("report", dataset=None)
 def report(
+    opts: Common,
     runs: List[Path] = typer.Argument(..., help="Run folders (or results.json files) to compare."),
     out: Optional[Path] = typer.Option(None, "--out", help="Also write the Markdown table to this file."),
-) -> None:
+) -> dict:
     """Show the results of several runs side by side (Markdown table); optionally write it to ``--out``."""
     from rich.markdown import Markdown
 
@@ -23,3 +25,4 @@ def report(
     if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(table + "\n")
+    return {"out": str(out) if out else None, "table": table}

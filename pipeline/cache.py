@@ -111,7 +111,8 @@ def new_part_id() -> str:
 # --------------------------------------------------------------------------------------------- results
 @dataclass
 class ItemResult:
-    """What a processor returns for one image (see notes/CONTRACTS.md)."""
+    """What a processor returns for one image: scalar ``row`` columns, per-pixel ``arrays`` and ``tables`` rows (each
+    name one of its stage's ``outs``), or ``error`` (see :meth:`failed`)."""
 
     row: dict[str, Any] = field(default_factory=dict)
     arrays: dict[str, np.ndarray] = field(default_factory=dict)

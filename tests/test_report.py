@@ -4,7 +4,7 @@ import numpy as np
 from PIL import Image
 
 from clips4.evaluate.metrics import ConfusionMatrix
-from clips4.cli.report import report as report_command
+from clips4.cli import main
 from clips4.evaluate.report import markdown_table, project_2d, side_by_side, write_report
 
 
@@ -52,7 +52,7 @@ def test_markdown_rows_and_side_by_side(tmp_path):
     assert lines[0].startswith("| Method | mIoU") and "J&F (Mean)" in lines[0]
     assert "CLIP-S4 (run_a)" in table and "| run_b |" in table and "55.0" in table
     out = tmp_path / "cmp.md"
-    report_command([tmp_path / "run_a", tmp_path / "run_b"], out)
+    assert main(["report", str(tmp_path / "run_a"), str(tmp_path / "run_b"), "--out", str(out)]) == 0
     assert out.read_text().strip() == table
 
 
