@@ -8,6 +8,7 @@ from typing import List, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from clips4.pipeline.config import Config, ConfigError, load_config
@@ -438,7 +439,7 @@ def main(argv: list[str] | None = None) -> int:
         exc.show()
         return getattr(exc, "exit_code", 2)
     except (CLIError, ConfigError, DatasetError, CacheError, FileNotFoundError) as exc:
-        err_console.print(f"[red]error:[/] {exc}")
+        err_console.print(f"[red]error:[/] {escape(str(exc))}")
         return 2
     except Exception as exc:  # noqa: BLE001 - stage errors with their own clear messages
         from clips4.pipeline.runner import WorkerStartError
@@ -455,7 +456,7 @@ def main(argv: list[str] | None = None) -> int:
         except ImportError:
             pass
         if isinstance(exc, known):
-            err_console.print(f"[red]error:[/] {exc}")
+            err_console.print(f"[red]error:[/] {escape(str(exc))}")
             return 2
         raise
 

@@ -181,8 +181,8 @@ def test_readers_use_the_index_not_a_listing(runs, monkeypatch):
         StageReader(unfinished)
     monkeypatch.undo()
     s3fs.S3FileSystem.clear_instance_cache()
-    rows = {(r["stage"], r["fingerprint"]): r for r in json.loads(_ls_json(runs))}
-    assert rows[("clip_features", "0000unfinished000")]["state"] == "incomplete"
+    rows = {r["url"]: r for r in json.loads(_ls_json(runs))}
+    assert rows[unfinished]["state"] == "incomplete" and rows[cf.url]["state"] == "done"
 
 
 def _ls_json(runs) -> str:
