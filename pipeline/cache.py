@@ -363,6 +363,22 @@ class StageReader:
 
 
 # --------------------------------------------------------------------------------------------- listing
+def _du(fs, path: str) -> int:
+    """Bytes under ``path``. Local: os.scandir (fsspec's du builds an info dict per file, ~5x slower at 10^5
+    files); object stores: one recursive listing (about 1000 objects per request)."""
+    if not _is_local(fs):
+        return int(fs.du(path, total=True))
+    total, stack = 0, [path]
+    while stack:
+        with os.scandir(stack.pop()) as it:
+            for e in it:
+                if e.is_dir(follow_symlinks=False):
+                    stack.append(e.path)
+                else:
+                    total += e.stat(follow_symlinks=False).st_size
+    return total
+
+
 def list_stage_outputs(cache_root: str) -> list[dict]:
     """Every stage output under ``cache_root``: dataset, stage, fingerprint, state, counts, bytes, params."""
     fs, root = _fs(cache_root)
@@ -380,7 +396,7 @@ def list_stage_outputs(cache_root: str) -> list[dict]:
                 status = pq.read_table(f, columns=["status"])["status"].to_pylist()
             n_ok, n_failed = status.count("ok"), status.count("failed")
         try:
-            size = sum(fs.du(d, total=False).values()) if hasattr(fs, "du") else 0
+            size = _du(fs, d)
         except Exception:  # noqa: BLE001 - size is informative only
             size = 0
         out.append(
