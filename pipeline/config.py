@@ -67,6 +67,30 @@ class RayConfig(Strict):
     progress_every_s: float = Field(default=30.0, gt=0)
 
 
+class S3Config(Strict):
+    """S3 / S3-compatible object store (MinIO, Ceph, R2, ...). Unset fields come from the AWS_* environment."""
+
+    #: e.g. ``http://127.0.0.1:9000``; default: ``AWS_ENDPOINT_URL_S3`` / ``AWS_ENDPOINT_URL``, else AWS itself
+    endpoint_url: str | None = None
+    #: default: ``AWS_REGION`` / ``AWS_DEFAULT_REGION``
+    region: str | None = None
+    #: a profile of ~/.aws/config (default: ``AWS_PROFILE``)
+    profile: str | None = None
+    #: unsigned requests (public buckets)
+    anon: bool | None = None
+    #: access key id / secret; prefer ``AWS_ACCESS_KEY_ID`` / ``AWS_SECRET_ACCESS_KEY`` over writing them here
+    key: str | None = None
+    secret: str | None = None
+    #: any other ``s3fs.S3FileSystem`` keyword arguments
+    options: dict[str, Any] = Field(default_factory=dict)
+
+
+class StorageConfig(Strict):
+    """Settings of the object stores behind ``s3://`` cache and dataset roots (see ``clips4.pipeline.storage``)."""
+
+    s3: S3Config = Field(default_factory=S3Config)
+
+
 class SegmentsParams(Strict):
     #: contour detector, a key of ``clips4.pipeline.contours.CONTOUR_DETECTORS`` (a test keeps them equal)
     detector: Literal["classical", "hed", "onnx"] = "classical"
@@ -184,6 +208,7 @@ class Config(Strict):
     cache_root: str = "cache"
     dataset: DatasetConfig = Field(default_factory=DatasetConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
+    storage: StorageConfig = Field(default_factory=StorageConfig)
     stages: dict[str, StageDecl] = Field(default_factory=dict)
 
     def decl(self, stage: str) -> StageDecl:
@@ -436,7 +461,22 @@ def load_config(
             problems.append(_format_errors(err, lines, ("stages", name, "params"), merged))
     if problems:
         raise ConfigError("invalid configuration:\n" + "\n".join(problems))
+    _apply_storage(cfg)
     return cfg
+
+
+def _apply_storage(cfg: Config) -> None:
+    """Check that the cache and dataset URLs can be opened here, and apply the storage settings to fsspec
+    (in this process and the processes it starts; see ``clips4.pipeline.storage``)."""
+    from clips4.pipeline import storage
+
+    try:
+        storage.check_url(cfg.cache_root, "cache_root")
+        if cfg.dataset.root:
+            storage.check_url(cfg.dataset.root, "dataset.root")
+    except storage.StorageError as exc:
+        raise ConfigError(str(exc)) from None
+    storage.configure(cfg.storage)
 
 
 def resolved_dict(cfg: Config) -> dict:

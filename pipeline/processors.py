@@ -238,6 +238,17 @@ class ClipFeaturesProcessor:
         return out
 
 
+def _search_device() -> str | None:
+    """``"cuda"`` where torch sees a GPU (the prototype search's GEMMs run there), else None (numpy)."""
+    import importlib.util
+
+    if importlib.util.find_spec("torch") is None:
+        return None
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else None
+
+
 def build_prototypes(params: "PrototypesParams", deps: dict[str, str], out_url: str) -> list[str]:
     """Known prototypes (top-m segments per class, FAISS) + unknown ones, from the clip_features cache.
 
@@ -266,7 +277,8 @@ def build_prototypes(params: "PrototypesParams", deps: dict[str, str], out_url: 
         names = bundled.class_names(params.classes)
         backend = build_backend(cf.clip)
         text = class_text_embeddings(backend, names)
-        known, support = known_prototypes(batches(), text, backend.logit_scale, top_m=params.top_m)
+        known, support = known_prototypes(batches(), text, backend.logit_scale, top_m=params.top_m,
+                                          device=_search_device())
     unknown, unknown_ids = unknown_prototypes(batches(), u=params.n_unknown, seed=params.seed)
     protos = PrototypeSet.from_parts(names, known, support, unknown, unknown_ids)
     from rich.console import Console

@@ -302,6 +302,27 @@ def _approx_log_probs_(lg: np.ndarray) -> np.ndarray:
     return lg
 
 
+def _torch_log_probs(E: np.ndarray, T: np.ndarray, logit_scale: float, device: str) -> np.ndarray:
+    """:func:`_approx_log_probs_` of ``logit_scale * E @ T.T`` computed by torch on ``device``: ``(n, K) float32``."""
+    import torch
+
+    allow = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False  # TF32 (10-bit mantissa) would break the float32 error margin
+    try:
+        with torch.no_grad():
+            t = torch.as_tensor(T, device=device)
+            lg = torch.as_tensor(E, device=device) @ t.T
+            lg *= float(np.float32(logit_scale))
+            am = lg.argmax(dim=1, keepdim=True)
+            lg -= lg.gather(1, am)
+            e = torch.exp(lg)
+            e.scatter_(1, am, 0.0)
+            lg -= torch.log1p(e.sum(dim=1, keepdim=True))
+            return lg.cpu().numpy()
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = allow
+
+
 def _finish(score: np.ndarray, ids: np.ndarray, embs: np.ndarray):
     K, m = ids.shape
     D = embs.shape[-1]
@@ -320,6 +341,7 @@ def known_prototypes(
     top_m: int = 32,
     *,
     return_scores: bool = False,
+    device: str | None = None,
 ):
     """Known-class prototypes ``C_k`` (paper Sec. 3.2, Fig. 3b), streamed.
 
@@ -342,6 +364,10 @@ def known_prototypes(
     every row with one vectorised comparison; the few candidates within a safe (relative) error margin of the
     threshold are re-scored exactly (:func:`_canonical_log_probs`) and merged into a per-class top-m (score, id, embedding)
     buffer. Memory is O(batch x K + K x m x D); the result equals :func:`brute_force_known_prototypes`.
+
+    ``device`` (e.g. ``"cuda"``): the per-batch GEMM and approximate log-softmax run in torch on that device
+    (float32, TF32 off, so the error margin above still holds); only the ``(n, K)`` scores come back, and the
+    threshold, exact re-scoring and merge stay on the CPU, so the result is the same. ``None``: numpy only.
     """
     T = np.ascontiguousarray(text_emb, dtype=np.float32)
     if T.ndim != 2:
@@ -370,9 +396,12 @@ def known_prototypes(
             raise ValueError(f"segment embeddings have dimension {E.shape[1]}, text embeddings {D}")
         # approximate log-probabilities, float32, (n, K): rows contiguous, so the per-segment max / argmax /
         # sum over classes are fast
-        lg = E @ T.T
-        lg *= np.float32(ls)
-        lp = _approx_log_probs_(lg)
+        if device is None:
+            lg = E @ T.T
+            lg *= np.float32(ls)
+            lp = _approx_log_probs_(lg)
+        else:
+            lp = _torch_log_probs(E, T, ls, device)
         # Error of the float32 path against the exact one: a GEMM similarity is off by <= D*eps*|e||t|, a logit
         # by ls times that; a log-probability by about twice that in absolute terms, which is <= 3x that
         # *relative* to |log p| (non-top classes have |log p| >= log 2; the top class's -log1p(rest) carries the

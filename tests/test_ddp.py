@@ -42,3 +42,93 @@ def test_torchrun_two_processes_on_cpu(tmp_path_factory, tmp_path):
     assert all(torch.isfinite(torch.tensor(r["total"])) for r in rows)
     assert proc.stderr.count("finished at step 2") == 1  # only rank 0 reports
     assert not list(out.glob(".*.tmp-*"))
+
+
+def test_ranks_read_disjoint_shards_of_the_single_process_batch():
+    """W ranks of batch B read disjoint shards whose union is exactly one process's batch of B*W, same views."""
+    from clips4.trainer.data import StepSampler
+
+    n, bs, world = 37, 3, 2
+    single = StepSampler(n, bs * world, seed=5, start=0, total=40)
+    ranks = [StepSampler(n, bs, seed=5, start=0, total=40, rank=r, world=world) for r in range(world)]
+    for step in range(40):
+        shards = [s.batch(step) for s in ranks]
+        assert [x for sh in shards for x in sh] == single.batch(step)  # same (image, aug seed) pairs, in order
+        assert not set(i for i, _ in shards[0]) & set(i for i, _ in shards[1]) or n < 2 * bs
+    # every image is read once per epoch over all ranks together
+    seen = [i for step in range(n // (bs * world)) for s in ranks for i, _ in s.batch(step)]
+    assert len(seen) == len(set(seen))
+
+
+def _rank_pid(parent: int, rank: int) -> int | None:
+    """The pid of the torchrun worker with RANK=rank among ``parent``'s descendants (Linux /proc)."""
+    todo, seen = [parent], set()
+    while todo:
+        pid = todo.pop()
+        for t in os.listdir(f"/proc/{pid}/task") if os.path.isdir(f"/proc/{pid}/task") else []:
+            try:
+                todo += [int(c) for c in Path(f"/proc/{pid}/task/{t}/children").read_text().split()]
+            except OSError:
+                pass
+        if pid in seen or pid == parent:
+            seen.add(pid)
+            continue
+        seen.add(pid)
+        try:
+            env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if f"RANK={rank}".encode() in env and b"TORCHELASTIC_RUN_ID=" in b" ".join(env):
+            return pid
+    return None
+
+
+@pytest.mark.slow  # three torchrun launches (~1 min on 2 busy cores)
+@pytest.mark.skipif(not TORCHRUN.exists(), reason="torchrun not installed beside this python")
+def test_ddp_resume_after_one_rank_is_killed(tmp_path_factory, tmp_path):
+    """Kill rank 1 mid-run: the job dies; --resume from the last checkpoint continues exactly as an uninterrupted
+    DDP run (same logged losses at every step), because every rank's memory bank and RNG state were saved."""
+    import signal
+    import time
+
+    world = tiny_world(tmp_path_factory)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    sets = ("train.device=cpu", "train.iterations=8", "train.checkpoint_every=2")
+
+    def cmd(out, *extra):
+        args = train_args(world, out, *extra, sets=sets)[1:]
+        return [str(TORCHRUN), "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port",
+                str(_free_port()), "-m", "clips4.cli", "train", *args]
+
+    ref = tmp_path / "ref"
+    proc = subprocess.run(cmd(ref), capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+
+    out = tmp_path / "killed"
+    p = subprocess.Popen(cmd(out), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
+    deadline = time.monotonic() + 240
+    killed = False
+    while p.poll() is None and time.monotonic() < deadline:
+        if (out / "metrics.jsonl").exists() and len(metrics(out)) >= 5 and (out / "last.pt").exists():
+            pid = _rank_pid(p.pid, 1)
+            if pid:
+                os.kill(pid, signal.SIGKILL)
+                killed = True
+                break
+        time.sleep(0.05)
+    assert killed, "rank 1 was not found running"
+    _, err = p.communicate(timeout=120)
+    assert p.returncode != 0, "the job must die with one of its ranks"
+    assert not (out / "final.pt").exists()
+    at = load_checkpoint(out / "last.pt")["step"]
+    assert 2 <= at < 8 and len(load_checkpoint(out / "last.pt")["ranks"]) == 2
+
+    proc = subprocess.run(cmd(out, "--resume"), capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert f"resumed from {out / 'last.pt'} at step {at}".replace(" ", "") in proc.stderr.replace(" ", "").replace("\n", "")
+    got, want = metrics(out), metrics(ref)
+    assert [r["step"] for r in got] == list(range(8))
+    for g, w in zip(got, want):
+        for k in ("total", "L_t", "L_e", "L_s", "L_u"):
+            assert g[k] == pytest.approx(w[k], rel=1e-5, abs=1e-6), (g["step"], k, g[k], w[k])
+    assert load_checkpoint(out / "final.pt")["step"] == 8

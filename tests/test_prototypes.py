@@ -224,3 +224,21 @@ def test_streaming_equals_brute_force_clustered(noise):
     got = known_prototypes(_batches(ids, E, 333), T, 100.0, top_m=16, return_scores=True)
     for g, w in zip(got, want):
         np.testing.assert_array_equal(g, w)
+
+
+def test_torch_path_gives_the_same_prototypes():
+    """The device path (torch; CUDA on GPU machines, checked here on the CPU) equals the numpy one exactly."""
+    pytest.importorskip("torch")
+    from clips4.pipeline.prototypes import known_prototypes
+
+    rng = np.random.default_rng(3)
+    E = rng.standard_normal((3000, 32)).astype(np.float32)
+    E /= np.linalg.norm(E, axis=1, keepdims=True)
+    E[1500:1510] = E[0]  # exact duplicates must tie the same way
+    T = rng.standard_normal((7, 32)).astype(np.float32)
+    T /= np.linalg.norm(T, axis=1, keepdims=True)
+    batches = [(np.arange(i, i + 700), E[i:i + 700]) for i in range(0, 3000, 700)]
+    p_np, s_np = known_prototypes(batches, T, 100.0, top_m=16)
+    p_t, s_t = known_prototypes(batches, T, 100.0, top_m=16, device="cpu")
+    np.testing.assert_array_equal(s_t, s_np)
+    np.testing.assert_array_equal(p_t, p_np)

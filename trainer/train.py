@@ -180,8 +180,9 @@ def train(cfg: Config, *, dataset: Dataset | None = None, resume: bool = False, 
         protos.load_state_dict(ck["prototypes"])
         opt.load_state_dict(ck["optimizer"])
         scaler.load_state_dict(ck["scaler"])
-        loss_fn.memory.load_state_dict(ck["memory"])
-        set_rng_state(ck["rng"])
+        mine = _rank_state(ck, rank, world)
+        loss_fn.memory.load_state_dict(mine["memory"])
+        set_rng_state(mine["rng"])
         start = int(ck["step"])
         # the iteration count may change on resume: the poly LR schedule then follows the new length from here
         schedule = json.loads(ck.get("schedule", "[]")) or [{"from_step": 0, "iterations": int(ck.get("iterations", p.iterations))}]
@@ -215,12 +216,15 @@ def train(cfg: Config, *, dataset: Dataset | None = None, resume: bool = False, 
     tb = _tensorboard(out) if rank == 0 else None
 
     def save(step: int, path: Path) -> None:
+        # every rank's own memory bank and RNG state (they differ under DDP), so a resumed run continues exactly
+        ranks = _gather_rank_states(loss_fn.memory.state_dict(), rng_state(), world)
         if rank == 0:
             save_checkpoint(path, {
                 "model": raw_model.state_dict(), "prototypes": protos.state_dict(), "optimizer": opt.state_dict(),
-                "scaler": scaler.state_dict(), "memory": loss_fn.memory.state_dict(), "rng": rng_state(),
-                "step": step, "signature": json.dumps(signature), "config": json.dumps(resolved_dict(cfg)),
-                "git": code_version(), "classes": names, "iterations": p.iterations, "schedule": json.dumps(schedule),
+                "scaler": scaler.state_dict(), "memory": ranks[0]["memory"], "rng": ranks[0]["rng"],
+                "ranks": ranks, "step": step, "signature": json.dumps(signature),
+                "config": json.dumps(resolved_dict(cfg)), "git": code_version(), "classes": names,
+                "iterations": p.iterations, "schedule": json.dumps(schedule),
             })
 
     losses: list[dict] = []
@@ -275,7 +279,8 @@ def train(cfg: Config, *, dataset: Dataset | None = None, resume: bool = False, 
             with torch.no_grad():
                 protos.renormalize_()
             t_now = time.perf_counter()
-            rec = {"step": step, "lr": lr, "iterations": p.iterations, **{k: float(v) for k, v in parts.items()},
+            logged = _mean_over_ranks({k: float(v) for k, v in parts.items()}, world)
+            rec = {"step": step, "lr": lr, "iterations": p.iterations, **logged,
                    "data_s": t_batch - t_fetch, "step_s": t_now - t_end}
             t_end = t_now
             losses.append(rec)
@@ -317,6 +322,38 @@ def train(cfg: Config, *, dataset: Dataset | None = None, resume: bool = False, 
         else:
             console.print(f"{stopped} at step {done}; outputs in {out}")
     return TrainResult(out, done, losses, stopped, stop_req.signum)
+
+
+def _gather_rank_states(memory: dict, rng: dict, world: int) -> list[dict]:
+    """``[{"memory", "rng"}]`` of every rank (rank order); all ranks must call it (a collective under DDP)."""
+    state = {"memory": memory, "rng": rng}
+    if world <= 1:
+        return [state]
+    out: list = [None] * world
+    dist.all_gather_object(out, state)
+    return out
+
+
+def _rank_state(ck: dict, rank: int, world: int) -> dict:
+    """This rank's memory bank and RNG state from a checkpoint; rank 0's when it was saved by another world size
+    (or before per-rank states were saved): the run continues, though not bit-identically."""
+    ranks = ck.get("ranks") or []
+    if len(ranks) == world:
+        return ranks[rank]
+    if world > 1 or len(ranks) > 1:
+        console.print(f"[yellow]warning:[/] checkpoint saved by {max(1, len(ranks))} process(es), resumed by {world}: "
+                      "every rank starts from rank 0's memory bank and RNG state")
+    return {"memory": ck["memory"], "rng": ck["rng"]}
+
+
+def _mean_over_ranks(values: dict[str, float], world: int) -> dict[str, float]:
+    """Logged losses: the mean over ranks (each rank's loss covers its own share of the global batch)."""
+    if world <= 1 or not values:
+        return values
+    keys = sorted(values)
+    t = torch.tensor([values[k] for k in keys], dtype=torch.float64)
+    dist.all_reduce(t)
+    return {k: float(v) / world for k, v in zip(keys, t.tolist())}
 
 
 def _without_iterations(cfg: Config) -> Config:
