@@ -114,9 +114,13 @@ def common_options(name: str, *, dataset: bool | None = True):
             opts.config, opts.set_ = list(opts.config or []), list(opts.set_ or [])
             _current.clear()
             _current.update({"command": name, "json": opts.json, "summary_json": opts.summary_json, "t0": time.time()})
+            saved = console._file  # None = follow sys.stdout
             if opts.json:  # stdout carries only the JSON document
                 console.file = sys.stderr
-            summary = fn(opts=opts, **kwargs) or {}
+            try:
+                summary = fn(opts=opts, **kwargs) or {}
+            finally:
+                console._file = saved
             code = int(summary.pop("exit_code", 0))
             emit_summary(summary, code)
             if code:
@@ -145,8 +149,8 @@ def emit_summary(summary: dict, code: int, error: str | None = None) -> None:
         p.parent.mkdir(parents=True, exist_ok=True)
         p.write_text(text + "\n")
     if _current.get("json"):
-        sys.__stdout__.write(text + "\n")
-        sys.__stdout__.flush()
+        sys.stdout.write(text + "\n")
+        sys.stdout.flush()
     _current.clear()
 
 

@@ -28,7 +28,7 @@ def predict(
 
     cfg = opts.build_config()
     paths = [str(p) for p in images or []]
-    if cfg.dataset.root:
+    if opts.root:  # only an explicit --root: a config's dataset is not a request to segment all of it
         from clips4.pipeline.stage import dataset_from_config
 
         paths += [r.path for r in dataset_from_config(cfg).records()]

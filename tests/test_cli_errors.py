@@ -49,7 +49,7 @@ CASES = {
                                       "--cache", str(w / "c"), "--clip-model", "ViT-Z-99"], 2, "ViT-Z-99"),
     "corrupt_clip_checkpoint": (lambda w: ["precompute", "clip-features", "--root", str(w / "imgs"), "--executor", "local",
                                            "--cache", str(w / "c"), "--clip-checkpoint", str(w / "corrupt.pt")], 2, "corrupt.pt"),
-    "missing_fs_package": (lambda w: ["precompute", "segments", "--root", _s3_or_other_missing_protocol()], 2, "Install"),
+    "missing_fs_package": (lambda w: ["precompute", "segments", "--root", _s3_or_other_missing_protocol()], 2, "pip install"),
     "cache_is_a_file": (lambda w: ["precompute", "segments", "--root", str(w / "imgs"), "--executor", "local",
                                    "--cache", str(w / "a_file" / "cache")], 2, "a_file"),
     "prototypes_without_features": (lambda w: ["precompute", "prototypes", "--root", str(w / "imgs"), "-q",

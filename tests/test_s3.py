@@ -133,7 +133,7 @@ def test_every_cache_is_written_to_and_read_from_s3(runs, tmp_path, monkeypatch)
 def test_cache_ls_lists_the_s3_cache(runs, capsys):
     capsys.readouterr()
     assert main(["cache", "ls", "--stages", str(STAGES), "--cache", f"s3://{BUCKET}/cache", "--json"]) == 0
-    rows = json.loads(capsys.readouterr().out)
+    rows = json.loads(capsys.readouterr().out)["outputs"]
     by_stage = {r["stage"]: r for r in rows}
     assert set(by_stage) >= set(STAGE_NAMES)
     for name in ("segments", "clip_features"):

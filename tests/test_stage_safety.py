@@ -58,7 +58,9 @@ class Picky(ToyProcessor):
 
 
 def _use(monkeypatch, cls):
-    monkeypatch.setattr(stage_mod, "_import", lambda p: cls if "ToyProcessor" in p else stage_mod._import_orig(p))
+    """Run the toy stage with ``cls`` as its processor."""
+    real = stage_mod.stage_object
+    monkeypatch.setattr(stage_mod, "stage_object", lambda run: cls if "ToyProcessor" in run else real(run))
 
 
 def _fast_retries(*extra):

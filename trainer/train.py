@@ -33,7 +33,15 @@ console = Console(stderr=True)
 
 
 class TrainingError(RuntimeError):
-    """Training cannot start or had to stop (diverged, refused checkpoint); the message says why."""
+    """Training cannot start as asked (refused checkpoint, an existing run, bad inputs); the message says why."""
+
+    exit_code = 2
+
+
+class TrainingDiverged(TrainingError):
+    """The loss stopped being finite: the run failed (the last good checkpoint is kept)."""
+
+    exit_code = 1
 
 
 @dataclass
@@ -198,6 +206,10 @@ def train(cfg: Config, *, dataset: Dataset | None = None, resume: bool = False, 
             (out / stale).unlink(missing_ok=True)
     raw_model = model
     if world > 1:
+        if device.type == "cuda":
+            # BatchNorm statistics over the global batch, as one process would compute them (SyncBatchNorm is
+            # CUDA-only: on CPU/gloo each rank normalises over its own share, which shifts L_e slightly)
+            model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
         model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[local_rank] if device.type == "cuda" else None)
 
     sampler = StepSampler(len(ds), p.batch_size, p.seed, start, p.iterations, rank, world)
@@ -265,7 +277,7 @@ def train(cfg: Config, *, dataset: Dataset | None = None, resume: bool = False, 
                 z = model(x)
             total, parts = loss_fn(z.float(), batch["labels_ds"].to(device), batch["image_index"].to(device), clip)
             if not torch.isfinite(total):
-                raise TrainingError(f"loss is not finite at step {step}: {parts}; stopped, the last good checkpoint "
+                raise TrainingDiverged(f"loss is not finite at step {step}: {parts}; stopped, the last good checkpoint "
                                     f"({last if last.exists() else 'none yet'}) is kept")
             opt.zero_grad(set_to_none=True)
             scaler.scale(total).backward()
