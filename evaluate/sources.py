@@ -156,9 +156,9 @@ def warn_clip_mismatch(cfg: Config, src: EmbeddingSource) -> None:
     keys = ("backend", "model", "pretrained", "checkpoint", "backend_params")
     diff = [k for k in keys if trained.get(k) != now.get(k)]
     if diff:
-        from rich.console import Console
+        from clips4.pipeline.console import make_console
 
-        Console(stderr=True).print(
+        make_console(stderr=True).print(
             f"[yellow]warning:[/] {src.info['checkpoint']} was trained against CLIP "
             f"{ {k: trained.get(k) for k in diff} } but the text embeddings come from { {k: now.get(k) for k in diff} }")
 

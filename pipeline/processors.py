@@ -281,9 +281,9 @@ def build_prototypes(params: "PrototypesParams", deps: dict[str, str], out_url: 
                                           device=_search_device())
     unknown, unknown_ids = unknown_prototypes(batches(), u=params.n_unknown, seed=params.seed)
     protos = PrototypeSet.from_parts(names, known, support, unknown, unknown_ids)
-    from rich.console import Console
+    from clips4.pipeline.console import make_console
 
-    Console(stderr=True).print(f"  prototypes: {protos.n_known} known ({params.classes or 'class-free'}) + "
+    make_console(stderr=True).print(f"  prototypes: {protos.n_known} known ({params.classes or 'class-free'}) + "
                                f"{protos.n_unknown} unknown (seed {params.seed}), dim {protos.dim}")
     write_parquet_atomic(url_join(out_url, "prototypes.parquet"), protos.to_table())
     files = ["prototypes.parquet"]

@@ -212,6 +212,11 @@ def init_ray(address: str = "local", num_cpus: int | None = None, connect_timeou
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     os.environ.setdefault("RAY_DEDUP_LOGS", "1")
     kwargs: dict[str, Any] = {"include_dashboard": False, "logging_level": logging.WARNING, "log_to_driver": True}
+    from clips4.pipeline.storage import worker_env
+
+    env = worker_env()
+    if env:  # workers on other machines reach the same object store (endpoint, credentials) as this driver
+        kwargs["runtime_env"] = {"env_vars": env}
     if address in ("local", "", None):
         ray.init(num_cpus=num_cpus, **kwargs)
     else:

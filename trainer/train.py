@@ -18,7 +18,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import torch
 import torch.distributed as dist
-from rich.console import Console
+from clips4.pipeline.console import make_console
 
 from clips4.pipeline.config import Config, resolved_dict
 from clips4.pipeline.datasets import Dataset
@@ -29,7 +29,7 @@ from clips4.trainer.data import CachedViews, StepSampler, make_loader
 from clips4.trainer.losses import CLIPS4Loss, LossConfig, Prototypes
 from clips4.trainer.model import ModelConfig, build_model, model_signature
 
-console = Console(stderr=True)
+console = make_console(stderr=True)
 
 
 class TrainingError(RuntimeError):
