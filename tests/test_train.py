@@ -229,3 +229,17 @@ def test_missing_backbone_weights_fail_fast(world, tmp_path, monkeypatch, capsys
     assert "ResNet18_Weights.IMAGENET1K_V1" in err and str(tmp_path / "torch-home") in flat
     assert "--backbone-weights PATH" in err and "--backbone-weights random" in err
     assert time.perf_counter() - t0 < 20
+
+
+def test_log_file_gets_plain_progress_lines_every_log_every_steps(world, tmp_path):
+    """Cron: stderr to a file gets one plain line per log_every steps (losses, rate, ETA), no bar, no colour."""
+    import subprocess
+    import sys
+
+    args = [a for a in train_args(world, tmp_path / "run", sets=("train.log_every=2",)) if a != "--quiet"]
+    proc = subprocess.run([sys.executable, "-m", "clips4.cli", *args], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("train step ")]
+    steps = [int(ln.split()[2].split("/")[0]) for ln in lines]
+    assert steps and steps == sorted(steps) and all(s % 2 == 0 or s == steps[-1] for s in steps)
+    assert all("total=" in ln and "ETA" in ln for ln in lines) and "\x1b[" not in proc.stderr

@@ -249,7 +249,9 @@ def train(cfg: Config, *, dataset: Dataset | None = None, resume: bool = False, 
 
     prog = Progress(TextColumn("train"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[rate]} it/s"),
                     TimeRemainingColumn(), TextColumn("{task.fields[losses]}"), console=console,
-                    disable=not show_progress or rank != 0)
+                    disable=not show_progress or rank != 0 or not console.is_terminal)
+    # logs that are not a terminal (cron, cluster jobs) get a plain line every log_every steps instead of a bar
+    plain_log = show_progress and not console.is_terminal
     with prog, _StopRequest() as stop_req:
         task = prog.add_task("train", total=p.iterations, completed=start, rate="-", losses="")
         batches = iter(loader)
@@ -303,6 +305,13 @@ def train(cfg: Config, *, dataset: Dataset | None = None, resume: bool = False, 
                     for k, v in rec.items():
                         if k != "step" and isinstance(v, float) and math.isfinite(v):
                             tb.add_scalar(k, v, step)
+            if plain_log and rank == 0 and ((step + 1) % p.log_every == 0 or step + 1 == stop):
+                rate = (step + 1 - start) / max(1e-9, t_now - t_start)
+                eta = (stop - step - 1) / max(rate, 1e-9)
+                console.print(f"train step {step + 1}/{p.iterations} " + " ".join(
+                    f"{k}={parts[k]:.4f}" for k in ("total", "L_t", "L_e", "L_s", "L_u") if k in parts)
+                    + f" lr={lr:.3g} {rate:.2f} it/s ETA {int(eta // 3600)}:{int(eta % 3600 // 60):02d}:{int(eta % 60):02d}",
+                    markup=False)
             prog.update(task, advance=1, rate=f"{(step + 1 - start) / max(1e-9, t_now - t_start):.2f}",
                         losses=" ".join(f"{k}={parts[k]:.3f}" for k in ("total", "L_t", "L_e", "L_s") if k in parts))
             if (step + 1) % p.checkpoint_every == 0 and step + 1 < p.iterations:
