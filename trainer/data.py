@@ -22,7 +22,8 @@ class CachedViews(Dataset):
     Readers are opened lazily in each DataLoader worker (Zarr handles are not shared across processes).
     """
 
-    def __init__(self, segments_url: str, clip_url: str, *, crop_size: int, stride: int = 8):
+    def __init__(self, segments_url: str, clip_url: str, *, crop_size: int, stride: int = 8,
+                 augment: AugmentConfig | None = None):
         self.segments_url, self.clip_url = segments_url, clip_url
         seg, clip = StageReader(segments_url), StageReader(clip_url)
         ids = sorted(set(seg.image_ids) & set(clip.image_ids))
@@ -31,7 +32,11 @@ class CachedViews(Dataset):
         self.image_ids = ids
         self.paths = {i: seg.row(i)["path"] for i in ids}
         self.embed_dim = int(clip.get(ids[0], "features").shape[-1])
-        self.aug = AugmentConfig(size=crop_size, stride=stride)
+        self.aug = AugmentConfig(**{**(augment.__dict__ if augment else {}), "size": crop_size, "stride": stride})
+        self.variants = self.aug.photometric == "teacher"
+        if self.variants and "variant_features__shape" not in clip.row(ids[0]):
+            raise ValueError(f"train.augment.photometric=teacher needs the teacher's photometric variants in {clip_url}: "
+                             "set clip_features.photometric_variants > 0")
         self._readers: tuple[StageReader, StageReader] | None = None
 
     def __len__(self) -> int:
@@ -51,7 +56,11 @@ class CachedViews(Dataset):
         feats = clip.get(image_id, "features")
         if labels.shape != image.shape[:2]:
             raise ValueError(f"{image_id}: cached labels {labels.shape} do not match the image {image.shape[:2]}")
-        return make_views(image, labels, feats, rng=seed, cfg=self.aug)
+        var = ops = None
+        if self.variants:
+            var = np.moveaxis(clip.get(image_id, "variant_features"), 2, 0)  # (V,h,w,D)
+            ops = clip.get(image_id, "variant_ops")
+        return make_views(image, labels, feats, rng=seed, cfg=self.aug, variants=var, variant_ops=ops)
 
     def __getstate__(self):
         state = dict(self.__dict__)
