@@ -62,12 +62,12 @@ SWEEP_ROWS = [
     ("- L_e", ["train.w_e=0"], True),
     ("- L_s", ["train.w_s=0"], True),
     ("imposed aug", ["train.augment.photometric=imposed"], False),
-    ("no photometric aug", ["train.augment.photometric=off"], False),
+    ("no photometric aug", ["train.augment.photometric=none"], False),
     ("paper (tau 1, imposed)", ["train.augment.photometric=imposed", "train.semantic_temperature=1"], False),
     ("old defaults", ["train.augment.photometric=imposed", "train.semantic_temperature=10"], False),
 ]
 SWEEP_TRAIN = ["train.iterations=200", "train.batch_size=4", "train.crop_size=64", "train.num_workers=0",
-               "train.n_segments=16", "train.checkpoint_every=1000"]
+               "train.n_segments=16", "train.checkpoint_every=1000", "train.cache_images=64"]
 
 
 def per_class(cfg_path: Path, model: str) -> tuple[float, dict]:

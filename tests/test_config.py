@@ -69,3 +69,29 @@ def test_evaluate_is_not_a_top_level_package(tmp_path):
     code = "import importlib.util, clips4.evaluate; print(importlib.util.find_spec('evaluate') is None)"
     out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "True"
+
+
+def test_classes_dataset_follows_root(tmp_path):
+    cfg = load_config(REPO / "stages.yaml", None, ["dataset.root=/data/w1", "prototypes.classes=dataset"])
+    assert cfg.params("prototypes").classes == "/data/w1/classes.txt"
+    cfg = load_config(REPO / "stages.yaml", None, ["dataset.root=/data/w2", "prototypes.classes=dataset/lists/c.txt"])
+    assert cfg.params("prototypes").classes == "/data/w2/lists/c.txt"
+    assert load_config(REPO / "stages.yaml", None, ["prototypes.classes=voc"]).params("prototypes").classes == "voc"
+    with pytest.raises(ConfigError, match="needs a dataset root"):
+        load_config(REPO / "stages.yaml", None, ["prototypes.classes=dataset"])
+
+
+def test_loss_config_derives_from_train_params():
+    from clips4.trainer.config import TrainParams
+    from clips4.trainer.losses import LossConfig
+
+    assert LossConfig().kappa == TrainParams().kappa
+    assert LossConfig().semantic_temperature == TrainParams().semantic_temperature
+    cfg = load_config(REPO / "stages.yaml", None, ["train.kappa=7", "train.semantic_temperature=1", "train.w_e=0",
+                                                    "train.augment.gray_p=0", "train.augment.photometric=teacher"])
+    p = cfg.params("train")
+    lc = LossConfig.from_params(p)
+    assert (lc.kappa, lc.semantic_temperature, lc.w_e) == (7, 1, 0)
+    assert p.augment.gray_p == 0 and p.augment.photometric == "teacher"
+    with pytest.raises(ConfigError, match="photometric"):
+        load_config(REPO / "stages.yaml", None, ["train.augment.photometric=maybe"])

@@ -28,7 +28,7 @@ Photometric transforms (colour jitter in random order with p=0.8, grayscale p=0.
   before the crop, and the view's target is the teacher's features *on that variant*. The student then
   learns the teacher's own invariances: where the teacher's reading survives a transform, so must the
   student's; where it does not, the student is not asked to be invariant.
-- ``off``: no photometric transform.
+- ``none``: no photometric transform.
 
 All randomness comes from the ``torch.Generator`` (or int seed) given, so views are reproducible.
 """
@@ -77,7 +77,7 @@ class AugmentConfig:
     gray_p: float = 0.2
     blur_p: float = 0.5
     blur_sigma: tuple[float, float] = (0.1, 2.0)
-    photometric: str = "imposed"  # imposed | teacher | off (see the module docstring)
+    photometric: str = "imposed"  # imposed | teacher | none (see the module docstring)
 
     @property
     def photometric_config(self) -> PhotometricConfig:

@@ -23,8 +23,8 @@ class AugmentParams(Strict):
     blur_sigma: tuple[float, float] = (0.1, 2.0)
     #: ``imposed``: photometric transforms on the view only, target = teacher on the clean image (the paper's
     #: SimCLR views); ``teacher``: views made from the teacher's cached photometric variants, target = teacher
-    #: on that variant (needs ``clip_features.photometric_variants > 0``); ``off``: none
-    photometric: Literal["imposed", "teacher", "off"] = "imposed"
+    #: on that variant (needs ``clip_features.photometric_variants > 0``); ``none``: no photometric transform
+    photometric: Literal["imposed", "teacher", "none"] = "imposed"
 
 
 class TrainParams(Strict):
@@ -52,6 +52,8 @@ class TrainParams(Strict):
     augment: AugmentParams = Field(default_factory=AugmentParams)
     #: DataLoader worker processes
     num_workers: int = Field(default=2, ge=0)
+    #: keep up to this many images' decoded inputs in memory per worker (small datasets; 0 = read every time)
+    cache_images: int = Field(default=0, ge=0)
     # --- losses (weight 0 switches a loss off)
     w_t: float = Field(default=1.0, ge=0)
     w_e: float = Field(default=1.0, ge=0)

@@ -94,7 +94,7 @@ def train(cfg: Config, *, dataset: Dataset | None = None, resume: bool = False, 
     use_amp = p.amp == "on" or (p.amp == "auto" and device.type == "cuda")
 
     ds = CachedViews(deps["segments"], deps["clip_features"], crop_size=p.crop_size,
-                     augment=AugmentConfig(size=p.crop_size, **p.augment.model_dump()))
+                     augment=AugmentConfig(size=p.crop_size, **p.augment.model_dump()), cache_images=p.cache_images)
     names, known, unknown = load_prototypes(deps["prototypes"])
     if known.numel() and known.shape[1] != ds.embed_dim or unknown.numel() and unknown.shape[1] != ds.embed_dim:
         raise TrainingError(f"prototypes in {deps['prototypes']} do not match the CLIP feature width {ds.embed_dim}")
@@ -270,8 +270,7 @@ def load_trained_model(path: str | Path, device: str | torch.device = "cpu") -> 
     try:
         model.load_state_dict(ck["model"])
     except RuntimeError as exc:
-        from clips4.trainer.augment import AugmentConfig
-from clips4.trainer.checkpoint import CheckpointError
+        from clips4.trainer.checkpoint import CheckpointError
 
         raise CheckpointError(f"checkpoint {path} does not fit its declared model {sig}: {str(exc)[:300]}") from None
     return model.to(device).eval(), ck
