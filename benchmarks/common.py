@@ -21,7 +21,8 @@ STAGES = REPO / "stages.yaml"
 
 
 def build_world(base: Path, n_train: int, n_val: int, *, seed: int = 0, quiet: bool = True, world: str | None = None,
-                image_size: tuple[int, int] = (96, 128), variants: int = 0) -> Path:
+                image_size: tuple[int, int] = (96, 128), variants: int = 0,
+                variant_params: dict | None = None) -> Path:
     """World + caches (train: segments, clip_features, prototypes; val: segments, clip_features) under ``base``.
 
     ``world``: a name of ``clips4.pipeline.synthetic.WORLDS`` (None = the original world). ``variants``: teacher
@@ -47,7 +48,8 @@ def build_world(base: Path, n_train: int, n_val: int, *, seed: int = 0, quiet: b
         bp = {"world": world, "world_seed": seed, "image_size": list(image_size), "embed_dim": 64}
         over = base / "world.yaml"
         over.write_text(json.dumps({"stages": {"clip_features": {"params": {
-            "clip": {"backend_params": bp}, "n_clusters": w.n_classes, "photometric_variants": variants}}}}))
+            "clip": {"backend_params": bp}, "n_clusters": w.n_classes, "photometric_variants": variants,
+            "variant_params": variant_params or {}}}}}))
         common += ["--config", str(over)]
     common += ["--quiet"] if quiet else []
     for split in ("train", "val"):

@@ -63,6 +63,7 @@ SWEEP_ROWS = [
     ("- L_s", ["train.w_s=0"], True),
     ("imposed aug", ["train.augment.photometric=imposed"], False),
     ("no photometric aug", ["train.augment.photometric=none"], False),
+    ("teacher variants", ["train.augment.photometric=teacher"], True),
     ("paper (tau 1, imposed)", ["train.augment.photometric=imposed", "train.semantic_temperature=1"], False),
     ("old defaults", ["train.augment.photometric=imposed", "train.semantic_temperature=10"], False),
 ]

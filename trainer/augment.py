@@ -23,9 +23,10 @@ Photometric transforms (colour jitter in random order with p=0.8, grayscale p=0.
 - ``imposed`` (SimCLR, the paper's trainer): they touch the view only; its CLIP target stays the teacher on the
   untouched image, so the student is *told* to be invariant to them, even where they erase what tells classes
   apart (hue, saturation, fine texture);
-- ``teacher``: each view is made from one of the teacher's cached photometric variants of the image (or the
-  image itself), chosen at random: the variant's transform (stored with it) is applied to the whole image
-  before the crop, and the view's target is the teacher's features *on that variant*. The student then
+- ``teacher``: the views are made from one of the teacher's cached photometric variants of the image (or the
+  image itself), chosen at random per image: the variant's transform (stored with it) is applied to the whole
+  image before the crops, and the views' target is the teacher's features *on that variant*. Both views share
+  the variant, so L_t (whose positives span the two views) asks for geometric invariance only. The student then
   learns the teacher's own invariances: where the teacher's reading survives a transform, so must the
   student's; where it does not, the student is not asked to be invariant.
 - ``none``: no photometric transform.
@@ -218,16 +219,17 @@ def make_views(image: np.ndarray, labels: np.ndarray, clip: np.ndarray | None, *
     for _ in range(n_views):
         box = sample_box(H, W, g, cfg.scale, cfg.ratio)
         geo.append((box, bool(torch.rand((), generator=g).item() < cfg.flip_p)))
-    n_var = 0 if variants is None or cfg.photometric != "teacher" else len(variants)
+    src, target = img_t, clip
+    if variants is not None and cfg.photometric == "teacher" and len(variants):
+        # one variant (0 = the image itself) for all views of the image: L_t's cross-view positives then ask for
+        # geometric invariance only, never for invariance to a transform the teacher itself is not invariant to
+        u = int(torch.randint(0, len(variants) + 1, (1,), generator=g).item())
+        if u:
+            src = (apply_ops(img_t.float() / 255.0, variant_ops[u - 1]) * 255).round().byte()
+            target = variants[u - 1]
     views = []
     for box, flip in geo:
         top, left, h, w = box
-        src, target = img_t, clip
-        if n_var:  # variant 0 = the image itself
-            u = int(torch.randint(0, n_var + 1, (1,), generator=g).item())
-            if u:
-                src = (apply_ops(img_t.float() / 255.0, variant_ops[u - 1]) * 255).round().byte()
-                target = variants[u - 1]
         crop = TF.resized_crop(src, top, left, h, w, [S, S], antialias=True).float() / 255.0
         if flip:
             crop = crop.flip(-1)
