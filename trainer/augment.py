@@ -78,7 +78,7 @@ class AugmentConfig:
     gray_p: float = 0.2
     blur_p: float = 0.5
     blur_sigma: tuple[float, float] = (0.1, 2.0)
-    photometric: str = "imposed"  # imposed | teacher | none (see the module docstring)
+    photometric: str = "imposed"  # imposed | teacher | none (see the module docstring; training default: none)
 
     @property
     def photometric_config(self) -> PhotometricConfig:

@@ -24,7 +24,9 @@ class AugmentParams(Strict):
     #: ``imposed``: photometric transforms on the view only, target = teacher on the clean image (the paper's
     #: SimCLR views); ``teacher``: views made from the teacher's cached photometric variants, target = teacher
     #: on that variant (needs ``clip_features.photometric_variants > 0``); ``none``: no photometric transform
-    photometric: Literal["imposed", "teacher", "none"] = "imposed"
+    #: Default ``none``: on the synthetic sweep, imposed views make the student merge classes that differ by colour
+    #: or fine texture (README, "Why similar classes collapsed"); ``imposed`` is the paper's setting
+    photometric: Literal["imposed", "teacher", "none"] = "none"
 
 
 class TrainParams(Strict):
