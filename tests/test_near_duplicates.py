@@ -6,6 +6,7 @@ very cue that separates the twins, so the paper-style defaults of before collaps
 from __future__ import annotations
 
 import json
+import os
 from importlib import resources
 from pathlib import Path
 
@@ -62,7 +63,8 @@ def test_student_keeps_near_duplicate_classes_apart(tmp_path):
     assert iou["straw"] >= FLOOR and iou["corn"] >= FLOOR, iou
 
 
-@pytest.mark.skip(reason="documents the failure of the pre-issue-12 defaults; run by hand (-k old --runxfail)")
+@pytest.mark.skipif(not os.environ.get("CLIPS4_SLOW_TESTS"), reason="the pre-issue-12 defaults' failure, ~60 s more: "
+                    "CLIPS4_SLOW_TESTS=1 pytest tests/test_near_duplicates.py")
 def test_old_defaults_collapse_a_twin(tmp_path):
     iou = _run(tmp_path, ["train.augment.photometric=imposed", "train.semantic_temperature=10"])
     assert min(iou["straw"], iou["corn"]) < FLOOR, iou

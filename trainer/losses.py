@@ -23,10 +23,9 @@ Design choices (see ``LossConfig`` for the knobs):
 - L_e (Eq. 2): mean over segments of ``1 - cos(v_s, i_s)``, ``i_s`` the normalised mean CLIP embedding of the
   same cells.
 - L_s (Eq. 3): ``y_s = argmax_l cos(i_s, c_l)`` over known + unknown prototypes (no grad); cross entropy of
-  ``softmax(τ · cos(v_s, C))``. The paper writes ``softmax(sim)``; on cosines in [-1, 1] that softmax is almost
-  uniform, so a scale is required. Default ``τ = 10`` = κ: L_t and L_s then have the same vMF concentration
-  and comparable gradient scales; CLIP's own logit scale (100) is available via ``semantic_temperature`` and
-  is closer to CLIP's geometry where prototypes are near each other. Prototypes are detached in L_s.
+  ``softmax(τ · cos(v_s, C))``. The paper writes ``softmax(sim)`` (τ = 1, ``semantic_temperature: 1``); on
+  cosines in [-1, 1] that softmax is almost uniform and its gradient weak. Default ``τ = 10`` = κ, kept because
+  the synthetic sweep measured it: τ = 1 was equal or worse in every world (README). Prototypes are detached.
 - L_u (Eq. 4): ``mean_{s: y_s unknown} (1 - cos(c_{y_s}, i_s))`` with ``i_s`` detached: its gradient reaches only
   the unknown prototypes (an ``nn.Parameter`` in :class:`Prototypes`, normalised on use, re-normalise after
   the optimiser step with ``Prototypes.renormalize_()``). ``unknown_update='ema'`` instead moves them by an
