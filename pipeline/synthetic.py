@@ -18,6 +18,14 @@ coarse grid; per-patch errors are not systematic, so segment-level aggregation (
 the teacher. Text embeddings sit apart from image embeddings (a modality gap): ``text_c`` = mostly a shared
 text direction plus a little of class ``c``'s own direction, so ``cos(text_c, image of c)`` is the largest
 but only ~0.25. Teacher dense mIoU on the default world: about 50 % (see ``tests/test_synthetic.py``).
+
+A family of worlds (``WORLDS``, ``world_from_preset``, ``class_family``): explicit or generated class lists
+(colour and texture similarity, near-duplicates), region shapes (``warped`` default, ``voronoi``, ``boxes``) and
+counts, and ``spurious_colour`` (each class's own colours in train, a random class's palette per region in
+val/test). Teacher corruptions beyond the default ones: ``cues`` (``all``, ``colour``, ``texture`` — colour-free
+gradient statistics), ``colour_blur`` (Gaussian blur before the statistics), ``nuisance`` (a per-image random
+direction), ``confusion_p`` (per image, a class consistently read as another), ``patch`` (grid size), ``gap``.
+Every added corruption draws from its own seeded stream, so the default world and teacher are unchanged.
 """
 from __future__ import annotations
 
