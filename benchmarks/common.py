@@ -20,25 +20,38 @@ REPO = Path(__file__).resolve().parents[1]
 STAGES = REPO / "stages.yaml"
 
 
-def build_world(base: Path, n_train: int, n_val: int, *, seed: int = 0, quiet: bool = True) -> Path:
+def build_world(base: Path, n_train: int, n_val: int, *, seed: int = 0, quiet: bool = True, world: str | None = None,
+                image_size: tuple[int, int] = (96, 128), variants: int = 0,
+                variant_params: dict | None = None) -> Path:
     """World + caches (train: segments, clip_features, prototypes; val: segments, clip_features) under ``base``.
 
-    Returns the path of the world's config (the bundled ``synthetic.yaml`` pointed at ``base/world``). Idempotent:
-    finished stages are skipped by the pipeline itself.
+    ``world``: a name of ``clips4.pipeline.synthetic.WORLDS`` (None = the original world). ``variants``: teacher
+    photometric variants cached for the train split (``clip_features.photometric_variants``).
+    Returns the path of the world's config (the bundled ``synthetic.yaml`` pointed at ``base/world``, plus an
+    overlay for a named world). Idempotent: finished stages are skipped by the pipeline itself.
     """
     from clips4.cli import main
-    from clips4.pipeline.synthetic import SyntheticWorld
+    from clips4.pipeline.synthetic import SyntheticWorld, world_from_preset
 
     base.mkdir(parents=True, exist_ok=True)
     root = base / "world"
     marker = root / f".written-{n_train}-{n_val}-{seed}"
+    w = SyntheticWorld(seed=seed, image_size=image_size) if world is None else world_from_preset(world, image_size, seed)[0]
     if not marker.exists():
-        SyntheticWorld(seed=seed).write(root, n_train, n_val)
+        w.write(root, n_train, n_val)
         marker.write_text("ok")
     text = resources.files("clips4.data").joinpath("configs", "synthetic.yaml").read_text()
     cfg = base / "synthetic.yaml"
     cfg.write_text(text.replace("outputs/synthetic-world", str(root)).replace("world_seed: 0", f"world_seed: {seed}"))
-    common = ["--stages", str(STAGES), "--config", str(cfg)] + (["--quiet"] if quiet else [])
+    common = ["--stages", str(STAGES), "--config", str(cfg)]
+    if world is not None or tuple(image_size) != (96, 128) or variants:
+        bp = {"world": world, "world_seed": seed, "image_size": list(image_size), "embed_dim": 64}
+        over = base / "world.yaml"
+        over.write_text(json.dumps({"stages": {"clip_features": {"params": {
+            "clip": {"backend_params": bp}, "n_clusters": w.n_classes, "photometric_variants": variants,
+            "variant_params": variant_params or {}}}}}))
+        common += ["--config", str(over)]
+    common += ["--quiet"] if quiet else []
     for split in ("train", "val"):
         for stage in ("segments", "clip-features"):
             code = main(["precompute", stage, *common, "--executor", "local", "--split", split])
@@ -49,10 +62,15 @@ def build_world(base: Path, n_train: int, n_val: int, *, seed: int = 0, quiet: b
     return cfg
 
 
+def configs_of(cfg_path: Path) -> list[Path]:
+    over = cfg_path.parent / "world.yaml"
+    return [cfg_path, over] if over.exists() else [cfg_path]
+
+
 def load(cfg_path: Path, *overrides: str):
     from clips4.pipeline.config import load_config
 
-    return load_config(STAGES, [cfg_path], list(overrides))
+    return load_config(STAGES, configs_of(cfg_path), list(overrides))
 
 
 def val_setup(cfg_path: Path):

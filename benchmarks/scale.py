@@ -105,7 +105,6 @@ class TreeRSS:
 # ------------------------------------------------------------------------------------------------ world
 def _write_range(args) -> int:
     root, lo, hi, hw = args
-    import numpy as np
     from PIL import Image
 
     from clips4.pipeline.synthetic import SyntheticWorld

@@ -11,6 +11,16 @@ segment embedding)). L_t alone has no link to CLIP's space: its language mIoU is
 
     .venv/bin/python benchmarks/synthetic_world.py [--iterations N] [--n-train N] [--n-val N] [--quick]
         [--no-ablation] [--ablation-iterations N] [--work DIR] [--set train.KEY=VALUE ...]
+
+``--sweep``: every world of ``clips4.pipeline.synthetic.WORLDS`` (class near-duplicates, one hue, one texture,
+spurious colour, Voronoi/boxes/many small regions, teachers with random-class patches, Gaussian noise, a
+per-image nuisance direction, per-image class confusions, a coarse grid, modality gaps) x ``--seeds``, small
+images (64 x 96), each world trained with the defaults and with each ablation row (``SWEEP_ROWS``). Prints per
+world the teacher and student val mIoU, the largest per-class IoU drop student vs teacher, and the ablation;
+then every row's mean +- std over worlds. Targets: student >= teacher + 5 in every world, >= +10 on average,
+no class more than 5 points below the teacher.
+
+    .venv/bin/python benchmarks/synthetic_world.py --sweep [--worlds a,b] [--seeds 0,1] [--no-ablation]
 """
 from __future__ import annotations
 
@@ -45,8 +55,97 @@ def train_run(cfg_path: Path, out: Path, overrides: list[str]) -> tuple[Path, fl
     return out / "final.pt", time.perf_counter() - t0, last
 
 
+#: the sweep's ablation rows: (name, train overrides, teacher variants needed in the cache)
+SWEEP_ROWS = [
+    ("defaults", [], False),
+    ("- L_t", ["train.w_t=0"], False),
+    ("- L_e", ["train.w_e=0"], False),
+    ("- L_s", ["train.w_s=0"], False),
+    ("imposed aug", ["train.augment.photometric=imposed"], False),
+    ("no photometric aug", ["train.augment.photometric=none"], False),
+    ("teacher variants", ["train.augment.photometric=teacher"], True),
+    ("tau 1", ["train.semantic_temperature=1"], False),
+    ("paper: tau 1 + imposed", ["train.augment.photometric=imposed", "train.semantic_temperature=1"], False),
+    ("old defaults", ["train.augment.photometric=imposed", "train.semantic_temperature=10"], False),
+]
+SWEEP_TRAIN = ["train.iterations=200", "train.batch_size=4", "train.crop_size=64", "train.num_workers=0",
+               "train.n_segments=16", "train.checkpoint_every=1000", "train.cache_images=64"]
+
+
+def per_class(cfg_path: Path, model: str) -> tuple[float, dict]:
+    from clips4.evaluate.tasks import run_language
+
+    from common import val_setup
+
+    cfg, ds = val_setup(cfg_path)
+    r = run_language(cfg, ds, model=model, out=None)
+    return 100 * float(r["miou"]), {k: 100 * float(v) for k, v in r["per_class_iou"].items() if v == v}
+
+
+def sweep(a) -> int:
+    import numpy as np
+    import torch
+
+    from clips4.pipeline.synthetic import WORLDS
+
+    torch.set_num_threads(1)
+    worlds = a.worlds.split(",") if a.worlds else list(WORLDS)
+    seeds = [int(x) for x in a.seeds.split(",")]
+    rows = SWEEP_ROWS[:1] if a.no_ablation else SWEEP_ROWS
+    if a.rows:
+        rows = [r for r in SWEEP_ROWS if r[0] in a.rows.split(",")]
+    work = a.work or Path(tempfile.mkdtemp(prefix="clips4-sweep-"))
+    log(f"work folder: {work}")
+    train = [*SWEEP_TRAIN, *(f"train.iterations={a.iterations}" for _ in [0] if a.iterations), *a.sets]
+    results = []  # (world, seed, teacher, {row: student}, worst drop, worst class)
+    print(f"sweep: {len(worlds)} worlds x seeds {seeds}; {a.n_train} train / {a.n_val} val images 64x96; "
+          f"{' '.join(train)}")
+    print(f"{'world':<20}{'seed':>5}{'teacher':>9}{'student':>9}{'gain':>7}{'worst drop':>12}  "
+          + "".join(f"{r[0][:14]:>16}" for r in rows[1:]))
+    for name in worlds:
+        for seed in seeds:
+            t0 = time.perf_counter()
+            base = work / f"{name}-{seed}"
+            variants = a.variants if any(r[2] for r in rows) else 0
+            cfg = build_world(base, a.n_train, a.n_val, seed=seed, world=name, image_size=(64, 96), variants=variants)
+            t_miou, t_cls = per_class(cfg, "teacher")
+            got, drops = {}, {}
+            for rname, ov, _ in rows:
+                tag = rname.replace(" ", "_").replace("(", "").replace(")", "").replace(",", "")
+                ckpt, _, _ = train_run(cfg, base / "runs" / tag, [*train, *ov])
+                m, cls = per_class(cfg, str(ckpt))
+                got[rname] = m
+                drops[rname] = max(((t_cls[c] - cls.get(c, 0.0), c) for c in t_cls), default=(0.0, "-"))
+            s0 = got[rows[0][0]]
+            d, dc = drops[rows[0][0]]
+            results.append((name, seed, t_miou, got, d, dc))
+            print(f"{name:<20}{seed:>5}{t_miou:>9.1f}{s0:>9.1f}{s0 - t_miou:>+7.1f}{d:>7.1f} {dc[:8]:<5}"
+                  + "".join(f"{got[r[0]]:>16.1f}" for r in rows[1:]) + f"   ({time.perf_counter() - t0:.0f} s)",
+                  flush=True)
+    print("\nmean +- std over worlds x seeds (student mIoU; gain = student - teacher)")
+    teach = np.array([r[2] for r in results])
+    print(f"{'teacher':<26}{teach.mean():>7.1f} +- {teach.std():4.1f}")
+    for rname, _, _ in rows:
+        v = np.array([r[3][rname] for r in results])
+        g = v - teach
+        print(f"{rname:<26}{v.mean():>7.1f} +- {v.std():4.1f}   gain {g.mean():+6.1f} +- {g.std():4.1f}   "
+              f"min gain {g.min():+6.1f}   worlds below teacher+5: {int((g < 5).sum())}")
+    gains = np.array([r[3][rows[0][0]] - r[2] for r in results])
+    worst = max(r[4] for r in results)
+    ok = gains.min() >= 5 and gains.mean() >= 10 and worst <= 5
+    print(f"\ntargets (defaults): every world >= teacher + 5: {'MET' if gains.min() >= 5 else 'NOT MET'} "
+          f"(min {gains.min():+.1f}); mean >= +10: {'MET' if gains.mean() >= 10 else 'NOT MET'} ({gains.mean():+.1f}); "
+          f"no class > 5 points below the teacher: {'MET' if worst <= 5 else 'NOT MET'} (worst {worst:.1f})")
+    return 0 if ok else 1
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--sweep", action="store_true", help="the family of worlds (see the module docstring)")
+    ap.add_argument("--worlds", default=None, help="sweep: comma-separated world names (default: all)")
+    ap.add_argument("--seeds", default="0,1", help="sweep: world seeds")
+    ap.add_argument("--rows", default=None, help="sweep: comma-separated ablation rows (default: all)")
+    ap.add_argument("--variants", type=int, default=4, help="sweep: teacher photometric variants cached per image")
     ap.add_argument("--iterations", type=int, default=None, help="training iterations (default: the bundled config's)")
     ap.add_argument("--n-train", type=int, default=64)
     ap.add_argument("--n-val", type=int, default=16)
@@ -56,6 +155,10 @@ def main(argv=None) -> int:
     ap.add_argument("--work", type=Path, default=None, help="work folder (kept; default: a temporary one)")
     ap.add_argument("--set", dest="sets", action="append", default=[], help="extra override, e.g. train.lr=0.1")
     a = ap.parse_args(argv)
+    if a.sweep:
+        if a.n_train == 64 and a.n_val == 16:  # the sweep's own defaults
+            a.n_train, a.n_val = 24, 12
+        return sweep(a)
     extra = list(a.sets)
     if a.quick:
         a.n_train, a.n_val = min(a.n_train, 16), min(a.n_val, 8)

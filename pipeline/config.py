@@ -154,10 +154,17 @@ class ClipFeaturesParams(Strict):
     max_resized_side: int = Field(default=8192, ge=16)
     #: an image taking longer than this (seconds) is recorded as failed so its batch goes on; 0 = no limit
     item_timeout_s: float = Field(default=600.0, ge=0)
+    #: also cache the teacher on this many photometric variants of each image (for ``train.augment.photometric:
+    #: teacher``): arrays ``variant_features (h,w,V,D)`` and ``variant_ops (V,11)``; costs V x the CLIP time/space
+    photometric_variants: int = Field(default=0, ge=0)
+    #: the variants' transforms: ``{jitter: [b,c,s,h], jitter_p, gray_p, blur_p, blur_sigma: [lo,hi]}``
+    #: (clips4.pipeline.photometric.PhotometricConfig; empty = SimCLR's set)
+    variant_params: dict[str, Any] = Field(default_factory=dict)
 
 
 class PrototypesParams(Strict):
-    #: known classes: a bundled list (voc, context59, cocostuff171), a text file, or None (class-free)
+    #: known classes: a bundled list (voc, context59, cocostuff171), a text file, ``dataset`` (the dataset root's
+    #: classes.txt) or ``dataset/<path>`` (a file relative to the dataset root), or None (class-free)
     classes: str | None = "voc"
     #: known prototype = mean of the top-m segments by class probability (paper: 32)
     top_m: int = Field(default=32, ge=1)
@@ -461,6 +468,7 @@ def load_config(
             problems.append(_format_errors(err, lines, ("stages", name, "params"), merged))
     if problems:
         raise ConfigError("invalid configuration:\n" + "\n".join(problems))
+    _resolve_dataset_classes(cfg)
     _apply_storage(cfg)
     return cfg
 
@@ -477,6 +485,19 @@ def _apply_storage(cfg: Config) -> None:
     except storage.StorageError as exc:
         raise ConfigError(str(exc)) from None
     storage.configure(cfg.storage)
+
+
+def _resolve_dataset_classes(cfg: Config) -> None:
+    """``prototypes.classes: dataset`` = the dataset's own ``classes.txt``; ``dataset/<path>`` = a file relative to
+    the dataset root. Resolved here, so the list follows ``--root`` (and the fingerprint names the real file)."""
+    decl = cfg.stages.get("prototypes")
+    classes = decl.params.get("classes") if decl is not None else None
+    if not isinstance(classes, str) or not (classes == "dataset" or classes.startswith("dataset/")):
+        return
+    if not cfg.dataset.root:
+        raise ConfigError(f"prototypes.classes: {classes!r} needs a dataset root (set dataset.root or --root)")
+    rel = classes[len("dataset/"):] if classes.startswith("dataset/") else "classes.txt"
+    decl.params["classes"] = cfg.dataset.root.rstrip("/") + "/" + rel
 
 
 def resolved_dict(cfg: Config) -> dict:

@@ -227,10 +227,15 @@ class ClipFeaturesProcessor:
                 labels = self._segments_for(rec, feat, image.shape[:2])
                 seg = dict(segment_embeddings(feat, labels, image_hw=image.shape[:2]))
                 seg["row_id"] = segment_row_ids(rec.image_id, seg["segment_id"])
+                arrays = {"features": feat.astype(np.float16), "segment_labels": labels.astype(np.int32)}
+                if self.params.photometric_variants:
+                    from clips4.pipeline.photometric import teacher_variants
+
+                    arrays.update(teacher_variants(self.backend, image, rec.image_id, self.params))
                 out.append(ItemResult(
                     row={"grid_h": int(feat.shape[0]), "grid_w": int(feat.shape[1]), "n_segments": len(seg["segment_id"]),
                          "seconds": time.perf_counter() - t0},
-                    arrays={"features": feat.astype(np.float16), "segment_labels": labels.astype(np.int32)},
+                    arrays=arrays,
                     tables={"segments": seg},
                 ))
             except Exception as exc:  # noqa: BLE001 - recorded per image

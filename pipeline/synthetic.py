@@ -18,6 +18,14 @@ coarse grid; per-patch errors are not systematic, so segment-level aggregation (
 the teacher. Text embeddings sit apart from image embeddings (a modality gap): ``text_c`` = mostly a shared
 text direction plus a little of class ``c``'s own direction, so ``cos(text_c, image of c)`` is the largest
 but only ~0.25. Teacher dense mIoU on the default world: about 50 % (see ``tests/test_synthetic.py``).
+
+A family of worlds (``WORLDS``, ``world_from_preset``, ``class_family``): explicit or generated class lists
+(colour and texture similarity, near-duplicates), region shapes (``warped`` default, ``voronoi``, ``boxes``) and
+counts, and ``spurious_colour`` (each class's own colours in train, a random class's palette per region in
+val/test). Teacher corruptions beyond the default ones: ``cues`` (``all``, ``colour``, ``texture`` — colour-free
+gradient statistics), ``colour_blur`` (Gaussian blur before the statistics), ``nuisance`` (a per-image random
+direction), ``confusion_p`` (per image, a class consistently read as another), ``patch`` (grid size), ``gap``.
+Every added corruption draws from its own seeded stream, so the default world and teacher are unchanged.
 """
 from __future__ import annotations
 
@@ -28,7 +36,7 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["CLASS_SPECS", "SyntheticWorld", "SyntheticTeacher", "class_text_embeddings", "teacher_segmentation", "miou"]
+__all__ = ["CLASS_SPECS", "WORLDS", "class_family", "world_from_preset", "make_teacher", "SyntheticWorld", "SyntheticTeacher", "class_text_embeddings", "teacher_segmentation", "miou"]
 
 
 @dataclass(frozen=True)
@@ -93,16 +101,29 @@ class SyntheticWorld:
 
     SPLITS = {"train": 0, "val": 1, "test": 2}
 
+    REGION_SHAPES = ("warped", "voronoi", "boxes")
+
     def __init__(self, n_classes: int = 6, image_size: tuple[int, int] = (96, 128), seed: int = 0,
-                 regions: tuple[int, int] = (3, 7), pixel_noise: float = 8.0):
-        if not 2 <= n_classes <= len(CLASS_SPECS):
-            raise ValueError(f"n_classes must be in 2..{len(CLASS_SPECS)}, got {n_classes}")
-        self.n_classes = int(n_classes)
+                 regions: tuple[int, int] = (3, 7), pixel_noise: float = 8.0, *,
+                 specs: list[ClassSpec] | None = None, region_shape: str = "warped", spurious_colour: bool = False):
+        if specs is None:
+            if not 2 <= n_classes <= len(CLASS_SPECS):
+                raise ValueError(f"n_classes must be in 2..{len(CLASS_SPECS)}, got {n_classes}")
+            specs = CLASS_SPECS[: int(n_classes)]
+        specs = [s if isinstance(s, ClassSpec) else ClassSpec(**s) for s in specs]
+        if len(specs) < 2:
+            raise ValueError(f"a world needs >= 2 classes, got {len(specs)}")
+        if region_shape not in self.REGION_SHAPES:
+            raise ValueError(f"region_shape must be one of {self.REGION_SHAPES}, got {region_shape!r}")
+        self.n_classes = len(specs)
         self.image_size = (int(image_size[0]), int(image_size[1]))
         self.seed = int(seed)
-        self.regions = regions
+        self.regions = tuple(regions)
         self.pixel_noise = float(pixel_noise)
-        self.specs = CLASS_SPECS[: self.n_classes]
+        self.specs = list(specs)
+        self.region_shape = region_shape
+        #: colour is class-correlated in train but drawn from a random class's palette per region elsewhere
+        self.spurious_colour = bool(spurious_colour)
 
     @property
     def class_names(self) -> list[str]:
@@ -113,23 +134,28 @@ class SyntheticWorld:
             raise ValueError(f"unknown split {split!r}; valid: {', '.join(self.SPLITS)}")
         return np.random.default_rng([self.seed, self.SPLITS[split], int(index)])
 
-    def render_texture(self, c: int, shape: tuple[int, int], rng: np.random.Generator) -> np.ndarray:
-        """Class ``c``'s texture over a whole ``shape`` canvas: ``(H,W,3) float32`` in 0..255 (before noise)."""
+    def render_texture(self, c: int, shape: tuple[int, int], rng: np.random.Generator,
+                       palette: int | None = None) -> np.ndarray:
+        """Class ``c``'s texture over a whole ``shape`` canvas: ``(H,W,3) float32`` in 0..255 (before noise).
+        ``palette``: take the colours of that class instead of ``c``'s own (spurious-colour worlds)."""
         s = self.specs[c]
+        col = self.specs[c if palette is None else palette]
         H, W = shape
         yy, xx = np.mgrid[0:H, 0:W].astype(np.float32)
         t = _field(s.pattern, s.period, yy, xx, rng)[..., None]
         gain = rng.uniform(0.9, 1.1)  # per-region illumination
-        img = (t * np.array(s.fg, np.float32) + (1 - t) * np.array(s.bg, np.float32)) * gain
+        img = (t * np.array(col.fg, np.float32) + (1 - t) * np.array(col.bg, np.float32)) * gain
         return img
 
     def region_map(self, rng: np.random.Generator) -> np.ndarray:
         """``(H,W) int64`` class id per pixel: warped Voronoi cells, each given a random class (>= 2 classes)."""
         H, W = self.image_size
         n = int(rng.integers(self.regions[0], self.regions[1] + 1))
+        if self.region_shape == "boxes":
+            return self._boxes(n, rng)
         yy, xx = np.mgrid[0:H, 0:W].astype(np.float32)
         wy, wx = yy.copy(), xx.copy()
-        for _ in range(3):  # smooth random warp so boundaries are curvy and not grid aligned
+        for _ in range(3 if self.region_shape == "warped" else 0):  # smooth random warp so boundaries are curvy and not grid aligned
             f = rng.uniform(0.02, 0.06, 2)
             ph = rng.uniform(0, 2 * np.pi, 2)
             amp = rng.uniform(3, 8)
@@ -143,13 +169,37 @@ class SyntheticWorld:
             classes = rng.integers(0, self.n_classes, n)
         return classes[cell].astype(np.int64)
 
+    def _boxes(self, n: int, rng: np.random.Generator) -> np.ndarray:
+        """Axis-aligned rectangles: the canvas cut by ``n - 1`` random guillotine splits, one class per piece."""
+        H, W = self.image_size
+        boxes = [(0, 0, H, W)]
+        while len(boxes) < n:
+            i = int(np.argmax([b[2] * b[3] for b in boxes]))  # split the largest piece
+            y, x, h, w = boxes.pop(i)
+            if h >= w:
+                c = int(rng.integers(max(1, h // 4), max(2, h - h // 4)))
+                boxes += [(y, x, c, w), (y + c, x, h - c, w)]
+            else:
+                c = int(rng.integers(max(1, w // 4), max(2, w - w // 4)))
+                boxes += [(y, x, h, c), (y, x + c, h, w - c)]
+        classes = rng.integers(0, self.n_classes, len(boxes))
+        while len(np.unique(classes)) < 2:
+            classes = rng.integers(0, self.n_classes, len(boxes))
+        out = np.zeros((H, W), np.int64)
+        for (y, x, h, w), c in zip(boxes, classes):
+            out[y:y + h, x:x + w] = c
+        return out
+
     def sample(self, index: int, split: str = "train") -> tuple[np.ndarray, np.ndarray]:
         """Image ``index`` of ``split``: ``(image (H,W,3) uint8, mask (H,W) int64 class ids)``."""
         rng = self._rng(split, index)
         mask = self.region_map(rng)
         img = np.zeros(self.image_size + (3,), np.float32)
         for c in np.unique(mask):
-            tex = self.render_texture(int(c), self.image_size, rng)
+            palette = None
+            if self.spurious_colour and split != "train":  # test: colours no longer tell the class
+                palette = int(rng.integers(0, self.n_classes))
+            tex = self.render_texture(int(c), self.image_size, rng, palette)
             img[mask == c] = tex[mask == c]
         img += rng.normal(0, self.pixel_noise, img.shape)
         return np.clip(img, 0, 255).round().astype(np.uint8), mask
@@ -203,6 +253,19 @@ def _patch_stats(img: np.ndarray, patch: int) -> np.ndarray:
                            (pool(dx) - pool(dy))[..., None]], -1)
 
 
+def _texture_stats(img: np.ndarray, patch: int) -> np.ndarray:
+    """Colour-free texture statistics: ``(H,W,3) uint8`` -> ``(h,w,4) float32`` — the share of horizontal, vertical
+    and diagonal gradient energy, and mean |gradient| / std (frequency), all invariant to the colour pair."""
+    f = _patch_stats(img, patch)
+    std, dx, dy, dd = f[..., 3], f[..., 4], f[..., 5], f[..., 6]
+    tot = dx + dy + dd + 1e-3
+    return np.stack([dx / tot, dy / tot, dd / tot, (dx + dy) / (2 * std + 1e-2)], -1)
+
+
+#: teacher cues -> which statistics its patch classifier reads
+CUES = ("all", "colour", "texture")
+
+
 def _hash_seed(*parts) -> int:
     h = hashlib.sha256()
     for p in parts:
@@ -224,14 +287,23 @@ class SyntheticTeacher:
     ~ noise_sigma). blur: weight of the 4 neighbours in the grid blur (centre keeps 1 - 4·blur... normalised).
     """
 
-    patch = 16
-
     def __init__(self, world: SyntheticWorld, embed_dim: int = 512, seed: int = 0, noise_patch_p: float = 0.4,
                  noise_sigma: float = 1.0, blur: float = 0.6, nb_temperature: float = 1.0, gap: float = 0.35,
-                 logit_scale: float = 100.0):
+                 logit_scale: float = 100.0, *, patch: int = 16, cues: str = "all", colour_blur: float = 0.0,
+                 nuisance: float = 0.0, confusion_p: float = 0.0):
         if embed_dim < world.n_classes + 2:
             raise ValueError(f"embed_dim must be >= n_classes + 2 = {world.n_classes + 2}")
+        if cues not in CUES:
+            raise ValueError(f"cues must be one of {CUES}, got {cues!r}")
         self.world = world
+        self.patch = int(patch)
+        self.cues = cues
+        #: Gaussian blur (sigma, px) of the image before the patch statistics
+        self.colour_blur = float(colour_blur)
+        #: norm of a per-image random direction added to every embedding of that image
+        self.nuisance = float(nuisance)
+        #: per image, each class is mislabelled as one other class (consistently, all its patches) with this chance
+        self.confusion_p = float(confusion_p)
         self.embed_dim = int(embed_dim)
         self.logit_scale = float(logit_scale)
         self.seed = int(seed)
@@ -258,7 +330,8 @@ class SyntheticTeacher:
             feats = []
             for _ in range(4):
                 img = self.world.render_texture(c, shape, rng) + rng.normal(0, self.world.pixel_noise, shape + (3,))
-                feats.append(_patch_stats(np.clip(img, 0, 255).round().astype(np.uint8), self.patch).reshape(-1, 8))
+                f = self._features(np.clip(img, 0, 255).round().astype(np.uint8))
+                feats.append(f.reshape(-1, f.shape[-1]))
             f = np.concatenate(feats)
             mus.append(f.mean(0))
             sds.append(f.std(0))
@@ -268,14 +341,24 @@ class SyntheticTeacher:
 
     def patch_probabilities(self, image: np.ndarray) -> np.ndarray:
         """``(H,W,3) uint8`` -> ``(h,w,n_classes)`` naive-Bayes class probabilities per patch (before corruption)."""
-        img = self._fit_grid(image)
-        f = _patch_stats(img, self.patch)  # (h,w,8)
-        z = (f[..., None, :] - self.sig_mu) / self.sig_sd  # (h,w,C,8)
+        f = self._features(self._fit_grid(image))  # (h,w,F)
+        z = (f[..., None, :] - self.sig_mu) / self.sig_sd  # (h,w,C,F)
         ll = -0.5 * (z ** 2).sum(-1) - np.log(self.sig_sd).sum(-1)
         ll = ll / self.nb_temperature
         ll -= ll.max(-1, keepdims=True)
         p = np.exp(ll)
         return p / p.sum(-1, keepdims=True)
+
+    def _features(self, img: np.ndarray) -> np.ndarray:
+        """Patch statistics the classifier reads (by ``cues``): ``(H,W,3) uint8`` -> ``(h,w,F) float32``."""
+        if self.colour_blur > 0:
+            from PIL import Image, ImageFilter
+
+            img = np.asarray(Image.fromarray(img).filter(ImageFilter.GaussianBlur(self.colour_blur)))
+        if self.cues == "texture":
+            return _texture_stats(img, self.patch)
+        f = _patch_stats(img, self.patch)
+        return f[..., :3] if self.cues == "colour" else f
 
     def _fit_grid(self, image: np.ndarray) -> np.ndarray:
         image = np.asarray(image)
@@ -301,7 +384,18 @@ class SyntheticTeacher:
             flip = rng.uniform(size=(h, w)) < self.noise_patch_p
             rand_cls = rng.integers(0, C, (h, w))
             p = np.where(flip[..., None], np.eye(C, dtype=np.float32)[rand_cls], p)
+            extra = None
+            if self.confusion_p > 0 or self.nuisance > 0:  # own stream: the default teacher's noise is unchanged
+                extra = np.random.default_rng(_hash_seed("corrupt", self.seed, np.ascontiguousarray(image).tobytes()))
+            if self.confusion_p > 0:
+                to = np.arange(C)
+                hit = extra.uniform(size=C) < self.confusion_p
+                to[hit] = (np.arange(C)[hit] + extra.integers(1, C, hit.sum())) % C
+                p = p @ np.eye(C, dtype=np.float32)[to]  # class c's mass goes to to[c]
             e = p @ self.class_embeddings  # (h,w,D)
+            if self.nuisance > 0:
+                d = extra.normal(size=self.embed_dim).astype(np.float32)
+                e = _norm(e) + self.nuisance * d / np.linalg.norm(d)
             e = _norm(e) + rng.normal(0, self.noise_sigma / np.sqrt(self.embed_dim), e.shape)
             e = _blur_grid(e, self.blur)
             out.append(_norm(e).astype(np.float32))
@@ -360,6 +454,11 @@ class SyntheticTeacher:
             "noise_patch_p": self.noise_patch_p,
             "noise_sigma": self.noise_sigma,
             "blur": self.blur,
+            "cues": self.cues,
+            "colour_blur": self.colour_blur,
+            "nuisance": self.nuisance,
+            "confusion_p": self.confusion_p,
+            "gap": self.gap,
         }
 
 
@@ -417,8 +516,103 @@ def miou(preds: list[np.ndarray], gts: list[np.ndarray], n_classes: int) -> floa
     return float((inter[present] / union[present]).mean())
 
 
+PATTERNS = ["hstripes", "vstripes", "dots", "checker", "noise", "diag", "waves", "grid", "speckle", "flat"]
+
+
+def class_family(n_classes: int, *, colour_similarity: float = 0.0, texture_similarity: float = 0.0,
+                 near_duplicates: int = 0, duplicate_shift: float = 14.0, seed: int = 0) -> list[ClassSpec]:
+    """A generated class list. ``colour_similarity`` 0..1: 0 = hues spread round the wheel, 1 = one hue for all.
+    ``texture_similarity`` 0..1: below 0.5 every class has its own pattern; from 0.5 all share horizontal stripes
+    whose periods get closer as it rises (at 1 only colour tells classes apart). ``near_duplicates``: the last
+    that many classes copy the first ones, colours shifted by ``duplicate_shift`` (RGB units) and period x1.5."""
+    import colorsys
+
+    rng = np.random.default_rng([seed, 777])
+    n_base = n_classes - near_duplicates
+    if n_base < 1 or near_duplicates < 0:
+        raise ValueError(f"near_duplicates must be in 0..{n_classes - 1}, got {near_duplicates}")
+    base_hue = rng.uniform()
+    ratio = 1 + 1.5 * (1 - texture_similarity)
+    out = []
+    for i in range(n_base):
+        hue = (base_hue + (1 - colour_similarity) * i / n_base) % 1
+        fg = tuple(int(255 * v) for v in colorsys.hsv_to_rgb(hue, 0.75, 0.8))
+        bg = tuple(int(255 * v) for v in colorsys.hsv_to_rgb(hue, 0.3, 0.95))
+        if texture_similarity < 0.5:
+            pattern, period = PATTERNS[i % len(PATTERNS)], float(rng.uniform(6, 10))
+        else:
+            pattern, period = "hstripes", 4.0 * ratio ** (i % 4)
+        out.append(ClassSpec(f"{pattern}{i}", pattern, fg, bg, period))
+    for j in range(near_duplicates):
+        b = out[j % n_base]
+        shift = lambda c: tuple(int(np.clip(v + duplicate_shift, 0, 255)) for v in c)  # noqa: E731
+        out.append(ClassSpec(f"{b.pattern}{n_base + j}", b.pattern, shift(b.fg), shift(b.bg), b.period * 1.5))
+    return out
+
+
+_YELLOWS = [  # three distinct classes + three yellows that differ mostly in texture frequency
+    ClassSpec("brick", "hstripes", (200, 60, 50), (235, 225, 215), 6.0),
+    ClassSpec("grass", "noise", (60, 160, 60), (30, 90, 30), 1.0),
+    ClassSpec("sky", "flat", (120, 180, 230), (150, 200, 240), 64.0),
+    ClassSpec("straw", "hstripes", (235, 205, 60), (170, 140, 30), 3.0),
+    ClassSpec("corn", "hstripes", (225, 200, 45), (160, 130, 25), 7.0),
+    ClassSpec("sand", "hstripes", (240, 215, 75), (180, 150, 40), 16.0),
+]
+_ORIENTED = [  # texture is the class; each class has its own colours in train only
+    ClassSpec("hbars", "hstripes", (200, 60, 50), (235, 225, 215), 6.0),
+    ClassSpec("vbars", "vstripes", (40, 70, 200), (230, 210, 70), 6.0),
+    ClassSpec("diagonal", "diag", (60, 160, 60), (225, 240, 220), 7.0),
+    ClassSpec("checks", "checker", (130, 60, 160), (225, 215, 235), 8.0),
+    ClassSpec("spots", "dots", (90, 90, 90), (240, 240, 240), 8.0),
+    ClassSpec("ripples", "waves", (200, 120, 30), (30, 30, 60), 10.0),
+]
+
+#: Named worlds of the sweep (``benchmarks/synthetic_world.py --sweep``): SyntheticWorld kwargs (``world``) and
+#: SyntheticTeacher kwargs (``teacher``). They span class similarity (near-duplicates, one hue, one texture),
+#: region shapes and sizes, and teacher corruptions; none is tuned to the method.
+WORLDS: dict[str, dict] = {
+    "default": {"world": {"n_classes": 6}, "teacher": {}},
+    "voronoi-yellows": {"world": {"specs": _YELLOWS, "region_shape": "voronoi"},
+                        "teacher": {"cues": "colour", "colour_blur": 3.0, "noise_patch_p": 0.1, "noise_sigma": 2.0,
+                                    "nuisance": 0.6}},
+    "yellows-confusions": {"world": {"specs": _YELLOWS, "region_shape": "voronoi"},
+                           "teacher": {"cues": "colour", "colour_blur": 3.0, "noise_patch_p": 0.1, "noise_sigma": 2.0,
+                                       "nuisance": 0.6, "confusion_p": 0.15}},
+    "spurious-colour": {"world": {"specs": _ORIENTED, "spurious_colour": True},
+                        "teacher": {"cues": "texture", "noise_patch_p": 0.3, "noise_sigma": 1.0}},
+    "colour-cue": {"world": {"specs": class_family(6, texture_similarity=1.0, seed=1)},
+                   "teacher": {"cues": "colour", "noise_patch_p": 0.4, "noise_sigma": 1.5}},
+    "near-duplicates": {"world": {"specs": class_family(7, near_duplicates=2, seed=2), "region_shape": "boxes"},
+                        "teacher": {"noise_patch_p": 0.3, "noise_sigma": 1.5, "nuisance": 0.4}},
+    "one-hue": {"world": {"specs": class_family(6, colour_similarity=0.9, seed=3)},
+                "teacher": {"noise_patch_p": 0.4, "noise_sigma": 1.0, "gap": 0.2}},
+    "many-small": {"world": {"n_classes": 10, "regions": (6, 12)},
+                   "teacher": {"noise_patch_p": 0.3, "noise_sigma": 1.0, "gap": 0.15}},
+    "coarse-grid": {"world": {"n_classes": 6, "region_shape": "voronoi"},
+                    "teacher": {"patch": 32, "blur": 0.8, "noise_patch_p": 0.3, "colour_blur": 1.5}},
+}
+
+
+def world_from_preset(world: str | dict | None = None, image_size=(96, 128), seed: int = 0,
+                      **world_params) -> tuple[SyntheticWorld, dict]:
+    """``(SyntheticWorld, teacher kwargs)`` of a named world (``WORLDS``) or a ``{"world":..., "teacher":...}`` dict;
+    ``world_params`` override the world's kwargs (e.g. ``n_classes`` for the default world)."""
+    if world is None or isinstance(world, str):
+        name = world or "default"
+        if name not in WORLDS:
+            raise ValueError(f"unknown synthetic world {name!r}; valid: {', '.join(WORLDS)}")
+        world = WORLDS[name]
+    kw = {**world.get("world", {}), **world_params}
+    return SyntheticWorld(image_size=tuple(image_size), seed=seed, **kw), dict(world.get("teacher", {}))
+
+
 def make_teacher(n_classes: int = 6, image_size: tuple[int, int] | list[int] = (96, 128), world_seed: int = 0,
-                 **teacher_params) -> SyntheticTeacher:
+                 world: str | None = None, **teacher_params) -> SyntheticTeacher:
     """Backend factory for configs: ``clip.backend: clips4.pipeline.synthetic:make_teacher`` with
-    ``backend_params`` naming the world (``n_classes``, ``image_size``, ``world_seed``) and the teacher's params."""
-    return SyntheticWorld(n_classes=n_classes, image_size=tuple(image_size), seed=world_seed).teacher(**teacher_params)
+    ``backend_params`` naming the world (``world`` a name of ``WORLDS``, or ``n_classes`` for the default one;
+    ``image_size``, ``world_seed``) and the teacher's params (over the named world's own)."""
+    if world is None:
+        w, preset = SyntheticWorld(n_classes=n_classes, image_size=tuple(image_size), seed=world_seed), {}
+    else:
+        w, preset = world_from_preset(world, image_size, world_seed)
+    return w.teacher(**{**preset, **teacher_params})

@@ -111,3 +111,26 @@ def test_collate():
     assert batch["image_index"].tolist() == [0, 0, 1, 1, 2, 2]
     assert batch["labels_ds"].shape == (6, 8, 8) and batch["box"].shape == (6, 4)
     assert math.ceil(64 / 8) == batch["labels_ds"].shape[-1]
+
+
+def test_teacher_variant_views_replay_the_cached_transform():
+    from clips4.pipeline.photometric import PhotometricConfig, apply_ops_uint8, sample_ops
+
+    img, labels, clip = _inputs()
+    ops = np.stack([sample_ops(PhotometricConfig(jitter_p=1.0, gray_p=0.0, blur_p=0.0), torch.Generator().manual_seed(s))
+                    for s in range(2)])
+    rng = np.random.default_rng(1)
+    variants = rng.normal(size=(2,) + clip.shape).astype(np.float16)
+    cfg = AugmentConfig(size=64, photometric="teacher", scale=(1.0, 1.0), ratio=(W / H, W / H), flip_p=0.0)
+    seen = set()
+    for seed in range(12):
+        for v in make_views(img, labels, clip, rng=seed, cfg=cfg, variants=variants, variant_ops=ops):
+            # which source: the clip target tells; the image must be that source's transform of the image
+            k = next(j for j, src in enumerate([clip, *variants])
+                     if torch.allclose(v["clip"], resample_clip(src, (H, W), v["box"], (8, 8)), atol=1e-5))
+            seen.add(k)
+            want = img if k == 0 else apply_ops_uint8(img, ops[k - 1])
+            ref = make_views(want, labels, None, rng=0, cfg=AugmentConfig(size=64, scale=(1.0, 1.0), ratio=(W / H, W / H),
+                                                                          flip_p=0.0, photometric="none"))[0]
+            assert torch.allclose(v["image"], ref["image"], atol=0.05)
+    assert seen == {0, 1, 2}

@@ -108,3 +108,29 @@ def test_choice_fields_match_their_registries():
     assert choices(SegmentsParams, "detector") == set(CONTOUR_DETECTORS)
     assert choices(ClipParams, "variant") == set(DENSE_VARIANTS)
     assert choices(TrainParams, "backbone") == set(BACKBONES)
+
+
+def test_classes_dataset_follows_root(tmp_path):
+    cfg = load_config(REPO / "stages.yaml", None, ["dataset.root=/data/w1", "prototypes.classes=dataset"])
+    assert cfg.params("prototypes").classes == "/data/w1/classes.txt"
+    cfg = load_config(REPO / "stages.yaml", None, ["dataset.root=/data/w2", "prototypes.classes=dataset/lists/c.txt"])
+    assert cfg.params("prototypes").classes == "/data/w2/lists/c.txt"
+    assert load_config(REPO / "stages.yaml", None, ["prototypes.classes=voc"]).params("prototypes").classes == "voc"
+    with pytest.raises(ConfigError, match="needs a dataset root"):
+        load_config(REPO / "stages.yaml", None, ["prototypes.classes=dataset"])
+
+
+def test_loss_config_derives_from_train_params():
+    from clips4.trainer.config import TrainParams
+    from clips4.trainer.losses import LossConfig
+
+    assert LossConfig().kappa == TrainParams().kappa
+    assert LossConfig().semantic_temperature == TrainParams().semantic_temperature
+    cfg = load_config(REPO / "stages.yaml", None, ["train.kappa=7", "train.semantic_temperature=1", "train.w_e=0",
+                                                    "train.augment.gray_p=0", "train.augment.photometric=teacher"])
+    p = cfg.params("train")
+    lc = LossConfig.from_params(p)
+    assert (lc.kappa, lc.semantic_temperature, lc.w_e) == (7, 1, 0)
+    assert p.augment.gray_p == 0 and p.augment.photometric == "teacher"
+    with pytest.raises(ConfigError, match="photometric"):
+        load_config(REPO / "stages.yaml", None, ["train.augment.photometric=maybe"])

@@ -91,3 +91,54 @@ def test_teacher_miou_imperfect_but_fixable(world, teacher):
             p[gt == c] = (up[gt == c].mean(0) @ T.T).argmax()
         fixed.append(p)
     assert miou(fixed, gts, 6) >= m + 0.15
+
+
+def test_world_family_presets_build_and_differ():
+    from clips4.pipeline.synthetic import WORLDS, world_from_preset
+
+    for name in WORLDS:
+        w, tp = world_from_preset(name, (64, 96), 0)
+        img, mask = w.sample(0, "train")
+        assert img.shape == (64, 96, 3) and mask.max() < w.n_classes
+        f = w.teacher(embed_dim=32, **tp).dense_features([img])[0]
+        assert np.allclose(np.linalg.norm(f, axis=-1), 1, atol=1e-4)
+    with pytest.raises(ValueError, match="unknown synthetic world"):
+        world_from_preset("nope")
+
+
+def test_spurious_colour_shuffles_palettes_outside_train():
+    from clips4.pipeline.synthetic import world_from_preset
+
+    w, _ = world_from_preset("spurious-colour", (64, 96), 0)
+    rng = np.random.default_rng(0)
+    means = np.stack([w.render_texture(c, (64, 64), rng).reshape(-1, 3).mean(0) for c in range(w.n_classes)])
+
+    def off_palette(split):  # share of regions whose mean colour is nearest another class's palette
+        bad = tot = 0
+        for i in range(8):
+            img, m = w.sample(i, split)
+            for c in np.unique(m):
+                mean = img[m == c].reshape(-1, 3).astype(float).mean(0)
+                tot += 1
+                bad += int(np.abs(means - mean).sum(1).argmin() != c)
+        return bad / tot
+
+    assert off_palette("train") < 0.1 and off_palette("val") > 0.4
+
+
+def test_teacher_confusions_are_consistent_within_an_image():
+    from clips4.pipeline.synthetic import SyntheticWorld
+
+    w = SyntheticWorld(n_classes=4, image_size=(64, 96), seed=0)
+    clean = w.teacher(embed_dim=32, noise_patch_p=0, noise_sigma=0, blur=0)
+    conf = w.teacher(embed_dim=32, noise_patch_p=0, noise_sigma=0, blur=0, confusion_p=1.0)
+    moved = 0
+    for i in range(4):
+        img, _ = w.sample(i, "train")
+        a = (clean.dense_features([img])[0] @ clean.class_embeddings.T).argmax(-1)
+        b = (conf.dense_features([img])[0] @ conf.class_embeddings.T).argmax(-1)
+        for c in np.unique(a):  # every patch of one class goes to the same other class
+            assert len(np.unique(b[a == c])) == 1
+            moved += int(np.unique(b[a == c])[0] != c)
+        assert np.array_equal(b, (conf.dense_features([img])[0] @ conf.class_embeddings.T).argmax(-1))
+    assert moved > 0

@@ -17,9 +17,21 @@ size). The embedding grid of the network output uses the same ``align_corners=Fa
 (see ``clips4.trainer.model.upsample_embeddings``), so ``clip`` and ``labels_ds`` of a view line up
 exactly with the model's output ``z`` for ``image``.
 
-Photometric transforms (colour jitter in random order with p=0.8, grayscale p=0.2, Gaussian blur p=0.5) touch
-the image only. All randomness comes from the ``torch.Generator`` (or int seed) given, so views are
-reproducible.
+Photometric transforms (colour jitter in random order with p=0.8, grayscale p=0.2, Gaussian blur p=0.5; see
+``clips4.pipeline.photometric``) come in two modes (``AugmentConfig.photometric``):
+
+- ``imposed`` (SimCLR, the paper's trainer): they touch the view only; its CLIP target stays the teacher on the
+  untouched image, so the student is *told* to be invariant to them, even where they erase what tells classes
+  apart (hue, saturation, fine texture);
+- ``teacher``: the views are made from one of the teacher's cached photometric variants of the image (or the
+  image itself), chosen at random per image: the variant's transform (stored with it) is applied to the whole
+  image before the crops, and the views' target is the teacher's features *on that variant*. Both views share
+  the variant, so L_t (whose positives span the two views) asks for geometric invariance only. The student then
+  learns the teacher's own invariances: where the teacher's reading survives a transform, so must the
+  student's; where it does not, the student is not asked to be invariant.
+- ``none``: no photometric transform.
+
+All randomness comes from the ``torch.Generator`` (or int seed) given, so views are reproducible.
 """
 from __future__ import annotations
 
@@ -30,6 +42,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 import torchvision.transforms.v2.functional as TF
+
+from clips4.pipeline.photometric import PhotometricConfig, apply_ops, sample_ops
 
 __all__ = [
     "AugmentConfig",
@@ -64,6 +78,11 @@ class AugmentConfig:
     gray_p: float = 0.2
     blur_p: float = 0.5
     blur_sigma: tuple[float, float] = (0.1, 2.0)
+    photometric: str = "imposed"  # imposed | teacher | none (see the module docstring; training default: none)
+
+    @property
+    def photometric_config(self) -> PhotometricConfig:
+        return PhotometricConfig(self.jitter, self.jitter_p, self.gray_p, self.blur_p, self.blur_sigma)
 
 
 def _gen(rng) -> torch.Generator:
@@ -159,28 +178,13 @@ def resample_clip(clip, image_hw: tuple[int, int], box, out_hw: tuple[int, int],
 
 def _photometric(img: torch.Tensor, cfg: AugmentConfig, g: torch.Generator) -> torch.Tensor:
     """img ``(3,S,S) float [0,1]`` -> same, colour-jittered / grayscaled / blurred."""
-    if torch.rand((), generator=g).item() < cfg.jitter_p:
-        b, c, s, hue = cfg.jitter
-        for op in torch.randperm(4, generator=g).tolist():
-            if op == 0 and b > 0:
-                img = TF.adjust_brightness(img, _uniform(g, max(0.0, 1 - b), 1 + b))
-            elif op == 1 and c > 0:
-                img = TF.adjust_contrast(img, _uniform(g, max(0.0, 1 - c), 1 + c))
-            elif op == 2 and s > 0:
-                img = TF.adjust_saturation(img, _uniform(g, max(0.0, 1 - s), 1 + s))
-            elif op == 3 and hue > 0:
-                img = TF.adjust_hue(img, _uniform(g, -hue, hue))
-    if torch.rand((), generator=g).item() < cfg.gray_p:
-        img = TF.rgb_to_grayscale(img, num_output_channels=3)
-    if torch.rand((), generator=g).item() < cfg.blur_p:
-        sigma = _uniform(g, *cfg.blur_sigma)
-        k = max(3, int(round(cfg.size * 0.1)) | 1)  # SimCLR: kernel 10% of the image side, odd
-        img = TF.gaussian_blur(img, [k, k], [sigma, sigma])
-    return img.clamp(0, 1)
+    k = max(3, int(round(cfg.size * 0.1)) | 1)  # SimCLR: kernel 10% of the image side, odd
+    return apply_ops(img, sample_ops(cfg.photometric_config, g), blur_kernel=k)
 
 
 def make_views(image: np.ndarray, labels: np.ndarray, clip: np.ndarray | None, *, size: int | None = None,
-               rng=0, cfg: AugmentConfig | None = None, n_views: int = 2) -> list[dict]:
+               rng=0, cfg: AugmentConfig | None = None, n_views: int = 2,
+               variants: np.ndarray | None = None, variant_ops: np.ndarray | None = None) -> list[dict]:
     """Two (``n_views``) augmented views of one image.
 
     Args:
@@ -190,6 +194,8 @@ def make_views(image: np.ndarray, labels: np.ndarray, clip: np.ndarray | None, *
             ``None`` to skip.
         size: output side S (overrides ``cfg.size``).
         rng: ``torch.Generator`` or int seed.
+        variants, variant_ops: ``(V,h,w,D)`` the teacher's features on V photometric variants of the image and
+            ``(V,OPS)`` their transforms (``photometric='teacher'``; without them every view uses the image).
     Returns: list of dicts with
         ``image (3,S,S) float32`` ImageNet-normalised; ``labels (S,S) int64``; ``labels_ds (S',S') int64``;
         ``clip (D,S',S') float32`` unit-norm (absent when ``clip`` is None); ``box (top,left,h,w)`` ints in
@@ -213,13 +219,22 @@ def make_views(image: np.ndarray, labels: np.ndarray, clip: np.ndarray | None, *
     for _ in range(n_views):
         box = sample_box(H, W, g, cfg.scale, cfg.ratio)
         geo.append((box, bool(torch.rand((), generator=g).item() < cfg.flip_p)))
+    src, target = img_t, clip
+    if variants is not None and cfg.photometric == "teacher" and len(variants):
+        # one variant (0 = the image itself) for all views of the image: L_t's cross-view positives then ask for
+        # geometric invariance only, never for invariance to a transform the teacher itself is not invariant to
+        u = int(torch.randint(0, len(variants) + 1, (1,), generator=g).item())
+        if u:
+            src = (apply_ops(img_t.float() / 255.0, variant_ops[u - 1]) * 255).round().byte()
+            target = variants[u - 1]
     views = []
     for box, flip in geo:
         top, left, h, w = box
-        crop = TF.resized_crop(img_t, top, left, h, w, [S, S], antialias=True).float() / 255.0
+        crop = TF.resized_crop(src, top, left, h, w, [S, S], antialias=True).float() / 255.0
         if flip:
             crop = crop.flip(-1)
-        crop = _photometric(crop, cfg, g)
+        if cfg.photometric == "imposed":
+            crop = _photometric(crop, cfg, g)
         v = {
             "image": normalize_image(crop),
             "labels": torch.from_numpy(resample_labels(labels, box, (S, S), flip)),
@@ -227,8 +242,8 @@ def make_views(image: np.ndarray, labels: np.ndarray, clip: np.ndarray | None, *
             "box": box,
             "flip": flip,
         }
-        if clip is not None:
-            v["clip"] = resample_clip(clip, (H, W), box, (Sd, Sd), flip)
+        if target is not None:
+            v["clip"] = resample_clip(target, (H, W), box, (Sd, Sd), flip)
         views.append(v)
     return views
 

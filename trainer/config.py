@@ -8,6 +8,27 @@ from pydantic import Field
 from clips4.pipeline.config import Strict
 
 
+class AugmentParams(Strict):
+    """The views' augmentation (``train.augment`` in stages.yaml; ``clips4.trainer.augment.AugmentConfig``)."""
+
+    #: RandomResizedCrop area fraction and aspect range
+    scale: tuple[float, float] = (0.25, 1.0)
+    ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    flip_p: float = Field(default=0.5, ge=0, le=1)
+    #: colour jitter factors: brightness, contrast, saturation, hue
+    jitter: tuple[float, float, float, float] = (0.4, 0.4, 0.4, 0.1)
+    jitter_p: float = Field(default=0.8, ge=0, le=1)
+    gray_p: float = Field(default=0.2, ge=0, le=1)
+    blur_p: float = Field(default=0.5, ge=0, le=1)
+    blur_sigma: tuple[float, float] = (0.1, 2.0)
+    #: ``imposed``: photometric transforms on the view only, target = teacher on the clean image (the paper's
+    #: SimCLR views); ``teacher``: views made from the teacher's cached photometric variants, target = teacher
+    #: on that variant (needs ``clip_features.photometric_variants > 0``); ``none``: no photometric transform
+    #: Default ``none``: on the synthetic sweep, imposed views make the student merge classes that differ by colour
+    #: or fine texture (README, "Why similar classes collapsed"); ``imposed`` is the paper's setting
+    photometric: Literal["imposed", "teacher", "none"] = "none"
+
+
 class TrainParams(Strict):
     # --- model
     #: backbone: resnet50 (paper, dilated, output stride 8), resnet18, tiny (tests / CPU)
@@ -30,14 +51,19 @@ class TrainParams(Strict):
     prototype_lr_mult: float = Field(default=10.0, gt=0)
     # --- data
     crop_size: int = Field(default=321, ge=16)
+    augment: AugmentParams = Field(default_factory=AugmentParams)
     #: DataLoader worker processes
     num_workers: int = Field(default=2, ge=0)
+    #: keep up to this many images' decoded inputs in memory per worker (small datasets; 0 = read every time)
+    cache_images: int = Field(default=0, ge=0)
     # --- losses (weight 0 switches a loss off)
     w_t: float = Field(default=1.0, ge=0)
     w_e: float = Field(default=1.0, ge=0)
     w_s: float = Field(default=1.0, ge=0)
     w_u: float = Field(default=1.0, ge=0)
+    #: concentration of L_t (paper: 10)
     kappa: float = Field(default=10.0, gt=0)
+    #: τ in L_s = CE(softmax(τ·cos(v_s, C)), y_s); the paper's Eq. 3 has none (= 1)
     semantic_temperature: float = Field(default=10.0, gt=0)
     n_segments: int = Field(default=36, ge=2)
     kmeans_iters: int = Field(default=10, ge=1)

@@ -22,7 +22,8 @@ class CachedViews(Dataset):
     Readers are opened lazily in each DataLoader worker (Zarr handles are not shared across processes).
     """
 
-    def __init__(self, segments_url: str, clip_url: str, *, crop_size: int, stride: int = 8):
+    def __init__(self, segments_url: str, clip_url: str, *, crop_size: int, stride: int = 8,
+                 augment: AugmentConfig | None = None, cache_images: int = 0):
         self.segments_url, self.clip_url = segments_url, clip_url
         seg, clip = StageReader(segments_url), StageReader(clip_url)
         ids = sorted(set(seg.image_ids) & set(clip.image_ids))
@@ -33,8 +34,15 @@ class CachedViews(Dataset):
         every = dict(zip(seg.index["image_id"].to_pylist(), seg.index["path"].to_pylist()))
         self.paths = {i: every[i] for i in ids}
         self.embed_dim = int(clip.get(ids[0], "features").shape[-1])
-        self.aug = AugmentConfig(size=crop_size, stride=stride)
+        self.aug = AugmentConfig(**{**(augment.__dict__ if augment else {}), "size": crop_size, "stride": stride})
+        self.variants = self.aug.photometric == "teacher"
+        if self.variants and "variant_features__shape" not in clip.row(ids[0]):
+            raise ValueError(f"train.augment.photometric=teacher needs the teacher's photometric variants in {clip_url}: "
+                             "set clip_features.photometric_variants > 0")
         self._readers: tuple[StageReader, StageReader] | None = None
+        #: up to this many images' decoded inputs kept in memory per worker (small datasets: no re-reads)
+        self.cache_images = int(cache_images)
+        self._memo: dict = {}
 
     def __len__(self) -> int:
         return len(self.image_ids)
@@ -46,18 +54,30 @@ class CachedViews(Dataset):
 
     def __getitem__(self, item: tuple[int, int]) -> list[dict]:
         index, seed = item
-        seg, clip = self._open()
         image_id = self.image_ids[index]
+        inputs = self._memo.get(image_id) or self._read(image_id)
+        if self.cache_images and len(self._memo) < self.cache_images:
+            self._memo[image_id] = inputs
+        image, labels, feats, var, ops = inputs
+        return make_views(image, labels, feats, rng=seed, cfg=self.aug, variants=var, variant_ops=ops)
+
+    def _read(self, image_id: str) -> tuple:
+        seg, clip = self._open()
         image = load_rgb(self.paths[image_id])
         labels = seg.get(image_id, "labels")
         feats = clip.get(image_id, "features")
         if labels.shape != image.shape[:2]:
             raise ValueError(f"{image_id}: cached labels {labels.shape} do not match the image {image.shape[:2]}")
-        return make_views(image, labels, feats, rng=seed, cfg=self.aug)
+        var = ops = None
+        if self.variants:
+            var = np.moveaxis(clip.get(image_id, "variant_features"), 2, 0)  # (V,h,w,D)
+            ops = clip.get(image_id, "variant_ops")
+        return image, labels, feats, var, ops
 
     def __getstate__(self):
         state = dict(self.__dict__)
         state["_readers"] = None
+        state["_memo"] = {}
         return state
 
 

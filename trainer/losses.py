@@ -23,10 +23,9 @@ Design choices (see ``LossConfig`` for the knobs):
 - L_e (Eq. 2): mean over segments of ``1 - cos(v_s, i_s)``, ``i_s`` the normalised mean CLIP embedding of the
   same cells.
 - L_s (Eq. 3): ``y_s = argmax_l cos(i_s, c_l)`` over known + unknown prototypes (no grad); cross entropy of
-  ``softmax(τ · cos(v_s, C))``. The paper writes ``softmax(sim)``; on cosines in [-1, 1] that softmax is almost
-  uniform, so a scale is required. Default ``τ = 10`` = κ: L_t and L_s then have the same vMF concentration
-  and comparable gradient scales; CLIP's own logit scale (100) is available via ``semantic_temperature`` and
-  is closer to CLIP's geometry where prototypes are near each other. Prototypes are detached in L_s.
+  ``softmax(τ · cos(v_s, C))``. The paper writes ``softmax(sim)`` (τ = 1, ``semantic_temperature: 1``); on
+  cosines in [-1, 1] that softmax is almost uniform and its gradient weak. Default ``τ = 10`` = κ, kept because
+  the synthetic sweep measured it: τ = 1 was equal or worse in every world (README). Prototypes are detached.
 - L_u (Eq. 4): ``mean_{s: y_s unknown} (1 - cos(c_{y_s}, i_s))`` with ``i_s`` detached: its gradient reaches only
   the unknown prototypes (an ``nn.Parameter`` in :class:`Prototypes`, normalised on use, re-normalise after
   the optimiser step with ``Prototypes.renormalize_()``). ``unknown_update='ema'`` instead moves them by an
@@ -50,7 +49,6 @@ __all__ = [
     "segment_majority",
     "MemoryBank",
     "Prototypes",
-    "known_prototypes",
     "contrastive_loss",
     "embedding_consistency_loss",
     "semantic_consistency_loss",
@@ -59,23 +57,39 @@ __all__ = [
 ]
 
 
+def _train_default(name: str):
+    from clips4.trainer.config import TrainParams
+
+    return TrainParams.model_fields[name].default
+
+
 @dataclass
 class LossConfig:
-    """Weights (0 switches a loss off) and hyper-parameters. Paper: L = L_t + L_e + L_s (+ L_u for prototypes)."""
+    """Weights (0 switches a loss off) and hyper-parameters. Paper: L = L_t + L_e + L_s (+ L_u for prototypes).
 
-    w_t: float = 1.0
-    w_e: float = 1.0
-    w_s: float = 1.0
-    w_u: float = 1.0
-    kappa: float = 10.0  # concentration of L_t (paper: 10)
-    semantic_temperature: float = 10.0  # τ in softmax(τ·cos(v_s, C)) of L_s
-    n_segments: int = 36  # k-means clusters per view (paper: 36)
-    kmeans_iters: int = 10
+    Fields that are training params take their defaults from ``TrainParams`` (one default per parameter); build
+    it from a run's params with :meth:`from_params`."""
+
+    w_t: float = _train_default("w_t")
+    w_e: float = _train_default("w_e")
+    w_s: float = _train_default("w_s")
+    w_u: float = _train_default("w_u")
+    kappa: float = _train_default("kappa")
+    semantic_temperature: float = _train_default("semantic_temperature")
+    n_segments: int = _train_default("n_segments")
+    kmeans_iters: int = _train_default("kmeans_iters")
     spatial_weight: float = 1.0  # weight of (y, x) in [-1, 1] appended to embeddings for k-means
-    memory_batches: int = 2  # memory bank size in batches (paper: 2)
+    memory_batches: int = _train_default("memory_batches")
     max_anchors: int | None = None  # subsample anchor pixels for L_t (None = all)
-    unknown_update: str = "grad"  # "grad" (L_u through an optimiser) or "ema"
+    unknown_update: str = _train_default("unknown_update")
     ema_momentum: float = 0.01
+
+    @classmethod
+    def from_params(cls, p) -> "LossConfig":
+        """From ``TrainParams``: every field the params define, by name."""
+        from dataclasses import fields
+
+        return cls(**{f.name: getattr(p, f.name) for f in fields(cls) if f.name in type(p).model_fields})
 
 
 # ------------------------------------------------------------------------------------------- clustering
@@ -247,23 +261,9 @@ class Prototypes(nn.Module):
         self.unknown[hit] = F.normalize((1 - momentum) * self.unknown[hit] + momentum * mean, dim=1)
 
 
-def known_prototypes(segment_clip: torch.Tensor, text: torch.Tensor, m: int = 32, logit_scale: float = 100.0) -> torch.Tensor:
-    """Known-class prototypes (paper Fig. 3b): softmax over classes of ``logit_scale · cos(I, T)``, then per class
-    the normalised mean of the top-``m`` segments by that probability.
-
-    segment_clip: ``(S,D)`` CLIP segment embeddings of training images; text: ``(k,D)`` class text embeddings.
-    Returns ``(k,D) float32`` unit-norm.
-    """
-    I = F.normalize(segment_clip.float(), dim=1)
-    T = F.normalize(text.float(), dim=1)
-    prob = (logit_scale * I @ T.t()).softmax(1)  # (S,k)
-    top = prob.topk(min(m, I.shape[0]), dim=0).indices  # (m,k)
-    return F.normalize(I[top].mean(0), dim=1)
-
-
 # ----------------------------------------------------------------------------------------------- losses
 def contrastive_loss(z: torch.Tensor, labels: torch.Tensor, image_index: torch.Tensor, assign: torch.Tensor,
-                     k: int, *, kappa: float = 10.0, memory: torch.Tensor | None = None,
+                     k: int, *, kappa: float, memory: torch.Tensor | None = None,
                      max_anchors: int | None = None, generator: torch.Generator | None = None):
     """Pixel-segment contrastive loss (Eq. 1).
 
@@ -311,7 +311,7 @@ def embedding_consistency_loss(v: torch.Tensor, i: torch.Tensor, valid: torch.Te
 
 
 def semantic_consistency_loss(v: torch.Tensor, i: torch.Tensor, valid: torch.Tensor, prototypes: torch.Tensor,
-                              temperature: float = 10.0):
+                              temperature: float):
     """Eq. 3. v, i: ``(N,k,D)``; valid ``(N,k)``; prototypes ``(L,D)`` unit-norm (detached here).
 
     Returns ``(loss, pseudo (S,) int64 = argmax_l cos(i_s, c_l), i_valid (S,D))`` over the valid segments.

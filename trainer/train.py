@@ -23,6 +23,7 @@ from clips4.pipeline.console import make_console
 from clips4.pipeline.config import Config, resolved_dict
 from clips4.pipeline.datasets import Dataset
 from clips4.pipeline.stage import code_version, dataset_from_config, open_stage, stage_url
+from clips4.trainer.augment import AugmentConfig
 from clips4.trainer.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from clips4.trainer.config import TrainParams
 from clips4.trainer.data import CachedViews, StepSampler, make_loader
@@ -147,7 +148,8 @@ def train(cfg: Config, *, dataset: Dataset | None = None, resume: bool = False, 
         torch.cuda.set_device(device)
     use_amp = p.amp == "on" or (p.amp == "auto" and device.type == "cuda")
 
-    ds = CachedViews(deps["segments"], deps["clip_features"], crop_size=p.crop_size)
+    ds = CachedViews(deps["segments"], deps["clip_features"], crop_size=p.crop_size,
+                     augment=AugmentConfig(size=p.crop_size, **p.augment.model_dump()), cache_images=p.cache_images)
     names, known, unknown = load_prototypes(deps["prototypes"])
     if known.numel() and known.shape[1] != ds.embed_dim or unknown.numel() and unknown.shape[1] != ds.embed_dim:
         raise TrainingError(f"prototypes in {deps['prototypes']} do not match the CLIP feature width {ds.embed_dim}")
@@ -155,10 +157,7 @@ def train(cfg: Config, *, dataset: Dataset | None = None, resume: bool = False, 
     np.random.seed(p.seed)
     model = build_for_training(p, ds.embed_dim).to(device)
     protos = Prototypes(known, unknown if unknown.numel() else None).to(device)
-    loss_fn = CLIPS4Loss(LossConfig(w_t=p.w_t, w_e=p.w_e, w_s=p.w_s, w_u=p.w_u, kappa=p.kappa,
-                                    semantic_temperature=p.semantic_temperature, n_segments=p.n_segments,
-                                    kmeans_iters=p.kmeans_iters, memory_batches=p.memory_batches,
-                                    unknown_update=p.unknown_update), protos).to(device)
+    loss_fn = CLIPS4Loss(LossConfig.from_params(p), protos).to(device)
     groups = [{"params": list(model.parameters()), "lr_mult": 1.0, "weight_decay": p.weight_decay}]
     proto_params = [q for q in protos.parameters() if q.requires_grad]
     if proto_params:

@@ -1,0 +1,70 @@
+"""The student keeps two near-duplicate classes apart (issue 12): a tiny world of two yellows that differ by a
+few colour levels and their stripe frequency (plus one distinct class), a teacher reading blurred colour with
+noise and a per-image nuisance direction; after a short training run each twin keeps its own IoU. The SimCLR
+photometric views imposed on the student (hue/saturation/brightness jitter, grayscale) teach invariance to the
+very cue that separates the twins, so the paper-style defaults of before collapse one of them."""
+from __future__ import annotations
+
+import json
+import os
+from importlib import resources
+from pathlib import Path
+
+import pytest
+
+TWINS = {
+    "world": {"specs": [
+        {"name": "sky", "pattern": "flat", "fg": [120, 180, 230], "bg": [150, 200, 240], "period": 64.0},
+        {"name": "straw", "pattern": "hstripes", "fg": [235, 205, 60], "bg": [170, 140, 30], "period": 3.0},
+        {"name": "corn", "pattern": "hstripes", "fg": [222, 192, 48], "bg": [155, 128, 22], "period": 9.0},
+    ], "region_shape": "voronoi"},
+    "teacher": {"cues": "colour", "colour_blur": 3.0, "noise_patch_p": 0.1, "noise_sigma": 1.5, "nuisance": 0.5},
+}
+STAGES = Path(__file__).resolve().parents[1] / "stages.yaml"
+FLOOR = 0.30  # per-class IoU each twin must keep (old defaults: 0.03 and 0.23; now about 0.4 and 0.7)
+
+
+def _run(tmp_path, overrides: list[str]) -> dict:
+    import torch
+
+    from clips4.evaluate.tasks import run_language
+    from clips4.pipeline.cli import main
+    from clips4.pipeline.config import load_config
+    from clips4.pipeline.stage import dataset_from_config
+    from clips4.pipeline.synthetic import world_from_preset
+    from clips4.trainer.train import train
+
+    torch.set_num_threads(1)
+    root = tmp_path / "w"
+    world, _ = world_from_preset(TWINS, (48, 64), 0)
+    world.write(root, n_train=16, n_val=6)
+    cfg = tmp_path / "s.yaml"
+    cfg.write_text(resources.files("clips4.data").joinpath("configs", "synthetic.yaml").read_text())
+    over = tmp_path / "o.yaml"
+    over.write_text(json.dumps({"stages": {
+        "clip_features": {"params": {"n_clusters": 3, "clip": {"backend_params": {
+            "world": TWINS, "image_size": [48, 64], "world_seed": 0, "embed_dim": 32}}}},
+        "train": {"params": {"iterations": 150, "batch_size": 4, "crop_size": 48, "num_workers": 0,
+                             "n_segments": 9, "cache_images": 16, "checkpoint_every": 1000}}}}))
+    args = ["--stages", str(STAGES), "--config", str(cfg), "--config", str(over), "--root", str(root), "--cache", str(tmp_path / "c")]
+    for split in ("train", "val"):
+        for stage in ("segments", "clip-features"):
+            assert main(["precompute", stage, *args, "--split", split, "-q", "--executor", "local"]) == 0
+    assert main(["precompute", "prototypes", *args]) == 0
+    sets = [f"dataset.root={root}", f"cache_root={tmp_path / 'c'}", f"train.out={tmp_path / 'run'}", *overrides]
+    train(load_config(STAGES, [cfg, over], [*sets, "dataset.split=train"]), show_progress=False)
+    vcfg = load_config(STAGES, [cfg, over], [*sets, "dataset.split=val"])
+    res = run_language(vcfg, dataset_from_config(vcfg), model=str(tmp_path / "run" / "final.pt"), out=None)
+    return res["per_class_iou"]
+
+
+def test_student_keeps_near_duplicate_classes_apart(tmp_path):
+    iou = _run(tmp_path, [])
+    assert iou["straw"] >= FLOOR and iou["corn"] >= FLOOR, iou
+
+
+@pytest.mark.skipif(not os.environ.get("CLIPS4_SLOW_TESTS"), reason="the pre-issue-12 defaults' failure, ~60 s more: "
+                    "CLIPS4_SLOW_TESTS=1 pytest tests/test_near_duplicates.py")
+def test_old_defaults_collapse_a_twin(tmp_path):
+    iou = _run(tmp_path, ["train.augment.photometric=imposed", "train.semantic_temperature=10"])
+    assert min(iou["straw"], iou["corn"]) < FLOOR, iou
