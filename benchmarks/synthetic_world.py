@@ -73,7 +73,7 @@ SWEEP_TRAIN = ["train.iterations=200", "train.batch_size=4", "train.crop_size=64
 
 
 def per_class(cfg_path: Path, model: str) -> tuple[float, dict]:
-    from clips4.evaluate.tasks import run_language
+    from clips4.evaluate.language import run_language
 
     from common import val_setup
 

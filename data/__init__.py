@@ -46,14 +46,24 @@ def class_names(name_or_path: str) -> list[str]:
     if name_or_path in CLASS_LISTS:
         names = _read_lines(resources.files(__package__).joinpath("class_names", CLASS_LISTS[name_or_path]).read_text())
         return names[1:] if name_or_path == "voc" else names
-    p = Path(name_or_path)
-    if not p.is_file():
+    if "://" in name_or_path:  # a class list beside a dataset on object storage (classes: dataset)
+        import fsspec
+
+        try:
+            with fsspec.open(name_or_path, "r") as f:
+                text = f.read()
+        except FileNotFoundError:
+            text = None
+    else:
+        p = Path(name_or_path)
+        text = p.read_text() if p.is_file() else None
+    if text is None:
         raise FileNotFoundError(
             f"class list {name_or_path!r} is neither a bundled list ({', '.join(sorted(CLASS_LISTS))}) nor a file"
         )
-    names = _read_lines(p.read_text())
+    names = _read_lines(text)
     if not names:
-        raise ValueError(f"class list file {p} holds no class names")
+        raise ValueError(f"class list file {name_or_path} holds no class names")
     return names
 
 

@@ -27,8 +27,8 @@ FLOOR = 0.30  # per-class IoU each twin must keep (old defaults: 0.03 and 0.23; 
 def _run(tmp_path, overrides: list[str]) -> dict:
     import torch
 
-    from clips4.evaluate.tasks import run_language
-    from clips4.pipeline.cli import main
+    from clips4.evaluate.language import run_language
+    from clips4.cli import main
     from clips4.pipeline.config import load_config
     from clips4.pipeline.stage import dataset_from_config
     from clips4.pipeline.synthetic import world_from_preset

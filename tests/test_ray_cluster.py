@@ -143,7 +143,8 @@ def test_two_node_cluster_survives_losing_a_node_and_equals_a_single_node_run(tm
     assert len(counts) == 2 and min(counts) > 0 and sum(counts) >= 20, text  # both nodes worked
     assert int(per_node.group(2)) < 4096, "image data must not travel back through the object store"
     assert int(per_node.group(3)) <= 4, "the driver keeps a bounded number of batches in flight"
-    assert "retried" in text, text  # the lost node's batches were run again
+    # whether the lost node still had a batch in flight depends on timing ("retried" is printed when it had);
+    # what must always hold is checked below: nothing lost, nothing duplicated
 
     # an undisturbed single-node run: same index, same arrays; nothing lost, nothing duplicated
     from clips4.cli import main
