@@ -384,6 +384,7 @@ def _mount_optional_commands() -> None:
 
     for module, attr, group, name in (
         ("clips4.evaluate.davis", "davis_command", evaluate_app, "davis"),
+        ("clips4.trainer.edges_cli", "train_contours_command", app, "train-contours"),
     ):
         fn = getattr(import_module(module), attr)
         group.command(name)(fn)
@@ -391,7 +392,7 @@ def _mount_optional_commands() -> None:
             tm.get_command_from_info(group.registered_commands[-1], pretty_exceptions_short=True, rich_markup_mode=None)
         except Exception as exc:  # noqa: BLE001
             group.registered_commands.pop()
-            err_console.print(f"[yellow]warning:[/] command 'evaluate {name}' is unavailable: {exc}")
+            err_console.print(f"[yellow]warning:[/] command {name!r} is unavailable: {exc}")
 
 
 _mount_optional_commands()
