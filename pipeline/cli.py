@@ -347,8 +347,8 @@ def evaluate_boundaries_command(
     split: str = typer.Option("test", help="Split to score: test, val or train."),
     thresholds: int = typer.Option(99, help="Number of evenly spaced thresholds (BSDS uses 99; fewer for a quick look)."),
     limit: Optional[int] = LimitOpt,
-    workers: int = typer.Option(2, help="Processes for the boundary matching (~0.1 s per threshold per annotator)."),
-    out: Optional[Path] = typer.Option(None, help="Folder for boundaries.json and the PR-curve PNG."),
+    workers: int = typer.Option(2, help="Ray workers for the boundary matching (~0.1 s per threshold per annotator)."),
+    out: Optional[Path] = typer.Option(None, help="Folder for boundaries.json, the PR-curve PNG and the per-image counts (reruns score only missing images)."),
     detector: Optional[str] = typer.Option(None, help="Contour detector of the segments stage (classical, hed, onnx)."),
     config: Optional[List[Path]] = ConfigOpt, set_: Optional[List[str]] = SetOpt, stages: Optional[Path] = StagesOpt,
     cache: Optional[str] = CacheOpt, executor: Optional[str] = ExecutorOpt, num_workers: Optional[int] = WorkersOpt,
@@ -373,7 +373,8 @@ def evaluate_boundaries_command(
         return {k: reader.get(image_id, k) for k in ("contours", "orientation", "ucm")}
 
     evaluate_boundaries(root, split=split, thresholds=thresholds, limit=limit, workers=workers, out_dir=out,
-                        predictions=predictions, image_ids=reader.image_ids)
+                        predictions=predictions, image_ids=reader.image_ids,
+                        executor="ray" if cfg.ray.executor == "ray" else "local", ray_address=cfg.ray.address)
 
 
 def _mount_optional_commands() -> None:
