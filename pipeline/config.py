@@ -54,8 +54,10 @@ class RayConfig(Strict):
 
 
 class SegmentsParams(Strict):
-    #: contour detector name (``classical``, ``hed``, ``onnx``); see ``clips4.pipeline.contours``
-    detector: str = "classical"
+    #: contour detector name (``learned``, ``classical``, ``hed``, ``onnx``); see ``clips4.pipeline.contours``.
+    #: ``learned`` (default since it beat ``classical`` on BSDS val, data/contours/MODEL_CARD.md) needs onnxruntime
+    #: and falls back to ``classical`` with a warning without it
+    detector: str = "learned"
     #: keyword arguments of the detector (e.g. ``{prototxt: ..., caffemodel: ...}`` for hed)
     detector_params: dict[str, Any] = Field(default_factory=dict)
     #: UCM level at which superpixels are cut (HSG: 0.25)

@@ -52,8 +52,9 @@ class StageSpec:
 
 
 STAGES: dict[str, StageSpec] = {
+    # version 2: the default detector is the learned one (a retrained data/contours/edgenet.onnx bumps it again)
     "segments": StageSpec(
-        "segments", "1", "clips4.pipeline.processors:SegmentsProcessor", (), ("contours", "ucm", "labels"),
+        "segments", "2", "clips4.pipeline.processors:SegmentsProcessor", (), ("contours", "ucm", "labels"),
         preflight="clips4.pipeline.processors:segments_preflight",
     ),
     "clip_features": StageSpec(
