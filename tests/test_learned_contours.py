@@ -121,3 +121,20 @@ def test_learned_explicit_missing_path_is_an_error(tmp_path):
 
     with pytest.raises(FileNotFoundError, match="missing.onnx"):
         build_detector("learned", path=str(tmp_path / "missing.onnx"))
+
+
+def test_shipped_weights_match_their_model_card():
+    import hashlib
+
+    from clips4.pipeline.contours import build_detector
+    from clips4.pipeline.learned_contours import LearnedDetector, default_weights
+
+    path = default_weights()
+    card = json.loads(path.with_name("edgenet.json").read_text())
+    assert hashlib.sha256(path.read_bytes()).hexdigest() == card["sha256"]
+    det = build_detector("learned")
+    assert isinstance(det, LearnedDetector)
+    img = np.zeros((40, 60, 3), np.uint8)
+    img[:, 30:] = 220  # one vertical step edge: strongest response on the step columns
+    s = det(img).strength
+    assert s[:, 28:32].mean() > 2 * s[:, :20].mean()
