@@ -1,12 +1,17 @@
 """Benchmark of the segments algorithm (contours -> OWT -> UCM -> superpixels).
 
-Quality on BSDS500 test (``../shared/data/BSDS500`` next to the repository, 30 images here):
-contour map (NMS) ODS/OIS/AP, UCM ODS/OIS/AP and segmentation covering, with the BSDS protocol of
-:mod:`clips4.evaluate.boundaries`.  Speed: single-threaded seconds per image of contours + UCM + labels.
+Quality on BSDS500 (``../shared/data/BSDS500`` next to the repository; default split val, on which the
+shipped learned detector was not trained): classical vs learned contour map (NMS) ODS/OIS/AP (pyEdgeEval's
+and the BSDS definition), UCM ODS/OIS/AP and covering, with the protocol of :mod:`clips4.evaluate.boundaries`
+(per-image counts cached under ``--out``, so a rerun scores only what is missing).  The shipped weights' figure
+against their model card (``data/contours/edgenet.json``) with the training time and curve.  Speed:
+single-threaded seconds per image of contours + UCM + labels; segments-stage and evaluate-boundaries
+throughput with 2 vs 1 Ray workers.
 
-    .venv/bin/python benchmarks/segments.py [--limit N] [--thresholds 99] [--workers 2] [--detector classical]
+    .venv/bin/python benchmarks/segments.py [--split val] [--limit N] [--thresholds 99] [--detectors classical,learned]
 
-Targets: contour ODS F >= 0.62, UCM ODS F >= 0.60, <= 0.5 s per 321x481 image on one core.
+Targets (issue 11): learned contour ODS >= 0.72 and UCM ODS >= 0.70 on val; <= 0.5 s per 321x481 image on
+one thread; evaluate boundaries 2 vs 1 Ray workers >= 1.8x.
 """
 
 from __future__ import annotations
@@ -112,58 +117,117 @@ def ray_speedup(root: Path, split: str, n_images: int) -> float:
     return ratio
 
 
+def eval_ray_speedup(root: Path, split: str, n_images: int, thresholds: int) -> float:
+    """Throughput of ``evaluate_boundaries`` matching (contours + UCM) with 1 and 2 Ray workers on the same
+    precomputed predictions (classical detector), Ray started beforehand. Returns the ratio."""
+    import ray
+
+    from clips4.pipeline.runner import init_ray
+    from clips4.pipeline.segments import compute_segments
+
+    det = build_detector("classical")
+    ids = sorted(p.stem for p in (root / "images" / split).glob("*.jpg"))[:n_images]
+    preds = {i: compute_segments(np.ascontiguousarray(cv2.imread(str(root / "images" / split / f"{i}.jpg"))[:, :, ::-1]), det)
+             for i in ids}
+    init_ray("local")
+    print(f"== evaluate boundaries throughput: {n_images} BSDS {split} images, {thresholds} thresholds, Ray workers")
+    rates = {}
+    for workers in (1, 2):
+        r = evaluate_boundaries(root, split=split, thresholds=thresholds, workers=workers, executor="ray",
+                                predictions=preds.__getitem__, image_ids=ids, quiet=True)
+        rates[workers] = r["n_scored"] / r["match_seconds"]
+        print(f"  {workers} worker(s): {rates[workers]:.3f} img/s ({r['match_seconds']:.1f} s)")
+    ray.shutdown()
+    ratio = rates[2] / rates[1]
+    print(f"  speed-up 2 vs 1 workers: {ratio:.2f}x (target >= 1.8x)")
+    return ratio
+
+
+def compare_detectors(root: Path, split: str, limit: int | None, thresholds: int, workers: int, out: Path | None,
+                      detectors: list[str]) -> dict:
+    """Contour ODS/OIS/AP (both APs) and UCM ODS/OIS/covering per detector on the same images (counts cached
+    under ``out/<detector>`` when ``out`` is given)."""
+    print(f"== quality: BSDS500 {split}, {limit or 'all'} images, {thresholds} thresholds")
+    res = {}
+    for det in detectors:
+        t0 = time.perf_counter()
+        r = evaluate_boundaries(root, split=split, thresholds=thresholds, detector=det, limit=limit, workers=workers,
+                                out_dir=(out / det) if out else None, quiet=True)
+        res[det] = r
+        c, u = r["contours"], r["ucm"]
+        print(f"  {det:9s} contours(NMS): ODS {c['ODS']['f']:.3f}  OIS {c['OIS']['f']:.3f}  "
+              f"AP(pyEdgeEval) {c['AP']:.3f}  AP(BSDS) {c['AP_bsds']:.3f} | UCM: ODS {u['ODS']['f']:.3f}  "
+              f"OIS {u['OIS']['f']:.3f}  AP(BSDS) {u['AP_bsds']:.3f}  covering ODS {u['covering']['ODS']:.3f}  "
+              f"[{r['n_scored']} scored, {r['n_cached']} cached, {time.perf_counter() - t0:.0f} s]")
+    return res
+
+
+def model_card_check(res: dict, split: str, limit: int | None, thresholds: int) -> None:
+    """The shipped weights' figure against their model card (same protocol only), and the training record."""
+    from clips4.pipeline.learned_contours import default_weights
+
+    card_path = default_weights().with_name("edgenet.json")
+    if not card_path.is_file():
+        print(f"== model card: {card_path} not found")
+        return
+    import hashlib
+    import json
+
+    card = json.loads(card_path.read_text())
+    sha = hashlib.sha256(default_weights().read_bytes()).hexdigest()
+    print(f"== model card {card_path.name}: sha256 {'matches' if sha == card['sha256'] else 'DIFFERS'}; "
+          f"training {card.get('training_seconds')} s for {card.get('training_iterations')} iterations")
+    print("  loss curve: " + ", ".join(f"{i}:{v}" for i, v in card.get("loss_curve", [])[::5]))
+    for row in card.get("figures", {}).get("curve", []):
+        print(f"  val curve: iteration {row['iteration']}: contour ODS {row['ods']:.3f} ({row['protocol']})")
+    ref = card.get("figures", {}).get("val")
+    if ref and "learned" in res and ref["split"] == split and ref["thresholds"] == thresholds and ref["n_images"] == res["learned"]["n_images"]:
+        got = res["learned"]["contours"]["ODS"]["f"]
+        ok = abs(got - ref["contour_ods"]) <= 0.005
+        print(f"  shipped weights on {split}: contour ODS {got:.3f} vs card {ref['contour_ods']:.3f} "
+              f"({'within' if ok else 'NOT within'} 0.005)")
+    elif ref:
+        print(f"  card figure measured on {ref['split']} / {ref['n_images']} images / {ref['thresholds']} thresholds: "
+              "run with those settings to check it")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--root", type=Path, default=BSDS, help="BSDS500-layout folder")
-    ap.add_argument("--split", default="test", help="split to score (default test)")
+    ap.add_argument("--split", default="val", help="split to score (default val: the learned detector trains on train)")
     ap.add_argument("--limit", type=int, default=None, help="only the first N images")
     ap.add_argument("--thresholds", type=int, default=99, help="number of thresholds (BSDS: 99)")
     ap.add_argument("--workers", type=int, default=2, help="processes for the matching")
-    ap.add_argument("--detector", default="classical", help="contour detector name")
-    ap.add_argument("--out", type=Path, default=None, help="folder for boundaries.json and the PR plot")
+    ap.add_argument("--detectors", default="classical,learned", help="contour detectors to compare")
+    ap.add_argument("--out", type=Path, default=Path("runs/bench-segments"), help="folder for results and count caches")
     ap.add_argument("--skip-quality", action="store_true", help="only the speed parts")
+    ap.add_argument("--speed-images", type=int, default=10, help="images for the speed part")
     ap.add_argument("--ray-images", type=int, default=64, help="images for the Ray 1-vs-2-worker throughput part")
-    ap.add_argument("--skip-ray", action="store_true", help="skip the Ray speed-up part")
+    ap.add_argument("--skip-ray", action="store_true", help="skip the Ray speed-up parts")
+    ap.add_argument("--eval-ray-images", type=int, default=8, help="images for the evaluate-boundaries Ray part")
     args = ap.parse_args()
 
     if not args.root.is_dir():
         raise SystemExit(f"BSDS500 not found at {args.root}")
-
-    print(f"== speed: contours + OWT-UCM + labels, 1 thread ({args.detector})")
-    images = _load_images(args.root, args.split, args.limit)
-    rows = per_image_seconds(images, args.detector, repeats=2)
-    tot = [r["total_s"] for r in rows]
-    for key in ("contours_s", "ucm_s", "labels_s", "total_s"):
-        vals = [r[key] for r in rows]
-        print(f"  {key:11s} mean {statistics.mean(vals):.3f}  median {statistics.median(vals):.3f}  max {max(vals):.3f}")
-    full = [r["total_s"] for r in rows if sorted(r["shape"]) == [321, 481]]
-    if full:
-        print(f"  321x481 images: {statistics.mean(full):.3f} s/image (target <= 0.5)")
-    print(f"  segments per image (t=0.25, max 48): mean {statistics.mean(r['n_segments'] for r in rows):.1f}")
+    detectors = [d for d in args.detectors.split(",") if d]
+    images = _load_images(args.root, args.split, args.speed_images)
+    for det in detectors:
+        print(f"== speed: {det} contours + OWT-UCM + labels, 1 thread, {len(images)} images")
+        rows = per_image_seconds(images, det, repeats=2)
+        for key in ("contours_s", "ucm_s", "labels_s", "total_s"):
+            vals = [r[key] for r in rows]
+            print(f"  {key:11s} mean {statistics.mean(vals):.3f}  median {statistics.median(vals):.3f}  max {max(vals):.3f}")
+        full = [r["total_s"] for r in rows if sorted(r["shape"]) == [321, 481]]
+        if full:
+            print(f"  321x481 images: {statistics.mean(full):.3f} s/image (target <= 0.5)")
+        print(f"  segments per image (t=0.25, max 48): mean {statistics.mean(r['n_segments'] for r in rows):.1f}")
     if not args.skip_ray:
         ray_speedup(args.root, "train", args.ray_images)  # train has 200 images: enough to amortise actor start-up
-
-    if args.skip_quality:
-        return
-    print(f"== quality: BSDS500 {args.split}, {args.thresholds} thresholds")
-    t0 = time.perf_counter()
-    res = evaluate_boundaries(
-        args.root,
-        split=args.split,
-        thresholds=args.thresholds,
-        detector=args.detector,
-        limit=args.limit,
-        workers=args.workers,
-        out_dir=args.out,
-    )
-    c, u = res["contours"], res["ucm"]
-    print(
-        f"contours(NMS): ODS {c['ODS']['f']:.3f}  OIS {c['OIS']['f']:.3f}  AP {c['AP']:.3f}   (target ODS >= 0.62)\n"
-        f"UCM:           ODS {u['ODS']['f']:.3f}  OIS {u['OIS']['f']:.3f}  AP {u['AP']:.3f}   (target ODS >= 0.60)\n"
-        f"covering:      ODS {u['covering']['ODS']:.3f} (t={u['covering']['ODS_threshold']:.2f})  "
-        f"OIS {u['covering']['OIS']:.3f}\n"
-        f"speed:         {statistics.mean(tot):.3f} s/image (1 thread)   evaluation took {time.perf_counter() - t0:.0f} s"
-    )
+        eval_ray_speedup(args.root, args.split, args.eval_ray_images, min(args.thresholds, 25))
+    res: dict = {}
+    if not args.skip_quality:
+        res = compare_detectors(args.root, args.split, args.limit, args.thresholds, args.workers, args.out, detectors)
+    model_card_check(res, args.split, args.limit, args.thresholds)
 
 
 if __name__ == "__main__":

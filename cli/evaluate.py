@@ -235,9 +235,9 @@ def davis(
 def boundaries(
     opts: Common,
     thresholds: int = typer.Option(99, help="Number of evenly spaced thresholds (BSDS uses 99; fewer for a quick look)."),
-    workers: int = typer.Option(2, help="Processes for the boundary matching (~0.1 s per threshold per annotator)."),
-    out: Optional[Path] = typer.Option(None, help="Folder for boundaries.json and the PR-curve PNG."),
-    detector: Optional[str] = typer.Option(None, help="Contour detector of the segments stage (classical, hed, onnx)."),
+    workers: int = typer.Option(2, help="Workers for the boundary matching (~0.1 s per threshold per annotator): Ray workers with --executor ray (default), processes with --executor local."),
+    out: Optional[Path] = typer.Option(None, help="Folder for boundaries.json, the PR-curve PNG and the per-image counts (reruns score only missing images)."),
+    detector: Optional[str] = typer.Option(None, help="Contour detector of the segments stage (learned, classical, hed, onnx)."),
 ) -> dict:
     """Score the segments stage on BSDS500 (--root, --split test|val|train; default test): contour map (after NMS)
     and UCM boundary P/R/F at ODS and OIS, AP, and segmentation covering. Runs the segments stage there first, or
@@ -260,7 +260,8 @@ def boundaries(
 
     summary = evaluate_boundaries(cfg.dataset.root, split=split, thresholds=thresholds, limit=opts.limit,
                                   workers=workers, out_dir=out, predictions=predictions, image_ids=reader.image_ids,
-                                  quiet=opts.quiet)
+                                  quiet=opts.quiet, executor="ray" if cfg.ray.executor == "ray" else "process",
+                                  ray_address=cfg.ray.address)
     return {"out": str(out) if out else None, "segments": run.url,
             **{k: {"ODS": v["ODS"]["f"], "OIS": v["OIS"]["f"], "AP": v["AP"]} for k, v in summary.items()
                if isinstance(v, dict) and "ODS" in v}}

@@ -5,7 +5,7 @@ from typing import Optional
 
 import typer
 
-from clips4.cli.common import Common, common_options, sets
+from clips4.cli.common import CLIError, Common, common_options, console, sets
 
 
 @common_options("train")
@@ -31,3 +31,41 @@ def train(
     if res.stopped == "interrupted":  # last.pt holds the current step; 143 (SIGTERM) / 130 (SIGINT)
         summary["exit_code"] = 128 + int(res.signal)
     return summary
+
+
+@common_options("train-contours", dataset=None)
+def train_contours(
+    opts: Common,
+    root: str = typer.Option(..., "--root", "-r", help="BSDS500-layout folder (images/<split>, groundTruth/<split>)."),
+    splits: str = typer.Option("train", help="Comma-separated splits to train on (BSDS convention: train, or train,val for the test figure)."),
+    out: str = typer.Option("runs/contours", "--out", help="Output folder: checkpoint.pt, log.jsonl, edges.pt, edges.onnx."),
+    iterations: int = typer.Option(3000, help="Training iterations."),
+    batch: int = typer.Option(8, help="Crops per iteration."),
+    crop: int = typer.Option(160, help="Crop size in pixels."),
+    lr: float = typer.Option(3e-3, help="Peak learning rate (AdamW, warm-up then cosine)."),
+    width: int = typer.Option(8, help="Channels of the first stage (model size)."),
+    seed: int = typer.Option(0, help="Seed: the sample of iteration i depends only on (seed, i)."),
+    threads: int = typer.Option(1, help="torch CPU threads."),
+    device: str = typer.Option("auto", help="auto (CUDA when available), cpu or cuda."),
+    checkpoint_every: int = typer.Option(100, help="Iterations between (atomic) checkpoints."),
+    snapshot_every: int = typer.Option(0, help="Keep the weights every N iterations (training curve); 0 = none."),
+    time_limit: float = typer.Option(0.0, help="Stop after this many seconds (checkpointed, resumable); 0 = none."),
+    limit_images: int = typer.Option(0, help="Use only the first N images per split (quick runs); 0 = all."),
+    restart: bool = typer.Option(False, "--restart", help="Ignore an existing checkpoint in --out."),
+) -> dict:
+    """Train the learned contour detector (EdgeNet) from scratch on BSDS; resumes from --out by default. Ship the
+    result with ``data/contours`` (see its MODEL_CARD.md) and bump the segments stage version."""
+    from clips4.trainer.edges import EdgeTrainError, EdgeTrainParams, train_edges
+
+    sp = tuple(s.strip() for s in splits.split(",") if s.strip())
+    if not sp:
+        raise CLIError("--splits must name at least one split")
+    p = EdgeTrainParams(root=root, splits=sp, out=out, iterations=iterations, batch=batch, crop=crop, lr=lr,
+                        width=width, seed=seed, threads=threads, device=device, checkpoint_every=checkpoint_every,
+                        snapshot_every=snapshot_every, time_limit_s=time_limit, limit_images=limit_images)
+    try:
+        res = train_edges(p, resume=not restart)
+    except EdgeTrainError as exc:
+        raise CLIError(str(exc)) from None
+    console.print(f"trained {res['iterations']} iterations in {res['seconds']} s; ONNX: {res['onnx']}")
+    return dict(res)

@@ -92,8 +92,10 @@ class StorageConfig(Strict):
 
 
 class SegmentsParams(Strict):
-    #: contour detector, a key of ``clips4.pipeline.contours.CONTOUR_DETECTORS`` (a test keeps them equal)
-    detector: Literal["classical", "hed", "onnx"] = "classical"
+    #: contour detector, a key of ``clips4.pipeline.contours.CONTOUR_DETECTORS`` (a test keeps them equal).
+    #: ``learned`` (the default since it beat ``classical`` on BSDS val, data/contours/MODEL_CARD.md) needs
+    #: onnxruntime and falls back to ``classical`` with a warning without it
+    detector: Literal["learned", "classical", "hed", "onnx"] = "learned"
     #: keyword arguments of the detector (e.g. ``{prototxt: ..., caffemodel: ...}`` for hed)
     detector_params: dict[str, Any] = Field(default_factory=dict)
     #: UCM level at which superpixels are cut (HSG: 0.25)

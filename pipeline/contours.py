@@ -3,7 +3,11 @@
 A *detector* is a callable ``detector(image) -> ContourMap`` taking an ``(H, W, 3) uint8`` RGB image.
 Detectors are built by name through :func:`build_detector` from the :data:`CONTOUR_DETECTORS` registry:
 
-``classical`` (default, no weights)
+``learned``
+    The compact edge network trained by clips4 on BSDS (``clips4 train-contours``), shipped as ONNX and
+    run with onnxruntime (:mod:`clips4.pipeline.learned_contours`); falls back to ``classical`` with a
+    warning when onnxruntime or the shipped weights are missing.
+``classical`` (no weights)
     Multi-scale oriented Gaussian-derivative gradients of the CIE-Lab channels plus a cheap texture
     channel (local contrast of L), combined linearly per orientation (as Pb combines its oriented
     half-disc gradients) and mapped to [0, 1].
@@ -391,7 +395,22 @@ class OnnxDetector:
 
 Detector = Callable[[np.ndarray], ContourMap]
 
+def build_learned(**params: Any) -> Detector:
+    """The shipped learned detector (``clips4.pipeline.learned_contours``), or ``classical`` with a message
+    when onnxruntime or the shipped weights are missing (an explicit ``path`` that is missing is an error)."""
+    from clips4.pipeline.learned_contours import LearnedDetector, learned_available
+
+    reason = learned_available() if not params.get("path") else None
+    if reason is not None:
+        import warnings
+
+        warnings.warn(f"learned contour detector unavailable ({reason}); using the classical detector", stacklevel=2)
+        return ClassicalDetector()
+    return LearnedDetector(**params)
+
+
 CONTOUR_DETECTORS: dict[str, Callable[..., Detector]] = {
+    "learned": build_learned,
     "classical": ClassicalDetector,
     "hed": HedDetector,
     "onnx": OnnxDetector,

@@ -349,26 +349,37 @@ class BSDSDataset(Dataset):
     default_split = "test"
 
     def _list(self) -> list[ImageRecord]:
-        return self._images_with_gt(f"{self.path}/images/{self.split}",
-                                    lambda i: f"{self.path}/groundTruth/{self.split}/{i}.mat")
+        img_dir, gt_dir = f"{self.path}/images/{self.split}", f"{self.path}/groundTruth/{self.split}"
+        if not self.fs.isdir(img_dir):
+            raise DatasetError(f"bsds: {self.url(img_dir)} not found (split={self.split!r})")
+        recs = []
+        for p in sorted(self.fs.glob(f"{img_dir}/*")):
+            stem, _, ext = posixpath.basename(p).rpartition(".")
+            if ext.lower() in ("jpg", "jpeg", "png"):
+                gt = f"{gt_dir}/{stem}.mat"
+                recs.append(ImageRecord(stem, self.url(p), self.split, self.url(gt) if self.fs.exists(gt) else None))
+        return recs
 
     def load_bsds_gt(self, record: ImageRecord) -> list[dict[str, np.ndarray]]:
         """All annotators: ``[{'segmentation': (H,W) int, 'boundaries': (H,W) bool}, ...]``."""
-        import scipy.io
-
         if not record.gt_path:
             raise DatasetError(f"bsds image {record.image_id!r} has no groundTruth .mat")
-        with fsspec.open(record.gt_path, "rb") as f:
-            mat = scipy.io.loadmat(f)
-        out = []
-        for entry in mat["groundTruth"][0]:
-            e = entry[0, 0]  # a 1x1 struct array
-            out.append({"segmentation": np.asarray(e["Segmentation"][0, 0] if e["Segmentation"].dtype == object else e["Segmentation"]).astype(np.int64),
-                        "boundaries": np.asarray(e["Boundaries"][0, 0] if e["Boundaries"].dtype == object else e["Boundaries"]).astype(bool)})
-        return out
+        bounds, segs = load_bsds_ground_truth(record.gt_path)
+        return [{"segmentation": s, "boundaries": b} for b, s in zip(bounds, segs)]
 
     def load_gt(self, record: ImageRecord) -> np.ndarray:
         return self.load_bsds_gt(record)[0]["segmentation"]
+
+
+def load_bsds_ground_truth(path: str) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """(boundaries ``(H,W) bool``, segmentations ``(H,W) int64``) of every annotator in a BSDS
+    ``groundTruth/<split>/<id>.mat`` file (local path or fsspec URL)."""
+    import scipy.io as sio
+
+    with fsspec.open(str(path), "rb") as f:
+        m = sio.loadmat(f, squeeze_me=True, struct_as_record=False)
+    gts = np.atleast_1d(m["groundTruth"])
+    return [np.asarray(g.Boundaries).astype(bool) for g in gts], [np.asarray(g.Segmentation).astype(np.int64) for g in gts]
 
 
 DATASETS: dict[str, Callable[..., Dataset]] = {

@@ -36,7 +36,8 @@ class SegmentsProcessor:
     (see segments.py), ``labels`` (H,W) int32; row: ``n_segments``."""
 
     kind = "per_image"
-    version = "1"
+    #: 2: the default detector is the learned one (a retrained data/contours/edgenet.onnx bumps it again)
+    version = "2"
     Params = SegmentsParams
     preflight = staticmethod(segments_preflight)
 

@@ -126,3 +126,57 @@ def test_real_bsds_image():
         assert 0.3 < res[key]["ODS"]["f"] <= 1.0
         assert 0.0 < res[key]["AP"] <= 1.0
     assert 0.2 < res["ucm"]["covering"]["ODS"] <= 1.0
+
+
+def _fake_bsds(root, n=2):
+    import cv2
+    import scipy.io as sio
+
+    b, seg = _square_gt()
+    (root / "images" / "test").mkdir(parents=True)
+    (root / "groundTruth" / "test").mkdir(parents=True)
+    for i in range(n):
+        img = np.where(seg[..., None] == 2, np.uint8(200 - 30 * i), np.uint8(40)).repeat(3, axis=2)
+        cv2.imwrite(str(root / "images" / "test" / f"{i}.jpg"), img)
+        gt = np.empty((1, 1), dtype=object)
+        gt[0, 0] = {"Segmentation": seg.astype(np.uint16), "Boundaries": b.astype(np.uint8)}
+        sio.savemat(str(root / "groundTruth" / "test" / f"{i}.mat"), {"groundTruth": gt})
+    return root
+
+
+def test_counts_cached_rerun_scores_only_missing(tmp_path):
+    root = _fake_bsds(tmp_path / "bsds", n=2)
+    out = tmp_path / "out"
+    first = evaluate_boundaries(root, thresholds=5, workers=1, out_dir=out, quiet=True, which=("contours",))
+    assert (first["n_scored"], first["n_cached"]) == (2, 0)
+    again = evaluate_boundaries(root, thresholds=5, workers=1, out_dir=out, quiet=True, which=("contours",))
+    assert (again["n_scored"], again["n_cached"]) == (0, 2)
+    assert again["contours"]["ODS"] == first["contours"]["ODS"]
+    # one image's counts gone: only that image is matched again
+    next(iter((out / "counts").glob("1-*.npz"))).unlink()
+    third = evaluate_boundaries(root, thresholds=5, workers=1, out_dir=out, quiet=True, which=("contours",))
+    assert (third["n_scored"], third["n_cached"]) == (1, 1)
+    # other settings (thresholds) are other counts, not a stale reuse
+    other = evaluate_boundaries(root, thresholds=7, workers=1, out_dir=out, quiet=True, which=("contours",))
+    assert other["n_scored"] == 2
+
+
+def test_bsds_ap_is_area_under_interpolated_curve():
+    from clips4.evaluate.boundaries import bsds_average_precision
+
+    # a straight PR line from (r=0, p=1) to (r=1, p=0): area 0.5 (101 grid points / 100 = 0.505 by the BSDS sum)
+    r = np.linspace(1, 0, 11)
+    assert bsds_average_precision(r, 1 - r) == pytest.approx(0.505, abs=1e-9)
+    # constant precision 0.8 over recall 0.2..0.6: only the covered recall range counts (41 points)
+    r = np.linspace(0.6, 0.2, 5)
+    assert bsds_average_precision(r, np.full(5, 0.8)) == pytest.approx(0.8 * 41 / 100, abs=1e-9)
+
+
+@pytest.mark.ray
+def test_ray_executor_matches_inline(tmp_path):
+    pytest.importorskip("ray")
+    root = _fake_bsds(tmp_path / "bsds", n=2)
+    inline = evaluate_boundaries(root, thresholds=5, workers=1, quiet=True, which=("contours",))
+    dist = evaluate_boundaries(root, thresholds=5, workers=2, quiet=True, which=("contours",), executor="ray")
+    assert dist["n_scored"] == 2 and dist["executor"] == "ray"
+    assert abs(dist["contours"]["ODS"]["f"] - inline["contours"]["ODS"]["f"]) < 0.02
