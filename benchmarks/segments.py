@@ -164,7 +164,7 @@ def compare_detectors(root: Path, split: str, limit: int | None, thresholds: int
 
 def model_card_check(res: dict, split: str, limit: int | None, thresholds: int) -> None:
     """The shipped weights' figure against their model card (same protocol only), and the training record."""
-    from clips4.pipeline.learned_contours import default_weights
+    from clips4.pipeline.contours import default_weights
 
     card_path = default_weights().with_name("edgenet.json")
     if not card_path.is_file():

@@ -202,13 +202,21 @@ def _probe_cluster(address: str, timeout_s: float) -> None:
                           + (f" Last output: {plain_message(' | '.join(last), 600)}" if last else ""))
 
 
+#: the address this process joined with :func:`init_ray` (None: Ray was started by someone else, or not at all)
+_JOINED: str | None = None
+
+
 def init_ray(address: str = "local", num_cpus: int | None = None, connect_timeout_s: float = 60.0) -> None:
     """Start or join Ray. ``local`` starts a private instance (its processes die with this one: Ray ties a
     head it starts to the driver's lifetime); anything else is joined after a bounded probe."""
     import ray
 
+    global _JOINED
     if ray.is_initialized():
-        return
+        if _JOINED == address:
+            return
+        ray.shutdown()  # joined elsewhere earlier in this process (tests, notebooks): join what is asked now
+    _JOINED = None
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     os.environ.setdefault("RAY_DEDUP_LOGS", "1")
     kwargs: dict[str, Any] = {"include_dashboard": False, "logging_level": logging.WARNING, "log_to_driver": True}
@@ -219,12 +227,14 @@ def init_ray(address: str = "local", num_cpus: int | None = None, connect_timeou
         kwargs["runtime_env"] = {"env_vars": env}
     if address in ("local", "", None):
         ray.init(num_cpus=num_cpus, **kwargs)
+        _JOINED = address
     else:
         _probe_cluster(address, connect_timeout_s)
         try:
             ray.init(address=address, **kwargs)
         except Exception as exc:  # noqa: BLE001
             raise RayConnectError(f"joining the Ray cluster at {address!r} failed: {plain_reason(exc)}") from None
+        _JOINED = address
 
 
 def _actor_dead(exc: BaseException) -> bool:

@@ -40,7 +40,7 @@ def _make_bsds(root, split="train", n=3, h=72, w=96, seed=0):
 
 
 def test_train_contours_end_to_end_loss_decreases_and_resumes(tmp_path):
-    from clips4.pipeline.cli import main
+    from clips4.cli import main
 
     root = _make_bsds(tmp_path / "bsds")
     out = tmp_path / "run"
@@ -53,7 +53,7 @@ def test_train_contours_end_to_end_loss_decreases_and_resumes(tmp_path):
     # initial model (same seed) and of the trained one
     import torch
 
-    from clips4.pipeline.learned_contours import lab_input
+    from clips4.pipeline.contours import lab_input
     from clips4.trainer.edges import balanced_bce, build_edge_net, load_bsds_split, load_edge_net
 
     _, ims, labs = load_bsds_split(root, "train")
@@ -74,7 +74,7 @@ def test_train_contours_end_to_end_loss_decreases_and_resumes(tmp_path):
 
 
 def test_train_contours_bad_root_names_folder(tmp_path, capsys):
-    from clips4.pipeline.cli import main
+    from clips4.cli import main
 
     assert main(["train-contours", "--root", str(tmp_path / "nope"), "--out", str(tmp_path / "o")]) == 2
     assert "nope" in capsys.readouterr().err
@@ -84,7 +84,7 @@ def test_onnx_detector_matches_torch_and_runs_in_segments(tmp_path):
     import torch
 
     from clips4.pipeline.contours import build_detector
-    from clips4.pipeline.learned_contours import LearnedDetector
+    from clips4.pipeline.contours import LearnedDetector
     from clips4.pipeline.segments import compute_segments
     from clips4.trainer.edges import build_edge_net, export_onnx, predict_edges
 
@@ -105,7 +105,7 @@ def test_onnx_detector_matches_torch_and_runs_in_segments(tmp_path):
 
 
 def test_learned_falls_back_to_classical_with_message(monkeypatch):
-    import clips4.pipeline.learned_contours as lc
+    import clips4.pipeline.contours as lc
     from clips4.pipeline.contours import ClassicalDetector, build_detector
 
     monkeypatch.setattr(lc, "learned_available", lambda: "onnxruntime is not installed")
@@ -127,7 +127,7 @@ def test_shipped_weights_match_their_model_card():
     import hashlib
 
     from clips4.pipeline.contours import build_detector
-    from clips4.pipeline.learned_contours import LearnedDetector, default_weights
+    from clips4.pipeline.contours import LearnedDetector, default_weights
 
     path = default_weights()
     card = json.loads(path.with_name("edgenet.json").read_text())

@@ -57,8 +57,7 @@ TRAIN = ["--set", "train.iterations=4", "--set", "train.batch_size=2", "--set", 
 
 def _pipeline(cfg: Path, out: Path) -> None:
     common = ["--stages", str(STAGES), "--config", str(cfg)]
-    # a Ray worker reads the images and writes its parts through the storage URLs itself
-    assert main(["precompute", "segments", *common, "--executor", "ray", "--num-workers", "1", "-q"]) == 0
+    assert main(["precompute", "segments", *common, "--executor", "local", "-q"]) == 0
     assert main(["precompute", "clip-features", *common, "--executor", "local", "-q"]) == 0
     assert main(["precompute", "prototypes", *common]) == 0
     assert main(["train", *common, *TRAIN, "--out", str(out), "-q"]) == 0

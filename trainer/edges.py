@@ -34,7 +34,7 @@ from typing import Any, Callable
 import cv2
 import numpy as np
 
-from clips4.pipeline.learned_contours import lab_input  # the one input transform of training and inference
+from clips4.pipeline.contours import lab_input  # the one input transform of training and inference
 
 __all__ = [
     "EdgeTrainParams",
@@ -462,7 +462,7 @@ def ship_weights(run_dir: str | Path, dest: str | Path, *, command: str, figures
     lines = [
         "# clips4 learned contours (EdgeNet)", "",
         f"- file: `{onnx_path.name}` ({onnx_path.stat().st_size} bytes), sha256 `{sha}`",
-        f"- model: {card['model']}, {card['parameters']} parameters; input CIE-Lab (see pipeline/learned_contours.py)",
+        f"- model: {card['model']}, {card['parameters']} parameters; input CIE-Lab (see pipeline/contours.py)",
         f"- data: {card['data']}; trained from scratch, no pretrained weights",
         f"- command: `{command}`",
         f"- seed: {card['seed']}; training: {json.dumps(card['training'])}",
