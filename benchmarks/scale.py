@@ -27,6 +27,9 @@ from concurrent.futures import ProcessPoolExecutor
 from importlib import resources
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import child_pids, rss_bytes  # noqa: E402  (the process-tree readers the benchmarks share)
+
 REPO = Path(__file__).resolve().parents[1]
 STAGES = REPO / "stages.yaml"
 GiB = 2**30
@@ -39,25 +42,6 @@ def _read(path: str) -> str:
             return f.read().decode(errors="replace")
     except OSError:
         return ""
-
-
-def _rss(pid: int) -> int:
-    for line in _read(f"/proc/{pid}/status").splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
-    return 0
-
-
-def _children(pid: int) -> list[int]:
-    out = []
-    try:
-        tasks = os.listdir(f"/proc/{pid}/task")
-    except OSError:
-        return out
-    for t in tasks:
-        for c in _read(f"/proc/{pid}/task/{t}/children").split():
-            out += [int(c), *_children(int(c))]
-    return out
 
 
 def _kind(pid: int, root: int, phase: str) -> str:
@@ -87,9 +71,9 @@ class TreeRSS:
         me = os.getpid()
         while not self._stop.is_set():
             phase = self.phase
-            for pid in [me, *_children(me)]:
+            for pid in [me, *child_pids(me)]:
                 kind = _kind(pid, me, phase)
-                self.peak[phase][kind] = max(self.peak[phase][kind], _rss(pid))
+                self.peak[phase][kind] = max(self.peak[phase][kind], rss_bytes(pid))
                 self.count[phase][kind].add(pid)
             self._stop.wait(self.period)
 
