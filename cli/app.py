@@ -99,11 +99,9 @@ def _message(exc: BaseException) -> str:
         return (f"a package is missing: {exc}. Install the extra that provides it, e.g. pip install 'clips4[s3]' "
                 f"for s3:// URLs, 'clips4[tensorboard]' for TensorBoard, 'clips4[gpu]' for FAISS on GPU")
     text = str(exc) or type(exc).__name__
-    if isinstance(exc, (CLIError,)) or type(exc).__module__.startswith("clips4"):
+    if isinstance(exc, CLIError) or type(exc).__module__.startswith("clips4"):
         return text
-    if isinstance(exc, OSError) and exc.errno is not None:  # disk full, read-only, permission: name the cause
-        return f"{type(exc).__name__}: {text}"
-    return f"{type(exc).__name__}: {text}"
+    return f"{type(exc).__name__}: {text}"  # e.g. "OSError: [Errno 28] No space left on device": name the cause
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -133,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
             exc.show()
             return getattr(exc, "exit_code", EXIT_USAGE) or EXIT_USAGE
         return _fail(exc, debug)
-    except (KeyboardInterrupt, _Terminated) as exc:
+    except KeyboardInterrupt as exc:  # not an Exception; _Terminated is, and is handled above
         return _fail(exc, debug)
     finally:
         if in_main_thread:

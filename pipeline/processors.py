@@ -165,9 +165,7 @@ class ClipFeaturesProcessor:
     version = "2"
     Params = ClipFeaturesParams
 
-    @staticmethod
-    def preflight(params: ClipFeaturesParams) -> dict:
-        return clip_features_preflight(params)
+    preflight = staticmethod(clip_features_preflight)
 
     @staticmethod
     def active_deps(params: ClipFeaturesParams, deps: list[str]) -> list[str]:

@@ -68,11 +68,6 @@ def fingerprint(stage: str, version: str, params: dict, deps: dict[str, str], da
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
-def stage_deps(cfg: Config, name: str) -> tuple[str, ...]:
-    """The upstream stages ``name`` reads with its current params (from stages.yaml)."""
-    return tuple(cfg.stage_deps(name))
-
-
 def stage_def(cfg: Config, name: str):
     """The code object stages.yaml names for ``name`` (see :func:`clips4.pipeline.config.stage_object`)."""
     return stage_object(cfg.decl(name).run)
@@ -98,7 +93,7 @@ class _CheckedProcessor:
 def stage_url(cfg: Config, name: str, dataset: Dataset) -> tuple[str, str, dict[str, str]]:
     """(url, fingerprint, upstream fingerprints) of stage ``name`` for ``dataset`` under ``cfg``."""
     dep_fps: dict[str, str] = {}
-    for dep in stage_deps(cfg, name):
+    for dep in cfg.stage_deps(name):
         _, fp, _ = stage_url(cfg, dep, dataset)
         dep_fps[dep] = fp
     params = cfg.params(name).model_dump(mode="json")
@@ -188,7 +183,7 @@ def run_stage(
         raise StageError(f"stage {name!r} is not run by the pipeline (use `clips4 {name}`)")
     dataset = dataset or dataset_from_config(cfg)
     url, fp, dep_fps = stage_url(cfg, name, dataset)
-    deps = {dep: open_stage(cfg, dep, dataset).url for dep in stage_deps(cfg, name)}
+    deps = {dep: open_stage(cfg, dep, dataset).url for dep in cfg.stage_deps(name)}
     try:
         with signals_as_exceptions(), StageLock(url, wait=wait, timeout=wait_timeout) as lock:
             if spec.kind == "builder":
