@@ -22,11 +22,12 @@ STAGES = REPO / "stages.yaml"
 
 def build_world(base: Path, n_train: int, n_val: int, *, seed: int = 0, quiet: bool = True, world: str | None = None,
                 image_size: tuple[int, int] = (96, 128), variants: int = 0,
-                variant_params: dict | None = None) -> Path:
+                variant_params: dict | None = None, teacher_params: dict | None = None) -> Path:
     """World + caches (train: segments, clip_features, prototypes; val: segments, clip_features) under ``base``.
 
     ``world``: a name of ``clips4.pipeline.synthetic.WORLDS`` (None = the original world). ``variants``: teacher
-    photometric variants cached for the train split (``clip_features.photometric_variants``).
+    photometric variants cached for the train split (``clip_features.photometric_variants``). ``teacher_params``:
+    SyntheticTeacher kwargs over the world's own (e.g. ``{"noise_sigma": 0}``).
     Returns the path of the world's config (the bundled ``synthetic.yaml`` pointed at ``base/world``, plus an
     overlay for a named world). Idempotent: finished stages are skipped by the pipeline itself.
     """
@@ -44,8 +45,8 @@ def build_world(base: Path, n_train: int, n_val: int, *, seed: int = 0, quiet: b
     cfg = base / "synthetic.yaml"
     cfg.write_text(text.replace("outputs/synthetic-world", str(root)).replace("world_seed: 0", f"world_seed: {seed}"))
     common = ["--stages", str(STAGES), "--config", str(cfg)]
-    if world is not None or tuple(image_size) != (96, 128) or variants:
-        bp = {"world": world, "world_seed": seed, "image_size": list(image_size), "embed_dim": 64}
+    if world is not None or tuple(image_size) != (96, 128) or variants or teacher_params:
+        bp = {"world": world, "world_seed": seed, "image_size": list(image_size), "embed_dim": 64, **(teacher_params or {})}
         over = base / "world.yaml"
         over.write_text(json.dumps({"stages": {"clip_features": {"params": {
             "clip": {"backend_params": bp}, "n_clusters": w.n_classes, "photometric_variants": variants,

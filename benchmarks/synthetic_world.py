@@ -55,21 +55,42 @@ def train_run(cfg_path: Path, out: Path, overrides: list[str]) -> tuple[Path, fl
     return out / "final.pt", time.perf_counter() - t0, last
 
 
-#: the sweep's ablation rows: (name, train overrides, teacher variants needed in the cache)
+#: the sweep's ablation rows: (name, overrides, teacher variants needed in the cache). ``prototypes.*`` overrides
+#: rebuild that stage for the row; every other override is a training one.
+OLD_DEFAULTS = ["train.augment.photometric=imposed", "train.augment.zoom=null", "train.augment.scale=[0.25,1.0]",
+                "prototypes.unknown_pool=1.0"]
 SWEEP_ROWS = [
     ("defaults", [], False),
     ("- L_t", ["train.w_t=0"], False),
     ("- L_e", ["train.w_e=0"], False),
     ("- L_s", ["train.w_s=0"], False),
-    ("imposed aug", ["train.augment.photometric=imposed"], False),
-    ("no photometric aug", ["train.augment.photometric=none"], False),
-    ("teacher variants", ["train.augment.photometric=teacher"], True),
+    ("rescaled crops", ["train.augment.zoom=null", "train.augment.scale=[0.25,1.0]"], False),
+    ("imposed photometric", ["train.augment.photometric=imposed"], False),
+    ("uniform unknowns", ["prototypes.unknown_pool=1.0"], False),
+    ("weighted pseudo-labels", ["train.pseudo_labels=weighted"], False),
+    ("soft pseudo-labels", ["train.pseudo_labels=soft"], False),
     ("tau 1", ["train.semantic_temperature=1"], False),
-    ("paper: tau 1 + imposed", ["train.augment.photometric=imposed", "train.semantic_temperature=1"], False),
-    ("old defaults", ["train.augment.photometric=imposed", "train.semantic_temperature=10"], False),
+    ("teacher variants", ["train.augment.photometric=teacher"], True),
+    ("paper", [*OLD_DEFAULTS, "train.semantic_temperature=1"], False),
+    ("old defaults", OLD_DEFAULTS, False),
 ]
-SWEEP_TRAIN = ["train.iterations=200", "train.batch_size=4", "train.crop_size=64", "train.num_workers=0",
+SWEEP_TRAIN = ["train.iterations=600", "train.batch_size=4", "train.crop_size=64", "train.num_workers=0",
                "train.n_segments=16", "train.checkpoint_every=1000", "train.cache_images=64"]
+
+
+def prototypes_for(cfg_path: Path, overrides: list[str]) -> None:
+    """Build the prototypes a row's ``prototypes.*`` overrides ask for (finished ones are skipped)."""
+    from clips4.cli import main
+
+    from common import STAGES, configs_of
+
+    sets = [x for o in overrides if o.startswith("prototypes.") for x in ("--set", o)]
+    if sets:
+        args = ["precompute", "prototypes", "--stages", str(STAGES), "--quiet", *sets]
+        for c in configs_of(cfg_path):
+            args += ["--config", str(c)]
+        if main(args):
+            raise SystemExit(f"clips4 precompute prototypes {' '.join(sets)} failed")
 
 
 def per_class(cfg_path: Path, model: str) -> tuple[float, dict]:
@@ -112,6 +133,7 @@ def sweep(a) -> int:
             got, drops = {}, {}
             for rname, ov, _ in rows:
                 tag = rname.replace(" ", "_").replace("(", "").replace(")", "").replace(",", "")
+                prototypes_for(cfg, ov)
                 ckpt, _, _ = train_run(cfg, base / "runs" / tag, [*train, *ov])
                 m, cls = per_class(cfg, str(ckpt))
                 got[rname] = m

@@ -15,10 +15,10 @@ import difflib
 import functools
 import importlib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 
 
 class ConfigError(ValueError):
@@ -28,6 +28,15 @@ class ConfigError(ValueError):
 class Strict(BaseModel):
     # strict: no silent coercion (``true`` is not 1, ``"3"`` is not 3); ints are still accepted for floats
     model_config = ConfigDict(extra="forbid", validate_assignment=True, strict=True)
+
+
+def _list_to_tuple(v: Any) -> Any:
+    return tuple(v) if isinstance(v, list) else v
+
+
+#: fixed-length float tuples as YAML writes them (a list: YAML has no tuples; strict mode alone refuses lists)
+FloatPair = Annotated[tuple[float, float], BeforeValidator(_list_to_tuple)]
+FloatQuad = Annotated[tuple[float, float, float, float], BeforeValidator(_list_to_tuple)]
 
 
 # ----------------------------------------------------------------------------------------------- sections
@@ -157,10 +166,10 @@ class ClipFeaturesParams(Strict):
     #: an image taking longer than this (seconds) is recorded as failed so its batch goes on; 0 = no limit
     item_timeout_s: float = Field(default=600.0, ge=0)
     #: also cache the teacher on this many photometric variants of each image (for ``train.augment.photometric:
-    #: teacher``): arrays ``variant_features (h,w,V,D)`` and ``variant_ops (V,11)``; costs V x the CLIP time/space
+    #: teacher``): arrays ``variant_features (h,w,V,D)`` and ``variant_ops (V,13)``; costs V x the CLIP time/space
     photometric_variants: int = Field(default=0, ge=0)
-    #: the variants' transforms: ``{jitter: [b,c,s,h], jitter_p, gray_p, blur_p, blur_sigma: [lo,hi]}``
-    #: (clips4.pipeline.photometric.PhotometricConfig; empty = SimCLR's set)
+    #: the variants' transforms: ``{jitter: [b,c,s,h], jitter_p, gray_p, blur_p, blur_sigma: [lo,hi],
+    #: channel_shuffle_p, invert_p}`` (clips4.pipeline.photometric.PhotometricConfig; empty = SimCLR's set)
     variant_params: dict[str, Any] = Field(default_factory=dict)
 
 
@@ -172,6 +181,12 @@ class PrototypesParams(Strict):
     top_m: int = Field(default=32, ge=1)
     #: number of unknown prototypes (paper: 64)
     n_unknown: int = Field(default=64, ge=0)
+    #: unknown prototypes are drawn from this fraction of segments least explained by the known classes
+    #: (1 = any segment, the paper's uniform draw; class-free runs always draw uniformly)
+    unknown_pool: float = Field(default=0.25, gt=0, le=1)
+    #: measure the teacher's photometric invariances on this many training images (``invariances.json``, for
+    #: ``train.augment.photometric: auto``; clips4.pipeline.invariances); 0 = not measured
+    invariance_images: int = Field(default=32, ge=0)
     seed: int = 0
 
 

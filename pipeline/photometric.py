@@ -2,8 +2,11 @@
 clip_features stage's cached teacher variants.
 
 A transform is a ``(OPS,) float32`` vector (see ``OPS_FIELDS``): whether colour jitter applies, the brightness,
-contrast, saturation and hue factors, the order of those four (a permutation of 0..3), grayscale (0/1) and the
-Gaussian blur sigma in pixels of the image it is applied to (0 = none). The vector, not a seed, is what the
+contrast, saturation and hue factors, the order of those four (a permutation of 0..3), grayscale (0/1), the
+Gaussian blur sigma in pixels of the image it is applied to (0 = none), a permutation of the RGB channels (index
+into ``CHANNEL_PERMS``, 0 = none) and inversion (0/1). The last two scramble the colour palette while keeping
+every edge and texture: cached as teacher variants they show the student what a teacher that reads texture, not
+colour, does when colours change (off in the SimCLR set). The vector, not a seed, is what the
 clip_features cache stores next to each variant's features, so the trainer replays exactly the transform the
 teacher saw, whatever its own settings.
 
@@ -15,23 +18,30 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["teacher_variants", "PhotometricConfig", "OPS_FIELDS", "sample_ops", "apply_ops", "apply_ops_uint8", "IDENTITY"]
+__all__ = ["teacher_variants", "PhotometricConfig", "OPS_FIELDS", "CHANNEL_PERMS", "sample_ops", "apply_ops", "apply_ops_uint8",
+           "IDENTITY"]
 
-OPS_FIELDS = ("jitter", "brightness", "contrast", "saturation", "hue", "o0", "o1", "o2", "o3", "gray", "blur_sigma")
+OPS_FIELDS = ("jitter", "brightness", "contrast", "saturation", "hue", "o0", "o1", "o2", "o3", "gray", "blur_sigma",
+              "channel_perm", "invert")
 #: the transform that changes nothing
-IDENTITY = np.array([0, 1, 1, 1, 0, 0, 1, 2, 3, 0, 0], np.float32)
+IDENTITY = np.array([0, 1, 1, 1, 0, 0, 1, 2, 3, 0, 0, 0, 0], np.float32)
+#: RGB channel orders, ``channel_perm`` indexes this (0 = unchanged)
+CHANNEL_PERMS = ((0, 1, 2), (0, 2, 1), (1, 0, 2), (1, 2, 0), (2, 0, 1), (2, 1, 0))
 
 
 @dataclass(frozen=True)
 class PhotometricConfig:
     """SimCLR's photometric set: colour jitter (random order) with probability ``jitter_p``, grayscale with
-    ``gray_p``, Gaussian blur with ``blur_p`` (sigma uniform in ``blur_sigma``)."""
+    ``gray_p``, Gaussian blur with ``blur_p`` (sigma uniform in ``blur_sigma``); beyond it (default off), a random
+    non-identity RGB channel permutation with ``channel_shuffle_p`` and inversion with ``invert_p``."""
 
     jitter: tuple[float, float, float, float] = (0.4, 0.4, 0.4, 0.1)  # brightness, contrast, saturation, hue
     jitter_p: float = 0.8
     gray_p: float = 0.2
     blur_p: float = 0.5
     blur_sigma: tuple[float, float] = (0.1, 2.0)
+    channel_shuffle_p: float = 0.0
+    invert_p: float = 0.0
 
 
 def _u(g, lo: float, hi: float) -> float:
@@ -65,6 +75,11 @@ def sample_ops(cfg: PhotometricConfig, g) -> np.ndarray:
         ops[9] = 1
     if torch.rand((), generator=g).item() < cfg.blur_p:
         ops[10] = _u(g, *cfg.blur_sigma)
+    # drawn only when enabled, so the SimCLR set keeps its random stream (and seeded runs their views)
+    if cfg.channel_shuffle_p > 0 and torch.rand((), generator=g).item() < cfg.channel_shuffle_p:
+        ops[11] = 1 + int(torch.randint(0, len(CHANNEL_PERMS) - 1, (1,), generator=g).item())
+    if cfg.invert_p > 0 and torch.rand((), generator=g).item() < cfg.invert_p:
+        ops[12] = 1
     return ops
 
 
@@ -83,6 +98,10 @@ def apply_ops(img, ops: np.ndarray, blur_kernel: int | None = None):
                 img = TF.adjust_saturation(img, float(ops[3]))
             elif op == 3 and ops[4] != 0:
                 img = TF.adjust_hue(img, float(ops[4]))
+    if len(ops) > 11 and ops[11] > 0:
+        img = img[list(CHANNEL_PERMS[int(ops[11])])]
+    if len(ops) > 12 and ops[12] > 0:
+        img = 1.0 - img
     if ops[9] > 0:
         img = TF.rgb_to_grayscale(img, num_output_channels=3)
     if ops[10] > 0:

@@ -161,8 +161,9 @@ class ClipFeaturesProcessor:
     """
 
     kind = "per_image"
-    #: 2: image-resolution labels map to grid cells by pixel centres (clips4.pipeline.grid)
-    version = "2"
+    #: 2: image-resolution labels map to grid cells by pixel centres (clips4.pipeline.grid); 3: variant transforms
+    #: carry a channel permutation and an inversion (``variant_ops`` (V, 13))
+    version = "3"
     Params = ClipFeaturesParams
 
     preflight = staticmethod(clip_features_preflight)
@@ -253,6 +254,22 @@ def _search_device() -> str | None:
     return "cuda" if torch.cuda.is_available() else None
 
 
+def _teacher_invariances(backend, feats, protos, params: "PrototypesParams") -> dict:
+    """:func:`clips4.pipeline.invariances.measure_invariances` on ``params.invariance_images`` training images
+    (a seeded choice), classes read by the known prototypes (all prototypes when class-free)."""
+    import hashlib
+
+    from clips4.pipeline.invariances import measure_invariances
+
+    n = int(params.invariance_images)
+    if n == 0 or backend is None:
+        return {"families": {}, "baseline": None, "images": 0}
+    ids = sorted(feats.image_ids, key=lambda i: hashlib.sha256(f"{params.seed}/{i}".encode()).digest())[:n]
+    images = [load_rgb(feats.record(i).path) for i in ids]
+    vecs = protos.vectors[protos.known_mask] if protos.n_known else protos.vectors
+    return measure_invariances(backend, images, vecs, seed=params.seed)
+
+
 def build_prototypes(params: "PrototypesParams", deps: dict[str, str], out_url: str) -> list[str]:
     """Known prototypes (top-m segments per class, FAISS) + unknown ones, from the clip_features cache.
 
@@ -263,7 +280,9 @@ def build_prototypes(params: "PrototypesParams", deps: dict[str, str], out_url: 
 
     from clips4 import data as bundled
     from clips4.pipeline.backends import class_text_embeddings
-    from clips4.pipeline.cache import StageReader, url_join, write_parquet_atomic
+    import json
+
+    from clips4.pipeline.cache import StageReader, url_join, write_bytes_atomic, write_parquet_atomic
     from clips4.pipeline.config import ClipFeaturesParams
     from clips4.pipeline.prototypes import PrototypeSet, iter_embedding_batches, known_prototypes, unknown_prototypes
 
@@ -277,20 +296,26 @@ def build_prototypes(params: "PrototypesParams", deps: dict[str, str], out_url: 
     known = np.zeros((0, 0), np.float32)
     support = np.zeros((0, params.top_m), np.int64)
     text = None
+    backend = build_backend(cf.clip) if params.classes or params.invariance_images else None
     if params.classes:
         names = bundled.class_names(params.classes)
-        backend = build_backend(cf.clip)
         text = class_text_embeddings(backend, names)
         known, support = known_prototypes(batches(), text, backend.logit_scale, top_m=params.top_m,
                                           device=_search_device())
-    unknown, unknown_ids = unknown_prototypes(batches(), u=params.n_unknown, seed=params.seed)
+    unknown, unknown_ids = unknown_prototypes(batches(), u=params.n_unknown, seed=params.seed, text_emb=text,
+                                              logit_scale=backend.logit_scale if text is not None else 100.0,
+                                              pool=params.unknown_pool)
     protos = PrototypeSet.from_parts(names, known, support, unknown, unknown_ids)
     from clips4.pipeline.console import make_console
 
     make_console(stderr=True).print(f"  prototypes: {protos.n_known} known ({params.classes or 'class-free'}) + "
                                f"{protos.n_unknown} unknown (seed {params.seed}), dim {protos.dim}")
     write_parquet_atomic(url_join(out_url, "prototypes.parquet"), protos.to_table())
-    files = ["prototypes.parquet"]
+    files = ["prototypes.parquet", "invariances.json"]
+    inv = _teacher_invariances(backend, feats, protos, params)
+    make_console(stderr=True).print("  teacher invariances (1 = as stable as the teacher itself): " + (", ".join(
+        f"{k} {v:.2f}" for k, v in inv["families"].items()) or "not measured"))
+    write_bytes_atomic(url_join(out_url, "invariances.json"), json.dumps(inv, indent=1).encode())
     if text is not None:
         t = pa.table({"name": names, "vector": pa.FixedSizeListArray.from_arrays(pa.array(text.astype(np.float32).reshape(-1)), text.shape[1])})
         write_parquet_atomic(url_join(out_url, "text.parquet"), t)
@@ -302,7 +327,9 @@ class PrototypesBuilder:
     """The prototypes stage: a whole-dataset builder (see :func:`build_prototypes`)."""
 
     kind = "builder"
-    #: 2: class prompts use the natural-language names (clips4.data.prompt_names)
-    version = "2"
+    #: 2: class prompts use the natural-language names (clips4.data.prompt_names); 3: unknown prototypes drawn from
+    #: the segments least explained by the known classes (``unknown_pool``), and ``invariances.json``: the teacher's
+    #: measured photometric invariances (``invariance_images``, read by ``train.augment.photometric: auto``)
+    version = "3"
     Params = PrototypesParams
     build = staticmethod(build_prototypes)

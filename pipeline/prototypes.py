@@ -470,7 +470,38 @@ def _mix64(x: np.ndarray) -> np.ndarray:
     return x ^ (x >> np.uint64(31))
 
 
-def unknown_prototypes(sample_source, u: int = 64, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+def _bottom_k_by_hash(source, k: int, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The ``k`` segments with the smallest ``hash(seed, id)`` keys: ``(keys (k,) uint64, ids (k,), emb (k, D))``
+    in increasing key order (fewer when the source has fewer). A uniform sample without replacement, seeded, and
+    independent of batch sizes and order."""
+    seed_key = _mix64(np.array([seed & 0xFFFFFFFFFFFFFFFF], np.uint64))[0]
+    keep_k = np.zeros(0, np.uint64)
+    keep_id = np.zeros(0, np.int64)
+    keep_e = None
+    for ids, E in _as_batches(source):
+        if keep_e is None:
+            keep_e = np.zeros((0, E.shape[1]), np.float32)
+        if k == 0 or len(ids) == 0:
+            continue
+        keys = _mix64(ids.astype(np.uint64) ^ seed_key)
+        if len(ids) > k:
+            sel = np.argpartition(keys, k - 1)[:k]
+            cand = np.flatnonzero(keys <= keys[sel].max())  # keep key ties at the boundary
+            keys, ids_b, E_b = keys[cand], ids[cand], E[cand]
+        else:
+            ids_b, E_b = ids, E
+        k_all = np.concatenate([keep_k, keys])
+        i_all = np.concatenate([keep_id, ids_b])
+        order = np.lexsort((i_all, k_all))[:k]
+        e_all = np.concatenate([keep_e, np.asarray(E_b, np.float32)])
+        keep_k, keep_id, keep_e = k_all[order], i_all[order], e_all[order]
+    if keep_e is None:
+        raise ValueError("unknown_prototypes: the segment source is empty")
+    return keep_k, keep_id, keep_e
+
+
+def unknown_prototypes(sample_source, u: int = 64, seed: int = 0, *, text_emb: np.ndarray | None = None,
+                       logit_scale: float = 100.0, pool: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
     """Unknown-class prototypes ``C_u = random(clip-i(Ŝ), u)`` (paper Sec. 3.2, Fig. 3c).
 
     ``sample_source``: iterable of ``(ids, emb)`` segment batches (or one such pair, or an ``(N, D)`` array).
@@ -480,32 +511,27 @@ def unknown_prototypes(sample_source, u: int = 64, seed: int = 0) -> tuple[np.nd
     Sampling is a one-pass reservoir of the "bottom-u" kind: every segment gets the key ``hash(seed, id)``
     (splitmix64) and the ``u`` smallest keys are kept. That is a uniform sample without replacement, seeded, and –
     unlike classic reservoir sampling – independent of batch sizes and of the order the batches come in.
+
+    ``pool < 1`` with the known classes' ``text_emb`` ``(K, D)``: unknown classes are what the known ones do not
+    explain, so the prototypes are drawn from the ``pool`` fraction of segments least explained by them (lowest
+    ``max_k softmax_k(logit_scale · sim(i_s, t_k))``), measured on a uniform sample of ``max(64·u, 4096)``
+    segments (same reservoir; exact, batch-independent scores). A random segment of a known class as an unknown
+    prototype instead takes over that class's segments in L_s, and where it mixes classes the student reads them
+    as the wrong one (README, synthetic sweep). ``pool = 1``: the paper's uniform draw.
     """
     u = int(u)
-    seed_key = _mix64(np.array([seed & 0xFFFFFFFFFFFFFFFF], np.uint64))[0]
-    keep_k = np.zeros(0, np.uint64)
-    keep_id = np.zeros(0, np.int64)
-    keep_e = None
-    for ids, E in _as_batches(sample_source):
-        if keep_e is None:
-            keep_e = np.zeros((0, E.shape[1]), np.float32)
-        if u == 0 or len(ids) == 0:
-            continue
-        keys = _mix64(ids.astype(np.uint64) ^ seed_key)
-        if len(ids) > u:
-            sel = np.argpartition(keys, u - 1)[:u]
-            cand = np.flatnonzero(keys <= keys[sel].max())  # keep key ties at the boundary
-            keys, ids_b, E_b = keys[cand], ids[cand], E[cand]
-        else:
-            ids_b, E_b = ids, E
-        k_all = np.concatenate([keep_k, keys])
-        i_all = np.concatenate([keep_id, ids_b])
-        order = np.lexsort((i_all, k_all))[:u]
-        e_all = np.concatenate([keep_e, np.asarray(E_b, np.float32)])
-        keep_k, keep_id, keep_e = k_all[order], i_all[order], e_all[order]
-    if keep_e is None:
-        raise ValueError("unknown_prototypes: the segment source is empty")
-    return _l2n(keep_e), keep_id
+    if not 0 < pool <= 1:
+        raise ValueError(f"pool must be in (0, 1], got {pool}")
+    if pool >= 1 or text_emb is None or len(text_emb) == 0 or u == 0:
+        _, ids, emb = _bottom_k_by_hash(sample_source, u, seed)
+        return _l2n(emb), ids
+    n = max(64 * u, 4096)
+    keys, ids, emb = _bottom_k_by_hash(sample_source, n, seed)
+    best = _canonical_log_probs(emb, np.asarray(text_emb, np.float32), logit_scale).max(axis=0)  # (n,)
+    n_pool = max(u, int(np.ceil(pool * len(ids))))
+    cand = np.lexsort((ids, best))[:n_pool]  # least explained first (ties: smaller id)
+    cand = cand[np.lexsort((ids[cand], keys[cand]))][:u]  # then uniform among them, in key order
+    return _l2n(emb[cand]), ids[cand]
 
 
 # ================================================================================================ the set

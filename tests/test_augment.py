@@ -121,7 +121,7 @@ def test_teacher_variant_views_replay_the_cached_transform():
                     for s in range(2)])
     rng = np.random.default_rng(1)
     variants = rng.normal(size=(2,) + clip.shape).astype(np.float16)
-    cfg = AugmentConfig(size=64, photometric="teacher", scale=(1.0, 1.0), ratio=(W / H, W / H), flip_p=0.0)
+    cfg = AugmentConfig(size=64, photometric="teacher", zoom=None, scale=(1.0, 1.0), ratio=(W / H, W / H), flip_p=0.0)
     seen = set()
     for seed in range(12):
         for v in make_views(img, labels, clip, rng=seed, cfg=cfg, variants=variants, variant_ops=ops):
@@ -130,7 +130,40 @@ def test_teacher_variant_views_replay_the_cached_transform():
                      if torch.allclose(v["clip"], resample_clip(src, (H, W), v["box"], (8, 8)), atol=1e-5))
             seen.add(k)
             want = img if k == 0 else apply_ops_uint8(img, ops[k - 1])
-            ref = make_views(want, labels, None, rng=0, cfg=AugmentConfig(size=64, scale=(1.0, 1.0), ratio=(W / H, W / H),
+            ref = make_views(want, labels, None, rng=0, cfg=AugmentConfig(size=64, zoom=None, scale=(1.0, 1.0), ratio=(W / H, W / H),
                                                                           flip_p=0.0, photometric="none"))[0]
             assert torch.allclose(v["image"], ref["image"], atol=0.05)
     assert seen == {0, 1, 2}
+
+
+def test_zoom_crops_keep_the_native_scale_unless_asked():
+    from clips4.trainer.augment import sample_zoom_box
+
+    g = torch.Generator().manual_seed(0)
+    for _ in range(50):  # zoom 1, square: an S x S box of source pixels, anywhere inside the image
+        top, left, h, w = sample_zoom_box(100, 150, 64, g, (1.0, 1.0), (1.0, 1.0))
+        assert (h, w) == (64, 64) and 0 <= top <= 36 and 0 <= left <= 86
+    sides = [sample_zoom_box(400, 400, 64, g, (0.5, 2.0), (1.0, 1.0))[2] for _ in range(400)]
+    assert min(sides) >= 32 and max(sides) <= 128 and min(sides) < 40 and max(sides) > 110
+    assert sample_zoom_box(40, 50, 64, g, (1.0, 1.0), (1.0, 1.0)) == (0, 0, 40, 50)  # a small image: all of it
+    # views at zoom 1: the crop's pixels are the image's own (no resampling), labels likewise
+    img = np.random.default_rng(0).integers(0, 256, (80, 96, 3), dtype=np.uint8)
+    labels = np.arange(80 * 96).reshape(80, 96)
+    cfg = AugmentConfig(size=32, zoom=(1.0, 1.0), ratio=(1.0, 1.0), flip_p=0.0, photometric="none")
+    v = make_views(img, labels, None, rng=3, cfg=cfg)[0]
+    top, left, h, w = v["box"]
+    np.testing.assert_array_equal(v["labels"].numpy(), labels[top:top + 32, left:left + 32])
+    np.testing.assert_array_equal(denormalize_image(v["image"]), img[top:top + 32, left:left + 32])
+
+
+def test_augment_params_from_yaml_lists_and_one_crop_rule(tmp_path):
+    import pytest
+
+    from clips4.trainer.config import AugmentParams
+
+    assert AugmentParams().zoom == (1.0, 1.0) and AugmentParams().scale is None
+    p = AugmentParams.model_validate({"zoom": None, "scale": [0.25, 1.0], "ratio": [0.75, 1.333]})  # YAML lists
+    assert p.scale == (0.25, 1.0) and p.zoom is None
+    for bad in ({"scale": [0.25, 1.0]}, {"zoom": None}, {"zoom": [2.0, 1.0]}):
+        with pytest.raises(ValueError, match="zoom|scale"):
+            AugmentParams.model_validate(bad)

@@ -175,6 +175,29 @@ def test_unknown_prototypes_seeded_and_batch_independent():
     assert counts.min() > 50 and counts.max() < 150  # expectation 100
 
 
+def test_unknown_prototypes_come_from_segments_the_known_classes_explain_least():
+    ids, E, T = _data(n=3000)
+    from clips4.pipeline.prototypes import _canonical_log_probs
+
+    best = _canonical_log_probs(E, T, 100.0).max(axis=0)  # (N,) max known-class log-probability
+    p1, i1 = unknown_prototypes(_batches(ids, E, 100), u=16, seed=3, text_emb=T, logit_scale=100.0, pool=0.25)
+    p2, i2 = unknown_prototypes(_batches(ids[::-1], E[::-1], 777), u=16, seed=3, text_emb=T, logit_scale=100.0,
+                                pool=0.25)
+    np.testing.assert_array_equal(i1, i2)  # still seeded and batch-independent
+    np.testing.assert_array_equal(p1, p2)
+    row = {int(s): j for j, s in enumerate(ids)}
+    chosen = best[[row[int(s)] for s in i1]]
+    # every drawn segment is among the least explained quarter (of the 3000: the sample is all of them here)
+    assert chosen.max() <= np.quantile(best, 0.25) + 1e-9
+    _, uni = unknown_prototypes(_batches(ids, E, 100), u=16, seed=3)
+    assert np.median(best[[row[int(s)] for s in uni]]) > chosen.max()  # the uniform draw is not
+    # pool = 1 is the paper's uniform draw, whatever the text
+    _, i_all = unknown_prototypes(_batches(ids, E, 100), u=16, seed=3, text_emb=T, pool=1.0)
+    np.testing.assert_array_equal(i_all, uni)
+    with pytest.raises(ValueError, match="pool"):
+        unknown_prototypes(_batches(ids, E, 100), u=4, text_emb=T, pool=0.0)
+
+
 # ------------------------------------------------------------------------------------------------ tables
 def test_prototype_set_table_round_trip(tmp_path):
     ids, E, T = _data()

@@ -1,6 +1,7 @@
 """Two augmented views per image (SimCLR set), with the cached UCM labels and CLIP map transformed alike.
 
-Geometric transform (random resized crop + horizontal flip) is applied identically to
+Geometric transform (a crop at a random zoom — native scale by default — or the paper's random resized crop, plus a
+horizontal flip) is applied identically to
 
 - the image (crop, antialiased bilinear resize to ``S x S``, flip),
 - the superpixel labels (nearest: every output pixel takes the label of the source pixel containing its
@@ -29,7 +30,10 @@ Photometric transforms (colour jitter in random order with p=0.8, grayscale p=0.
   the variant, so L_t (whose positives span the two views) asks for geometric invariance only. The student then
   learns the teacher's own invariances: where the teacher's reading survives a transform, so must the
   student's; where it does not, the student is not asked to be invariant.
-- ``none``: no photometric transform.
+- ``none``: no photometric transform;
+- ``auto`` (the training default): ``imposed`` restricted to the transform families the teacher itself is
+  measured to be invariant to (:func:`gate_by_teacher`, scores from ``clips4.pipeline.invariances``): a student
+  should ignore what its teacher ignores, and nothing else.
 
 All randomness comes from the ``torch.Generator`` (or int seed) given, so views are reproducible.
 """
@@ -52,6 +56,8 @@ __all__ = [
     "normalize_image",
     "denormalize_image",
     "sample_box",
+    "sample_zoom_box",
+    "gate_by_teacher",
     "resample_labels",
     "resample_clip",
     "make_views",
@@ -65,12 +71,15 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 @dataclass
 class AugmentConfig:
     """size: output crop side S (224 tests, 321/448 real). stride: network output stride (S' = ceil(S/stride)).
+    zoom: magnification range (log-uniform) of the crop relative to the image's resolution: the box is
+    ``S / zoom`` source pixels per side (times the aspect jitter), clipped to the image; or, with ``zoom=None``,
     scale/ratio: RandomResizedCrop area fraction and aspect range (SimCLR uses scale (0.08, 1); segmentation
-    views need enough shared content between the two views, hence the default (0.25, 1))."""
+    views need enough shared content between the two views, hence (0.25, 1) in the paper-like setting)."""
 
     size: int = 321
     stride: int = 8
-    scale: tuple[float, float] = (0.25, 1.0)
+    zoom: tuple[float, float] | None = (1.0, 1.0)
+    scale: tuple[float, float] | None = None
     ratio: tuple[float, float] = (3 / 4, 4 / 3)
     flip_p: float = 0.5
     jitter: tuple[float, float, float, float] = (0.4, 0.4, 0.4, 0.1)  # brightness, contrast, saturation, hue
@@ -78,11 +87,49 @@ class AugmentConfig:
     gray_p: float = 0.2
     blur_p: float = 0.5
     blur_sigma: tuple[float, float] = (0.1, 2.0)
-    photometric: str = "imposed"  # imposed | teacher | none (see the module docstring; training default: none)
+    channel_shuffle_p: float = 0.0
+    invert_p: float = 0.0
+    auto_threshold: float = 0.9
+    photometric: str = "imposed"  # imposed | teacher | none | auto (resolved by gate_by_teacher before use)
 
     @property
     def photometric_config(self) -> PhotometricConfig:
-        return PhotometricConfig(self.jitter, self.jitter_p, self.gray_p, self.blur_p, self.blur_sigma)
+        return PhotometricConfig(self.jitter, self.jitter_p, self.gray_p, self.blur_p, self.blur_sigma,
+                                 self.channel_shuffle_p, self.invert_p)
+
+
+#: AugmentConfig fields each measured teacher invariance (clips4.pipeline.invariances.FAMILIES) unlocks
+_FAMILY_FIELDS = {
+    "brightness_contrast": ("jitter", (0, 1)),
+    "saturation": ("jitter", (2,)),
+    "hue": ("jitter", (3,)),
+    "grayscale": ("gray_p", None),
+    "blur": ("blur_p", None),
+    "palette": (("channel_shuffle_p", "invert_p"), None),
+}
+
+
+def gate_by_teacher(cfg: "AugmentConfig", scores: dict[str, float], threshold: float) -> tuple["AugmentConfig", list[str]]:
+    """``photometric='auto'``: the imposed set with every family the teacher is not invariant to switched off.
+
+    ``scores``: ``{family: score}`` from the prototypes stage's ``invariances.json``; a family is kept when its
+    score is at least ``threshold``. Returns the config to train with (``photometric='imposed'``, or ``'none'``
+    when nothing is kept) and the names of the families kept."""
+    kept = [f for f in _FAMILY_FIELDS if scores.get(f, 0.0) >= threshold]
+    jitter = list(cfg.jitter)
+    changes: dict = {}
+    for fam, (field, idx) in _FAMILY_FIELDS.items():
+        if fam in kept:
+            continue
+        if field == "jitter":
+            for i in idx:
+                jitter[i] = 0.0
+        else:
+            for f in (field if isinstance(field, tuple) else (field,)):
+                changes[f] = 0.0
+    out = AugmentConfig(**{**cfg.__dict__, **changes, "jitter": tuple(jitter),
+                           "photometric": "imposed" if kept else "none"})
+    return out, kept
 
 
 def _gen(rng) -> torch.Generator:
@@ -136,6 +183,19 @@ def sample_box(height: int, width: int, g: torch.Generator, scale=(0.25, 1.0), r
     else:
         w, h = width, height
     return (height - h) // 2, (width - w) // 2, h, w
+
+
+def sample_zoom_box(height: int, width: int, size: int, g: torch.Generator, zoom=(1.0, 1.0), ratio=(3 / 4, 4 / 3)):
+    """Crop box ``(top, left, h, w)`` whose resize to ``size x size`` magnifies the image by a factor drawn
+    log-uniformly from ``zoom`` (aspect jitter from ``ratio``, log-uniform); a box larger than the image is clipped
+    to it (the view then magnifies more along that side)."""
+    f = math.exp(_uniform(g, math.log(zoom[0]), math.log(zoom[1])))
+    ar = math.exp(_uniform(g, math.log(ratio[0]), math.log(ratio[1])))
+    h = min(height, max(1, int(round(size / f / math.sqrt(ar)))))
+    w = min(width, max(1, int(round(size / f * math.sqrt(ar)))))
+    top = int(torch.randint(0, height - h + 1, (1,), generator=g).item())
+    left = int(torch.randint(0, width - w + 1, (1,), generator=g).item())
+    return top, left, h, w
 
 
 def _centres(start: float, length: float, n: int, flip: bool = False) -> np.ndarray:
@@ -217,7 +277,10 @@ def make_views(image: np.ndarray, labels: np.ndarray, clip: np.ndarray | None, *
     # geometry of all views first, so it does not depend on the photometric settings
     geo = []
     for _ in range(n_views):
-        box = sample_box(H, W, g, cfg.scale, cfg.ratio)
+        if cfg.zoom is not None:
+            box = sample_zoom_box(H, W, S, g, cfg.zoom, cfg.ratio)
+        else:
+            box = sample_box(H, W, g, cfg.scale or (0.25, 1.0), cfg.ratio)
         geo.append((box, bool(torch.rand((), generator=g).item() < cfg.flip_p)))
     src, target = img_t, clip
     if variants is not None and cfg.photometric == "teacher" and len(variants):
@@ -233,6 +296,8 @@ def make_views(image: np.ndarray, labels: np.ndarray, clip: np.ndarray | None, *
         crop = TF.resized_crop(src, top, left, h, w, [S, S], antialias=True).float() / 255.0
         if flip:
             crop = crop.flip(-1)
+        if cfg.photometric == "auto":
+            raise ValueError("photometric='auto' must be resolved with gate_by_teacher() before making views")
         if cfg.photometric == "imposed":
             crop = _photometric(crop, cfg, g)
         v = {

@@ -3,30 +3,56 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
-from clips4.pipeline.config import Strict
+from clips4.pipeline.config import FloatPair, FloatQuad, Strict
 
 
 class AugmentParams(Strict):
     """The views' augmentation (``train.augment`` in stages.yaml; ``clips4.trainer.augment.AugmentConfig``)."""
 
-    #: RandomResizedCrop area fraction and aspect range
-    scale: tuple[float, float] = (0.25, 1.0)
-    ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    #: crop geometry, one of two: ``zoom`` = magnification range of the crops relative to the image's own
+    #: resolution (log-uniform; (1, 1) = crops at native scale, as the student sees images at test time), or
+    #: ``scale`` = RandomResizedCrop area-fraction range (the paper's SimCLR views, e.g. (0.25, 1.0); zoom: null).
+    #: Default zoom (1, 1): on the synthetic sweep, rescaled crops whose target is the teacher on the unscaled image
+    #: teach the student to ignore texture frequency, and classes that differ by it collapse (README)
+    zoom: FloatPair | None = (1.0, 1.0)
+    scale: FloatPair | None = None
+    #: aspect-ratio range of the crop box (the view itself is square)
+    ratio: FloatPair = (3 / 4, 4 / 3)
     flip_p: float = Field(default=0.5, ge=0, le=1)
     #: colour jitter factors: brightness, contrast, saturation, hue
-    jitter: tuple[float, float, float, float] = (0.4, 0.4, 0.4, 0.1)
+    jitter: FloatQuad = (0.4, 0.4, 0.4, 0.1)
     jitter_p: float = Field(default=0.8, ge=0, le=1)
     gray_p: float = Field(default=0.2, ge=0, le=1)
     blur_p: float = Field(default=0.5, ge=0, le=1)
-    blur_sigma: tuple[float, float] = (0.1, 2.0)
+    blur_sigma: FloatPair = (0.1, 2.0)
+    #: beyond SimCLR's set: a random RGB channel permutation / inversion with these probabilities (colour-palette
+    #: scrambles that keep every edge and texture)
+    channel_shuffle_p: float = Field(default=0.5, ge=0, le=1)
+    invert_p: float = Field(default=0.25, ge=0, le=1)
+    #: ``auto``: a family is imposed when the teacher's measured invariance score reaches this
+    auto_threshold: float = Field(default=0.9, gt=0)
     #: ``imposed``: photometric transforms on the view only, target = teacher on the clean image (the paper's
-    #: SimCLR views); ``teacher``: views made from the teacher's cached photometric variants, target = teacher
-    #: on that variant (needs ``clip_features.photometric_variants > 0``); ``none``: no photometric transform
-    #: Default ``none``: on the synthetic sweep, imposed views make the student merge classes that differ by colour
-    #: or fine texture (README, "Why similar classes collapsed"); ``imposed`` is the paper's setting
-    photometric: Literal["imposed", "teacher", "none"] = "none"
+    #: SimCLR views: channel_shuffle_p = invert_p = 0); ``auto``: ``imposed`` restricted to the families the
+    #: teacher is measured to be invariant to (prototypes stage, ``invariances.json``); ``teacher``: views made
+    #: from the teacher's cached photometric variants, target = teacher on that variant (needs
+    #: ``clip_features.photometric_variants > 0``); ``none``: no photometric transform.
+    #: Default ``auto``: on the synthetic sweep, imposed views make the student merge classes that differ by colour
+    #: (README, "Why similar classes collapsed"), and no views let it take colour shortcuts where its teacher
+    #: reads texture; imposing what the teacher ignores handles both
+    photometric: Literal["auto", "imposed", "teacher", "none"] = "auto"
+
+    @model_validator(mode="after")
+    def _one_crop_rule(self):
+        if (self.zoom is None) == (self.scale is None):
+            raise ValueError("augment: set exactly one of zoom (magnification range) and scale (area-fraction "
+                             "range; the paper's RandomResizedCrop) — the other null")
+        for name in ("zoom", "scale", "ratio"):
+            v = getattr(self, name)
+            if v is not None and not 0 < v[0] <= v[1]:
+                raise ValueError(f"augment.{name} must be a range 0 < low <= high, got {list(v)}")
+        return self
 
 
 class TrainParams(Strict):
@@ -65,6 +91,9 @@ class TrainParams(Strict):
     kappa: float = Field(default=10.0, gt=0)
     #: τ in L_s = CE(softmax(τ·cos(v_s, C)), y_s); the paper's Eq. 3 has none (= 1)
     semantic_temperature: float = Field(default=10.0, gt=0)
+    #: L_s targets: ``hard`` (the paper's argmax pseudo-labels), ``weighted`` (each segment weighted by the
+    #: teacher's confidence), ``soft`` (the teacher's distribution); see clips4.trainer.losses
+    pseudo_labels: Literal["hard", "weighted", "soft"] = "hard"
     n_segments: int = Field(default=36, ge=2)
     kmeans_iters: int = Field(default=10, ge=1)
     memory_batches: int = Field(default=2, ge=0)

@@ -76,6 +76,7 @@ class LossConfig:
     w_u: float = _train_default("w_u")
     kappa: float = _train_default("kappa")
     semantic_temperature: float = _train_default("semantic_temperature")
+    pseudo_labels: str = _train_default("pseudo_labels")
     n_segments: int = _train_default("n_segments")
     kmeans_iters: int = _train_default("kmeans_iters")
     spatial_weight: float = 1.0  # weight of (y, x) in [-1, 1] appended to embeddings for k-means
@@ -311,9 +312,13 @@ def embedding_consistency_loss(v: torch.Tensor, i: torch.Tensor, valid: torch.Te
 
 
 def semantic_consistency_loss(v: torch.Tensor, i: torch.Tensor, valid: torch.Tensor, prototypes: torch.Tensor,
-                              temperature: float):
+                              temperature: float, pseudo_labels: str = "hard"):
     """Eq. 3. v, i: ``(N,k,D)``; valid ``(N,k)``; prototypes ``(L,D)`` unit-norm (detached here).
 
+    ``pseudo_labels``: ``hard`` (the paper: cross entropy with ``y_s = argmax_l cos(i_s, c_l)``); ``weighted``
+    (the same, each segment weighted by the teacher's confidence ``max_l softmax(τ·cos(i_s, C))``, so segments
+    the teacher cannot place — mixtures, boundaries, noise — count less); ``soft`` (cross entropy with the
+    teacher's whole distribution ``softmax(τ·cos(i_s, C))``).
     Returns ``(loss, pseudo (S,) int64 = argmax_l cos(i_s, c_l), i_valid (S,D))`` over the valid segments.
     """
     C = prototypes.detach()
@@ -321,8 +326,21 @@ def semantic_consistency_loss(v: torch.Tensor, i: torch.Tensor, valid: torch.Ten
     if vs.shape[0] == 0:
         return v.sum() * 0.0, torch.zeros(0, dtype=torch.int64, device=v.device), is_
     with torch.no_grad():
-        pseudo = (is_ @ C.t()).argmax(1)
-    loss = F.cross_entropy(temperature * vs @ C.t(), pseudo)
+        t_logits = is_ @ C.t()
+        pseudo = t_logits.argmax(1)
+    logits = temperature * vs @ C.t()
+    if pseudo_labels == "hard":
+        loss = F.cross_entropy(logits, pseudo)
+    elif pseudo_labels == "weighted":
+        with torch.no_grad():
+            w = torch.softmax(temperature * t_logits, 1).amax(1)
+        loss = (F.cross_entropy(logits, pseudo, reduction="none") * w).sum() / w.sum().clamp_min(1e-12)
+    elif pseudo_labels == "soft":
+        with torch.no_grad():
+            q = torch.softmax(temperature * t_logits, 1)
+        loss = -(q * F.log_softmax(logits, 1)).sum(1).mean()
+    else:
+        raise ValueError(f"pseudo_labels must be hard, weighted or soft, got {pseudo_labels!r}")
     return loss, pseudo, is_
 
 
@@ -398,7 +416,8 @@ class CLIPS4Loss(nn.Module):
                 parts["L_e"] = float(l_e.detach())
             if self.prototypes is not None and (cfg.w_s > 0 or cfg.w_u > 0):
                 C = self.prototypes()
-                l_s, pseudo, i_v = semantic_consistency_loss(v, i_s, valid, C, cfg.semantic_temperature)
+                l_s, pseudo, i_v = semantic_consistency_loss(v, i_s, valid, C, cfg.semantic_temperature,
+                                                             cfg.pseudo_labels)
                 if cfg.w_s > 0:
                     total = total + cfg.w_s * l_s
                     parts["L_s"] = float(l_s.detach())

@@ -131,6 +131,26 @@ def build_for_training(p: TrainParams, embed_dim: int) -> torch.nn.Module:
                                    head_dim=p.head_dim))
 
 
+def _auto_augment(augment: AugmentConfig, prototypes_url: str, rank: int) -> AugmentConfig:
+    """``photometric: auto``: impose only what the teacher is invariant to (``invariances.json`` of the prototypes
+    stage); said in one plain line, since it decides what the student learns."""
+    import fsspec
+
+    from clips4.trainer.augment import gate_by_teacher
+
+    try:
+        with fsspec.open(prototypes_url.rstrip("/") + "/invariances.json", "rb") as f:
+            scores = json.loads(f.read()).get("families", {})
+    except FileNotFoundError:
+        scores = {}
+    out, kept = gate_by_teacher(augment, scores, augment.auto_threshold)
+    if rank == 0:
+        shown = ", ".join(f"{k} {v:.2f}" for k, v in scores.items()) or "not measured (prototypes.invariance_images: 0)"
+        console.print(f"augment: photometric auto -> imposing {', '.join(kept) or 'nothing'} (teacher invariance "
+                      f"scores: {shown}; threshold {augment.auto_threshold})", markup=False)
+    return out
+
+
 def train(cfg: Config, *, dataset: Dataset | None = None, resume: bool = False, restart: bool = False,
           max_steps: int | None = None, show_progress: bool = True) -> TrainResult:
     """Train (or continue) the run defined by ``cfg``. ``max_steps`` stops early (tests; a simulated kill)."""
@@ -148,8 +168,11 @@ def train(cfg: Config, *, dataset: Dataset | None = None, resume: bool = False, 
         torch.cuda.set_device(device)
     use_amp = p.amp == "on" or (p.amp == "auto" and device.type == "cuda")
 
-    ds = CachedViews(deps["segments"], deps["clip_features"], crop_size=p.crop_size,
-                     augment=AugmentConfig(size=p.crop_size, **p.augment.model_dump()), cache_images=p.cache_images)
+    augment = AugmentConfig(size=p.crop_size, **p.augment.model_dump())
+    if augment.photometric == "auto":
+        augment = _auto_augment(augment, deps["prototypes"], rank)
+    ds = CachedViews(deps["segments"], deps["clip_features"], crop_size=p.crop_size, augment=augment,
+                     cache_images=p.cache_images)
     names, known, unknown = load_prototypes(deps["prototypes"])
     if known.numel() and known.shape[1] != ds.embed_dim or unknown.numel() and unknown.shape[1] != ds.embed_dim:
         raise TrainingError(f"prototypes in {deps['prototypes']} do not match the CLIP feature width {ds.embed_dim}")

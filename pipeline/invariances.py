@@ -1,0 +1,86 @@
+"""Which photometric transforms the teacher is invariant to, measured on a sample of the training images.
+
+The student should be invariant to a transform exactly when its teacher is: views transformed on the student's
+side only (the paper's SimCLR set) tell it to ignore what the transform changes, which is right for a teacher
+that reads shape and texture (CLIP on photographs, mostly) and wrong for one whose classes differ by colour
+levels — then the student merges those classes (README, the synthetic sweep). ``train.augment.photometric:
+auto`` imposes only the families measured here as invariant.
+
+Per family (``FAMILIES``) the teacher runs on each sampled image transformed by that family's probes (at the
+strength the augmentation would use at most), and every feature cell's class — the nearest prototype — is
+compared with the cell's class on the image itself. The same comparison on an imperceptibly perturbed image
+(±1 grey level of noise) is the baseline: it is 1 for a deterministic teacher and the teacher's own
+self-consistency for a noisy one. ``score = agreement(family) / agreement(baseline)``, in ``[0, ~1]``.
+
+numpy in, numpy out; torch only through :mod:`clips4.pipeline.photometric`.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from clips4.pipeline.photometric import IDENTITY, apply_ops_uint8
+
+__all__ = ["FAMILIES", "probe_ops", "measure_invariances"]
+
+#: family -> what it changes; the probes below use the augmentation's largest strengths
+FAMILIES = {
+    "brightness_contrast": "brightness and contrast x0.6 / x1.4",
+    "saturation": "saturation x0.6 / x1.4",
+    "hue": "hue shift -0.1 / +0.1 of the colour wheel",
+    "grayscale": "grey levels only",
+    "blur": "Gaussian blur, sigma 2 px",
+    "palette": "RGB channels permuted / inverted (edges and texture kept)",
+}
+
+
+def _op(**kw) -> np.ndarray:
+    o = IDENTITY.copy()
+    idx = {"jitter": 0, "brightness": 1, "contrast": 2, "saturation": 3, "hue": 4, "gray": 9, "blur_sigma": 10,
+           "channel_perm": 11, "invert": 12}
+    for k, v in kw.items():
+        o[idx[k]] = v
+    if any(k in kw for k in ("brightness", "contrast", "saturation", "hue")):
+        o[0] = 1
+    return o
+
+
+def probe_ops() -> dict[str, list[np.ndarray]]:
+    """``{family: [ops vectors]}``: the fixed transforms each family is probed with."""
+    return {
+        "brightness_contrast": [_op(brightness=0.6, contrast=1.4), _op(brightness=1.4, contrast=0.6)],
+        "saturation": [_op(saturation=0.6), _op(saturation=1.4)],
+        "hue": [_op(hue=-0.1), _op(hue=0.1)],
+        "grayscale": [_op(gray=1)],
+        "blur": [_op(blur_sigma=2.0)],
+        "palette": [_op(channel_perm=3), _op(invert=1), _op(channel_perm=4, invert=1)],
+    }
+
+
+def _classes(feats: np.ndarray, protos: np.ndarray) -> np.ndarray:
+    f = np.asarray(feats, np.float32)
+    return np.argmax(f.reshape(-1, f.shape[-1]) @ protos.T, axis=1)
+
+
+def measure_invariances(backend, images: list[np.ndarray], protos: np.ndarray, seed: int = 0) -> dict:
+    """Scores of every family (see the module docstring) over ``images`` (``(H,W,3) uint8``), the cell classes
+    read as the nearest of ``protos`` ``(L, D)`` (unit-norm). Returns ``{"families": {name: score}, "baseline":
+    agreement, "images": n}``; an empty image list gives no scores."""
+    protos = np.asarray(protos, np.float32)
+    if not images or len(protos) == 0:
+        return {"families": {}, "baseline": None, "images": 0}
+    rng = np.random.default_rng(seed)
+    probes = probe_ops()
+    agree = {name: [] for name in probes}
+    base = []
+    for img in images:
+        ref = _classes(backend.dense_features([img])[0], protos)
+        jitter = rng.integers(-1, 2, img.shape)
+        nudged = np.clip(img.astype(np.int16) + jitter, 0, 255).astype(np.uint8)
+        base.append(float(np.mean(_classes(backend.dense_features([nudged])[0], protos) == ref)))
+        for name, ops in probes.items():
+            for o in ops:
+                out = _classes(backend.dense_features([apply_ops_uint8(img, o)])[0], protos)
+                agree[name].append(float(np.mean(out == ref)) if out.shape == ref.shape else 0.0)
+    b = max(float(np.mean(base)), 1e-6)
+    return {"families": {k: round(float(np.mean(v)) / b, 4) for k, v in agree.items()}, "baseline": round(b, 4),
+            "images": len(images)}
