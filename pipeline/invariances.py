@@ -30,7 +30,12 @@ FAMILIES = {
     "grayscale": "grey levels only",
     "blur": "Gaussian blur, sigma 2 px",
     "palette": "RGB channels permuted / inverted (edges and texture kept)",
+    "flip": "horizontal flip (features flipped back)",
+    "zoom": "image rescaled x0.7 / x1.4 (features resampled back to the grid)",
 }
+#: the geometric probes' rescale factors (``train.augment.zoom`` under ``geometric: auto`` is used only when the
+#: teacher is invariant at these)
+ZOOM_PROBES = (0.7, 1.4)
 
 
 def _op(**kw) -> np.ndarray:
@@ -61,6 +66,30 @@ def _classes(feats: np.ndarray, protos: np.ndarray) -> np.ndarray:
     return np.argmax(f.reshape(-1, f.shape[-1]) @ protos.T, axis=1)
 
 
+def _resize(img: np.ndarray, factor: float) -> np.ndarray:
+    from PIL import Image
+
+    H, W = img.shape[:2]
+    size = (max(1, round(W * factor)), max(1, round(H * factor)))
+    return np.asarray(Image.fromarray(img).resize(size, Image.BILINEAR))
+
+
+def _to_grid(feats: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
+    """``(h', w', D)`` features covering the image -> ``(h, w, D)``: each target cell takes the source cell under its
+    centre (both grids cover the whole image)."""
+    h2, w2 = feats.shape[:2]
+    ys = np.minimum(((np.arange(hw[0]) + 0.5) / hw[0] * h2).astype(int), h2 - 1)
+    xs = np.minimum(((np.arange(hw[1]) + 0.5) / hw[1] * w2).astype(int), w2 - 1)
+    return feats[ys[:, None], xs[None, :]]
+
+
+def _geometric(backend, img: np.ndarray, name: str, hw: tuple[int, int]) -> list[np.ndarray]:
+    """The teacher's features on the geometric probes of ``name``, mapped back onto the ``hw`` grid."""
+    if name == "flip":
+        return [backend.dense_features([np.ascontiguousarray(img[:, ::-1])])[0][:, ::-1]]
+    return [_to_grid(backend.dense_features([_resize(img, f)])[0], hw) for f in ZOOM_PROBES]
+
+
 def measure_invariances(backend, images: list[np.ndarray], protos: np.ndarray, seed: int = 0) -> dict:
     """Scores of every family (see the module docstring) over ``images`` (``(H,W,3) uint8``), the cell classes
     read as the nearest of ``protos`` ``(L, D)`` (unit-norm). Returns ``{"families": {name: score}, "baseline":
@@ -72,8 +101,11 @@ def measure_invariances(backend, images: list[np.ndarray], protos: np.ndarray, s
     probes = probe_ops()
     agree = {name: [] for name in probes}
     base = []
+    for name in ("flip", "zoom"):
+        agree[name] = []
     for img in images:
-        ref = _classes(backend.dense_features([img])[0], protos)
+        f0 = backend.dense_features([img])[0]
+        ref = _classes(f0, protos)
         jitter = rng.integers(-1, 2, img.shape)
         nudged = np.clip(img.astype(np.int16) + jitter, 0, 255).astype(np.uint8)
         base.append(float(np.mean(_classes(backend.dense_features([nudged])[0], protos) == ref)))
@@ -81,6 +113,9 @@ def measure_invariances(backend, images: list[np.ndarray], protos: np.ndarray, s
             for o in ops:
                 out = _classes(backend.dense_features([apply_ops_uint8(img, o)])[0], protos)
                 agree[name].append(float(np.mean(out == ref)) if out.shape == ref.shape else 0.0)
+        for name in ("flip", "zoom"):
+            for f in _geometric(backend, img, name, f0.shape[:2]):
+                agree[name].append(float(np.mean(_classes(f, protos) == ref)))
     b = max(float(np.mean(base)), 1e-6)
     return {"families": {k: round(float(np.mean(v)) / b, 4) for k, v in agree.items()}, "baseline": round(b, 4),
             "images": len(images)}

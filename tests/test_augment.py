@@ -161,7 +161,7 @@ def test_augment_params_from_yaml_lists_and_one_crop_rule(tmp_path):
 
     from clips4.trainer.config import AugmentParams
 
-    assert AugmentParams().zoom == (1.0, 1.0) and AugmentParams().scale is None
+    assert AugmentParams().zoom == (0.7, 1.4) and AugmentParams().scale is None and AugmentParams().geometric == "auto"
     p = AugmentParams.model_validate({"zoom": None, "scale": [0.25, 1.0], "ratio": [0.75, 1.333]})  # YAML lists
     assert p.scale == (0.25, 1.0) and p.zoom is None
     for bad in ({"scale": [0.25, 1.0]}, {"zoom": None}, {"zoom": [2.0, 1.0]}):

@@ -56,7 +56,7 @@ def _images(n=6, seed=0):
 
 
 def test_probes_cover_every_family():
-    assert set(probe_ops()) == set(FAMILIES)
+    assert set(probe_ops()) | {"flip", "zoom"} == set(FAMILIES)
 
 
 def test_a_texture_teacher_ignores_the_palette_a_colour_teacher_does_not():
@@ -66,6 +66,9 @@ def test_a_texture_teacher_ignores_the_palette_a_colour_teacher_does_not():
     assert tex["palette"] >= 0.95 and tex["grayscale"] >= 0.95 and tex["brightness_contrast"] >= 0.95
     assert col["palette"] < 0.7 and col["grayscale"] < 0.7  # grey cells: the brightest channel is arbitrary
     assert measure_invariances(_CellTeacher("colour"), [], protos) == {"families": {}, "baseline": None, "images": 0}
+    # geometry: bars keep their orientation under a flip; x0.7 / x1.4 rescales change the 8 px cells' content
+    assert tex["flip"] >= 0.95 and col["flip"] >= 0.95
+    assert set(tex) == set(FAMILIES)
 
 
 def test_auto_imposes_only_what_the_teacher_ignores():
@@ -79,6 +82,12 @@ def test_auto_imposes_only_what_the_teacher_ignores():
     assert out.gray_p == cfg.gray_p and out.channel_shuffle_p == cfg.channel_shuffle_p and out.invert_p == cfg.invert_p
     none, kept = gate_by_teacher(cfg, {}, 0.9)  # not measured: nothing imposed
     assert kept == [] and none.photometric == "none"
+    geo = AugmentConfig(size=16, photometric="none", geometric="auto", zoom=(0.7, 1.4), flip_p=0.5)
+    out, kept = gate_by_teacher(geo, {"flip": 0.5, "zoom": 0.95}, 0.9)
+    assert kept == ["zoom"] and out.flip_p == 0.0 and out.zoom == (0.7, 1.4) and out.geometric == "imposed"
+    out, kept = gate_by_teacher(AugmentConfig(size=16, photometric="none", geometric="auto", zoom=None,
+                                              scale=(0.25, 1.0)), {"flip": 1.0}, 0.9)
+    assert kept == ["flip"] and out.zoom == (1.0, 1.0) and out.scale is None  # not scale-invariant: native scale
     with pytest.raises(ValueError, match="auto"):  # never silently treated as another mode
         make_views(_images(1)[0], np.zeros((32, 48), np.int64), None, cfg=cfg)
 

@@ -80,6 +80,7 @@ class AugmentConfig:
     stride: int = 8
     zoom: tuple[float, float] | None = (1.0, 1.0)
     scale: tuple[float, float] | None = None
+    geometric: str = "imposed"  # imposed | auto (resolved by gate_by_teacher before use)
     ratio: tuple[float, float] = (3 / 4, 4 / 3)
     flip_p: float = 0.5
     jitter: tuple[float, float, float, float] = (0.4, 0.4, 0.4, 0.1)  # brightness, contrast, saturation, hue
@@ -110,26 +111,40 @@ _FAMILY_FIELDS = {
 
 
 def gate_by_teacher(cfg: "AugmentConfig", scores: dict[str, float], threshold: float) -> tuple["AugmentConfig", list[str]]:
-    """``photometric='auto'``: the imposed set with every family the teacher is not invariant to switched off.
+    """``photometric='auto'`` / ``geometric='auto'``: the imposed views with every transform family the teacher is
+    not invariant to switched off.
 
     ``scores``: ``{family: score}`` from the prototypes stage's ``invariances.json``; a family is kept when its
-    score is at least ``threshold``. Returns the config to train with (``photometric='imposed'``, or ``'none'``
-    when nothing is kept) and the names of the families kept."""
-    kept = [f for f in _FAMILY_FIELDS if scores.get(f, 0.0) >= threshold]
-    jitter = list(cfg.jitter)
+    score is at least ``threshold``. Photometric families gate the colour jitter, grayscale, blur and palette
+    fields (nothing kept -> ``photometric='none'``); ``flip`` gates ``flip_p`` and ``zoom`` the zoom range (or the
+    area crops) — not kept: crops at native scale. Returns the config to train with (no ``auto`` left) and the
+    names of the families kept."""
+    kept: list[str] = []
     changes: dict = {}
-    for fam, (field, idx) in _FAMILY_FIELDS.items():
-        if fam in kept:
-            continue
-        if field == "jitter":
-            for i in idx:
-                jitter[i] = 0.0
+    if cfg.photometric == "auto":
+        kept += [f for f in _FAMILY_FIELDS if scores.get(f, 0.0) >= threshold]
+        jitter = list(cfg.jitter)
+        for fam, (field, idx) in _FAMILY_FIELDS.items():
+            if fam in kept:
+                continue
+            if field == "jitter":
+                for i in idx:
+                    jitter[i] = 0.0
+            else:
+                for f in (field if isinstance(field, tuple) else (field,)):
+                    changes[f] = 0.0
+        changes.update(jitter=tuple(jitter), photometric="imposed" if kept else "none")
+    if cfg.geometric == "auto":
+        if scores.get("flip", 0.0) >= threshold:
+            kept.append("flip")
         else:
-            for f in (field if isinstance(field, tuple) else (field,)):
-                changes[f] = 0.0
-    out = AugmentConfig(**{**cfg.__dict__, **changes, "jitter": tuple(jitter),
-                           "photometric": "imposed" if kept else "none"})
-    return out, kept
+            changes["flip_p"] = 0.0
+        if scores.get("zoom", 0.0) >= threshold:
+            kept.append("zoom")
+        else:
+            changes.update(zoom=(1.0, 1.0), scale=None)
+        changes["geometric"] = "imposed"
+    return AugmentConfig(**{**cfg.__dict__, **changes}), kept
 
 
 def _gen(rng) -> torch.Generator:
@@ -296,8 +311,8 @@ def make_views(image: np.ndarray, labels: np.ndarray, clip: np.ndarray | None, *
         crop = TF.resized_crop(src, top, left, h, w, [S, S], antialias=True).float() / 255.0
         if flip:
             crop = crop.flip(-1)
-        if cfg.photometric == "auto":
-            raise ValueError("photometric='auto' must be resolved with gate_by_teacher() before making views")
+        if "auto" in (cfg.photometric, cfg.geometric):
+            raise ValueError("photometric/geometric 'auto' must be resolved with gate_by_teacher() before making views")
         if cfg.photometric == "imposed":
             crop = _photometric(crop, cfg, g)
         v = {

@@ -11,12 +11,15 @@ from clips4.pipeline.config import FloatPair, FloatQuad, Strict
 class AugmentParams(Strict):
     """The views' augmentation (``train.augment`` in stages.yaml; ``clips4.trainer.augment.AugmentConfig``)."""
 
+    #: ``auto``: flips and rescaled crops only where the teacher is measured to be invariant to them (prototypes
+    #: stage, ``invariances.json``; otherwise no flips / crops at native scale); ``imposed``: as set below (paper)
+    geometric: Literal["auto", "imposed"] = "auto"
     #: crop geometry, one of two: ``zoom`` = magnification range of the crops relative to the image's own
     #: resolution (log-uniform; (1, 1) = crops at native scale, as the student sees images at test time), or
     #: ``scale`` = RandomResizedCrop area-fraction range (the paper's SimCLR views, e.g. (0.25, 1.0); zoom: null).
-    #: Default zoom (1, 1): on the synthetic sweep, rescaled crops whose target is the teacher on the unscaled image
-    #: teach the student to ignore texture frequency, and classes that differ by it collapse (README)
-    zoom: FloatPair | None = (1.0, 1.0)
+    #: On the synthetic sweep, rescaled crops whose target is the teacher on the unscaled image teach the student
+    #: to ignore texture frequency, and classes that differ by it collapse (README): hence ``geometric: auto``
+    zoom: FloatPair | None = (0.7, 1.4)
     scale: FloatPair | None = None
     #: aspect-ratio range of the crop box (the view itself is square)
     ratio: FloatPair = (3 / 4, 4 / 3)
@@ -31,7 +34,7 @@ class AugmentParams(Strict):
     #: scrambles that keep every edge and texture)
     channel_shuffle_p: float = Field(default=0.5, ge=0, le=1)
     invert_p: float = Field(default=0.25, ge=0, le=1)
-    #: ``auto``: a family is imposed when the teacher's measured invariance score reaches this
+    #: ``auto`` (photometric / geometric): a family is imposed when the teacher's invariance score reaches this
     auto_threshold: float = Field(default=0.9, gt=0)
     #: ``imposed``: photometric transforms on the view only, target = teacher on the clean image (the paper's
     #: SimCLR views: channel_shuffle_p = invert_p = 0); ``auto``: ``imposed`` restricted to the families the

@@ -132,8 +132,8 @@ def build_for_training(p: TrainParams, embed_dim: int) -> torch.nn.Module:
 
 
 def _auto_augment(augment: AugmentConfig, prototypes_url: str, rank: int) -> AugmentConfig:
-    """``photometric: auto``: impose only what the teacher is invariant to (``invariances.json`` of the prototypes
-    stage); said in one plain line, since it decides what the student learns."""
+    """``photometric`` / ``geometric: auto``: impose only what the teacher is invariant to (``invariances.json`` of
+    the prototypes stage); said in one plain line, since it decides what the student learns."""
     import fsspec
 
     from clips4.trainer.augment import gate_by_teacher
@@ -146,7 +146,7 @@ def _auto_augment(augment: AugmentConfig, prototypes_url: str, rank: int) -> Aug
     out, kept = gate_by_teacher(augment, scores, augment.auto_threshold)
     if rank == 0:
         shown = ", ".join(f"{k} {v:.2f}" for k, v in scores.items()) or "not measured (prototypes.invariance_images: 0)"
-        console.print(f"augment: photometric auto -> imposing {', '.join(kept) or 'nothing'} (teacher invariance "
+        console.print(f"augment: auto -> imposing {', '.join(kept) or 'nothing'} (teacher invariance "
                       f"scores: {shown}; threshold {augment.auto_threshold})", markup=False)
     return out
 
@@ -169,7 +169,7 @@ def train(cfg: Config, *, dataset: Dataset | None = None, resume: bool = False, 
     use_amp = p.amp == "on" or (p.amp == "auto" and device.type == "cuda")
 
     augment = AugmentConfig(size=p.crop_size, **p.augment.model_dump())
-    if augment.photometric == "auto":
+    if "auto" in (augment.photometric, augment.geometric):
         augment = _auto_augment(augment, deps["prototypes"], rank)
     ds = CachedViews(deps["segments"], deps["clip_features"], crop_size=p.crop_size, augment=augment,
                      cache_images=p.cache_images)
