@@ -58,15 +58,19 @@ def train_run(cfg_path: Path, out: Path, overrides: list[str]) -> tuple[Path, fl
 
 #: the sweep's ablation rows: (name, overrides, teacher variants needed in the cache). ``prototypes.*`` overrides
 #: rebuild that stage for the row; every other override is a training one.
-OLD_DEFAULTS = ["train.augment.photometric=imposed", "train.augment.zoom=null", "train.augment.scale=[0.25,1.0]",
-                "prototypes.unknown_pool=1.0"]
+PAPER_VIEWS = ["train.augment.photometric=imposed", "train.augment.channel_shuffle_p=0", "train.augment.invert_p=0",
+               "train.augment.geometric=imposed", "train.augment.zoom=null", "train.augment.scale=[0.25,1.0]"]
+#: before issue 12: the paper's views, a temperature in L_s, unknown prototypes drawn uniformly
+OLD_DEFAULTS = [*PAPER_VIEWS, "prototypes.unknown_pool=1.0"]
 SWEEP_ROWS = [
     ("defaults", [], False),
     ("- L_t", ["train.w_t=0"], False),
     ("- L_e", ["train.w_e=0"], False),
     ("- L_s", ["train.w_s=0"], False),
-    ("rescaled crops", ["train.augment.zoom=null", "train.augment.scale=[0.25,1.0]"], False),
+    ("paper geometry", ["train.augment.geometric=imposed", "train.augment.zoom=null", "train.augment.scale=[0.25,1.0]"],
+     False),
     ("imposed photometric", ["train.augment.photometric=imposed"], False),
+    ("no photometric", ["train.augment.photometric=none"], False),
     ("uniform unknowns", ["prototypes.unknown_pool=1.0"], False),
     ("weighted pseudo-labels", ["train.pseudo_labels=weighted"], False),
     ("soft pseudo-labels", ["train.pseudo_labels=soft"], False),
