@@ -131,11 +131,25 @@ def _build_backend(clip: "ClipParams"):
     return load_backend(clip.backend, **clip.backend_params)
 
 
+def _check_variant_params(vp: dict) -> None:
+    """Unknown ``variant_params`` keys are a config error naming the valid ones (before any image is read)."""
+    import dataclasses
+
+    from clips4.pipeline.config import ConfigError
+    from clips4.pipeline.photometric import PhotometricConfig
+
+    valid = [f.name for f in dataclasses.fields(PhotometricConfig)]
+    bad = sorted(set(vp) - set(valid))
+    if bad:
+        raise ConfigError(f"clip_features.variant_params: unknown {bad}; valid: {', '.join(valid)}")
+
+
 def clip_features_preflight(params: ClipFeaturesParams) -> dict:
     """Resolve the CLIP weights in the driver (seconds, no model build): missing weights fail before fan-out.
 
     Returns what meta.json records: model, weights (tag or path) and the weight file's sha256.
     """
+    _check_variant_params(params.variant_params)
     clip = params.clip
     if clip.backend not in (None, "open_clip", "openclip"):
         backend = build_backend(clip)

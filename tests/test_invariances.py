@@ -128,3 +128,15 @@ def test_stages_cache_teacher_variants_and_invariances_and_train_uses_them(tmp_p
                      "--set", f"train.augment.photometric={mode}", "--set", "train.crop_size=64",
                      "--set", f"train.out={tmp_path / mode}", "-q"]) == 0
         assert (tmp_path / mode / "final.pt").exists()
+
+
+def test_unknown_variant_params_are_a_config_error_before_any_image(tmp_path, capsys):
+    from conftest import make_synthetic
+
+    from clips4.cli import main
+
+    a = make_synthetic(tmp_path / "world", n_train=2, n_val=1)
+    code = main(["precompute", "clip-features", *a, "--set", "clip_features.photometric_variants=1",
+                 "--set", "clip_features.variant_params={hue_p: 1}", "--split", "train", "-q"])
+    err = capsys.readouterr().err
+    assert code == 2 and "hue_p" in err and "invert_p" in err and "Traceback" not in err
