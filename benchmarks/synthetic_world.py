@@ -74,6 +74,7 @@ SWEEP_ROWS = [
     ("uniform unknowns", ["prototypes.unknown_pool=1.0"], False),
     ("weighted pseudo-labels", ["train.pseudo_labels=weighted"], False),
     ("soft pseudo-labels", ["train.pseudo_labels=soft"], False),
+    ("aligned pseudo-labels", ["train.pseudo_labels=aligned"], False),
     ("tau 1", ["train.semantic_temperature=1"], False),
     ("teacher variants", ["train.augment.photometric=teacher"], True),
     ("paper", [*OLD_DEFAULTS, "train.semantic_temperature=1"], False),

@@ -130,6 +130,33 @@ def test_semantic_pseudo_labels_are_argmax():
     assert float(aligned) < float(loss.detach())
 
 
+def test_pseudo_label_modes():
+    """weighted: confident segments count more; soft: the teacher's distribution is the target; aligned: a class
+    the student has stopped predicting while the teacher still gives it mass gets its most likely segments back."""
+    C = torch.eye(3, D)  # three orthogonal prototypes
+    mix = lambda a, b, c: F.normalize(torch.tensor([a, b, c] + [0.0] * (D - 3)), dim=0)  # noqa: E731
+    # six segments: the teacher leans to class 2 on all, but segments 0-2 carry more class-1 mass than 3-5
+    i = torch.stack([mix(0.0, 0.45, 0.55)] * 3 + [mix(0.0, 0.1, 0.9)] * 3)[None]
+    v = torch.stack([mix(0.0, 0.0, 1.0)] * 6)[None].requires_grad_()  # the student: class 2 everywhere
+    valid = torch.ones(1, 6, dtype=torch.bool)
+    hard, pseudo, _ = semantic_consistency_loss(v, i, valid, C, 10.0, "hard")
+    assert pseudo.tolist() == [2] * 6
+    for mode in ("weighted", "soft", "aligned"):
+        loss, p2, _ = semantic_consistency_loss(v, i, valid, C, 10.0, mode)
+        assert torch.equal(p2, pseudo) and torch.isfinite(loss)  # the reported pseudo-labels stay the argmax
+    # aligned: the student's class-1 marginal is far below the teacher's, so segments 0-2 (most class-1) move to it
+    aligned, _, _ = semantic_consistency_loss(v, i, valid, C, 10.0, "aligned")
+    expect = F.cross_entropy(10.0 * v[0].detach() @ C.t(), torch.tensor([1, 1, 1, 2, 2, 2]))
+    assert torch.allclose(aligned.detach(), expect)
+    # weighted: a student wrong exactly where the teacher is unsure (0-2) pays less than with hard labels
+    v2 = torch.stack([mix(0.0, 1.0, 0.0)] * 3 + [mix(0.0, 0.0, 1.0)] * 3)[None]
+    weighted, _, _ = semantic_consistency_loss(v2, i, valid, C, 10.0, "weighted")
+    hard2, _, _ = semantic_consistency_loss(v2, i, valid, C, 10.0, "hard")
+    assert float(weighted) < float(hard2)
+    with pytest.raises(ValueError, match="aligned"):
+        semantic_consistency_loss(v, i, valid, C, 10.0, "nope")
+
+
 def test_full_loss_finite_grads_and_switches():
     labels, image_index = _quadrants(2)
     g = torch.Generator().manual_seed(5)

@@ -95,8 +95,9 @@ class TrainParams(Strict):
     #: τ in L_s = CE(softmax(τ·cos(v_s, C)), y_s); the paper's Eq. 3 has none (= 1)
     semantic_temperature: float = Field(default=10.0, gt=0)
     #: L_s targets: ``hard`` (the paper's argmax pseudo-labels), ``weighted`` (each segment weighted by the
-    #: teacher's confidence), ``soft`` (the teacher's distribution); see clips4.trainer.losses
-    pseudo_labels: Literal["hard", "weighted", "soft"] = "hard"
+    #: teacher's confidence), ``soft`` (the teacher's distribution), ``aligned`` (hard after aligning the class
+    #: marginals of the batch, student to teacher); see clips4.trainer.losses
+    pseudo_labels: Literal["hard", "weighted", "soft", "aligned"] = "hard"
     n_segments: int = Field(default=36, ge=2)
     kmeans_iters: int = Field(default=10, ge=1)
     memory_batches: int = Field(default=2, ge=0)

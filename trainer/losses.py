@@ -318,7 +318,10 @@ def semantic_consistency_loss(v: torch.Tensor, i: torch.Tensor, valid: torch.Ten
     ``pseudo_labels``: ``hard`` (the paper: cross entropy with ``y_s = argmax_l cos(i_s, c_l)``); ``weighted``
     (the same, each segment weighted by the teacher's confidence ``max_l softmax(τ·cos(i_s, C))``, so segments
     the teacher cannot place — mixtures, boundaries, noise — count less); ``soft`` (cross entropy with the
-    teacher's whole distribution ``softmax(τ·cos(i_s, C))``).
+    teacher's whole distribution ``softmax(τ·cos(i_s, C))``); ``aligned`` (hard labels after distribution
+    alignment, as ReMixMatch: the teacher's distribution times the ratio of the teacher's to the student's class
+    marginals over the batch's segments, so a class the student stops predicting while the teacher still gives
+    it mass gets its segments back — the collapse of one class into a near-duplicate).
     Returns ``(loss, pseudo (S,) int64 = argmax_l cos(i_s, c_l), i_valid (S,D))`` over the valid segments.
     """
     C = prototypes.detach()
@@ -329,7 +332,13 @@ def semantic_consistency_loss(v: torch.Tensor, i: torch.Tensor, valid: torch.Ten
         t_logits = is_ @ C.t()
         pseudo = t_logits.argmax(1)
     logits = temperature * vs @ C.t()
-    if pseudo_labels == "hard":
+    if pseudo_labels == "aligned":
+        with torch.no_grad():
+            q = torch.softmax(temperature * t_logits, 1)
+            p_s = torch.softmax(logits.detach(), 1).mean(0)
+            q = q * (q.mean(0) / p_s.clamp_min(1e-6))
+        loss = F.cross_entropy(logits, q.argmax(1))
+    elif pseudo_labels == "hard":
         loss = F.cross_entropy(logits, pseudo)
     elif pseudo_labels == "weighted":
         with torch.no_grad():
@@ -340,7 +349,7 @@ def semantic_consistency_loss(v: torch.Tensor, i: torch.Tensor, valid: torch.Ten
             q = torch.softmax(temperature * t_logits, 1)
         loss = -(q * F.log_softmax(logits, 1)).sum(1).mean()
     else:
-        raise ValueError(f"pseudo_labels must be hard, weighted or soft, got {pseudo_labels!r}")
+        raise ValueError(f"pseudo_labels must be hard, weighted, soft or aligned, got {pseudo_labels!r}")
     return loss, pseudo, is_
 
 
