@@ -278,8 +278,17 @@ def _teacher_invariances(backend, feats, protos, params: "PrototypesParams") -> 
     n = int(params.invariance_images)
     if n == 0 or backend is None:
         return {"families": {}, "baseline": None, "images": 0}
-    ids = sorted(feats.image_ids, key=lambda i: hashlib.sha256(f"{params.seed}/{i}".encode()).digest())[:n]
-    images = [load_rgb(feats.record(i).path) for i in ids]
+    ids = sorted(feats.image_ids, key=lambda i: hashlib.sha256(f"{params.seed}/{i}".encode()).digest())
+    images = []
+    for i in ids:  # an image gone unreadable since its features were cached is skipped (said), the next one taken
+        if len(images) == n:
+            break
+        try:
+            images.append(load_rgb(feats.record(i).path))
+        except ImageError as exc:
+            from clips4.pipeline.console import make_console
+
+            make_console(stderr=True).print(f"  teacher invariances: skipping {i}: {exc}", markup=False)
     vecs = protos.vectors[protos.known_mask] if protos.n_known else protos.vectors
     return measure_invariances(backend, images, vecs, seed=params.seed)
 

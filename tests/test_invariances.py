@@ -140,3 +140,16 @@ def test_unknown_variant_params_are_a_config_error_before_any_image(tmp_path, ca
                  "--set", "clip_features.variant_params={hue_p: 1}", "--split", "train", "-q"])
     err = capsys.readouterr().err
     assert code == 2 and "hue_p" in err and "invert_p" in err and "Traceback" not in err
+
+
+def test_an_image_gone_since_its_features_were_cached_is_skipped(tmp_path, capsys):
+    from conftest import make_synthetic
+
+    from clips4.cli import main
+
+    a = make_synthetic(tmp_path / "world", n_train=4, n_val=1)
+    victim = sorted((tmp_path / "world" / "w" / "images" / "train").glob("*.png"))[0]
+    victim.write_bytes(b"not a png")
+    assert main(["precompute", "prototypes", *a, "--set", "prototypes.invariance_images=4", "-q"]) == 0
+    inv = json.loads(next((tmp_path / "world" / "cache").glob("*train*/prototypes/*/invariances.json")).read_text())
+    assert inv["images"] == 3 and "skipping " + victim.stem in capsys.readouterr().err
