@@ -122,9 +122,27 @@ def test_two_node_cluster_survives_losing_a_node_and_equals_a_single_node_run(tm
         drv = subprocess.Popen(_segments(root, tmp_path / "ray", "--address", address, "--num-workers", "2",
                                          "--batch-size", "1", "--set", "ray.backoff_s=0.2"),
                                env={**env, "PYTHONUNBUFFERED": "1"}, stdout=f, stderr=subprocess.STDOUT)
+    def parts() -> int:
+        return len(list((tmp_path / "ray").glob("*/segments/*/parts/*.parquet")))
+
+    def second_node_worker() -> bool:  # the second node's actor process is up (Ray titles it ray::_Worker...)
+        for pid in _procs_under(str(node_tmp)):
+            try:
+                if b"_Worker" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                    return True
+            except OSError:
+                continue
+        return False
+
     try:
+        # kill only once both nodes are working: the second node's actor is up and two more batches have finished
+        # since (under load its start can take seconds, and a kill before it did anything proves nothing)
         deadline = time.time() + 150
-        while time.time() < deadline and len(list((tmp_path / "ray").glob("*/segments/*/parts/*.parquet"))) < 4:
+        while time.time() < deadline and not (parts() >= 2 and second_node_worker()):
+            assert drv.poll() is None, log.read_text()
+            time.sleep(0.05)
+        target = parts() + 2
+        while time.time() < deadline and parts() < target:
             assert drv.poll() is None, log.read_text()
             time.sleep(0.05)
         raylets = [p for p in _procs_under(str(node_tmp))
