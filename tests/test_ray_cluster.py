@@ -23,10 +23,22 @@ pytestmark = pytest.mark.ray
 RAY = str(Path(sys.executable).parent / "ray")
 
 
-def _world(folder: Path, n: int) -> Path:
-    from test_segments_stage import _world as make
+def _world(folder: Path, n: int, hw: tuple[int, int] = (72, 96)) -> Path:
+    """``n`` PNGs of random coloured boxes; ``hw`` sets the size (larger = a few tenths of a second per image)."""
+    import numpy as np
+    from PIL import Image
 
-    return make(folder, n)
+    rng = np.random.default_rng(1)
+    folder.mkdir(parents=True)
+    H, W = hw
+    for i in range(n):
+        img = np.zeros((H, W, 3), np.uint8)
+        for _ in range(4):
+            y, x = rng.integers(0, H * 5 // 6), rng.integers(0, W * 5 // 6)
+            img[y : y + H * 5 // 12, x : x + W * 5 // 12] = rng.integers(0, 255, 3)
+        img = np.clip(img + rng.normal(0, 6, img.shape), 0, 255).astype(np.uint8)
+        Image.fromarray(img).save(folder / f"im{i:03d}.png")
+    return folder
 
 
 def _procs_under(marker: str) -> set[int]:
@@ -90,7 +102,8 @@ def test_connecting_to_no_cluster_fails_fast_with_a_message():
 
 
 def test_two_node_cluster_survives_losing_a_node_and_equals_a_single_node_run(tmp_path, short_tmp):
-    root = _world(tmp_path / "imgs", 20)
+    # images big enough that a run lasts seconds, so the node is lost mid-run, not after it
+    root = _world(tmp_path / "imgs", 30, (288, 384))
     port = _free_port()
     token = secrets.token_hex(16)
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0",
@@ -122,35 +135,51 @@ def test_two_node_cluster_survives_losing_a_node_and_equals_a_single_node_run(tm
         drv = subprocess.Popen(_segments(root, tmp_path / "ray", "--address", address, "--num-workers", "2",
                                          "--batch-size", "1", "--set", "ray.backoff_s=0.2"),
                                env={**env, "PYTHONUNBUFFERED": "1"}, stdout=f, stderr=subprocess.STDOUT)
+
     def parts() -> int:
         return len(list((tmp_path / "ray").glob("*/segments/*/parts/*.parquet")))
 
-    def second_node_worker() -> bool:  # the second node's actor process is up (Ray titles it ray::_Worker...)
-        for pid in _procs_under(str(node_tmp)):
+    def workers(marker: Path) -> list[int]:  # a node's actor processes (Ray titles them ray::_Worker...)
+        out = []
+        for pid in _procs_under(str(marker)):
             try:
                 if b"_Worker" in Path(f"/proc/{pid}/cmdline").read_bytes():
-                    return True
+                    out.append(pid)
             except OSError:
                 continue
-        return False
+        return out
 
+    def wait_for(cond, what: str, deadline: float) -> None:
+        while not cond():
+            assert drv.poll() is None, f"driver ended while waiting for {what}:\n" + log.read_text()
+            assert time.time() < deadline, f"timed out waiting for {what}:\n" + log.read_text()
+            time.sleep(0.05)
+
+    stopped: list[int] = []
     try:
-        # kill only once both nodes are working: the second node's actor is up and two more batches have finished
-        # since (under load its start can take seconds, and a kill before it did anything proves nothing)
+        # Both nodes must work before the second one is lost: under load the second node's actor can start
+        # seconds after the head's, which would take every batch meanwhile. So the head's actor is paused
+        # (SIGSTOP) until the second node has written a part, then resumed; two more parts, then the kill.
         deadline = time.time() + 150
-        while time.time() < deadline and not (parts() >= 2 and second_node_worker()):
-            assert drv.poll() is None, log.read_text()
-            time.sleep(0.05)
+        wait_for(lambda: workers(head_tmp), "the head node's actor", deadline)
+        stopped = workers(head_tmp)
+        for pid in stopped:
+            os.kill(pid, signal.SIGSTOP)
+        before = parts()
+        wait_for(lambda: parts() > before, "a part written by the second node", deadline)
+        for pid in stopped:
+            os.kill(pid, signal.SIGCONT)
+        stopped = []
         target = parts() + 2
-        while time.time() < deadline and parts() < target:
-            assert drv.poll() is None, log.read_text()
-            time.sleep(0.05)
+        wait_for(lambda: parts() >= target, "two more parts", deadline)
         raylets = [p for p in _procs_under(str(node_tmp))
                    if Path(f"/proc/{p}/comm").exists() and Path(f"/proc/{p}/comm").read_text().strip() == "raylet"]
         assert len(raylets) == 1, "the second node's raylet was not found"
         os.kill(raylets[0], signal.SIGKILL)
         assert drv.wait(timeout=240) == 0, log.read_text()
     finally:
+        for pid in stopped:
+            os.kill(pid, signal.SIGCONT)
         if drv.poll() is None:
             drv.kill()
     text = log.read_text()
@@ -158,7 +187,7 @@ def test_two_node_cluster_survives_losing_a_node_and_equals_a_single_node_run(tm
                          text)
     assert per_node, text
     counts = [int(c) for c in re.findall(r": (\d+)", per_node.group(1))]
-    assert len(counts) == 2 and min(counts) > 0 and sum(counts) >= 20, text  # both nodes worked
+    assert len(counts) == 2 and min(counts) > 0 and sum(counts) >= 30, text  # both nodes worked
     assert int(per_node.group(2)) < 4096, "image data must not travel back through the object store"
     assert int(per_node.group(3)) <= 4, "the driver keeps a bounded number of batches in flight"
     # whether the lost node still had a batch in flight depends on timing ("retried" is printed when it had);
@@ -172,14 +201,14 @@ def test_two_node_cluster_survives_losing_a_node_and_equals_a_single_node_run(tm
     (a,) = list_stage_outputs(str(tmp_path / "ray"))
     (b,) = list_stage_outputs(str(tmp_path / "local"))
     ra, rb = StageReader(a["url"]), StageReader(b["url"])
-    assert ra.image_ids == rb.image_ids and len(ra) == 20 and ra.errors().num_rows == 0
+    assert ra.image_ids == rb.image_ids and len(ra) == 30 and ra.errors().num_rows == 0
     cols = ["image_id", "path", "height", "width", "status"]
     assert ra.all_rows.select(cols).equals(rb.all_rows.select(cols))
     for image_id in ra.image_ids:
         for field in ("contours", "ucm", "labels"):
             np.testing.assert_array_equal(ra.get(image_id, field), rb.get(image_id, field))
     parts = list(Path(a["url"], "parts").glob("*.parquet"))
-    assert len(parts) == 20, "superseded duplicates of the lost batches are collected at commit"
+    assert len(parts) == 30, "superseded duplicates of the lost batches are collected at commit"
 
 
 def test_no_ray_process_outlives_a_killed_driver(tmp_path, short_tmp):
