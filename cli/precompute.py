@@ -29,7 +29,7 @@ def segments(
     address: Optional[str] = AddressOpt, batch_size: Optional[int] = BatchOpt,
     max_failures: int = MaxFailOpt, retry_failed: bool = RetryOpt,
     wait: bool = WaitOpt, wait_timeout: Optional[float] = WaitTimeoutOpt,
-    detector: Optional[str] = typer.Option(None, help="Contour detector: classical (default, no weights), hed, onnx."),
+    detector: Optional[str] = typer.Option(None, help="Contour detector: learned (default, the shipped ONNX net), classical (no weights), hed, onnx."),
     ucm_threshold: Optional[float] = typer.Option(None, help="UCM level at which superpixels are cut (default 0.25)."),
     max_segments: Optional[int] = typer.Option(None, help="At most this many superpixels per image (default 48)."),
 ) -> dict:

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from clips4.pipeline.photometric import IDENTITY, apply_ops_uint8
+from clips4.pipeline.photometric import IDENTITY, OPS_FIELDS, apply_ops_uint8
 
 __all__ = ["FAMILIES", "probe_ops", "measure_invariances"]
 
@@ -39,11 +39,10 @@ ZOOM_PROBES = (0.7, 1.4)
 
 
 def _op(**kw) -> np.ndarray:
+    """The identity transform with the named ``OPS_FIELDS`` set (colour jitter switched on when a factor is)."""
     o = IDENTITY.copy()
-    idx = {"jitter": 0, "brightness": 1, "contrast": 2, "saturation": 3, "hue": 4, "gray": 9, "blur_sigma": 10,
-           "channel_perm": 11, "invert": 12}
     for k, v in kw.items():
-        o[idx[k]] = v
+        o[OPS_FIELDS.index(k)] = v
     if any(k in kw for k in ("brightness", "contrast", "saturation", "hue")):
         o[0] = 1
     return o
@@ -99,10 +98,8 @@ def measure_invariances(backend, images: list[np.ndarray], protos: np.ndarray, s
         return {"families": {}, "baseline": None, "images": 0}
     rng = np.random.default_rng(seed)
     probes = probe_ops()
-    agree = {name: [] for name in probes}
+    agree = {name: [] for name in FAMILIES}
     base = []
-    for name in ("flip", "zoom"):
-        agree[name] = []
     for img in images:
         f0 = backend.dense_features([img])[0]
         ref = _classes(f0, protos)

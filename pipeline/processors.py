@@ -273,12 +273,11 @@ def _teacher_invariances(backend, feats, protos, params: "PrototypesParams") -> 
     (a seeded choice), classes read by the known prototypes (all prototypes when class-free)."""
     import hashlib
 
+    from clips4.pipeline.console import make_console
     from clips4.pipeline.invariances import measure_invariances
 
-    n = int(params.invariance_images)
-    if n == 0 or backend is None:
-        return {"families": {}, "baseline": None, "images": 0}
-    ids = sorted(feats.image_ids, key=lambda i: hashlib.sha256(f"{params.seed}/{i}".encode()).digest())
+    n = int(params.invariance_images) if backend is not None else 0
+    ids = sorted(feats.image_ids, key=lambda i: hashlib.sha256(f"{params.seed}/{i}".encode()).digest()) if n else []
     images = []
     for i in ids:  # an image gone unreadable since its features were cached is skipped (said), the next one taken
         if len(images) == n:
@@ -286,8 +285,6 @@ def _teacher_invariances(backend, feats, protos, params: "PrototypesParams") -> 
         try:
             images.append(load_rgb(feats.record(i).path))
         except ImageError as exc:
-            from clips4.pipeline.console import make_console
-
             make_console(stderr=True).print(f"  teacher invariances: skipping {i}: {exc}", markup=False)
     vecs = protos.vectors[protos.known_mask] if protos.n_known else protos.vectors
     return measure_invariances(backend, images, vecs, seed=params.seed)
@@ -301,10 +298,10 @@ def build_prototypes(params: "PrototypesParams", deps: dict[str, str], out_url: 
     """
     import pyarrow as pa
 
-    from clips4 import data as bundled
-    from clips4.pipeline.backends import class_text_embeddings
     import json
 
+    from clips4 import data as bundled
+    from clips4.pipeline.backends import class_text_embeddings
     from clips4.pipeline.cache import StageReader, url_join, write_bytes_atomic, write_parquet_atomic
     from clips4.pipeline.config import ClipFeaturesParams
     from clips4.pipeline.prototypes import PrototypeSet, iter_embedding_batches, known_prototypes, unknown_prototypes

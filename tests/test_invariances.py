@@ -56,7 +56,10 @@ def _images(n=6, seed=0):
 
 
 def test_probes_cover_every_family():
+    from clips4.trainer.augment import _FAMILY_FIELDS
+
     assert set(probe_ops()) | {"flip", "zoom"} == set(FAMILIES)
+    assert set(_FAMILY_FIELDS) | {"flip", "zoom"} == set(FAMILIES)  # every measured family gates something
 
 
 def test_a_texture_teacher_ignores_the_palette_a_colour_teacher_does_not():

@@ -332,22 +332,20 @@ def semantic_consistency_loss(v: torch.Tensor, i: torch.Tensor, valid: torch.Ten
         t_logits = is_ @ C.t()
         pseudo = t_logits.argmax(1)
     logits = temperature * vs @ C.t()
-    if pseudo_labels == "aligned":
-        with torch.no_grad():
-            q = torch.softmax(temperature * t_logits, 1)
-            p_s = torch.softmax(logits.detach(), 1).mean(0)
-            q = q * (q.mean(0) / p_s.clamp_min(1e-6))
-        loss = F.cross_entropy(logits, q.argmax(1))
-    elif pseudo_labels == "hard":
-        loss = F.cross_entropy(logits, pseudo)
-    elif pseudo_labels == "weighted":
-        with torch.no_grad():
-            w = torch.softmax(temperature * t_logits, 1).amax(1)
+    if pseudo_labels == "hard":
+        return F.cross_entropy(logits, pseudo), pseudo, is_
+    with torch.no_grad():
+        q = torch.softmax(temperature * t_logits, 1)  # the teacher's distribution over the prototypes
+    if pseudo_labels == "weighted":
+        w = q.amax(1)
         loss = (F.cross_entropy(logits, pseudo, reduction="none") * w).sum() / w.sum().clamp_min(1e-12)
     elif pseudo_labels == "soft":
-        with torch.no_grad():
-            q = torch.softmax(temperature * t_logits, 1)
         loss = -(q * F.log_softmax(logits, 1)).sum(1).mean()
+    elif pseudo_labels == "aligned":
+        with torch.no_grad():
+            p_s = torch.softmax(logits.detach(), 1).mean(0)
+            target = (q * (q.mean(0) / p_s.clamp_min(1e-6))).argmax(1)
+        loss = F.cross_entropy(logits, target)
     else:
         raise ValueError(f"pseudo_labels must be hard, weighted, soft or aligned, got {pseudo_labels!r}")
     return loss, pseudo, is_
