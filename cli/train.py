@@ -5,7 +5,7 @@ from typing import Optional
 
 import typer
 
-from clips4.cli.common import CLIError, Common, common_options, console, sets
+from clips4.cli.common import CLIError, Common, WaitOpt, WaitTimeoutOpt, common_options, console, sets
 
 
 @common_options("train")
@@ -18,6 +18,7 @@ def train(
     backbone_weights: Optional[str] = typer.Option(None, help="imagenet, a local weights file, or 'random' (explicit)."),
     out: Optional[str] = typer.Option(None, help="Output folder (default: the cache, named by fingerprint)."),
     max_steps: Optional[int] = typer.Option(None, help="Stop after this step (the run can be resumed)."),
+    wait: bool = WaitOpt, wait_timeout: Optional[float] = WaitTimeoutOpt,
 ) -> dict:
     """Train the pixel embedding network from the cached segments, CLIP features and prototypes."""
     from clips4.trainer.train import train as run_training
@@ -25,7 +26,8 @@ def train(
     extra = sets("train", {"iterations": iterations, "backbone": backbone, "backbone_weights": backbone_weights,
                            "out": out})
     cfg = opts.build_config(extra=extra)
-    res = run_training(cfg, resume=resume, restart=restart, max_steps=max_steps, show_progress=not opts.quiet)
+    res = run_training(cfg, resume=resume, restart=restart, max_steps=max_steps, show_progress=not opts.quiet,
+                       wait=wait, wait_timeout=wait_timeout)
     summary = {"out": str(res.out), "step": res.step, "stopped": res.stopped,
                "last_loss": res.losses[-1] if getattr(res, "losses", None) else None}
     if res.stopped == "interrupted":  # last.pt holds the current step; 143 (SIGTERM) / 130 (SIGINT)

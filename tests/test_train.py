@@ -243,3 +243,40 @@ def test_log_file_gets_plain_progress_lines_every_log_every_steps(world, tmp_pat
     steps = [int(ln.split()[2].split("/")[0]) for ln in lines]
     assert steps and steps == sorted(steps) and all(s % 2 == 0 or s == steps[-1] for s in steps)
     assert all("total=" in ln and "ETA" in ln for ln in lines) and "\x1b[" not in proc.stderr
+
+
+def test_second_training_on_the_same_folder_exits_3_and_leaves_the_first_alone(world, tmp_path, capsys):
+    """Two ``clips4 train`` on one output folder would interleave metrics.jsonl and overwrite checkpoints: the
+    second one exits 3 naming the running one (and gives up after --wait-timeout), the first one finishes."""
+    import signal
+    import subprocess
+    import sys
+
+    out = tmp_path / "run"
+    args = train_args(world, out, sets=("train.iterations=100000", "train.checkpoint_every=100000"))
+    first = subprocess.Popen([sys.executable, "-m", "clips4.cli", *args], stdout=subprocess.DEVNULL,
+                             stderr=subprocess.PIPE, text=True)
+    try:
+        t0 = time.monotonic()
+        while not (out / "metrics.jsonl").exists() or not metrics(out):
+            assert first.poll() is None, first.stderr.read()
+            assert time.monotonic() - t0 < 300, "the first run wrote no step"
+            time.sleep(0.2)
+        capsys.readouterr()
+        assert main(train_args(world, out, "--restart")) == 3
+        err, _ = stderr(capsys)
+        assert f"pid {first.pid}" in err and "--wait" in err
+        t1 = time.monotonic()
+        assert main(train_args(world, out, "--restart", "--wait", "--wait-timeout", "1")) == 3
+        assert 1 <= time.monotonic() - t1 < 30
+        assert not (out / "final.pt").exists()  # the second run changed nothing
+        steps = [m["step"] for m in metrics(out)]
+        assert steps == list(range(len(steps)))  # one writer: no interleaved or restarted lines
+    finally:
+        first.send_signal(signal.SIGTERM)
+        first.wait(timeout=120)
+    assert first.returncode == 143
+    from clips4.pipeline.lock import StageLock
+
+    with StageLock(str(out)) as lock:  # free again once the first run stopped
+        assert lock.held

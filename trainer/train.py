@@ -151,17 +151,41 @@ def _auto_augment(augment: AugmentConfig, prototypes_url: str, rank: int) -> Aug
     return out
 
 
-def train(cfg: Config, *, dataset: Dataset | None = None, resume: bool = False, restart: bool = False,
-          max_steps: int | None = None, show_progress: bool = True) -> TrainResult:
-    """Train (or continue) the run defined by ``cfg``. ``max_steps`` stops early (tests; a simulated kill)."""
+def run_folder(cfg: Config, dataset: Dataset) -> tuple[Path, str]:
+    """(output folder, fingerprint) of the run ``cfg`` defines: ``train.out``, else the cache folder named by the
+    fingerprint (``train.iterations`` left out, so a run can be lengthened)."""
     p: TrainParams = cfg.params("train")  # type: ignore[assignment]
-    dataset = dataset or dataset_from_config(cfg)
-    rank, world, local_rank = _dist_setup()
-    deps = {name: open_stage(cfg, name, dataset).url for name in ("segments", "clip_features", "prototypes")}
     url, fp, _ = stage_url(_without_iterations(cfg), "train", dataset)
     out = Path(p.out) if p.out else Path(url)
     if "://" in str(out) and not str(out).startswith("file://"):
         raise TrainingError(f"training output {out} must be a local folder (set train.out)")
+    return out, fp
+
+
+def train(cfg: Config, *, dataset: Dataset | None = None, resume: bool = False, restart: bool = False,
+          max_steps: int | None = None, show_progress: bool = True, wait: bool = False,
+          wait_timeout: float | None = None) -> TrainResult:
+    """Train (or continue) the run defined by ``cfg``. ``max_steps`` stops early (tests; a simulated kill).
+
+    One run per output folder: rank 0 holds ``<out>/.lock`` (the stages' :class:`StageLock`) for the whole run, so
+    a second ``clips4 train`` on the same folder exits 3 naming the holder, or waits with ``wait=True``
+    (``wait_timeout`` seconds at most) — two runs would interleave ``metrics.jsonl`` and overwrite checkpoints."""
+    from clips4.pipeline.lock import StageLock
+
+    dataset = dataset or dataset_from_config(cfg)
+    out, _ = run_folder(cfg, dataset)
+    if int(os.environ.get("RANK", "0")) != 0:  # torchrun: rank 0 holds the lock for all ranks
+        return _train(cfg, dataset, resume, restart, max_steps, show_progress)
+    with StageLock(str(out), wait=wait, timeout=wait_timeout):
+        return _train(cfg, dataset, resume, restart, max_steps, show_progress)
+
+
+def _train(cfg: Config, dataset: Dataset, resume: bool, restart: bool, max_steps: int | None,
+           show_progress: bool) -> TrainResult:
+    p: TrainParams = cfg.params("train")  # type: ignore[assignment]
+    rank, world, local_rank = _dist_setup()
+    deps = {name: open_stage(cfg, name, dataset).url for name in ("segments", "clip_features", "prototypes")}
+    out, fp = run_folder(cfg, dataset)
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if p.device == "auto" else p.device)
     if device.type == "cuda":
         device = torch.device("cuda", local_rank)
