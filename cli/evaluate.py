@@ -62,6 +62,8 @@ def language(
     out: Path = typer.Option(Path("runs/language"), "--out", help="Report folder: results.json, report.md, PNG figures."),
     overlays: int = typer.Option(4, "--overlays", help="Number of image | prediction | GT figures in the report."),
     device: str = DeviceOpt, precompute_: bool = PrecomputeOpt,
+    prior_matching: Optional[str] = typer.Option(None, "--prior-matching", help="A split of the dataset (e.g. train) whose cached teacher features (no labels) fit a per-class bias so the checkpoint's class frequencies match the teacher's (keeps a class its teacher mostly confuses from vanishing)."),
+    prior_images: int = typer.Option(64, "--prior-images", help="With --prior-matching: how many of that split's images."),
 ) -> dict:
     """Language-driven segmentation (paper 4.3): each pixel takes the class whose text embedding is closest.
 
@@ -77,12 +79,14 @@ def language(
     if precompute_ and m == "teacher":
         precompute(cfg, ["clip_features"], show_progress=not opts.quiet)
     res = _value_errors(run_language, cfg, ds, model=m, classes=classes, voc_mode=voc_mode,
-                        save_predictions=save_predictions, out=out, device=device, overlays=overlays)
+                        save_predictions=save_predictions, out=out, device=device, overlays=overlays,
+                        prior_matching=prior_matching, prior_images=prior_images)
     print_metrics(res, f"language-driven segmentation — {res['model']} on {ds.key}"
                   + (f" (VOC {voc_mode})" if ds.kind == "voc" and not classes else ""))
     console.print(f"report: {out}/report.md, {out}/results.json")
     return {"out": str(out), "miou": res.get("miou"), "pixel_accuracy": res.get("pixel_accuracy"),
-            "n_images": res.get("n_images"), "per_class_iou": res.get("per_class_iou"), "model": res.get("model")}
+            "n_images": res.get("n_images"), "per_class_iou": res.get("per_class_iou"), "model": res.get("model"),
+            "prior_matching": res.get("prior_matching")}
 
 
 @app.command("unsupervised")

@@ -98,8 +98,10 @@ def predict_labels(
     *,
     layout: str = "auto",
     upsample: str = "logits",
+    bias: np.ndarray | None = None,
 ) -> np.ndarray:
-    """Arg-max over cosine similarity to ``text_emb`` (K, D) -> ``(H, W) int64`` class ids ``0..K-1``.
+    """Arg-max over cosine similarity to ``text_emb`` (K, D) (plus ``bias (K,)``, the class-prior correction of
+    :mod:`clips4.evaluate.priors`, when given) -> ``(H, W) int64`` class ids ``0..K-1``.
 
     ``pixel_emb`` is ``(h, w, D)`` or ``(D, h, w)`` (``layout="auto"`` picks the axis whose size is D; pass
     ``"hwd"`` / ``"dhw"`` when ambiguous). ``out_size=(H, W)`` resizes bilinearly (logits by default)."""
@@ -112,6 +114,8 @@ def predict_labels(
                     against="the text embeddings")
     with torch.no_grad():
         logits = similarity_logits(pixel_emb, text_emb, out_size, layout=layout, upsample=upsample)
+        if bias is not None:
+            logits = logits + torch.as_tensor(np.asarray(bias, np.float32), device=logits.device)[:, None, None]
         return logits.argmax(0).cpu().numpy().astype(np.int64)
 
 
@@ -150,6 +154,7 @@ def evaluate_language(
     save_offset: int = 0,
     upsample: str = "logits",
     confusion: ConfusionMatrix | None = None,
+    bias: np.ndarray | None = None,
 ) -> dict:
     """Language-driven segmentation over ``records`` -> mIoU etc. (:meth:`ConfusionMatrix.to_dict`).
 
@@ -170,7 +175,7 @@ def evaluate_language(
         if gt_transform is not None:
             gt = gt_transform(gt)
         emb = embed_source(rec)
-        pred = predict_labels(emb, text_emb, gt.shape[:2], layout="hwd", upsample=upsample)
+        pred = predict_labels(emb, text_emb, gt.shape[:2], layout="hwd", upsample=upsample, bias=bias)
         cm.update(pred, gt)
         if out_dir is not None:
             image_id = getattr(rec, "image_id", None) or str(n)
@@ -183,7 +188,8 @@ def evaluate_language(
 
 
 def language_confusion(src: EmbeddingSource, dataset: Dataset, names: list[str], text: np.ndarray, *,
-                       gt_transform=None, save_predictions: Path | None = None, save_offset: int = 0):
+                       gt_transform=None, save_predictions: Path | None = None, save_offset: int = 0,
+                       bias: np.ndarray | None = None):
     """(metrics dict, ConfusionMatrix, records) of language-driven segmentation with ``text`` over ``dataset``."""
     records = [r for r in dataset.records() if r.gt_path]
     if not records:
@@ -192,14 +198,20 @@ def language_confusion(src: EmbeddingSource, dataset: Dataset, names: list[str],
                 against="the text embeddings of the configured CLIP backend")
     cm = ConfusionMatrix(len(names), dataset.ignore_index)
     res = evaluate_language(records, dataset.load_gt, src.embed, text, names, dataset.ignore_index, save_predictions,
-                            gt_transform=gt_transform, save_offset=save_offset, confusion=cm)
+                            gt_transform=gt_transform, save_offset=save_offset, confusion=cm, bias=bias)
     return res, cm, records
 
 
 def run_language(cfg: Config, dataset: Dataset, *, model: str = "teacher", classes: str | None = None,
                  voc_mode: int = 21, save_predictions: Path | None = None, out: Path | None = None,
-                 device: str = "auto", overlays: int = 4) -> dict:
-    """Language-driven segmentation over ``dataset``: mIoU, per-class IoU, pixel accuracy; report in ``out``."""
+                 device: str = "auto", overlays: int = 4, prior_matching: str | None = None,
+                 prior_images: int = 64) -> dict:
+    """Language-driven segmentation over ``dataset``: mIoU, per-class IoU, pixel accuracy; report in ``out``.
+
+    ``prior_matching``: a split of the same dataset (e.g. ``train``) whose first ``prior_images`` images (their
+    cached teacher features, no labels) fit the class-prior correction of a checkpoint
+    (:mod:`clips4.evaluate.priors`); recorded under ``prior_matching`` in the results. Not applied to the
+    teacher, which is the reference it matches."""
     from clips4.evaluate.report import write_report
 
     if int(voc_mode) not in (20, 21):
@@ -214,8 +226,14 @@ def run_language(cfg: Config, dataset: Dataset, *, model: str = "teacher", class
             gt_transform = lambda g: voc_gt_transform(g, 20)  # noqa: E731
             save_offset = 1
     text, backend_info = text_embeddings_for(cfg, names)
+    bias, prior = None, None
+    if prior_matching and model != "teacher":
+        prior = _prior_matching(cfg, src, text, prior_matching, prior_images)
+        bias = np.asarray(prior["bias"], np.float32)
+        prior = {**prior, "bias": [float(b) for b in bias], "split": prior_matching, "classes": names}
     res, cm, records = language_confusion(src, dataset, names, text, gt_transform=gt_transform,
-                                          save_predictions=save_predictions, save_offset=save_offset)
+                                          save_predictions=save_predictions, save_offset=save_offset, bias=bias)
+    res["prior_matching"] = prior
     res.update({"task": "language", "method": src.name, "model": src.name, "dataset": dataset.describe(),
                 "classes": names, "voc_mode": voc_mode if dataset.kind == "voc" else None, "embedding": src.info})
     if out is not None:
@@ -225,9 +243,22 @@ def run_language(cfg: Config, dataset: Dataset, *, model: str = "teacher", class
             gt = dataset.load_gt(rec)
             if gt_transform is not None:
                 gt = gt_transform(gt)
-            shown.append((img, predict_labels(src.embed(rec), text, gt.shape, layout="hwd"), gt))
+            shown.append((img, predict_labels(src.embed(rec), text, gt.shape, layout="hwd", bias=bias), gt))
         res["report"] = {k: str(v) for k, v in write_report(
             out, res, title=f"language-driven segmentation — {src.name} on {dataset.key}", class_names=names,
             confusion=cm, overlays=shown, config=config_summary(cfg),
             fingerprints={"embeddings": src.fingerprint, "text_backend": backend_info}).items()}
     return res
+
+
+def _prior_matching(cfg: Config, src: EmbeddingSource, text: np.ndarray, split: str, n_images: int) -> dict:
+    """The class-prior correction of ``src`` fitted on ``split``'s cached teacher features (no labels read)."""
+    from clips4.evaluate.priors import prior_bias
+    from clips4.evaluate.sources import with_split
+    from clips4.pipeline.stage import dataset_from_config, open_stage
+
+    ccfg = with_split(cfg, split)
+    cds = dataset_from_config(ccfg)
+    feats = open_stage(ccfg, "clip_features", cds)
+    records = list(cds.records())[: max(1, int(n_images))]
+    return prior_bias(records, src.embed, lambda r: feats.get(r.image_id, "features").astype(np.float32), text)

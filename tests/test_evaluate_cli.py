@@ -187,3 +187,22 @@ def test_every_new_option_has_help():
     language = ev.commands["language"]
     voc = next(p for p in language.params if p.name == "voc_mode")
     assert "20" in voc.help and "21" in voc.help and "background" in voc.help
+
+
+def test_language_prior_matching_fits_on_train_and_is_recorded(synthetic, tmp_path, capsys):
+    """--prior-matching train: a per-class bias fitted on the train split's cached teacher features brings the
+    checkpoint's class frequencies there closer to the teacher's; results.json records it; a missing split's cache is a
+    usage error, not a traceback."""
+    world, a, ck = synthetic
+    base = ["evaluate", "language", *a, "--split", "val", "--overlays", "0", "--checkpoint", str(ck)]
+    assert main([*base, "--prior-matching", "train", "--out", str(tmp_path / "pm")]) == 0
+    r = json.loads((tmp_path / "pm" / "results.json").read_text())
+    pm = r["prior_matching"]
+    assert pm["split"] == "train" and pm["n_images"] == 6 and len(pm["bias"]) == 6
+    gap = lambda f: sum(abs(x - y) for x, y in zip(f, pm["teacher_freq"]))  # noqa: E731
+    assert gap(pm["matched_freq"]) <= gap(pm["student_freq"]) + 1e-9  # (a 4-step student ranks too little to match)
+    assert main([*base, "--out", str(tmp_path / "plain")]) == 0
+    assert json.loads((tmp_path / "plain" / "results.json").read_text())["prior_matching"] is None
+    capsys.readouterr()
+    assert main([*base, "--prior-matching", "nosuchsplit", "--out", str(tmp_path / "bad")]) == 2
+    assert "Traceback" not in capsys.readouterr().err

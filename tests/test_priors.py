@@ -1,0 +1,46 @@
+"""Class-prior matching (clips4.evaluate.priors): a collapsed class gets its best-ranked pixels back."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from clips4.evaluate.priors import class_frequencies, fit_prior_bias, prior_bias
+
+
+def _collapsed(n_a=400, n_b=600, seed=0):
+    """Scores of a student that answers B everywhere but still ranks A's pixels higher for A than B's."""
+    g = torch.Generator().manual_seed(seed)
+    a = torch.stack([0.42 + 0.01 * torch.randn(n_a, generator=g), 0.50 + 0.01 * torch.randn(n_a, generator=g)], 1)
+    b = torch.stack([0.30 + 0.01 * torch.randn(n_b, generator=g), 0.60 + 0.01 * torch.randn(n_b, generator=g)], 1)
+    return torch.cat([a, b]), torch.cat([torch.zeros(n_a, dtype=torch.long), torch.ones(n_b, dtype=torch.long)])
+
+
+def test_bias_restores_a_collapsed_class_and_matches_the_target_frequencies():
+    scores, truth = _collapsed()
+    assert (scores.argmax(1) == 0).sum() == 0  # collapsed: A is never predicted
+    bias = fit_prior_bias(scores, torch.tensor([0.4, 0.6]))
+    pred = (scores + bias).argmax(1)
+    freq = class_frequencies(pred, 2)
+    assert abs(float(freq[0]) - 0.4) < 0.02 and abs(float(bias.sum())) < 1e-5
+    assert float((pred == truth).float().mean()) > 0.95
+
+
+def test_matching_frequencies_already_right_changes_nothing():
+    scores, truth = _collapsed()
+    scores[:400, 0] += 0.2  # now A wins on its own pixels: frequencies already 0.4 / 0.6
+    assert torch.equal((scores + fit_prior_bias(scores, torch.tensor([0.4, 0.6]))).argmax(1), scores.argmax(1))
+
+
+def test_prior_bias_counts_teacher_and_student_on_the_student_grid():
+    rng = np.random.default_rng(0)
+    text = np.eye(3, 8, dtype=np.float32)
+    student = np.zeros((4, 4, 8), np.float32)
+    student[..., 1] = 1.0  # the student says class 1 everywhere
+    student[:2, :, 0] = 0.9  # ... but its top half leans to class 0
+    teacher = np.zeros((2, 2, 8), np.float32)  # coarser grid: top half class 0, bottom half class 1
+    teacher[0, :, 0] = 1.0
+    teacher[1, :, 1] = 1.0
+    teacher += 0.01 * rng.standard_normal(teacher.shape).astype(np.float32)
+    out = prior_bias([0, 1], lambda r: student, lambda r: teacher, text)
+    assert out["n_images"] == 2 and out["student_freq"][1] == 1.0
+    assert abs(out["teacher_freq"][0] - 0.5) < 0.1 and abs(out["matched_freq"][0] - out["teacher_freq"][0]) < 0.1
