@@ -187,15 +187,31 @@ class StageWriter:
             write_parquet_atomic(url_join(self.url, "tables", tname, f"{part}.parquet"), t)
         write_parquet_atomic(url_join(self.url, "parts", f"{part}.parquet"), pa.Table.from_pylist(rows))
 
-    def part_rows(self, quarantine: bool = False) -> pa.Table | None:
+    def part_rows(self, quarantine: bool = False, incremental: bool = False) -> pa.Table | None:
         """Rows of every completed part (committed or not), newest part last.
 
         A part file that cannot be read (truncated, not Parquet) raises :class:`CacheError` naming it, or with
         ``quarantine`` (the lock holder only) is moved to ``quarantine/`` and left out, so its images are
         computed again; ``self.quarantined`` lists ``(file, reason)`` of the parts moved aside.
+
+        ``incremental``: the previous index stands for the parts it names (it holds their newest row per image),
+        so only the part records it does not name are opened — a rerun or commit of a 100k-image stage reads one
+        index and the new parts, not every part ever written. Index rows of parts whose record is gone (deleted
+        by hand) are left out, so those images are computed again.
         """
         files = sorted(self.fs.glob(f"{self.path}/parts/*.parquet"))
         tables = []
+        if incremental:
+            try:
+                base = read_parquet(url_join(self.url, INDEX))
+            except Exception:  # noqa: BLE001 - no (readable) index: read every part
+                base = None
+            if base is not None and base.num_rows and "part" in base.column_names:
+                present = {os.path.basename(f)[: -len(".parquet")] for f in files}
+                base = base.filter(pa.compute.is_in(base["part"], value_set=pa.array(sorted(present), pa.string())))
+                named = set(base["part"].to_pylist())
+                files = [f for f in files if os.path.basename(f)[: -len(".parquet")] not in named]
+                tables.append(base)
         for f in files:
             try:
                 with self.fs.open(f, "rb") as fh:
@@ -235,7 +251,7 @@ class StageWriter:
             previous = set(read_parquet(url_join(self.url, INDEX), columns=["part"])["part"].to_pylist())
         except Exception:  # noqa: BLE001 - no (readable) previous index: nothing to protect
             pass
-        rows = self.part_rows(quarantine=True)
+        rows = self.part_rows(quarantine=True, incremental=True)
         if rows is None:
             rows = pa.Table.from_pylist([], schema=pa.schema([(c, pa.string()) for c in ("image_id", "status", "part")]))
         latest = _latest_per_image(rows)

@@ -211,7 +211,7 @@ def _run_per_image(cfg: Config, name: str, dataset: Dataset, url: str, fp: str, 
     records = dataset.records()
     sigs = [source_signature(r.path) for r in records]
     finished: dict[str, tuple[str, str, str, str]] = {}
-    prior = writer.part_rows(quarantine=True)
+    prior = writer.part_rows(quarantine=True, incremental=True)
     for f, reason in writer.quarantined:
         console.print(f"  [yellow]corrupt part moved aside[/] {f} ({reason}); its images are computed again")
     if prior is not None and prior.num_rows:

@@ -159,7 +159,13 @@ def test_corrupt_part_is_named_moved_aside_and_recomputed(tmp_path, image_folder
     victim.write_bytes(victim.read_bytes()[:100])  # truncated
     with pytest.raises(Exception, match=re.escape(victim.name)):
         StageWriter(run.url).part_rows()  # readers name the file
+    # committed: the index holds the part's rows (a rerun opens only the records it does not name), so the
+    # damaged record costs nothing — the arrays are read through the index
     ToyProcessor.calls = []
+    assert stage_mod.run_stage(cfg, "toy", show_progress=False).processed == 0 and not ToyProcessor.calls
+    assert len(StageReader(run.url)) == 6
+    # not committed (the run was killed before its index write): the damaged record is moved aside, recomputed
+    Path(run.url, "index.parquet").unlink()
     again = stage_mod.run_stage(cfg, "toy", show_progress=False)
     assert [Path(f).name for f, _ in again.quarantined] == [victim.name]
     assert set(ToyProcessor.calls) == lost and again.processed == len(lost)
@@ -336,3 +342,32 @@ def test_signal_keeps_finished_parts_and_rerun_resumes(tmp_path, signum, code):
     assert again.returncode == 0, again.stderr
     assert f"{kept} already done" in again.stderr
     assert len(StageReader(str(stage))) == 16
+
+
+def test_rerun_and_commit_open_only_the_part_records_the_index_does_not_name(tmp_path, image_folder, toy_stage,
+                                                                               monkeypatch):
+    """At 100k images a stage has thousands of part records: a rerun reads the index, not every record."""
+    cfg = _cfg(tmp_path, image_folder)
+    run = stage_mod.run_stage(cfg, "toy", show_progress=False)
+    before = pq.read_table(Path(run.url, "index.parquet"))
+    opened = []
+    real = pq.read_table
+
+    def counting(src, *a, **k):
+        opened.append(getattr(src, "path", getattr(src, "name", str(src))))
+        return real(src, *a, **k)
+
+    monkeypatch.setattr(pq, "read_table", counting)
+    (image_folder / "img0.png").touch()  # a changed file: one new part, one commit
+    import os
+
+    os.utime(image_folder / "img0.png", (1, 1))
+    again = stage_mod.run_stage(cfg, "toy", show_progress=False)
+    assert again.processed == 1
+    part_reads = [o for o in opened if "/parts/" in str(o)]
+    assert len(part_reads) <= 2, part_reads  # the new part's record (at start none, at commit one)
+    after = pq.read_table(Path(run.url, "index.parquet"))
+    assert after["image_id"].to_pylist() == before["image_id"].to_pylist()
+    new = dict(zip(after["image_id"].to_pylist(), after["part"].to_pylist()))
+    old = dict(zip(before["image_id"].to_pylist(), before["part"].to_pylist()))
+    assert [i for i in new if new[i] != old[i]] == ["img0"]
