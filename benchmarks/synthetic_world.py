@@ -139,19 +139,19 @@ def sweep(a) -> int:
             variants = a.variants if any(r[2] for r in rows) else 0
             cfg = build_world(base, a.n_train, a.n_val, seed=seed, world=name, image_size=(64, 96), variants=variants)
             t_miou, t_cls = per_class(cfg, "teacher")
-            got, drops = {}, {}
+            got, drops, ckpts = {}, {}, {}
             for rname, ov, _ in rows:
                 tag = rname.replace(" ", "_").replace("(", "").replace(")", "").replace(",", "")
                 prototypes_for(cfg, ov)
                 ckpt, _, _ = train_run(cfg, base / "runs" / tag, [*train, *ov])
+                ckpts[rname] = ckpt
                 m, cls = per_class(cfg, str(ckpt))
                 got[rname] = m
                 drops[rname] = max(((t_cls[c] - cls.get(c, 0.0), c) for c in t_cls), default=(0.0, "-"))
             # the defaults' checkpoint again, with the class-prior correction fitted on the train images
             s0 = got[rows[0][0]]
             d, dc = drops[rows[0][0]]
-            ckpt0 = base / "runs" / rows[0][0].replace(" ", "_") / "final.pt"
-            pm, pm_cls = per_class(cfg, str(ckpt0), prior_matching="train")
+            pm, pm_cls = per_class(cfg, str(ckpts[rows[0][0]]), prior_matching="train")
             got[PM] = pm
             pd, pdc = max(((t_cls[c] - pm_cls.get(c, 0.0), c) for c in t_cls), default=(0.0, "-"))
             results.append((name, seed, t_miou, got, d, dc, pd, pdc))
@@ -167,17 +167,17 @@ def sweep(a) -> int:
         g = v - teach
         print(f"{rname:<26}{v.mean():>7.1f} +- {v.std():4.1f}   gain {g.mean():+6.1f} +- {g.std():4.1f}   "
               f"min gain {g.min():+6.1f}   worlds below teacher+5: {int((g < 5).sum())}")
-    ok = True
-    for label, key, wi in ((rows[0][0], rows[0][0], 4), (PM, PM, 6)):
+    oks = []
+    for key, wi in ((rows[0][0], 4), (PM, 6)):
         gains = np.array([r[3][key] - r[2] for r in results])
         worst = max(r[wi] for r in results)
         n_bad = sum(r[wi] > 5 for r in results)
-        ok = gains.min() >= 5 and gains.mean() >= 10 and worst <= 5
-        print(f"\ntargets ({label}): every world >= teacher + 5: {'MET' if gains.min() >= 5 else 'NOT MET'} "
+        oks.append(gains.min() >= 5 and gains.mean() >= 10 and worst <= 5)
+        print(f"\ntargets ({key}): every world >= teacher + 5: {'MET' if gains.min() >= 5 else 'NOT MET'} "
               f"(min {gains.min():+.1f}); mean >= +10: {'MET' if gains.mean() >= 10 else 'NOT MET'} ({gains.mean():+.1f}); "
               f"no class > 5 points below the teacher: {'MET' if worst <= 5 else 'NOT MET'} (worst {worst:.1f}; "
               f"{n_bad} of {len(results)} world-seeds)")
-    return 0 if ok else 1
+    return 0 if oks[0] else 1  # the defaults' targets
 
 
 def main(argv=None) -> int:

@@ -261,4 +261,7 @@ def _prior_matching(cfg: Config, src: EmbeddingSource, text: np.ndarray, split: 
     cds = dataset_from_config(ccfg)
     feats = open_stage(ccfg, "clip_features", cds)
     records = list(cds.records())[: max(1, int(n_images))]
-    return prior_bias(records, src.embed, lambda r: feats.get(r.image_id, "features").astype(np.float32), text)
+    with torch.no_grad():
+        return prior_bias(
+            records, lambda r: similarity_logits(src.embed(r), text, layout="hwd"),
+            lambda r, hw: similarity_logits(feats.get(r.image_id, "features").astype(np.float32), text, hw, layout="hwd"))

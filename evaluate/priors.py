@@ -10,15 +10,14 @@ images; the classes a student collapses get their best-ranked pixels back. It us
 (unlabelled images and the teacher's cached features), for any class list.
 
 - :func:`fit_prior_bias`: ``(P, K)`` scores + ``(K,)`` target frequencies -> ``(K,)`` bias (zero-mean);
-- :func:`prior_bias`: the bias of an embedding source against the teacher on a dataset's cached features.
+- :func:`prior_bias`: the bias of a student's class scores against the teacher's over some images (the caller
+  scores both, e.g. with :func:`clips4.evaluate.language.similarity_logits`).
 """
 from __future__ import annotations
 
 from typing import Callable, Sequence
 
-import numpy as np
 import torch
-import torch.nn.functional as F
 
 __all__ = ["fit_prior_bias", "prior_bias", "class_frequencies"]
 
@@ -45,30 +44,22 @@ def fit_prior_bias(scores: torch.Tensor, target: torch.Tensor, *, iters: int = 3
     return b
 
 
-def _scores(emb: np.ndarray, text: torch.Tensor, hw: tuple[int, int] | None = None) -> torch.Tensor:
-    """``(K, h, w)`` cosines of ``emb (h, w, D)`` against ``text (K, D)`` unit rows, optionally resized."""
-    x = F.normalize(torch.from_numpy(np.ascontiguousarray(emb, dtype=np.float32)), dim=-1)
-    s = torch.einsum("hwd,kd->khw", x, text)
-    if hw is not None and tuple(s.shape[1:]) != tuple(hw):
-        s = F.interpolate(s[None], size=tuple(hw), mode="bilinear", align_corners=False)[0]
-    return s
+def prior_bias(records: Sequence, student: Callable, teacher: Callable, *, max_pixels: int = 400_000,
+               seed: int = 0) -> dict:
+    """Bias of the student so its class frequencies over ``records`` equal the teacher's.
 
-
-def prior_bias(records: Sequence, embed: Callable, teacher: Callable, text: np.ndarray, *,
-               max_pixels: int = 400_000, seed: int = 0) -> dict:
-    """Bias of ``embed`` (the student: ``record -> (h, w, D)``) so its class frequencies over ``records`` equal
-    those of ``teacher`` (``record -> (h', w', D)``, the cached dense CLIP features), both against ``text (K, D)``.
-
-    Both are counted on the student's grid (the teacher's scores resized onto it, bilinear). At most
-    ``max_pixels`` student score rows are kept (a seeded random subset) for the fit.
-    Returns ``{"bias": (K,) float32 ndarray, "teacher_freq", "student_freq", "matched_freq": (K,) lists,
-    "n_images"}``."""
-    t = F.normalize(torch.as_tensor(np.asarray(text, np.float32)), dim=1)
-    k = t.shape[0]
-    rows, t_count = [], torch.zeros(k, dtype=torch.float64)
+    ``student(record) -> (K, h, w)`` its class scores (cosines to the class text embeddings);
+    ``teacher(record, (h, w)) -> (K, h, w)`` the teacher's (cached dense CLIP features) resized onto the student's
+    grid, so both are counted on the same cells. At most ``max_pixels`` student score rows are kept (a seeded
+    random subset) for the fit. Returns ``{"bias": (K,) float32 ndarray, "teacher_freq", "student_freq",
+    "matched_freq": (K,) lists, "n_images"}``."""
+    rows, t_count = [], None
     for rec in records:
-        s = _scores(embed(rec), t)
-        t_count += torch.bincount(_scores(teacher(rec), t, s.shape[1:]).argmax(0).flatten(), minlength=k).double()
+        s = torch.as_tensor(student(rec)).float()
+        k = s.shape[0]
+        t = torch.as_tensor(teacher(rec, tuple(s.shape[1:])))
+        c = torch.bincount(t.argmax(0).flatten(), minlength=k).double()
+        t_count = c if t_count is None else t_count + c
         rows.append(s.flatten(1).t())
     if not rows:
         raise ValueError("prior matching needs at least one training image")

@@ -4,6 +4,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from clips4.evaluate.language import similarity_logits
 from clips4.evaluate.priors import class_frequencies, fit_prior_bias, prior_bias
 
 
@@ -41,6 +42,7 @@ def test_prior_bias_counts_teacher_and_student_on_the_student_grid():
     teacher[0, :, 0] = 1.0
     teacher[1, :, 1] = 1.0
     teacher += 0.01 * rng.standard_normal(teacher.shape).astype(np.float32)
-    out = prior_bias([0, 1], lambda r: student, lambda r: teacher, text)
+    out = prior_bias([0, 1], lambda r: similarity_logits(student, text, layout="hwd"),
+                     lambda r, hw: similarity_logits(teacher, text, hw, layout="hwd"))
     assert out["n_images"] == 2 and out["student_freq"][1] == 1.0
     assert abs(out["teacher_freq"][0] - 0.5) < 0.1 and abs(out["matched_freq"][0] - out["teacher_freq"][0]) < 0.1

@@ -358,10 +358,7 @@ def test_rerun_and_commit_open_only_the_part_records_the_index_does_not_name(tmp
         return real(src, *a, **k)
 
     monkeypatch.setattr(pq, "read_table", counting)
-    (image_folder / "img0.png").touch()  # a changed file: one new part, one commit
-    import os
-
-    os.utime(image_folder / "img0.png", (1, 1))
+    os.utime(image_folder / "img0.png", (1, 1))  # a changed file: one new part, one commit
     again = stage_mod.run_stage(cfg, "toy", show_progress=False)
     assert again.processed == 1
     part_reads = [o for o in opened if "/parts/" in str(o)]

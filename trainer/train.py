@@ -173,19 +173,18 @@ def train(cfg: Config, *, dataset: Dataset | None = None, resume: bool = False, 
     from clips4.pipeline.lock import StageLock
 
     dataset = dataset or dataset_from_config(cfg)
-    out, _ = run_folder(cfg, dataset)
+    out, fp = run_folder(cfg, dataset)
     if int(os.environ.get("RANK", "0")) != 0:  # torchrun: rank 0 holds the lock for all ranks
-        return _train(cfg, dataset, resume, restart, max_steps, show_progress)
+        return _train(cfg, dataset, out, fp, resume, restart, max_steps, show_progress)
     with StageLock(str(out), wait=wait, timeout=wait_timeout):
-        return _train(cfg, dataset, resume, restart, max_steps, show_progress)
+        return _train(cfg, dataset, out, fp, resume, restart, max_steps, show_progress)
 
 
-def _train(cfg: Config, dataset: Dataset, resume: bool, restart: bool, max_steps: int | None,
+def _train(cfg: Config, dataset: Dataset, out: Path, fp: str, resume: bool, restart: bool, max_steps: int | None,
            show_progress: bool) -> TrainResult:
     p: TrainParams = cfg.params("train")  # type: ignore[assignment]
     rank, world, local_rank = _dist_setup()
     deps = {name: open_stage(cfg, name, dataset).url for name in ("segments", "clip_features", "prototypes")}
-    out, fp = run_folder(cfg, dataset)
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if p.device == "auto" else p.device)
     if device.type == "cuda":
         device = torch.device("cuda", local_rank)
