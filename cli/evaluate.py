@@ -83,6 +83,13 @@ def language(
                         prior_matching=prior_matching, prior_images=prior_images)
     print_metrics(res, f"language-driven segmentation — {res['model']} on {ds.key}"
                   + (f" (VOC {voc_mode})" if ds.kind == "voc" and not classes else ""))
+    pm = res.get("prior_matching")
+    if pm:
+        console.print(f"prior matching: class biases fitted on {pm['n_images']} '{pm['split']}' images "
+                      f"(student frequencies matched to the teacher's; in results.json)", markup=False)
+    elif prior_matching:
+        console.print("prior matching: not applied to the teacher (it is the reference the student is matched to)",
+                      markup=False)
     console.print(f"report: {out}/report.md, {out}/results.json")
     return {"out": str(out), "miou": res.get("miou"), "pixel_accuracy": res.get("pixel_accuracy"),
             "n_images": res.get("n_images"), "per_class_iou": res.get("per_class_iou"), "model": res.get("model"),
