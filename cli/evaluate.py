@@ -64,6 +64,7 @@ def language(
     device: str = DeviceOpt, precompute_: bool = PrecomputeOpt,
     prior_matching: Optional[str] = typer.Option(None, "--prior-matching", help="A split of the dataset (e.g. train) whose cached teacher features (no labels) fit a per-class bias so the checkpoint's class frequencies match the teacher's (keeps a class its teacher mostly confuses from vanishing)."),
     prior_images: int = typer.Option(64, "--prior-images", help="With --prior-matching: how many of that split's images."),
+    prior_mode: str = typer.Option("match", "--prior-mode", help="With --prior-matching: 'match' every class's frequency to the teacher's, or 'raise' only the classes the checkpoint predicts at under half the teacher's frequency (the collapse guard; no class is lowered)."),
 ) -> dict:
     """Language-driven segmentation (paper 4.3): each pixel takes the class whose text embedding is closest.
 
@@ -80,13 +81,15 @@ def language(
         precompute(cfg, ["clip_features"], show_progress=not opts.quiet)
     res = _value_errors(run_language, cfg, ds, model=m, classes=classes, voc_mode=voc_mode,
                         save_predictions=save_predictions, out=out, device=device, overlays=overlays,
-                        prior_matching=prior_matching, prior_images=prior_images)
+                        prior_matching=prior_matching, prior_images=prior_images, prior_mode=prior_mode)
     print_metrics(res, f"language-driven segmentation — {res['model']} on {ds.key}"
                   + (f" (VOC {voc_mode})" if ds.kind == "voc" and not classes else ""))
     pm = res.get("prior_matching")
     if pm:
+        what = ("student frequencies matched to the teacher's" if pm.get("mode", "match") == "match" else
+                "classes predicted at under half the teacher's frequency raised towards it")
         console.print(f"prior matching: class biases fitted on {pm['n_images']} '{pm['split']}' images "
-                      f"(student frequencies matched to the teacher's; in results.json)", markup=False)
+                      f"({what}; in results.json)", markup=False)
     elif prior_matching:
         console.print("prior matching: not applied to the teacher (it is the reference the student is matched to)",
                       markup=False)

@@ -205,7 +205,7 @@ def language_confusion(src: EmbeddingSource, dataset: Dataset, names: list[str],
 def run_language(cfg: Config, dataset: Dataset, *, model: str = "teacher", classes: str | None = None,
                  voc_mode: int = 21, save_predictions: Path | None = None, out: Path | None = None,
                  device: str = "auto", overlays: int = 4, prior_matching: str | None = None,
-                 prior_images: int = 64) -> dict:
+                 prior_images: int = 64, prior_mode: str = "match") -> dict:
     """Language-driven segmentation over ``dataset``: mIoU, per-class IoU, pixel accuracy; report in ``out``.
 
     ``prior_matching``: a split of the same dataset (e.g. ``train``) whose first ``prior_images`` images (their
@@ -228,7 +228,7 @@ def run_language(cfg: Config, dataset: Dataset, *, model: str = "teacher", class
     text, backend_info = text_embeddings_for(cfg, names)
     bias, prior = None, None
     if prior_matching and model != "teacher":
-        prior = _prior_matching(cfg, src, text, prior_matching, prior_images)
+        prior = _prior_matching(cfg, src, text, prior_matching, prior_images, prior_mode)
         bias = np.asarray(prior["bias"], np.float32)
         prior = {**prior, "bias": [float(b) for b in bias], "split": prior_matching, "classes": names}
     res, cm, records = language_confusion(src, dataset, names, text, gt_transform=gt_transform,
@@ -251,7 +251,8 @@ def run_language(cfg: Config, dataset: Dataset, *, model: str = "teacher", class
     return res
 
 
-def _prior_matching(cfg: Config, src: EmbeddingSource, text: np.ndarray, split: str, n_images: int) -> dict:
+def _prior_matching(cfg: Config, src: EmbeddingSource, text: np.ndarray, split: str, n_images: int,
+                    mode: str = "match") -> dict:
     """The class-prior correction of ``src`` fitted on ``split``'s cached teacher features (no labels read)."""
     from clips4.evaluate.priors import prior_bias
     from clips4.evaluate.sources import with_split
@@ -264,4 +265,5 @@ def _prior_matching(cfg: Config, src: EmbeddingSource, text: np.ndarray, split: 
     with torch.no_grad():
         return prior_bias(
             records, lambda r: similarity_logits(src.embed(r), text, layout="hwd"),
-            lambda r, hw: similarity_logits(feats.get(r.image_id, "features").astype(np.float32), text, hw, layout="hwd"))
+            lambda r, hw: similarity_logits(feats.get(r.image_id, "features").astype(np.float32), text, hw, layout="hwd"),
+            mode=mode)

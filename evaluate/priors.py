@@ -6,7 +6,9 @@ spreads its answers), the student answers B on all of A, and A's IoU falls below
 student's scores still rank A's pixels above B's (the teacher's minority reading is in its targets).
 Prior matching (label-shift correction, Saerens et al. 2002, on hard predictions) adds one bias per class to the
 student's cosine scores so that its arg-max frequencies over training images equal the teacher's on the same
-images; the classes a student collapses get their best-ranked pixels back. It uses only what training used
+images; the classes a student collapses get their best-ranked pixels back. The teacher's own frequencies carry
+its confusions, so matching every class also hands some of those back; the collapse guard (``mode="raise"``)
+only raises the classes the student has (nearly) stopped predicting. It uses only what training used
 (unlabelled images and the teacher's cached features), for any class list.
 
 - :func:`fit_prior_bias`: ``(P, K)`` scores + ``(K,)`` target frequencies -> ``(K,)`` bias (zero-mean);
@@ -29,29 +31,41 @@ def class_frequencies(labels: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def fit_prior_bias(scores: torch.Tensor, target: torch.Tensor, *, iters: int = 300, rate: float = 0.025,
-                   floor: float = 1e-4) -> torch.Tensor:
+                   floor: float = 1e-4, mode: str = "match", collapse_ratio: float = 0.5) -> torch.Tensor:
     """``(K,) float32`` additive bias for ``scores (P, K)`` (cosines) so that the frequencies of
     ``argmax(scores + bias)`` approach ``target (K,)``: damped multiplicative updates in log-frequency
-    (``bias += rate * (log t - log s)``), kept zero-mean. A class absent from ``target`` is pushed down."""
+    (``bias += rate * (log t - log s)``).
+
+    ``mode``: ``match`` (every class, bias kept zero-mean; a class absent from ``target`` is pushed down) or
+    ``raise`` (the collapse guard: only the classes whose frequency is below ``collapse_ratio`` x their target
+    get a bias, >= 0, raising them towards their target; every other class keeps 0, so a student whose
+    frequencies are near the teacher's is left as it is and no class is ever lowered on its own)."""
+    if mode not in ("match", "raise"):
+        raise ValueError(f"prior matching mode must be match or raise, got {mode!r}")
     scores = scores.float()
     k = scores.shape[1]
     t = torch.as_tensor(target, dtype=torch.float64) + floor
     b = torch.zeros(k, dtype=torch.float32)
+    low = (class_frequencies(scores.argmax(1), k) + floor < collapse_ratio * t).float()
     for _ in range(iters):
         s = class_frequencies((scores + b).argmax(1), k) + floor
-        b = b + (rate * (t.log() - s.log())).float()
-        b = b - b.mean()
+        step = (rate * (t.log() - s.log())).float()
+        if mode == "match":
+            b = b + step
+            b = b - b.mean()
+        else:
+            b = (b + low * step).clamp_min(0)
     return b
 
 
 def prior_bias(records: Sequence, student: Callable, teacher: Callable, *, max_pixels: int = 400_000,
-               seed: int = 0) -> dict:
+               seed: int = 0, mode: str = "match") -> dict:
     """Bias of the student so its class frequencies over ``records`` equal the teacher's.
 
     ``student(record) -> (K, h, w)`` its class scores (cosines to the class text embeddings);
     ``teacher(record, (h, w)) -> (K, h, w)`` the teacher's (cached dense CLIP features) resized onto the student's
     grid, so both are counted on the same cells. At most ``max_pixels`` student score rows are kept (a seeded
-    random subset) for the fit. Returns ``{"bias": (K,) float32 ndarray, "teacher_freq", "student_freq",
+    random subset) for the fit. ``mode``: see :func:`fit_prior_bias`. Returns ``{"bias": (K,) float32 ndarray, "teacher_freq", "student_freq",
     "matched_freq": (K,) lists, "n_images"}``."""
     rows, t_count = [], None
     for rec in records:
@@ -68,7 +82,7 @@ def prior_bias(records: Sequence, student: Callable, teacher: Callable, *, max_p
         g = torch.Generator().manual_seed(seed)
         scores = scores[torch.randperm(scores.shape[0], generator=g)[:max_pixels]]
     target = t_count / t_count.sum().clamp_min(1)
-    bias = fit_prior_bias(scores, target)
-    return {"bias": bias.numpy(), "teacher_freq": target.tolist(),
+    bias = fit_prior_bias(scores, target, mode=mode)
+    return {"bias": bias.numpy(), "mode": mode, "teacher_freq": target.tolist(),
             "student_freq": class_frequencies(scores.argmax(1), k).tolist(),
             "matched_freq": class_frequencies((scores + bias).argmax(1), k).tolist(), "n_images": len(rows)}

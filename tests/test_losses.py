@@ -11,10 +11,12 @@ from clips4.trainer.losses import (
     Prototypes,
     contrastive_loss,
     grid_init,
+    logit_adjustment_bias,
     segment_majority,
     segment_means,
     semantic_consistency_loss,
     spherical_kmeans,
+    teacher_class_marginal,
 )
 
 H, W, D = 12, 12, 16
@@ -207,3 +209,36 @@ def test_unknown_prototypes_move_towards_their_segments():
     ema = CLIPS4Loss(LossConfig(n_segments=4, unknown_update="ema", ema_momentum=0.5), protos2)
     ema(z, labels, image_index, clip=clip)
     assert float(protos2()[2].detach() @ target) > before
+
+
+def test_logit_adjustment_gives_back_a_class_whose_teacher_plurality_is_wrong():
+    """Two near-duplicate classes A (0) and B (1) and a distinct class 2: the teacher reads A's segments closer to B
+    than to A (its plurality on A is wrong), B's clearly as B. Over the cells the teacher over-predicts B, so the
+    logit adjustment by its own class marginal lowers B and raises A: A's segments go back to A, B's stay B, and
+    class 2 (at its share) is untouched."""
+    C = torch.eye(3, D)
+    mix = lambda a, b, c: F.normalize(torch.tensor([a, b, c] + [0.0] * (D - 3)), dim=0)  # noqa: E731
+    seg_a, seg_b, seg_c = mix(0.7, 0.71, 0.0), mix(0.2, 0.98, 0.0), mix(0.0, 0.1, 0.99)
+    # the teacher's cells: a third of the image is A, a third B, a third class 2; two thirds of A's read as B
+    cells = torch.stack([mix(1.0, 0.3, 0.0)] * 10 + [seg_a] * 20 + [seg_b] * 30 + [seg_c] * 30)
+    pi = teacher_class_marginal([cells[:45].numpy(), cells[45:].view(3, 15, D)], C)  # any leading shape
+    assert pi.tolist() == pytest.approx([1 / 9, 5 / 9, 1 / 3])
+    bias = logit_adjustment_bias(pi, alpha=1.0, n_total=4)  # + one unknown prototype, never adjusted
+    assert bias[1] < 0 < bias[0] and bias[2] == pytest.approx(0.0) and bias[3] == 0
+    protos = torch.cat([C, F.normalize(torch.ones(1, D), dim=1)])
+    i = torch.stack([seg_a, seg_b, seg_c])[None]
+    v = i.clone().requires_grad_()
+    valid = torch.ones(1, 3, dtype=torch.bool)
+    _, plain, _ = semantic_consistency_loss(v, i, valid, protos, 10.0)
+    assert plain.tolist() == [1, 1, 2]  # the paper's pseudo-labels: A is called B
+    loss, adjusted, _ = semantic_consistency_loss(v, i, valid, protos, 10.0, bias=bias)
+    assert adjusted.tolist() == [0, 1, 2] and torch.isfinite(loss)
+    # the same through the loss module: the weight 0 (default) adjusts nothing
+    cfg = LossConfig(w_t=0, w_e=0, w_u=0, n_segments=1, logit_adjustment=1.0)
+    loss_fn = CLIPS4Loss(cfg, Prototypes(C, protos[3:]))
+    assert torch.allclose(loss_fn.set_teacher_prior(pi), bias) and loss_fn.pseudo_bias is not None
+    off = CLIPS4Loss(LossConfig(w_t=0, w_e=0, w_u=0, n_segments=1), Prototypes(C, protos[3:]))
+    off.set_teacher_prior(pi)
+    assert LossConfig().logit_adjustment == 0 and off.pseudo_bias is None
+    with pytest.raises(ValueError, match="classes"):
+        loss_fn.set_teacher_prior(pi[:2])

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 
 from clips4.evaluate.language import similarity_logits
@@ -46,3 +47,24 @@ def test_prior_bias_counts_teacher_and_student_on_the_student_grid():
                      lambda r, hw: similarity_logits(teacher, text, hw, layout="hwd"))
     assert out["n_images"] == 2 and out["student_freq"][1] == 1.0
     assert abs(out["teacher_freq"][0] - 0.5) < 0.1 and abs(out["matched_freq"][0] - out["teacher_freq"][0]) < 0.1
+
+
+def test_collapse_guard_raises_only_a_collapsed_class_and_lowers_none():
+    """mode=raise: A (collapsed into B) is raised to its target; a student already near the teacher's
+    frequencies, or one over-predicting a class it has not collapsed, is left exactly as it is."""
+    scores, truth = _collapsed()
+    bias = fit_prior_bias(scores, torch.tensor([0.4, 0.6]), mode="raise")
+    assert float(bias[0]) > 0 and float(bias[1]) == 0.0
+    pred = (scores + bias).argmax(1)
+    assert abs(float(class_frequencies(pred, 2)[0]) - 0.4) < 0.02
+    assert float((pred == truth).float().mean()) > 0.95
+    # three classes, the student over-predicts class 2 (0.45 vs 0.3) at the expense of class 1 (0.25 vs 0.4):
+    # not collapsed (above half its target), so nothing moves; match mode would move both
+    g = torch.Generator().manual_seed(1)
+    cls = torch.cat([torch.zeros(300), torch.ones(250), torch.full((450,), 2)]).long()
+    s3 = torch.nn.functional.one_hot(cls, 3).float() + 0.05 * torch.randn(1000, 3, generator=g)
+    target = torch.tensor([0.3, 0.4, 0.3])
+    assert torch.equal(fit_prior_bias(s3, target, mode="raise"), torch.zeros(3))
+    assert fit_prior_bias(s3, target).abs().sum() > 0
+    with pytest.raises(ValueError, match="match or raise"):
+        fit_prior_bias(s3, target, mode="lower")

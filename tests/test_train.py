@@ -280,3 +280,15 @@ def test_second_training_on_the_same_folder_exits_3_and_leaves_the_first_alone(w
 
     with StageLock(str(out)) as lock:  # free again once the first run stopped
         assert lock.held
+
+
+def test_logit_adjustment_measures_the_teacher_marginal_once_and_says_so(world, tmp_path, capsys):
+    """train.logit_adjustment > 0: the teacher's class marginal over (at most prior_images) training images' cached
+    features adjusts the L_s pseudo-labels, said in one line; the default (0, the paper) measures nothing."""
+    args = [a for a in train_args(world, tmp_path / "la", sets=("train.logit_adjustment=1", "train.prior_images=4"))
+            if a != "--quiet"]
+    assert main(args) == 0
+    words, _ = stderr(capsys)
+    assert "L_s pseudo-labels: logit adjustment 1.0 by the teacher's class marginal over 4 training images" in words
+    assert main([a for a in train_args(world, tmp_path / "plain") if a != "--quiet"]) == 0
+    assert "logit adjustment" not in stderr(capsys)[0]

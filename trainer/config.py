@@ -98,6 +98,14 @@ class TrainParams(Strict):
     #: teacher's confidence), ``soft`` (the teacher's distribution), ``aligned`` (hard after aligning the class
     #: marginals of the batch, student to teacher); see clips4.trainer.losses
     pseudo_labels: Literal["hard", "weighted", "soft", "aligned"] = "hard"
+    #: α of the logit adjustment of the L_s pseudo-labels: ``y_s = argmax_l (τ·cos(i_s, c_l) - α·log(K·π_l))``,
+    #: ``π`` the teacher's known-class marginal over the training caches (each cached cell's closest known
+    #: prototype, measured once at the start of training; unknown prototypes unadjusted). A class the teacher
+    #: over-predicts (it reads a near-duplicate as it) loses segments, one it under-predicts gains them back.
+    #: 0 = the paper's pseudo-labels
+    logit_adjustment: float = Field(default=0.0, ge=0)
+    #: at most this many training images (evenly spaced over the sorted ids) measure ``π``
+    prior_images: int = Field(default=512, ge=1)
     n_segments: int = Field(default=36, ge=2)
     kmeans_iters: int = Field(default=10, ge=1)
     memory_batches: int = Field(default=2, ge=0)

@@ -53,6 +53,8 @@ __all__ = [
     "embedding_consistency_loss",
     "semantic_consistency_loss",
     "unknown_prototype_loss",
+    "teacher_class_marginal",
+    "logit_adjustment_bias",
     "CLIPS4Loss",
 ]
 
@@ -77,6 +79,7 @@ class LossConfig:
     kappa: float = _train_default("kappa")
     semantic_temperature: float = _train_default("semantic_temperature")
     pseudo_labels: str = _train_default("pseudo_labels")
+    logit_adjustment: float = _train_default("logit_adjustment")
     n_segments: int = _train_default("n_segments")
     kmeans_iters: int = _train_default("kmeans_iters")
     spatial_weight: float = 1.0  # weight of (y, x) in [-1, 1] appended to embeddings for k-means
@@ -262,6 +265,36 @@ class Prototypes(nn.Module):
         self.unknown[hit] = F.normalize((1 - momentum) * self.unknown[hit] + momentum * mean, dim=1)
 
 
+# ------------------------------------------------------------------------------- teacher class prior
+@torch.no_grad()
+def teacher_class_marginal(features, known: torch.Tensor) -> torch.Tensor:
+    """``(K,) float64``: the share of the teacher's cells whose closest known prototype is each class.
+
+    ``features``: iterable of ``(..., D)`` arrays/tensors (the cached dense CLIP features of some images; any
+    leading shape), ``known (K, D)``. Every cell counts once (no label is read). A class never chosen gets 0."""
+    C = F.normalize(torch.as_tensor(known).float(), dim=1)
+    count = torch.zeros(C.shape[0], dtype=torch.float64)
+    for f in features:
+        x = torch.as_tensor(f).float().reshape(-1, C.shape[1])
+        count += torch.bincount((x @ C.t()).argmax(1), minlength=C.shape[0]).double()
+    return count / count.sum().clamp_min(1)
+
+
+def logit_adjustment_bias(prior: torch.Tensor, alpha: float, n_total: int | None = None,
+                          floor: float = 1e-3) -> torch.Tensor:
+    """``(L,) float32`` additive bias on the teacher's scaled logits ``τ·cos(i_s, c_l)`` for the L_s pseudo-labels:
+    ``-alpha · log(K · π_c)`` for the ``K`` known classes (``π`` = :func:`teacher_class_marginal`), 0 for the
+    ``L - K`` unknown prototypes (logit adjustment, Menon et al. 2021, towards a uniform class prior: a class the
+    teacher over-predicts is lowered, one it under-predicts raised; a class at the uniform share ``1/K`` and the
+    unknowns keep their logits). ``π`` is floored at ``floor / K`` (a class the teacher never picks is raised by at
+    most ``alpha · log(1/floor)``)."""
+    pi = torch.as_tensor(prior, dtype=torch.float64)
+    K = pi.numel()
+    b = -float(alpha) * torch.log((K * pi).clamp_min(floor))
+    n_total = K if n_total is None else int(n_total)
+    return torch.cat([b, b.new_zeros(n_total - K)]).float()
+
+
 # ----------------------------------------------------------------------------------------------- losses
 def contrastive_loss(z: torch.Tensor, labels: torch.Tensor, image_index: torch.Tensor, assign: torch.Tensor,
                      k: int, *, kappa: float, memory: torch.Tensor | None = None,
@@ -312,7 +345,7 @@ def embedding_consistency_loss(v: torch.Tensor, i: torch.Tensor, valid: torch.Te
 
 
 def semantic_consistency_loss(v: torch.Tensor, i: torch.Tensor, valid: torch.Tensor, prototypes: torch.Tensor,
-                              temperature: float, pseudo_labels: str = "hard"):
+                              temperature: float, pseudo_labels: str = "hard", bias: torch.Tensor | None = None):
     """Eq. 3. v, i: ``(N,k,D)``; valid ``(N,k)``; prototypes ``(L,D)`` unit-norm (detached here).
 
     ``pseudo_labels``: ``hard`` (the paper: cross entropy with ``y_s = argmax_l cos(i_s, c_l)``); ``weighted``
@@ -322,20 +355,25 @@ def semantic_consistency_loss(v: torch.Tensor, i: torch.Tensor, valid: torch.Ten
     alignment, as ReMixMatch: the teacher's distribution times the ratio of the teacher's to the student's class
     marginals over the batch's segments, so a class the student stops predicting while the teacher still gives
     it mass gets its segments back — the collapse of one class into a near-duplicate).
-    Returns ``(loss, pseudo (S,) int64 = argmax_l cos(i_s, c_l), i_valid (S,D))`` over the valid segments.
+    ``bias (L,)``: added to the teacher's scaled logits ``τ·cos(i_s, C)`` before any of the above (the logit
+    adjustment of :func:`logit_adjustment_bias`; None = none, the paper).
+    Returns ``(loss, pseudo (S,) int64 = argmax_l (τ·cos(i_s, c_l) + bias_l), i_valid (S,D))`` over the valid
+    segments.
     """
     C = prototypes.detach()
     vs, is_ = v[valid], i[valid].detach()
     if vs.shape[0] == 0:
         return v.sum() * 0.0, torch.zeros(0, dtype=torch.int64, device=v.device), is_
     with torch.no_grad():
-        t_logits = is_ @ C.t()
+        t_logits = temperature * (is_ @ C.t())
+        if bias is not None:
+            t_logits = t_logits + bias.to(t_logits)
         pseudo = t_logits.argmax(1)
     logits = temperature * vs @ C.t()
     if pseudo_labels == "hard":
         return F.cross_entropy(logits, pseudo), pseudo, is_
     with torch.no_grad():
-        q = torch.softmax(temperature * t_logits, 1)  # the teacher's distribution over the prototypes
+        q = torch.softmax(t_logits, 1)  # the teacher's distribution over the prototypes
     if pseudo_labels == "weighted":
         w = q.amax(1)
         loss = (F.cross_entropy(logits, pseudo, reduction="none") * w).sum() / w.sum().clamp_min(1e-12)
@@ -384,6 +422,21 @@ class CLIPS4Loss(nn.Module):
             raise ValueError(f"unknown_update must be 'grad' or 'ema', got {self.cfg.unknown_update!r}")
         self.prototypes = prototypes
         self.memory = MemoryBank(self.cfg.memory_batches)
+        #: ``(L,)`` bias on the teacher's logits for the L_s pseudo-labels (:meth:`set_teacher_prior`); None = none
+        self.pseudo_bias: torch.Tensor | None = None
+
+    def set_teacher_prior(self, prior: torch.Tensor) -> torch.Tensor:
+        """Logit adjustment of the L_s pseudo-labels from the teacher's known-class marginal ``prior (K,)``
+        (:func:`teacher_class_marginal`) with ``cfg.logit_adjustment``; returns the ``(L,)`` bias (zeros when the
+        weight is 0)."""
+        if self.prototypes is None:
+            raise ValueError("the teacher prior adjusts the pseudo-labels of L_s: it needs prototypes")
+        if len(prior) != self.prototypes.n_known:
+            raise ValueError(f"teacher prior has {len(prior)} classes, the prototypes {self.prototypes.n_known}")
+        n = self.prototypes.n_known + self.prototypes.n_unknown
+        b = logit_adjustment_bias(prior, self.cfg.logit_adjustment, n)
+        self.pseudo_bias = b.to(self.prototypes.known.device) if self.cfg.logit_adjustment else None
+        return b
 
     def forward(self, z: torch.Tensor, labels: torch.Tensor, image_index: torch.Tensor,
                 clip: torch.Tensor | None = None, assign: torch.Tensor | None = None):
@@ -424,7 +477,7 @@ class CLIPS4Loss(nn.Module):
             if self.prototypes is not None and (cfg.w_s > 0 or cfg.w_u > 0):
                 C = self.prototypes()
                 l_s, pseudo, i_v = semantic_consistency_loss(v, i_s, valid, C, cfg.semantic_temperature,
-                                                             cfg.pseudo_labels)
+                                                             cfg.pseudo_labels, self.pseudo_bias)
                 if cfg.w_s > 0:
                     total = total + cfg.w_s * l_s
                     parts["L_s"] = float(l_s.detach())

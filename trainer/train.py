@@ -151,6 +151,26 @@ def _auto_augment(augment: AugmentConfig, prototypes_url: str, rank: int) -> Aug
     return out
 
 
+def _teacher_prior(loss_fn: CLIPS4Loss, clip_url: str, image_ids: list[str], known: torch.Tensor, max_images: int,
+                   rank: int) -> torch.Tensor:
+    """``train.logit_adjustment``: the teacher's known-class marginal over (at most ``max_images``, evenly spaced)
+    training images' cached features, set on the loss as the pseudo-labels' logit adjustment; one plain line."""
+    from clips4.pipeline.cache import StageReader
+    from clips4.trainer.losses import teacher_class_marginal
+
+    reader = StageReader(clip_url)
+    picked = [image_ids[i] for i in np.unique(np.linspace(0, len(image_ids) - 1, min(max_images, len(image_ids)))
+                                              .round().astype(int))]
+    prior = teacher_class_marginal((reader.get(i, "features") for i in picked), known)
+    bias = loss_fn.set_teacher_prior(prior)
+    if rank == 0:
+        console.print(f"L_s pseudo-labels: logit adjustment {loss_fn.cfg.logit_adjustment} by the teacher's class "
+                      f"marginal over {len(picked)} training images (min {float(prior.min()):.3f}, max "
+                      f"{float(prior.max()):.3f}; bias {float(bias[:len(prior)].min()):+.2f} .. "
+                      f"{float(bias[:len(prior)].max()):+.2f})", markup=False)
+    return prior
+
+
 def run_folder(cfg: Config, dataset: Dataset) -> tuple[Path, str]:
     """(output folder, fingerprint) of the run ``cfg`` defines: ``train.out``, else the cache folder named by the
     fingerprint (``train.iterations`` left out, so a run can be lengthened)."""
@@ -204,6 +224,8 @@ def _train(cfg: Config, dataset: Dataset, out: Path, fp: str, resume: bool, rest
     model = build_for_training(p, ds.embed_dim).to(device)
     protos = Prototypes(known, unknown if unknown.numel() else None).to(device)
     loss_fn = CLIPS4Loss(LossConfig.from_params(p), protos).to(device)
+    if p.logit_adjustment > 0 and p.w_s > 0 and known.numel():
+        _teacher_prior(loss_fn, deps["clip_features"], ds.image_ids, known, p.prior_images, rank)
     groups = [{"params": list(model.parameters()), "lr_mult": 1.0, "weight_decay": p.weight_decay}]
     proto_params = [q for q in protos.parameters() if q.requires_grad]
     if proto_params:
