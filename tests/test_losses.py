@@ -242,3 +242,35 @@ def test_logit_adjustment_gives_back_a_class_whose_teacher_plurality_is_wrong():
     assert LossConfig().logit_adjustment == 0 and off.pseudo_bias is None
     with pytest.raises(ValueError, match="classes"):
         loss_fn.set_teacher_prior(pi[:2])
+
+
+def test_collapse_guard_raises_a_class_the_student_stopped_predicting_and_lowers_none():
+    """The student says class 1 on every segment although the teacher gives class 0 a third of its cells: the
+    guard's bias on class 0 grows step by step until the segments the teacher places relatively closest to class 0
+    are pseudo-labelled 0 again; class 1 and 2 are never pushed below their own logits; off (0) it does nothing."""
+    C = torch.eye(3, D)
+    mix = lambda a, b, c: F.normalize(torch.tensor([a, b, c] + [0.0] * (D - 3)), dim=0)  # noqa: E731
+    i = torch.stack([mix(0.66, 0.75, 0.0)] * 4 + [mix(0.1, 0.99, 0.0)] * 4 + [mix(0.0, 0.1, 0.99)] * 4)[None]
+    v = torch.stack([mix(0.0, 1.0, 0.0)] * 8 + [mix(0.0, 0.0, 1.0)] * 4)[None]  # the student: never class 0
+    valid = torch.ones(1, 12, dtype=torch.bool)
+    pi = torch.tensor([1 / 3, 1 / 3, 1 / 3])
+    loss_fn = CLIPS4Loss(LossConfig(w_t=0, w_e=0, w_u=0, collapse_guard=0.5), Prototypes(C))
+    loss_fn.set_teacher_prior(pi)
+    assert torch.equal(loss_fn.guard_bias(), torch.zeros(3))  # the student starts at the teacher's shares
+    seen = []
+    for _ in range(200):
+        bias = loss_fn.guard_bias()
+        _, pseudo, _ = semantic_consistency_loss(v, i, valid, C, 10.0, bias=bias)
+        seen.append(pseudo[:4].tolist())
+        loss_fn._update_guard(v, valid)
+    assert seen[0] == [1, 1, 1, 1] and seen[-1] == [0, 0, 0, 0]  # A's segments are labelled A again
+    assert float(bias[0]) > 0 and float(bias[1]) == float(bias[2]) == 0.0
+    assert pseudo[4:].tolist() == [1] * 4 + [2] * 4  # B's and class 2's segments keep their labels
+    state = loss_fn.guard_state()
+    again = CLIPS4Loss(LossConfig(w_t=0, w_e=0, w_u=0, collapse_guard=0.5), Prototypes(C))
+    again.set_teacher_prior(pi)
+    again.load_guard_state(state)  # a resumed run continues with the same bias
+    assert torch.equal(again.guard_bias(), loss_fn.guard_bias())
+    off = CLIPS4Loss(LossConfig(w_t=0, w_e=0, w_u=0), Prototypes(C))
+    off.set_teacher_prior(pi)
+    assert off.guard_bias() is None and LossConfig().collapse_guard == 0

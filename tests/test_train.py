@@ -289,6 +289,7 @@ def test_logit_adjustment_measures_the_teacher_marginal_once_and_says_so(world, 
             if a != "--quiet"]
     assert main(args) == 0
     words, _ = stderr(capsys)
-    assert "L_s pseudo-labels: logit adjustment 1.0 by the teacher's class marginal over 4 training images" in words
+    assert ("L_s pseudo-labels: logit adjustment 1.0, collapse guard 0.0 by the teacher's class marginal over 4 "
+            "training images") in words
     assert main([a for a in train_args(world, tmp_path / "plain") if a != "--quiet"]) == 0
     assert "logit adjustment" not in stderr(capsys)[0]

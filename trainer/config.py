@@ -104,7 +104,14 @@ class TrainParams(Strict):
     #: over-predicts (it reads a near-duplicate as it) loses segments, one it under-predicts gains them back.
     #: 0 = the paper's pseudo-labels
     logit_adjustment: float = Field(default=0.0, ge=0)
-    #: at most this many training images (evenly spaced over the sorted ids) measure ``π``
+    #: collapse guard ``g`` on the L_s pseudo-labels: a known class the student predicts (EMA of its arg-max shares
+    #: over its segments) at under ``g`` x the teacher's share ``π`` gets ``log(g·π / share)`` added to its teacher
+    #: logit, so the segments the teacher places relatively closest to it are labelled with it again; no class is
+    #: lowered. Against the mode-seeking collapse of a class its teacher reads right on a minority of its pixels.
+    #: 0 = off (the paper)
+    collapse_guard: float = Field(default=0.0, ge=0, le=1)
+    #: at most this many training images (evenly spaced over the sorted ids) measure ``π`` (logit adjustment,
+    #: collapse guard)
     prior_images: int = Field(default=512, ge=1)
     n_segments: int = Field(default=36, ge=2)
     kmeans_iters: int = Field(default=10, ge=1)

@@ -80,6 +80,10 @@ class LossConfig:
     semantic_temperature: float = _train_default("semantic_temperature")
     pseudo_labels: str = _train_default("pseudo_labels")
     logit_adjustment: float = _train_default("logit_adjustment")
+    collapse_guard: float = _train_default("collapse_guard")
+    guard_momentum: float = 0.98  # collapse guard: EMA of the student's class shares (per step)
+    guard_rate: float = 0.02  # collapse guard: bias step per training step, in log-share units
+    guard_cap: float = 0.2  # collapse guard: at most this much cosine (x τ) added to a class's teacher logit
     n_segments: int = _train_default("n_segments")
     kmeans_iters: int = _train_default("kmeans_iters")
     spatial_weight: float = 1.0  # weight of (y, x) in [-1, 1] appended to embeddings for k-means
@@ -424,6 +428,10 @@ class CLIPS4Loss(nn.Module):
         self.memory = MemoryBank(self.cfg.memory_batches)
         #: ``(L,)`` bias on the teacher's logits for the L_s pseudo-labels (:meth:`set_teacher_prior`); None = none
         self.pseudo_bias: torch.Tensor | None = None
+        #: collapse guard (:meth:`guard_bias`): the teacher's known-class marginal, the EMA of the student's, the bias
+        self.teacher_prior: torch.Tensor | None = None
+        self.student_share: torch.Tensor | None = None
+        self.guard: torch.Tensor | None = None
 
     def set_teacher_prior(self, prior: torch.Tensor) -> torch.Tensor:
         """Logit adjustment of the L_s pseudo-labels from the teacher's known-class marginal ``prior (K,)``
@@ -436,7 +444,49 @@ class CLIPS4Loss(nn.Module):
         n = self.prototypes.n_known + self.prototypes.n_unknown
         b = logit_adjustment_bias(prior, self.cfg.logit_adjustment, n)
         self.pseudo_bias = b.to(self.prototypes.known.device) if self.cfg.logit_adjustment else None
+        if self.cfg.collapse_guard > 0:
+            self.teacher_prior = torch.as_tensor(prior, dtype=torch.float32).to(self.prototypes.known.device)
+            if self.guard is None:  # no guard until the student drifts (a resumed run keeps its own state)
+                self.student_share = self.teacher_prior.clone()
+                self.guard = torch.zeros_like(self.teacher_prior)
         return b
+
+    def guard_bias(self) -> torch.Tensor | None:
+        """``(L,)`` collapse guard on the teacher's scaled logits for the L_s pseudo-labels: a bias ``>= 0`` per known
+        class (0 for the unknown prototypes), raised while the student's share of the class (EMA of its arg-max
+        shares over its segments) is below ``cfg.collapse_guard`` x the teacher's share ``π_c`` and lowered back
+        towards 0 once it is above (``bias += guard_rate · (log(g·π_c) - log(share_c))``, clamped to
+        ``[0, guard_cap · τ]`` so a class the student cannot tell apart does not take every segment; the online
+        form of :func:`clips4.evaluate.priors.fit_prior_bias` ``mode="raise"``). A class the student has stopped
+        predicting while its teacher still gives it ``π_c`` gets back the segments the teacher places relatively
+        closest to it; no class is ever lowered below the teacher's own logits. None when off."""
+        if self.guard is None or self.cfg.collapse_guard <= 0:
+            return None
+        return torch.cat([self.guard, self.guard.new_zeros(self.prototypes.n_unknown)])
+
+    @torch.no_grad()
+    def _update_guard(self, v: torch.Tensor, valid: torch.Tensor) -> None:
+        if self.guard is None or self.teacher_prior is None or not valid.any():
+            return
+        K = self.prototypes.n_known
+        pred = (v.detach()[valid].float() @ self.prototypes.known.t()).argmax(1)
+        share = torch.bincount(pred, minlength=K).float() / pred.numel()
+        m = self.cfg.guard_momentum
+        self.student_share = m * self.student_share + (1 - m) * share.to(self.student_share)
+        step = (torch.log(self.cfg.collapse_guard * self.teacher_prior.clamp_min(1e-4))
+                - torch.log(self.student_share.clamp_min(1e-4)))
+        cap = self.cfg.guard_cap * self.cfg.semantic_temperature  # a class the student cannot learn takes no more
+        self.guard = (self.guard + self.cfg.guard_rate * step).clamp(0, cap)
+
+    def guard_state(self) -> dict:
+        """What a resumed run needs of the collapse guard (the student's class shares and the bias so far)."""
+        return {k: None if getattr(self, k) is None else getattr(self, k).cpu() for k in ("student_share", "guard")}
+
+    def load_guard_state(self, state: dict | None) -> None:
+        if state and state.get("guard") is not None and self.cfg.collapse_guard > 0:
+            dev = self.prototypes.known.device
+            self.student_share = torch.as_tensor(state["student_share"]).float().to(dev)
+            self.guard = torch.as_tensor(state["guard"]).float().to(dev)
 
     def forward(self, z: torch.Tensor, labels: torch.Tensor, image_index: torch.Tensor,
                 clip: torch.Tensor | None = None, assign: torch.Tensor | None = None):
@@ -476,8 +526,14 @@ class CLIPS4Loss(nn.Module):
                 parts["L_e"] = float(l_e.detach())
             if self.prototypes is not None and (cfg.w_s > 0 or cfg.w_u > 0):
                 C = self.prototypes()
+                bias, guard = self.pseudo_bias, self.guard_bias()
+                if guard is not None:
+                    bias = guard if bias is None else bias + guard
+                    parts["guard_max"] = float(guard.max())
                 l_s, pseudo, i_v = semantic_consistency_loss(v, i_s, valid, C, cfg.semantic_temperature,
-                                                             cfg.pseudo_labels, self.pseudo_bias)
+                                                             cfg.pseudo_labels, bias)
+                if self.training:
+                    self._update_guard(v, valid)
                 if cfg.w_s > 0:
                     total = total + cfg.w_s * l_s
                     parts["L_s"] = float(l_s.detach())

@@ -153,7 +153,7 @@ def _auto_augment(augment: AugmentConfig, prototypes_url: str, rank: int) -> Aug
 
 def _teacher_prior(loss_fn: CLIPS4Loss, clip_url: str, image_ids: list[str], known: torch.Tensor, max_images: int,
                    rank: int) -> torch.Tensor:
-    """``train.logit_adjustment``: the teacher's known-class marginal over (at most ``max_images``, evenly spaced)
+    """``train.logit_adjustment`` / ``collapse_guard``: the teacher's known-class marginal over (at most ``max_images``, evenly spaced)
     training images' cached features, set on the loss as the pseudo-labels' logit adjustment; one plain line."""
     from clips4.pipeline.cache import StageReader
     from clips4.trainer.losses import teacher_class_marginal
@@ -164,9 +164,10 @@ def _teacher_prior(loss_fn: CLIPS4Loss, clip_url: str, image_ids: list[str], kno
     prior = teacher_class_marginal((reader.get(i, "features") for i in picked), known)
     bias = loss_fn.set_teacher_prior(prior)
     if rank == 0:
-        console.print(f"L_s pseudo-labels: logit adjustment {loss_fn.cfg.logit_adjustment} by the teacher's class "
-                      f"marginal over {len(picked)} training images (min {float(prior.min()):.3f}, max "
-                      f"{float(prior.max()):.3f}; bias {float(bias[:len(prior)].min()):+.2f} .. "
+        c = loss_fn.cfg
+        console.print(f"L_s pseudo-labels: logit adjustment {c.logit_adjustment}, collapse guard {c.collapse_guard} "
+                      f"by the teacher's class marginal over {len(picked)} training images (min {float(prior.min()):.3f}, "
+                      f"max {float(prior.max()):.3f}; adjustment {float(bias[:len(prior)].min()):+.2f} .. "
                       f"{float(bias[:len(prior)].max()):+.2f})", markup=False)
     return prior
 
@@ -224,7 +225,7 @@ def _train(cfg: Config, dataset: Dataset, out: Path, fp: str, resume: bool, rest
     model = build_for_training(p, ds.embed_dim).to(device)
     protos = Prototypes(known, unknown if unknown.numel() else None).to(device)
     loss_fn = CLIPS4Loss(LossConfig.from_params(p), protos).to(device)
-    if p.logit_adjustment > 0 and p.w_s > 0 and known.numel():
+    if (p.logit_adjustment > 0 or p.collapse_guard > 0) and p.w_s > 0 and known.numel():
         _teacher_prior(loss_fn, deps["clip_features"], ds.image_ids, known, p.prior_images, rank)
     groups = [{"params": list(model.parameters()), "lr_mult": 1.0, "weight_decay": p.weight_decay}]
     proto_params = [q for q in protos.parameters() if q.requires_grad]
@@ -257,6 +258,7 @@ def _train(cfg: Config, dataset: Dataset, out: Path, fp: str, resume: bool, rest
         scaler.load_state_dict(ck["scaler"])
         mine = _rank_state(ck, rank, world)
         loss_fn.memory.load_state_dict(mine["memory"])
+        loss_fn.load_guard_state(ck.get("guard"))
         set_rng_state(mine["rng"])
         start = int(ck["step"])
         # the iteration count may change on resume: the poly LR schedule then follows the new length from here
@@ -303,7 +305,7 @@ def _train(cfg: Config, dataset: Dataset, out: Path, fp: str, resume: bool, rest
                 "scaler": scaler.state_dict(), "memory": ranks[0]["memory"], "rng": ranks[0]["rng"],
                 "ranks": ranks, "step": step, "signature": json.dumps(signature),
                 "config": json.dumps(resolved_dict(cfg)), "git": code_version(), "classes": names,
-                "iterations": p.iterations, "schedule": json.dumps(schedule),
+                "iterations": p.iterations, "schedule": json.dumps(schedule), "guard": loss_fn.guard_state(),
             })
 
     losses: list[dict] = []
