@@ -48,6 +48,7 @@ def train_contours(
     width: int = typer.Option(8, help="Channels of the first stage (model size)."),
     seed: int = typer.Option(0, help="Seed: the sample of iteration i depends only on (seed, i)."),
     threads: int = typer.Option(1, help="torch CPU threads."),
+    workers: int = typer.Option(0, help="Data-loader processes drawing the crops (0: in the training process; the samples are the same for any number)."),
     device: str = typer.Option("auto", help="auto (CUDA when available), cpu or cuda."),
     checkpoint_every: int = typer.Option(100, help="Iterations between (atomic) checkpoints."),
     snapshot_every: int = typer.Option(0, help="Keep the weights every N iterations (training curve); 0 = none."),
@@ -63,7 +64,7 @@ def train_contours(
     if not sp:
         raise CLIError("--splits must name at least one split")
     p = EdgeTrainParams(root=root, splits=sp, out=out, iterations=iterations, batch=batch, crop=crop, lr=lr,
-                        width=width, seed=seed, threads=threads, device=device, checkpoint_every=checkpoint_every,
+                        width=width, seed=seed, threads=threads, workers=workers, device=device, checkpoint_every=checkpoint_every,
                         snapshot_every=snapshot_every, time_limit_s=time_limit, limit_images=limit_images)
     try:
         res = train_edges(p, resume=not restart)

@@ -449,12 +449,13 @@ class LearnedDetector:
 
     Args:
         path: ONNX file (default: the shipped ``data/contours/edgenet.onnx``).
-        scales: inference scales whose outputs are averaged.
+        scales: inference scales whose outputs are averaged (default 0.5, 1, 1.5: +0.014 contour ODS over one
+            scale on BSDS val, about 4x the network's single-scale time).
         nms: thin the strength with edge NMS before returning it (the OWT then sees one-pixel contours).
         intra_op_threads: onnxruntime threads (1: the stage parallelises over images).
     """
 
-    def __init__(self, path: str | None = None, scales: tuple[float, ...] = (1.0,), nms: bool = False,
+    def __init__(self, path: str | None = None, scales: tuple[float, ...] = (0.5, 1.0, 1.5), nms: bool = False,
                  intra_op_threads: int = 1) -> None:
         p = Path(path).expanduser() if path else _WEIGHTS
         if not p.is_file():

@@ -67,10 +67,42 @@ def test_train_contours_end_to_end_loss_decreases_and_resumes(tmp_path):
     assert (out / "edges.onnx").stat().st_size > 10_000
     assert list((out / "cache").glob("labels-train-*.npz"))  # label preparation cached
 
+    params = json.loads((out / "params.json").read_text())  # the resolved parameters beside the weights
+    assert params["seed"] == 3 and params["iterations"] == 40 and params["parameters"] > 10_000
+
+    # shipping: the run's ONNX bytes are copied and the card names its sha256, data and hardware
+    import hashlib
+
+    from clips4.trainer.edges import ship_weights
+
+    card = ship_weights(out, tmp_path / "ship", command="clips4 train-contours ...", figures={"val": {}},
+                        hardware="a test")
+    shipped = tmp_path / "ship" / "edgenet.onnx"
+    assert shipped.read_bytes() == (out / "edges.onnx").read_bytes()
+    assert card["sha256"] == hashlib.sha256(shipped.read_bytes()).hexdigest()
+    assert card["training"]["batch"] == 4 and "a test" in (tmp_path / "ship" / "MODEL_CARD.md").read_text()
+
     # resumable: a longer run continues from the checkpoint (iteration 40) instead of starting over
     assert main(args + ["--iterations", "60"]) == 0
     log = [json.loads(x) for x in (out / "log.jsonl").read_text().splitlines()]
     assert [r["iteration"] for r in log] == [20, 40, 60]
+
+
+def test_crop_batches_are_the_same_for_any_number_of_loader_workers(tmp_path):
+    import torch
+
+    from clips4.trainer.edges import CropBatches, EdgeTrainParams, batches, load_bsds_split
+
+    root = _make_bsds(tmp_path / "bsds", n=2)
+    _, ims, labs = load_bsds_split(root, "train")
+    data = CropBatches(ims, labs, EdgeTrainParams(root=str(root), batch=3, crop=32, seed=5))
+    inline = list(batches(data, 4, 8, 0))
+    pooled = list(batches(data, 4, 8, 2))
+    assert len(inline) == len(pooled) == 4
+    assert inline[0][0].shape == (3, 3, 32, 32) and inline[0][1].shape == (3, 1, 32, 32)
+    for (x0, y0), (x1, y1) in zip(inline, pooled):
+        assert torch.equal(x0, x1) and torch.equal(y0, y1)
+    assert not torch.equal(inline[0][0], inline[1][0])  # each iteration draws its own batch
 
 
 def test_train_contours_bad_root_names_folder(tmp_path, capsys):
@@ -92,8 +124,9 @@ def test_onnx_detector_matches_torch_and_runs_in_segments(tmp_path):
     model = build_edge_net(8).eval()
     onnx_path = export_onnx(model, tmp_path / "e.onnx")
     img = cv2.imread(str(_make_bsds(tmp_path / "b", n=1) / "images" / "train" / "0.jpg"))[:, :, ::-1].copy()
-    det = build_detector("learned", path=str(onnx_path))
+    det = build_detector("learned", path=str(onnx_path), scales=(1.0,))
     assert isinstance(det, LearnedDetector)
+    assert build_detector("learned", path=str(onnx_path)).scales == (0.5, 1.0, 1.5)  # the default: three scales
     cm = det(img)
     assert cm.strength.shape == img.shape[:2]
     np.testing.assert_allclose(cm.strength, predict_edges(model, img), atol=1e-4)

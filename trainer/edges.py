@@ -67,6 +67,7 @@ class EdgeTrainParams:
     width: int = 8  # channels of the first stage (x2, x4, x6 at strides 2, 4, 8)
     seed: int = 0
     threads: int = 1
+    workers: int = 0  # data-loader processes drawing the crops (0: in the training process); same samples for any
     device: str = "auto"
     checkpoint_every: int = 100
     snapshot_every: int = 0  # keep edges-<iteration>.pt every N iterations (training curve); 0 = none
@@ -194,6 +195,45 @@ def sample_crop(image: np.ndarray, label: np.ndarray, rng: np.random.Generator, 
         b = rng.uniform(-20, 20)
         img = np.clip(img.astype(np.float32) * a + b, 0, 255).astype(np.uint8)
     return img, lab
+
+
+class CropBatches:
+    """Map-style dataset of whole batches: item ``i`` is iteration ``i``'s ``(x, y)`` — ``(B, 3, crop, crop)``
+    float32 Lab input and ``(B, 1, crop, crop)`` float32 consensus — drawn with ``default_rng([seed, i])``, so the
+    batches are the same whichever process (and however many loader workers) draws them."""
+
+    def __init__(self, images: list[np.ndarray], labels: list[np.ndarray], p: "EdgeTrainParams") -> None:
+        self.images, self.labels = images, labels
+        self.seed, self.batch, self.crop, self.scales = p.seed, p.batch, p.crop, tuple(p.scales)
+
+    def __len__(self) -> int:
+        return 2**62
+
+    def __getitem__(self, it: int):
+        import torch
+
+        rng = np.random.default_rng([self.seed, int(it)])
+        xs, ys = [], []
+        for _ in range(self.batch):
+            k = int(rng.integers(len(self.images)))
+            img, lab = sample_crop(self.images[k], self.labels[k], rng, self.crop, self.scales)
+            xs.append(lab_input(img))
+            ys.append(lab[None])
+        return torch.from_numpy(np.stack(xs)), torch.from_numpy(np.stack(ys))
+
+
+def batches(data: CropBatches, start: int, stop: int, workers: int):
+    """Iterations ``start..stop-1``'s batches, in order (loader processes when ``workers`` > 0)."""
+    if workers <= 0:
+        return (data[i] for i in range(start, stop))
+    from torch.utils.data import DataLoader
+
+    # OpenCV's thread pool does not survive fork: a forked worker that touches it (even cv2.setNumThreads) can
+    # hang. With one OpenCV thread in this process before the fork, the workers never use the pool; each worker
+    # draws a whole batch, so the parallelism is the workers'.
+    cv2.setNumThreads(1)
+    return iter(DataLoader(data, batch_size=None, sampler=range(start, stop), num_workers=int(workers),
+                           prefetch_factor=4, pin_memory=False))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -335,9 +375,16 @@ def train_edges(p: EdgeTrainParams, *, resume: bool = True, log: Callable[[str],
                                     "params": json.dumps(asdict(p))})
 
     t0 = time.perf_counter() - elapsed0
+    # the resolved parameters beside the weights (what ship_weights writes into the model card)
+    (out / "params.json").write_text(json.dumps({**asdict(p), "device_used": str(device),
+                                                 "parameters": n_params}, indent=1) + "\n")
     log_f = open(out / "log.jsonl", "a")
     losses: list[float] = []
+    pending: list[Any] = []
     it = start
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed crop size: let cuDNN pick its fastest kernels once
+    stream = batches(CropBatches(data_img, data_lab, p), start, p.iterations, p.workers)
     try:
         model.train()
         for it in range(start, p.iterations):
@@ -346,24 +393,20 @@ def train_edges(p: EdgeTrainParams, *, resume: bool = True, log: Callable[[str],
             lr = p.lr * min(1.0, (it + 1) / warm) * 0.5 * (1 + math.cos(math.pi * it / p.iterations))
             for g in opt.param_groups:
                 g["lr"] = lr
-            rng = np.random.default_rng([p.seed, it])
-            xs, ys = [], []
-            for _ in range(p.batch):
-                k = int(rng.integers(len(data_img)))
-                img, lab = sample_crop(data_img[k], data_lab[k], rng, p.crop, p.scales)
-                xs.append(lab_input(img))
-                ys.append(lab[None])
-            x = torch.from_numpy(np.stack(xs)).to(device)
-            y = torch.from_numpy(np.stack(ys)).to(device)
+            x, y = next(stream)
+            x = x.to(device, non_blocking=True)
+            y = y.to(device, non_blocking=True)
             logits = model(x)
             loss = balanced_bce(logits, y, p.eta, p.lambda_)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            losses.append(float(loss.detach()))
+            pending.append(loss.detach())  # read back at log steps only: a GPU sync per step costs more than the step
             step = it + 1
             rec: dict[str, Any] = {}
             if step % p.log_every == 0 or step == p.iterations:
+                losses += torch.stack(pending).cpu().tolist()
+                pending = []
                 rec = {"iteration": step, "loss": float(np.mean(losses[-p.log_every:])), "lr": lr,
                        "seconds": round(time.perf_counter() - t0, 1)}
             if val_fn is not None and p.val_every and (step % p.val_every == 0 or step == p.iterations):
@@ -385,6 +428,8 @@ def train_edges(p: EdgeTrainParams, *, resume: bool = True, log: Callable[[str],
                 break
     finally:
         log_f.close()
+    if pending:
+        losses += torch.stack(pending).cpu().tolist()
     model.eval().cpu()
     torch.save(model.state_dict(), out / "edges.pt")
     onnx_path = export_onnx(model, out / "edges.onnx")
@@ -392,14 +437,15 @@ def train_edges(p: EdgeTrainParams, *, resume: bool = True, log: Callable[[str],
             "parameters": n_params, "onnx": str(onnx_path), "weights": str(out / "edges.pt")}
 
 
-def load_edge_net(path: str | Path, width: int = 8):
-    """EdgeNet with the state dict at ``path`` (``edges.pt`` or a training checkpoint), weights_only."""
+def load_edge_net(path: str | Path, width: int | None = None):
+    """EdgeNet with the state dict at ``path`` (``edges.pt`` or a training checkpoint), weights_only; the width
+    is read from the weights unless given."""
     import torch
 
     sd = torch.load(Path(path), map_location="cpu", weights_only=True)
     if isinstance(sd, dict) and "model" in sd and "format" in sd:
         sd = sd["model"]
-    model = build_edge_net(width)
+    model = build_edge_net(width if width is not None else int(sd["stem.0.weight"].shape[0]))
     model.load_state_dict(sd)
     return model.eval()
 
@@ -430,35 +476,43 @@ def export_onnx(model, path: str | Path) -> Path:
     return path
 
 
-def ship_weights(run_dir: str | Path, dest: str | Path, *, command: str, figures: dict, width: int = 8) -> dict:
-    """Export ``run_dir/edges.pt`` to ``dest/edgenet.onnx`` and write the model card (``edgenet.json`` and
-    ``MODEL_CARD.md``: data, command, seed, parameters, training time and curve, figures, sha256)."""
-    run_dir, dest = Path(run_dir), Path(dest)
-    dest.mkdir(parents=True, exist_ok=True)
-    ck = json.loads(_checkpoint_params(run_dir / "checkpoint.pt"))
-    model = load_edge_net(run_dir / "edges.pt", width=width)
-    # the run's own export is copied (not re-exported), so the shipped bytes are the ones that were scored
+def ship_weights(run_dir: str | Path, dest: str | Path, *, command: str, figures: dict, hardware: str,
+                 onnx: str | Path | None = None) -> dict:
+    """Copy a training run's ONNX export (``run_dir/edges.onnx``, or ``onnx``) to ``dest/edgenet.onnx`` and write
+    the model card (``edgenet.json`` and ``MODEL_CARD.md``: data, command, seed, parameters, where it trained, the
+    training time and curve, figures, sha256). The run's parameters come from ``run_dir/params.json`` (written by
+    :func:`train_edges`) or its checkpoint."""
     import shutil
 
+    run_dir, dest = Path(run_dir), Path(dest)
+    dest.mkdir(parents=True, exist_ok=True)
+    if (run_dir / "params.json").is_file():
+        ck = json.loads((run_dir / "params.json").read_text())
+    else:
+        ck = json.loads(_checkpoint_params(run_dir / "checkpoint.pt"))
     onnx_path = dest / "edgenet.onnx"
-    shutil.copyfile(run_dir / "edges.onnx", onnx_path)
+    # the run's own export is copied (not re-exported), so the shipped bytes are the ones that were scored
+    shutil.copyfile(Path(onnx) if onnx else run_dir / "edges.onnx", onnx_path)
     sha = hashlib.sha256(onnx_path.read_bytes()).hexdigest()
     log = [json.loads(x) for x in (run_dir / "log.jsonl").read_text().splitlines() if x.strip()]
+    keys = ("iterations", "batch", "crop", "lr", "weight_decay", "eta", "lambda_", "scales", "width", "workers", "threads")
     card = {
         "model": "clips4 EdgeNet (trainer/edges.py)",
-        "parameters": sum(int(q.numel()) for q in model.parameters()),
+        "parameters": ck.get("parameters") or sum(int(q.numel()) for q in build_edge_net(ck["width"]).parameters()),
         "file": onnx_path.name,
         "sha256": sha,
-        "data": f"BSDS500 splits {ck['splits']} (images + human boundaries; consensus eta {ck['eta']})",
+        "data": f"BSDS500 splits {list(ck['splits'])} (images + human boundaries; consensus eta {ck['eta']})",
         "command": command,
         "seed": ck["seed"],
-        "training": {k: ck[k] for k in ("iterations", "batch", "crop", "lr", "weight_decay", "scales", "width", "threads")},
+        "training": {k: ck[k] for k in keys if k in ck},
+        "hardware": hardware,
         "training_seconds": log[-1]["seconds"] if log else None,
         "training_iterations": log[-1]["iteration"] if log else None,
         "loss_curve": [(r["iteration"], round(r["loss"], 3)) for r in log if "loss" in r],
         "figures": figures,
     }
     (dest / "edgenet.json").write_text(json.dumps(card, indent=2) + "\n")
+    step = max(1, len(card["loss_curve"]) // 40)
     lines = [
         "# clips4 learned contours (EdgeNet)", "",
         f"- file: `{onnx_path.name}` ({onnx_path.stat().st_size} bytes), sha256 `{sha}`",
@@ -466,9 +520,10 @@ def ship_weights(run_dir: str | Path, dest: str | Path, *, command: str, figures
         f"- data: {card['data']}; trained from scratch, no pretrained weights",
         f"- command: `{command}`",
         f"- seed: {card['seed']}; training: {json.dumps(card['training'])}",
-        f"- training time: {card['training_seconds']} s for {card['training_iterations']} iterations on this machine's CPU",
+        f"- training time: {card['training_seconds']} s for {card['training_iterations']} iterations on {hardware}",
         f"- figures (BSDS protocol of clips4.evaluate.boundaries): {json.dumps(figures)}",
-        "", "Loss curve (iteration, mean batch loss): " + ", ".join(f"{i}: {v}" for i, v in card["loss_curve"]), "",
+        "", "Loss curve (iteration, mean batch loss): "
+        + ", ".join(f"{i}: {v}" for i, v in card["loss_curve"][::step]), "",
         "Machine-readable card: `edgenet.json` (benchmarks/segments.py checks the val figure against it).", "",
     ]
     (dest / "MODEL_CARD.md").write_text("\n".join(lines))
