@@ -17,8 +17,10 @@ spurious colour, Voronoi/boxes/many small regions, teachers with random-class pa
 per-image nuisance direction, per-image class confusions, a coarse grid, modality gaps) x ``--seeds``, small
 images (64 x 96; 64 train / 24 val), each world trained (``SWEEP_TRAIN``: 600 iterations, batch 4, crop 64) with
 the defaults and with each ablation row (``SWEEP_ROWS``; ``--rows`` picks some). Prints per world the teacher and
-student val mIoU, the largest per-class IoU drop student vs teacher, and the ablation; then every row's
-mean +- std over worlds. Targets: student >= teacher + 5 in every world, >= +10 on average, no class more than
+student val mIoU, the largest per-class IoU drop student vs teacher, and the ablation (each row's mIoU and
+worst class drop); the defaults' checkpoint is also evaluated with the class-prior correction fitted on the
+train images (``+ prior``: every class matched to the teacher's frequencies; ``+ guard``: the collapse guard,
+only classes predicted at under half the teacher's frequency raised); then every row's mean +- std over worlds. Targets: student >= teacher + 5 in every world, >= +10 on average, no class more than
 5 points below the teacher.
 
     .venv/bin/python benchmarks/synthetic_world.py --sweep [--worlds a,b] [--seeds 0,1] [--no-ablation]
@@ -67,6 +69,7 @@ SWEEP_ROWS = [
     ("- L_t", ["train.w_t=0"], False),
     ("- L_e", ["train.w_e=0"], False),
     ("- L_s", ["train.w_s=0"], False),
+    ("- L_u", ["train.w_u=0"], False),
     ("paper geometry", ["train.augment.geometric=imposed", "train.augment.zoom=null", "train.augment.scale=[0.25,1.0]"],
      False),
     ("imposed photometric", ["train.augment.photometric=imposed"], False),
@@ -75,6 +78,8 @@ SWEEP_ROWS = [
     ("weighted pseudo-labels", ["train.pseudo_labels=weighted"], False),
     ("soft pseudo-labels", ["train.pseudo_labels=soft"], False),
     ("aligned pseudo-labels", ["train.pseudo_labels=aligned"], False),
+    ("logit adjustment", ["train.logit_adjustment=2"], False),
+    ("collapse guard", ["train.collapse_guard=1"], False),
     ("tau 1", ["train.semantic_temperature=1"], False),
     ("teacher variants", ["train.augment.photometric=teacher"], True),
     ("paper", [*OLD_DEFAULTS, "train.semantic_temperature=1"], False),
@@ -82,6 +87,9 @@ SWEEP_ROWS = [
 ]
 #: the defaults' checkpoint evaluated with the class-prior correction (clips4.evaluate.priors, fitted on train)
 PM = "defaults + prior matching"
+#: ... with the collapse guard instead (``--prior-mode raise``: only classes predicted at under half the teacher's
+#: frequency are raised towards it; no class is lowered)
+GUARD = "defaults + collapse guard"
 SWEEP_TRAIN = ["train.iterations=600", "train.batch_size=4", "train.crop_size=64", "train.num_workers=0",
                "train.n_segments=16", "train.checkpoint_every=1000", "train.cache_images=64"]
 
@@ -101,13 +109,14 @@ def prototypes_for(cfg_path: Path, overrides: list[str]) -> None:
             raise SystemExit(f"clips4 precompute prototypes {' '.join(sets)} failed")
 
 
-def per_class(cfg_path: Path, model: str, prior_matching: str | None = None) -> tuple[float, dict]:
+def per_class(cfg_path: Path, model: str, prior_matching: str | None = None,
+              prior_mode: str = "match") -> tuple[float, dict]:
     from clips4.evaluate.language import run_language
 
     from common import val_setup
 
     cfg, ds = val_setup(cfg_path)
-    r = run_language(cfg, ds, model=model, out=None, prior_matching=prior_matching)
+    r = run_language(cfg, ds, model=model, out=None, prior_matching=prior_matching, prior_mode=prior_mode)
     return 100 * float(r["miou"]), {k: 100 * float(v) for k, v in r["per_class_iou"].items() if v == v}
 
 
@@ -126,12 +135,13 @@ def sweep(a) -> int:
     work = a.work or Path(tempfile.mkdtemp(prefix="clips4-sweep-"))
     log(f"work folder: {work}")
     train = [*SWEEP_TRAIN, *(f"train.iterations={a.iterations}" for _ in [0] if a.iterations), *a.sets]
-    results = []  # (world, seed, teacher, {row: student}, worst drop, worst class)
+    results = []  # (world, seed, teacher, {row: student}, worst drop, worst class, ..., {row: (drop, class)})
     print(f"sweep: {len(worlds)} worlds x seeds {seeds}; {a.n_train} train / {a.n_val} val images 64x96; "
           f"{' '.join(train)}")
     print(f"{'world':<20}{'seed':>5}{'teacher':>9}{'student':>9}{'gain':>7}{'worst drop':>12}  "
-          f"{'+ prior':>9}{'gain':>7}{'worst drop':>12}  "
-          + "".join(f"{r[0][:14]:>16}" for r in rows[1:]))
+          f"{'+ prior':>9}{'gain':>7}{'worst drop':>12}{'+ guard':>9}{'worst drop':>12}"
+          + "".join(f"{r[0][:19]:>21}" for r in rows[1:]))
+    print(f"{'':<113}" + "".join(f"{'mIoU  worst drop':>21}" for _ in rows[1:]))
     for name in worlds:
         for seed in seeds:
             t0 = time.perf_counter()
@@ -154,24 +164,31 @@ def sweep(a) -> int:
             pm, pm_cls = per_class(cfg, str(ckpts[rows[0][0]]), prior_matching="train")
             got[PM] = pm
             pd, pdc = max(((t_cls[c] - pm_cls.get(c, 0.0), c) for c in t_cls), default=(0.0, "-"))
-            results.append((name, seed, t_miou, got, d, dc, pd, pdc))
+            drops[PM] = (pd, pdc)
+            got[GUARD], g_cls = per_class(cfg, str(ckpts[rows[0][0]]), prior_matching="train", prior_mode="raise")
+            drops[GUARD] = max(((t_cls[c] - g_cls.get(c, 0.0), c) for c in t_cls), default=(0.0, "-"))
+            results.append((name, seed, t_miou, got, d, dc, pd, pdc, drops))
             print(f"{name:<20}{seed:>5}{t_miou:>9.1f}{s0:>9.1f}{s0 - t_miou:>+7.1f}{d:>7.1f} {dc[:8]:<5}"
                   + f"{pm:>9.1f}{pm - t_miou:>+7.1f}{pd:>7.1f} {pdc[:8]:<5}"
-                  + "".join(f"{got[r[0]]:>16.1f}" for r in rows[1:]) + f"   ({time.perf_counter() - t0:.0f} s)",
+                  + f"{got[GUARD]:>9.1f}{drops[GUARD][0]:>6.1f} {drops[GUARD][1][:5]:<5}"
+                  + "".join(f"{got[r[0]]:>9.1f}{drops[r[0]][0]:>6.1f} {drops[r[0]][1][:5]:<5}" for r in rows[1:])
+                  + f"   ({time.perf_counter() - t0:.0f} s)",
                   flush=True)
     print("\nmean +- std over worlds x seeds (student mIoU; gain = student - teacher)")
     teach = np.array([r[2] for r in results])
     print(f"{'teacher':<26}{teach.mean():>7.1f} +- {teach.std():4.1f}")
-    for rname in [r[0] for r in rows[:1]] + [PM] + [r[0] for r in rows[1:]]:
+    for rname in [r[0] for r in rows[:1]] + [PM, GUARD] + [r[0] for r in rows[1:]]:
         v = np.array([r[3][rname] for r in results])
         g = v - teach
+        dr = np.array([r[8][rname][0] for r in results])
         print(f"{rname:<26}{v.mean():>7.1f} +- {v.std():4.1f}   gain {g.mean():+6.1f} +- {g.std():4.1f}   "
-              f"min gain {g.min():+6.1f}   worlds below teacher+5: {int((g < 5).sum())}")
+              f"min gain {g.min():+6.1f}   worlds below teacher+5: {int((g < 5).sum())}   "
+              f"worst class drop {dr.max():5.1f} (> 5 in {int((dr > 5).sum())})")
     oks = []
-    for key, wi in ((rows[0][0], 4), (PM, 6)):
+    for key in (rows[0][0], PM, GUARD):
         gains = np.array([r[3][key] - r[2] for r in results])
-        worst = max(r[wi] for r in results)
-        n_bad = sum(r[wi] > 5 for r in results)
+        worst = max(r[8][key][0] for r in results)
+        n_bad = sum(r[8][key][0] > 5 for r in results)
         oks.append(gains.min() >= 5 and gains.mean() >= 10 and worst <= 5)
         print(f"\ntargets ({key}): every world >= teacher + 5: {'MET' if gains.min() >= 5 else 'NOT MET'} "
               f"(min {gains.min():+.1f}); mean >= +10: {'MET' if gains.mean() >= 10 else 'NOT MET'} ({gains.mean():+.1f}); "
