@@ -80,6 +80,7 @@ SWEEP_ROWS = [
     ("aligned pseudo-labels", ["train.pseudo_labels=aligned"], False),
     ("logit adjustment", ["train.logit_adjustment=2"], False),
     ("collapse guard", ["train.collapse_guard=1"], False),
+    ("ema 0.99", ["train.ema=0.99"], False),
     ("tau 1", ["train.semantic_temperature=1"], False),
     ("teacher variants", ["train.augment.photometric=teacher"], True),
     ("paper", [*OLD_DEFAULTS, "train.semantic_temperature=1"], False),

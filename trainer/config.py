@@ -117,6 +117,11 @@ class TrainParams(Strict):
     kmeans_iters: int = Field(default=10, ge=1)
     memory_batches: int = Field(default=2, ge=0)
     unknown_update: Literal["grad", "ema"] = "grad"
+    #: decay of an exponential moving average of the student's weights (parameters and buffers; Polyak / mean-
+    #: teacher averaging), updated after every optimiser step with the warm-up ``min(ema, (1 + t) / (10 + t))``;
+    #: ``final.pt`` then holds the averaged weights as the evaluated model (the last iterate as ``model_raw``),
+    #: checkpoints hold the average so a resumed run continues it. 0 = off (the paper: the last iterate)
+    ema: float = Field(default=0.0, ge=0, lt=1)
     # --- bookkeeping
     seed: int = 0
     #: mixed precision: ``auto`` = on with CUDA, off on CPU

@@ -27,6 +27,7 @@ from clips4.trainer.augment import AugmentConfig
 from clips4.trainer.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from clips4.trainer.config import TrainParams
 from clips4.trainer.data import CachedViews, StepSampler, make_loader
+from clips4.trainer.ema import WeightEMA
 from clips4.trainer.losses import CLIPS4Loss, LossConfig, Prototypes
 from clips4.trainer.model import ModelConfig, build_model, model_signature
 
@@ -233,6 +234,8 @@ def _train(cfg: Config, dataset: Dataset, out: Path, fp: str, resume: bool, rest
         groups.append({"params": proto_params, "lr_mult": p.prototype_lr_mult, "weight_decay": 0.0})
     opt = torch.optim.SGD(groups, lr=p.lr, momentum=p.momentum)
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
+    # train.ema: an average of the unwrapped module's weights on every rank (identical under DDP), saved by rank 0
+    ema = WeightEMA(model, p.ema) if p.ema > 0 else None
     signature = {**model_signature(model.cfg), "n_known": int(known.shape[0]), "n_unknown": int(unknown.shape[0]),
                  "fingerprint": fp}
 
@@ -259,6 +262,14 @@ def _train(cfg: Config, dataset: Dataset, out: Path, fp: str, resume: bool, rest
         mine = _rank_state(ck, rank, world)
         loss_fn.memory.load_state_dict(mine["memory"])
         loss_fn.load_guard_state(ck.get("guard"))
+        if ema is not None:
+            if ck.get("ema") is not None:
+                ema.load_state_dict(ck["ema"])
+            else:  # cannot happen for a run of this fingerprint (train.ema is part of it); said, not hidden
+                if rank == 0:
+                    console.print(f"[yellow]warning:[/] {last} holds no weight average: train.ema starts from the "
+                                  "resumed weights")
+                ema = WeightEMA(model, p.ema)
         set_rng_state(mine["rng"])
         start = int(ck["step"])
         # the iteration count may change on resume: the poly LR schedule then follows the new length from here
@@ -295,13 +306,24 @@ def _train(cfg: Config, dataset: Dataset, out: Path, fp: str, resume: bool, rest
                 if ln.strip() and json.loads(ln)["step"] < start]
         metrics_path.write_text("".join(k + "\n" for k in kept))
     tb = _tensorboard(out) if rank == 0 else None
+    if ema is not None and rank == 0:
+        console.print(f"train.ema {p.ema}: averaging the student's weights after every step (warm-up "
+                      f"min({p.ema}, (1+t)/(10+t))); final.pt will hold the average as the evaluated model",
+                      markup=False)
 
-    def save(step: int, path: Path) -> None:
+    def save(step: int, path: Path, evaluated: bool = False) -> None:
         # every rank's own memory bank and RNG state (they differ under DDP), so a resumed run continues exactly
         ranks = _gather_rank_states(loss_fn.memory.state_dict(), rng_state(), world)
         if rank == 0:
+            weights = raw_model.state_dict()
+            extra = {}
+            if ema is not None:
+                extra["ema"] = ema.state_dict()
+                if evaluated:  # final.pt: the average is the model evaluations load; the last iterate kept beside it
+                    extra["model_raw"] = weights
+                    weights = ema.weights
             save_checkpoint(path, {
-                "model": raw_model.state_dict(), "prototypes": protos.state_dict(), "optimizer": opt.state_dict(),
+                **extra, "model": weights, "prototypes": protos.state_dict(), "optimizer": opt.state_dict(),
                 "scaler": scaler.state_dict(), "memory": ranks[0]["memory"], "rng": ranks[0]["rng"],
                 "ranks": ranks, "step": step, "signature": json.dumps(signature),
                 "config": json.dumps(resolved_dict(cfg)), "git": code_version(), "classes": names,
@@ -361,6 +383,8 @@ def _train(cfg: Config, dataset: Dataset, out: Path, fp: str, resume: bool, rest
             scaler.update()
             with torch.no_grad():
                 protos.renormalize_()
+            if ema is not None:
+                ema.update(raw_model)
             t_now = time.perf_counter()
             logged = _mean_over_ranks({k: float(v) for k, v in parts.items()}, world)
             rec = {"step": step, "lr": lr, "iterations": p.iterations, **logged,
@@ -396,8 +420,11 @@ def _train(cfg: Config, dataset: Dataset, out: Path, fp: str, resume: bool, rest
         if start >= p.iterations and rank == 0:
             console.print(f"[yellow]already at step {start} >= train.iterations={p.iterations}[/]: finishing here")
         save(done, last)
-        save(done, final)
+        save(done, final, evaluated=True)
         if rank == 0:
+            if ema is not None:
+                console.print(f"final.pt holds the weight average (train.ema {p.ema}, {ema.updates} updates) as the "
+                              "evaluated model; the last iterate as model_raw", markup=False)
             _commit(out, cfg, fp, signature, deps, done)
         stopped = "finished"
     else:
