@@ -55,6 +55,7 @@ def train_contours(
     time_limit: float = typer.Option(0.0, help="Stop after this many seconds (checkpointed, resumable); 0 = none."),
     limit_images: int = typer.Option(0, help="Use only the first N images per split (quick runs); 0 = all."),
     restart: bool = typer.Option(False, "--restart", help="Ignore an existing checkpoint in --out."),
+    wait: bool = WaitOpt, wait_timeout: Optional[float] = WaitTimeoutOpt,
 ) -> dict:
     """Train the learned contour detector (EdgeNet) from scratch on BSDS; resumes from --out by default. Ship the
     result with ``data/contours`` (see its MODEL_CARD.md) and bump the segments stage version."""
@@ -67,7 +68,7 @@ def train_contours(
                         width=width, seed=seed, threads=threads, workers=workers, device=device, checkpoint_every=checkpoint_every,
                         snapshot_every=snapshot_every, time_limit_s=time_limit, limit_images=limit_images)
     try:
-        res = train_edges(p, resume=not restart)
+        res = train_edges(p, resume=not restart, wait=wait, wait_timeout=wait_timeout)
     except EdgeTrainError as exc:
         raise CLIError(str(exc)) from None
     console.print(f"trained {res['iterations']} iterations in {res['seconds']} s; ONNX: {res['onnx']}")

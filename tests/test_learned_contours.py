@@ -105,6 +105,22 @@ def test_crop_batches_are_the_same_for_any_number_of_loader_workers(tmp_path):
     assert not torch.equal(inline[0][0], inline[1][0])  # each iteration draws its own batch
 
 
+def test_train_contours_bad_value_and_locked_folder(tmp_path, capsys):
+    from clips4.cli import main
+    from clips4.pipeline.lock import StageLock
+
+    root = _make_bsds(tmp_path / "bsds", n=1)
+    out = tmp_path / "run"
+    args = ["train-contours", "--root", str(root), "--out", str(out), "--iterations", "2", "--batch", "2", "--crop", "32"]
+    assert main(args + ["--workers", "-1"]) == 2
+    assert "workers must be >= 0, got -1" in capsys.readouterr().err
+    with StageLock(str(out)):  # another run holds the folder: exit 3, nothing written
+        assert main(args) == 3
+    assert "being written by" in capsys.readouterr().err
+    assert not (out / "log.jsonl").exists()
+    assert main(args) == 0 and (out / "edges.onnx").is_file()  # free again
+
+
 def test_train_contours_bad_root_names_folder(tmp_path, capsys):
     from clips4.cli import main
 

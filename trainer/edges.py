@@ -206,9 +206,6 @@ class CropBatches:
         self.images, self.labels = images, labels
         self.seed, self.batch, self.crop, self.scales = p.seed, p.batch, p.crop, tuple(p.scales)
 
-    def __len__(self) -> int:
-        return 2**62
-
     def __getitem__(self, it: int):
         import torch
 
@@ -329,22 +326,37 @@ def predict_edges(model, image: np.ndarray, device=None) -> np.ndarray:
 
 
 def train_edges(p: EdgeTrainParams, *, resume: bool = True, log: Callable[[str], None] = print,
-                val_fn: Callable[[Any, int], float] | None = None) -> dict:
+                val_fn: Callable[[Any, int], float] | None = None, wait: bool = False,
+                wait_timeout: float | None = None) -> dict:
     """Train :class:`EdgeNet` on ``p.splits`` of the BSDS-layout folder ``p.root`` into ``p.out``.
 
     Writes ``p.out/checkpoint.pt`` every ``checkpoint_every`` iterations (atomic), ``p.out/log.jsonl``
-    (one JSON line per logged iteration: iteration, loss, lr, seconds) and at the end ``p.out/edges.pt``
-    (the model state only) and ``p.out/edges.onnx``.  With ``resume`` an existing checkpoint of the same
-    model is continued.  ``val_fn(model, iteration) -> float`` is called every ``val_every`` iterations
-    (its figure is logged as ``val``).  Returns a summary dict (iterations, seconds, last losses, paths).
+    (one JSON line per logged iteration: iteration, loss, lr, seconds), ``p.out/params.json`` and at the end
+    ``p.out/edges.pt`` (the model state only) and ``p.out/edges.onnx``.  With ``resume`` an existing checkpoint of
+    the same model is continued.  ``val_fn(model, iteration) -> float`` is called every ``val_every`` iterations
+    (its figure is logged as ``val``).  One run per output folder: ``p.out/.lock`` (the stages'
+    :class:`~clips4.pipeline.lock.StageLock`) is held for the whole run, so a second run on the same folder raises
+    ``StageLocked`` (exit 3) or waits with ``wait``.  Returns a summary dict (iterations, seconds, last losses, paths).
     """
+    from clips4.pipeline.lock import StageLock
+
+    for name, value, low in (("iterations", p.iterations, 1), ("batch", p.batch, 1), ("crop", p.crop, 8),
+                             ("workers", p.workers, 0), ("threads", p.threads, 1)):
+        if value < low:
+            raise EdgeTrainError(f"train contours: {name} must be >= {low}, got {value}")
+    out = Path(p.out).resolve()  # whole paths in the log, the summary and the lock message
+    out.mkdir(parents=True, exist_ok=True)
+    with StageLock(str(out), wait=wait, timeout=wait_timeout):
+        return _train_edges(p, out, resume, log, val_fn)
+
+
+def _train_edges(p: EdgeTrainParams, out: Path, resume: bool, log: Callable[[str], None],
+                 val_fn: Callable[[Any, int], float] | None) -> dict:
     import torch
 
     from clips4.trainer.checkpoint import load_checkpoint, save_checkpoint
 
-    torch.set_num_threads(max(1, int(p.threads)))
-    out = Path(p.out)
-    out.mkdir(parents=True, exist_ok=True)
+    torch.set_num_threads(int(p.threads))
     device = _device(p.device)
     data_img: list[np.ndarray] = []
     data_lab: list[np.ndarray] = []
@@ -476,9 +488,8 @@ def export_onnx(model, path: str | Path) -> Path:
     return path
 
 
-def ship_weights(run_dir: str | Path, dest: str | Path, *, command: str, figures: dict, hardware: str,
-                 onnx: str | Path | None = None) -> dict:
-    """Copy a training run's ONNX export (``run_dir/edges.onnx``, or ``onnx``) to ``dest/edgenet.onnx`` and write
+def ship_weights(run_dir: str | Path, dest: str | Path, *, command: str, figures: dict, hardware: str) -> dict:
+    """Copy a training run's ONNX export (``run_dir/edges.onnx``) to ``dest/edgenet.onnx`` and write
     the model card (``edgenet.json`` and ``MODEL_CARD.md``: data, command, seed, parameters, where it trained, the
     training time and curve, figures, sha256). The run's parameters come from ``run_dir/params.json`` (written by
     :func:`train_edges`) or its checkpoint."""
@@ -492,7 +503,7 @@ def ship_weights(run_dir: str | Path, dest: str | Path, *, command: str, figures
         ck = json.loads(_checkpoint_params(run_dir / "checkpoint.pt"))
     onnx_path = dest / "edgenet.onnx"
     # the run's own export is copied (not re-exported), so the shipped bytes are the ones that were scored
-    shutil.copyfile(Path(onnx) if onnx else run_dir / "edges.onnx", onnx_path)
+    shutil.copyfile(run_dir / "edges.onnx", onnx_path)
     sha = hashlib.sha256(onnx_path.read_bytes()).hexdigest()
     log = [json.loads(x) for x in (run_dir / "log.jsonl").read_text().splitlines() if x.strip()]
     keys = ("iterations", "batch", "crop", "lr", "weight_decay", "eta", "lambda_", "scales", "width", "workers", "threads")
