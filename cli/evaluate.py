@@ -74,6 +74,8 @@ def language(
     from clips4.evaluate.sources import precompute
     from clips4.pipeline.stage import dataset_from_config
 
+    if prior_mode not in ("match", "raise"):  # before any data or model is touched
+        raise CLIError(f"--prior-mode must be 'match' or 'raise', got {prior_mode!r}")
     cfg = opts.build_config()
     ds = dataset_from_config(cfg)
     m = _model(model, checkpoint)
