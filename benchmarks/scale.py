@@ -101,9 +101,12 @@ def _write_range(args) -> int:
     return hi - lo
 
 
-def write_world(root: Path, n: int, hw: tuple[int, int], procs: int) -> float:
-    """N training images in folders of 1000 (as large datasets are laid out), no masks; seconds taken."""
-    marker = root / f".written-{n}-{hw[0]}x{hw[1]}"
+def write_world(root: Path, n: int, hw: tuple[int, int], procs: int, unique: int = 0) -> float:
+    """N training images in folders of 1000 (as large datasets are laid out), no masks; seconds taken.
+    ``unique`` > 0: only the first that many are rendered, image i is a byte copy of image ``i % unique`` (a
+    different name and file: every stage still reads, computes and stores it; rendering 100k images alone takes
+    about an hour on 2 cores)."""
+    marker = root / (f".written-{n}-{hw[0]}x{hw[1]}" + (f"-u{unique}" if 0 < unique < n else ""))
     if marker.exists():
         return 0.0
     from clips4.pipeline.synthetic import SyntheticWorld
@@ -112,9 +115,15 @@ def write_world(root: Path, n: int, hw: tuple[int, int], procs: int) -> float:
     for k in range((n + 999) // 1000):
         (root / "images" / "train" / f"{k:04d}").mkdir(parents=True, exist_ok=True)
     (root / "classes.txt").write_text("\n".join(SyntheticWorld().class_names) + "\n")
-    chunks = [(str(root), lo, min(n, lo + 2000), hw) for lo in range(0, n, 2000)]
+    m = min(n, unique) if unique > 0 else n
+    chunks = [(str(root), lo, min(m, lo + 2000), hw) for lo in range(0, m, 2000)]
     with ProcessPoolExecutor(procs) as ex:
-        assert sum(ex.map(_write_range, chunks)) == n
+        assert sum(ex.map(_write_range, chunks)) == m
+    d = root / "images" / "train"
+    if m < n:
+        blobs = [(d / f"{i // 1000:04d}" / f"{i:07d}.png").read_bytes() for i in range(m)]
+        for i in range(m, n):
+            (d / f"{i // 1000:04d}" / f"{i:07d}.png").write_bytes(blobs[i % m])
     marker.write_text("ok")
     return time.perf_counter() - t0
 
@@ -179,7 +188,7 @@ def run_size(n: int, a, base_root: Path) -> dict:
     hw = tuple(int(x) for x in a.image_size.split("x"))
     base = base_root / f"n{n}"
     root = base / "world"
-    gen_s = write_world(root, n, hw, procs=a.workers)
+    gen_s = write_world(root, n, hw, procs=a.workers, unique=a.unique)
     cfg_path = world_config(base, root, hw, a)
     train_out = base / "train"
     sets = [f"train.iterations={a.steps}", f"train.batch_size={a.train_batch}", f"train.crop_size={min(hw)}",
@@ -239,7 +248,8 @@ def report(res: dict, a) -> None:
     n = res["n"]
     print(f"\n=== {n:,} images ({a.image_size}), Ray workers {a.workers}, batch {a.batch_size} "
           f"({res['parts']:,} parts per stage), load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
-    print(f"  generate world {res['generate_s']:.1f} s (not counted)")
+    uniq = f", {a.unique:,} distinct images, the rest byte copies" if 0 < a.unique < n else ""
+    print(f"  generate world {res['generate_s']:.1f} s (not counted{uniq})")
     print(f"  dataset listing (+ image headers)  {res['listing_s']:8.2f} s   {1e3 * res['listing_s'] / n:7.3f} ms/img")
     for st in ("segments", "clip_features"):
         s = res[f"{st}_s"]
@@ -298,6 +308,8 @@ def main(argv=None) -> int:
     ap.add_argument("--workers", type=int, default=2, help="Ray workers and DataLoader workers")
     ap.add_argument("--batch-size", type=int, default=32, help="images per Ray task = per cache part")
     ap.add_argument("--executor", default="ray", choices=("ray", "local"))
+    ap.add_argument("--unique", type=int, default=0,
+                    help="render only this many distinct images, the rest byte copies under their own names (0 = all)")
     ap.add_argument("--steps", type=int, default=200, help="training steps")
     ap.add_argument("--train-batch", type=int, default=8)
     ap.add_argument("--coco", action="store_true", help="also the 5M-segment prototype search")
