@@ -81,6 +81,7 @@ SWEEP_ROWS = [
     ("logit adjustment", ["train.logit_adjustment=2"], False),
     ("collapse guard", ["train.collapse_guard=1"], False),
     ("ema 0.99", ["train.ema=0.99"], False),
+    ("k 36", ["train.n_segments=36"], False),
     ("tau 1", ["train.semantic_temperature=1"], False),
     ("teacher variants", ["train.augment.photometric=teacher"], True),
     ("paper", [*OLD_DEFAULTS, "train.semantic_temperature=1"], False),
