@@ -22,12 +22,15 @@ STAGES = REPO / "stages.yaml"
 
 def build_world(base: Path, n_train: int, n_val: int, *, seed: int = 0, quiet: bool = True, world: str | None = None,
                 image_size: tuple[int, int] = (96, 128), variants: int = 0,
-                variant_params: dict | None = None, teacher_params: dict | None = None) -> Path:
+                variant_params: dict | None = None, teacher_params: dict | None = None,
+                segments_params: dict | None = None) -> Path:
     """World + caches (train: segments, clip_features, prototypes; val: segments, clip_features) under ``base``.
 
     ``world``: a name of ``clips4.pipeline.synthetic.WORLDS`` (None = the original world). ``variants``: teacher
     photometric variants cached for the train split (``clip_features.photometric_variants``). ``teacher_params``:
-    SyntheticTeacher kwargs over the world's own (e.g. ``{"noise_sigma": 0}``).
+    SyntheticTeacher kwargs over the world's own (e.g. ``{"noise_sigma": 0}``). ``segments_params``: segments-stage
+    params over the config's (e.g. ``{"ucm_threshold": 0.1}``), written into the world's overlay so that every
+    later stage, the training and the evaluation read those segments.
     Returns the path of the world's config (the bundled ``synthetic.yaml`` pointed at ``base/world``, plus an
     overlay for a named world). Idempotent: finished stages are skipped by the pipeline itself.
     """
@@ -45,12 +48,13 @@ def build_world(base: Path, n_train: int, n_val: int, *, seed: int = 0, quiet: b
     cfg = base / "synthetic.yaml"
     cfg.write_text(text.replace("outputs/synthetic-world", str(root)).replace("world_seed: 0", f"world_seed: {seed}"))
     common = ["--stages", str(STAGES), "--config", str(cfg)]
-    if world is not None or tuple(image_size) != (96, 128) or variants or teacher_params:
+    if world is not None or tuple(image_size) != (96, 128) or variants or teacher_params or segments_params:
         bp = {"world": world, "world_seed": seed, "image_size": list(image_size), "embed_dim": 64, **(teacher_params or {})}
         over = base / "world.yaml"
         over.write_text(json.dumps({"stages": {"clip_features": {"params": {
             "clip": {"backend_params": bp}, "n_clusters": w.n_classes, "photometric_variants": variants,
-            "variant_params": variant_params or {}}}}}))
+            "variant_params": variant_params or {}}},
+            **({"segments": {"params": segments_params}} if segments_params else {})}}))
         common += ["--config", str(over)]
     common += ["--quiet"] if quiet else []
     for split in ("train", "val"):

@@ -134,6 +134,9 @@ def sweep(a) -> int:
     rows = SWEEP_ROWS[:1] if a.no_ablation else SWEEP_ROWS
     if a.rows:
         rows = [r for r in SWEEP_ROWS if r[0] in a.rows.split(",")]
+    import yaml
+
+    seg_params = {k: yaml.safe_load(v) for k, v in (x.split("=", 1) for x in a.segments_sets)}
     work = a.work or Path(tempfile.mkdtemp(prefix="clips4-sweep-"))
     log(f"work folder: {work}")
     train = [*SWEEP_TRAIN, *(f"train.iterations={a.iterations}" for _ in [0] if a.iterations), *a.sets]
@@ -149,7 +152,8 @@ def sweep(a) -> int:
             t0 = time.perf_counter()
             base = work / f"{name}-{seed}"
             variants = a.variants if any(r[2] for r in rows) else 0
-            cfg = build_world(base, a.n_train, a.n_val, seed=seed, world=name, image_size=(64, 96), variants=variants)
+            cfg = build_world(base, a.n_train, a.n_val, seed=seed, world=name, image_size=(64, 96), variants=variants,
+                              segments_params=seg_params)
             t_miou, t_cls = per_class(cfg, "teacher")
             got, drops, ckpts = {}, {}, {}
             for rname, ov, _ in rows:
@@ -213,6 +217,8 @@ def main(argv=None) -> int:
     ap.add_argument("--no-ablation", action="store_true")
     ap.add_argument("--ablation-iterations", type=int, default=None, help="default: --iterations")
     ap.add_argument("--work", type=Path, default=None, help="work folder (kept; default: a temporary one)")
+    ap.add_argument("--segments-set", dest="segments_sets", action="append", default=[],
+                    help="sweep: segments-stage param for every world, e.g. ucm_threshold=0.1 (use a fresh --work)")
     ap.add_argument("--set", dest="sets", action="append", default=[], help="extra override, e.g. train.lr=0.1")
     a = ap.parse_args(argv)
     if a.sweep:
