@@ -1,6 +1,7 @@
 """``clips4 train``: the pixel embedding network from the cached segments, CLIP features and prototypes."""
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Optional
 
 import typer
@@ -55,6 +56,7 @@ def train_contours(
     time_limit: float = typer.Option(0.0, help="Stop after this many seconds (checkpointed, resumable); 0 = none."),
     limit_images: int = typer.Option(0, help="Use only the first N images per split (quick runs); 0 = all."),
     restart: bool = typer.Option(False, "--restart", help="Ignore an existing checkpoint in --out."),
+    init: Optional[str] = typer.Option(None, "--init", help="Start from these EdgeNet weights (edges.pt of the same --width) instead of a random initialisation: fine-tuning. Ignored when resuming."),
     wait: bool = WaitOpt, wait_timeout: Optional[float] = WaitTimeoutOpt,
 ) -> dict:
     """Train the learned contour detector (EdgeNet) from scratch on BSDS; resumes from --out by default. Ship the
@@ -66,7 +68,8 @@ def train_contours(
         raise CLIError("--splits must name at least one split")
     p = EdgeTrainParams(root=root, splits=sp, out=out, iterations=iterations, batch=batch, crop=crop, lr=lr,
                         width=width, seed=seed, threads=threads, workers=workers, device=device, checkpoint_every=checkpoint_every,
-                        snapshot_every=snapshot_every, time_limit_s=time_limit, limit_images=limit_images)
+                        snapshot_every=snapshot_every, time_limit_s=time_limit, limit_images=limit_images,
+                        init=str(Path(init).resolve()) if init else None)
     try:
         res = train_edges(p, resume=not restart, wait=wait, wait_timeout=wait_timeout)
     except EdgeTrainError as exc:

@@ -121,6 +121,32 @@ def test_train_contours_bad_value_and_locked_folder(tmp_path, capsys):
     assert main(args) == 0 and (out / "edges.onnx").is_file()  # free again
 
 
+def test_train_contours_init_fine_tunes_from_weights(tmp_path, capsys):
+    import torch
+
+    from clips4.cli import main
+
+    root = _make_bsds(tmp_path / "bsds", n=1)
+    base = ["train-contours", "--root", str(root), "--iterations", "2", "--batch", "2", "--crop", "32"]
+    assert main(base + ["--out", str(tmp_path / "a"), "--seed", "1"]) == 0
+    init = tmp_path / "a" / "edges.pt"
+    # a near-zero learning rate: the fine-tuned weights are the initial ones (a random start would differ)
+    assert main(base + ["--out", str(tmp_path / "b"), "--seed", "2", "--lr", "1e-12", "--init", str(init)]) == 0
+    a = torch.load(init, weights_only=True)
+    b = torch.load(tmp_path / "b" / "edges.pt", weights_only=True)
+    assert all(torch.allclose(a[k].float(), b[k].float(), atol=1e-6) for k in a)
+    assert json.loads((tmp_path / "b" / "params.json").read_text())["init"] == str(init)
+    # weights of another width, or not weights at all: exit 2 naming the file, nothing trained
+    capsys.readouterr()
+    assert main(base + ["--out", str(tmp_path / "c"), "--width", "12", "--init", str(init)]) == 2
+    assert "edges.pt is not EdgeNet weights of width 12" in capsys.readouterr().err
+    junk = tmp_path / "junk.pt"
+    junk.write_bytes(b"not a checkpoint")
+    assert main(base + ["--out", str(tmp_path / "d"), "--init", str(junk)]) == 2
+    assert "junk.pt is not EdgeNet weights" in capsys.readouterr().err
+    assert not (tmp_path / "d" / "edges.pt").exists()
+
+
 def test_train_contours_bad_root_names_folder(tmp_path, capsys):
     from clips4.cli import main
 

@@ -26,6 +26,7 @@ import hashlib
 import json
 import math
 import os
+import pickle
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -77,6 +78,9 @@ class EdgeTrainParams:
     val_images: int = 10
     time_limit_s: float = 0.0  # stop (after a checkpoint) once this much wall time has passed; 0 = none
     limit_images: int = 0  # use only the first N images of each split (tests); 0 = all
+    #: weights to start from instead of a random initialisation (an ``edges.pt`` or ``edges-<iteration>.pt`` of
+    #: the same width; fine-tuning with its own schedule); None = from scratch. A resumed run ignores it
+    init: str | None = None
 
     def signature(self) -> dict:
         return {"model": "clips4-edgenet-v1", "width": self.width}
@@ -378,6 +382,14 @@ def _train_edges(p: EdgeTrainParams, out: Path, resume: bool, log: Callable[[str
         start = int(ck["step"])
         elapsed0 = float(ck.get("elapsed", 0.0))
         log(f"resumed from {ckpt_path} at iteration {start}")
+    elif p.init:
+        try:
+            state = torch.load(p.init, map_location="cpu", weights_only=True)
+            model.load_state_dict(state.get("model", state) if isinstance(state, dict) else state)
+        except (OSError, RuntimeError, KeyError, AttributeError, pickle.UnpicklingError) as exc:
+            raise EdgeTrainError(f"train contours: --init {p.init} is not EdgeNet weights of width {p.width}: "
+                                 f"{str(exc).splitlines()[0]}") from None
+        log(f"initialised from {Path(p.init).resolve()}")
     n_params = sum(int(q.numel()) for q in model.parameters())
     log(f"EdgeNet width {p.width}: {n_params} parameters, {len(data_img)} images, device {device}")
 
