@@ -131,9 +131,12 @@ def sweep(a) -> int:
     torch.set_num_threads(1)
     worlds = a.worlds.split(",") if a.worlds else list(WORLDS)
     seeds = [int(x) for x in a.seeds.split(",")]
-    rows = SWEEP_ROWS[:1] if a.no_ablation else SWEEP_ROWS
+    rows = list(SWEEP_ROWS[:1] if a.no_ablation else SWEEP_ROWS)
     if a.rows:
         rows = [r for r in SWEEP_ROWS if r[0] in a.rows.split(",")]
+    for spec in a.extra_rows:  # "NAME: KEY=VALUE KEY=VALUE ..." (a row that is not in SWEEP_ROWS, for exploring)
+        rname, _, ov = spec.partition(":")
+        rows.append((rname.strip(), ov.split(), False))
     import yaml
 
     seg_params = {k: yaml.safe_load(v) for k, v in (x.split("=", 1) for x in a.segments_sets)}
@@ -219,6 +222,8 @@ def main(argv=None) -> int:
     ap.add_argument("--work", type=Path, default=None, help="work folder (kept; default: a temporary one)")
     ap.add_argument("--segments-set", dest="segments_sets", action="append", default=[],
                     help="sweep: segments-stage param for every world, e.g. ucm_threshold=0.1 (use a fresh --work)")
+    ap.add_argument("--row", dest="extra_rows", action="append", default=[],
+                    help='sweep: an extra row "NAME: KEY=VALUE KEY=VALUE ..." (trained beside the chosen rows)')
     ap.add_argument("--set", dest="sets", action="append", default=[], help="extra override, e.g. train.lr=0.1")
     a = ap.parse_args(argv)
     if a.sweep:
