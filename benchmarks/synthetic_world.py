@@ -125,7 +125,7 @@ def per_class(cfg_path: Path, model: str, prior_matching: str | None = None,
 
     cfg, ds = val_setup(cfg_path)
     r = run_language(cfg, ds, model=model, out=None, prior_matching=prior_matching, prior_mode=prior_mode)
-    return 100 * float(r["miou"]), {k: 100 * float(v) for k, v in r["per_class_iou"].items() if v == v}
+    return 100 * float(r["miou"]), {k: 100 * float(v) for k, v in r["per_class_iou"].items() if v is not None and v == v}
 
 
 def sweep(a) -> int:
@@ -146,6 +146,7 @@ def sweep(a) -> int:
     import yaml
 
     seg_params = {k: yaml.safe_load(v) for k, v in (x.split("=", 1) for x in a.segments_sets)}
+    teacher_params = {k: yaml.safe_load(v) for k, v in (x.split("=", 1) for x in a.teacher_sets)} or None
     work = a.work or Path(tempfile.mkdtemp(prefix="clips4-sweep-"))
     log(f"work folder: {work}")
     train = [*SWEEP_TRAIN, *(f"train.iterations={a.iterations}" for _ in [0] if a.iterations), *a.sets]
@@ -162,7 +163,7 @@ def sweep(a) -> int:
             base = work / f"{name}-{seed}"
             variants = a.variants if any(r[2] for r in rows) else 0
             cfg = build_world(base, a.n_train, a.n_val, seed=seed, world=name, image_size=(64, 96), variants=variants,
-                              segments_params=seg_params)
+                              segments_params=seg_params, teacher_params=teacher_params)
             t_miou, t_cls = per_class(cfg, "teacher")
             got, drops, ckpts = {}, {}, {}
             for rname, ov, _ in rows:
@@ -228,6 +229,8 @@ def main(argv=None) -> int:
     ap.add_argument("--work", type=Path, default=None, help="work folder (kept; default: a temporary one)")
     ap.add_argument("--segments-set", dest="segments_sets", action="append", default=[],
                     help="sweep: segments-stage param for every world, e.g. ucm_threshold=0.1 (use a fresh --work)")
+    ap.add_argument("--teacher-set", dest="teacher_sets", action="append", default=[],
+                    help="sweep: a teacher parameter over every world's own, e.g. noise_sigma=0 (use another --work)")
     ap.add_argument("--row", dest="extra_rows", action="append", default=[],
                     help='sweep: an extra row "NAME: KEY=VALUE KEY=VALUE ..." (trained beside the chosen rows)')
     ap.add_argument("--set", dest="sets", action="append", default=[], help="extra override, e.g. train.lr=0.1")
