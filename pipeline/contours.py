@@ -452,13 +452,11 @@ class LearnedDetector:
         scales: inference scales whose outputs are averaged (default 0.5, 1, 1.5: +0.014 contour ODS over one
             scale on BSDS val, about 4x the network's single-scale time).
         nms: thin the strength with edge NMS before returning it (the OWT then sees one-pixel contours).
-        flip: also run each scale on the left-right mirrored image and average (test-time augmentation: the
-            map becomes exactly mirror-equivariant; twice the network's time).
         intra_op_threads: onnxruntime threads (1: the stage parallelises over images).
     """
 
     def __init__(self, path: str | None = None, scales: tuple[float, ...] = (0.5, 1.0, 1.5), nms: bool = False,
-                 flip: bool = False, intra_op_threads: int = 1) -> None:
+                 intra_op_threads: int = 1) -> None:
         p = Path(path).expanduser() if path else _WEIGHTS
         if not p.is_file():
             raise FileNotFoundError(f"learned detector: weights file not found: {p}")
@@ -474,11 +472,6 @@ class LearnedDetector:
         if not self.scales or min(self.scales) <= 0:
             raise ValueError(f"learned detector: scales must be positive, got {scales}")
         self.nms = bool(nms)
-        self.flip = bool(flip)
-
-    def _run(self, im: np.ndarray) -> np.ndarray:
-        out = self.session.run(None, {self.input_name: lab_input(im)[None]})[0]
-        return np.asarray(out, dtype=np.float32).reshape(out.shape[-2], out.shape[-1])
 
     def edges(self, image: np.ndarray) -> np.ndarray:
         """(H, W) float32 multi-scale edge probability (before NMS)."""
@@ -489,9 +482,9 @@ class LearnedDetector:
             im = image
             if s != 1.0:
                 im = cv2.resize(image, (max(1, round(W * s)), max(1, round(H * s))), interpolation=cv2.INTER_LINEAR)
-            e = self._run(im)
-            if self.flip:
-                e = 0.5 * (e + self._run(np.ascontiguousarray(im[:, ::-1]))[:, ::-1])
+            x = lab_input(im)[None]
+            out = self.session.run(None, {self.input_name: x})[0]
+            e = np.asarray(out, dtype=np.float32).reshape(out.shape[-2], out.shape[-1])
             if e.shape != (H, W):
                 e = cv2.resize(e, (W, H), interpolation=cv2.INTER_LINEAR)
             acc += e

@@ -175,14 +175,6 @@ def test_onnx_detector_matches_torch_and_runs_in_segments(tmp_path):
     # multi-scale and NMS: still one (H, W) map in [0, 1]; NMS only removes strength
     cm2 = LearnedDetector(path=str(onnx_path), scales=(0.5, 1.0), nms=True)(img)
     assert cm2.strength.shape == img.shape[:2] and 0 <= cm2.strength.min() and cm2.strength.max() <= 1
-    # flip test-time augmentation: the average of the map and the mirrored map of the mirrored image, so the
-    # detector becomes exactly mirror-equivariant (the random net itself is not)
-    fl = LearnedDetector(path=str(onnx_path), scales=(1.0,), flip=True)
-    mirror = np.ascontiguousarray(img[:, ::-1])
-    want = 0.5 * (predict_edges(model, img) + predict_edges(model, mirror)[:, ::-1])
-    np.testing.assert_allclose(fl.edges(img), want, atol=1e-4)
-    np.testing.assert_allclose(fl.edges(mirror), fl.edges(img)[:, ::-1], atol=1e-5)
-    assert np.abs(det.edges(mirror) - det.edges(img)[:, ::-1]).max() > 1e-3
     arrays = compute_segments(img, det)
     assert arrays["ucm"].shape == img.shape[:2] + (2,) and arrays["labels"].max() >= 0
 
