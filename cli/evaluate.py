@@ -64,7 +64,8 @@ def language(
     device: str = DeviceOpt, precompute_: bool = PrecomputeOpt,
     prior_matching: Optional[str] = typer.Option(None, "--prior-matching", help="A split of the dataset (e.g. train) whose cached teacher features (no labels) fit a per-class bias so the checkpoint's class frequencies match the teacher's (keeps a class its teacher mostly confuses from vanishing)."),
     prior_images: int = typer.Option(64, "--prior-images", help="With --prior-matching: how many of that split's images."),
-    prior_mode: str = typer.Option("match", "--prior-mode", help="With --prior-matching: 'match' every class's frequency to the teacher's, or 'raise' only the classes the checkpoint predicts at under half the teacher's frequency (the collapse guard; no class is lowered)."),
+    prior_mode: str = typer.Option("match", "--prior-mode", help="With --prior-matching: 'match' every class's frequency to the teacher's, or 'raise' only the classes the checkpoint predicts at under --prior-collapse-ratio x the teacher's frequency (the collapse guard; no class is lowered)."),
+    prior_collapse_ratio: Optional[float] = typer.Option(None, "--prior-collapse-ratio", help="With --prior-mode raise: the trigger, in (0, 1] (default: clips4.evaluate.priors.COLLAPSE_RATIO)."),
 ) -> dict:
     """Language-driven segmentation (paper 4.3): each pixel takes the class whose text embedding is closest.
 
@@ -76,6 +77,8 @@ def language(
 
     if prior_mode not in ("match", "raise"):  # before any data or model is touched
         raise CLIError(f"--prior-mode must be 'match' or 'raise', got {prior_mode!r}")
+    if prior_collapse_ratio is not None and not 0 < prior_collapse_ratio <= 1:
+        raise CLIError(f"--prior-collapse-ratio must be in (0, 1], got {prior_collapse_ratio}")
     cfg = opts.build_config()
     ds = dataset_from_config(cfg)
     m = _model(model, checkpoint)
@@ -83,13 +86,14 @@ def language(
         precompute(cfg, ["clip_features"], show_progress=not opts.quiet)
     res = _value_errors(run_language, cfg, ds, model=m, classes=classes, voc_mode=voc_mode,
                         save_predictions=save_predictions, out=out, device=device, overlays=overlays,
-                        prior_matching=prior_matching, prior_images=prior_images, prior_mode=prior_mode)
+                        prior_matching=prior_matching, prior_images=prior_images, prior_mode=prior_mode,
+                        prior_collapse_ratio=prior_collapse_ratio)
     print_metrics(res, f"language-driven segmentation — {res['model']} on {ds.key}"
                   + (f" (VOC {voc_mode})" if ds.kind == "voc" and not classes else ""))
     pm = res.get("prior_matching")
     if pm:
         what = ("student frequencies matched to the teacher's" if pm.get("mode", "match") == "match" else
-                "classes predicted at under half the teacher's frequency raised towards it")
+                f"classes predicted at under {pm.get('collapse_ratio', 0.5):g} x the teacher's frequency raised towards it")
         console.print(f"prior matching: class biases fitted on {pm['n_images']} '{pm['split']}' images "
                       f"({what}; in results.json)", markup=False)
     elif prior_matching:

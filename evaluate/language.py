@@ -205,13 +205,14 @@ def language_confusion(src: EmbeddingSource, dataset: Dataset, names: list[str],
 def run_language(cfg: Config, dataset: Dataset, *, model: str = "teacher", classes: str | None = None,
                  voc_mode: int = 21, save_predictions: Path | None = None, out: Path | None = None,
                  device: str = "auto", overlays: int = 4, prior_matching: str | None = None,
-                 prior_images: int = 64, prior_mode: str = "match") -> dict:
+                 prior_images: int = 64, prior_mode: str = "match", prior_collapse_ratio: float | None = None) -> dict:
     """Language-driven segmentation over ``dataset``: mIoU, per-class IoU, pixel accuracy; report in ``out``.
 
     ``prior_matching``: a split of the same dataset (e.g. ``train``) whose first ``prior_images`` images (their
     cached teacher features, no labels) fit the class-prior correction of a checkpoint
     (:mod:`clips4.evaluate.priors`); recorded under ``prior_matching`` in the results. Not applied to the
-    teacher, which is the reference it matches."""
+    teacher, which is the reference it matches. ``prior_collapse_ratio``: the collapse guard's trigger
+    (``prior_mode="raise"``; default :data:`clips4.evaluate.priors.COLLAPSE_RATIO`)."""
     from clips4.evaluate.report import write_report
 
     if int(voc_mode) not in (20, 21):
@@ -228,7 +229,7 @@ def run_language(cfg: Config, dataset: Dataset, *, model: str = "teacher", class
     text, backend_info = text_embeddings_for(cfg, names)
     bias, prior = None, None
     if prior_matching and model != "teacher":
-        prior = _prior_matching(cfg, src, text, prior_matching, prior_images, prior_mode)
+        prior = _prior_matching(cfg, src, text, prior_matching, prior_images, prior_mode, prior_collapse_ratio)
         bias = np.asarray(prior["bias"], np.float32)
         prior = {**prior, "bias": [float(b) for b in bias], "split": prior_matching, "classes": names}
     res, cm, records = language_confusion(src, dataset, names, text, gt_transform=gt_transform,
@@ -252,9 +253,9 @@ def run_language(cfg: Config, dataset: Dataset, *, model: str = "teacher", class
 
 
 def _prior_matching(cfg: Config, src: EmbeddingSource, text: np.ndarray, split: str, n_images: int,
-                    mode: str = "match") -> dict:
+                    mode: str = "match", collapse_ratio: float | None = None) -> dict:
     """The class-prior correction of ``src`` fitted on ``split``'s cached teacher features (no labels read)."""
-    from clips4.evaluate.priors import prior_bias
+    from clips4.evaluate.priors import COLLAPSE_RATIO, prior_bias
     from clips4.evaluate.sources import with_split
     from clips4.pipeline.stage import dataset_from_config, open_stage
 
@@ -266,4 +267,4 @@ def _prior_matching(cfg: Config, src: EmbeddingSource, text: np.ndarray, split: 
         return prior_bias(
             records, lambda r: similarity_logits(src.embed(r), text, layout="hwd"),
             lambda r, hw: similarity_logits(feats.get(r.image_id, "features").astype(np.float32), text, hw, layout="hwd"),
-            mode=mode)
+            mode=mode, collapse_ratio=COLLAPSE_RATIO if collapse_ratio is None else collapse_ratio)

@@ -21,7 +21,10 @@ from typing import Callable, Sequence
 
 import torch
 
-__all__ = ["fit_prior_bias", "prior_bias", "class_frequencies"]
+__all__ = ["fit_prior_bias", "prior_bias", "class_frequencies", "COLLAPSE_RATIO"]
+
+#: the collapse guard raises a class the student predicts at under this share of the teacher's frequency
+COLLAPSE_RATIO = 0.5
 
 
 def class_frequencies(labels: torch.Tensor, k: int) -> torch.Tensor:
@@ -31,7 +34,7 @@ def class_frequencies(labels: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def fit_prior_bias(scores: torch.Tensor, target: torch.Tensor, *, iters: int = 300, rate: float = 0.025,
-                   floor: float = 1e-4, mode: str = "match", collapse_ratio: float = 0.5) -> torch.Tensor:
+                   floor: float = 1e-4, mode: str = "match", collapse_ratio: float = COLLAPSE_RATIO) -> torch.Tensor:
     """``(K,) float32`` additive bias for ``scores (P, K)`` (cosines) so that the frequencies of
     ``argmax(scores + bias)`` approach ``target (K,)``: damped multiplicative updates in log-frequency
     (``bias += rate * (log t - log s)``).
@@ -42,6 +45,8 @@ def fit_prior_bias(scores: torch.Tensor, target: torch.Tensor, *, iters: int = 3
     frequencies are near the teacher's is left as it is and no class is ever lowered on its own)."""
     if mode not in ("match", "raise"):
         raise ValueError(f"prior matching mode must be match or raise, got {mode!r}")
+    if not 0 < collapse_ratio <= 1:
+        raise ValueError(f"collapse ratio must be in (0, 1], got {collapse_ratio}")
     scores = scores.float()
     k = scores.shape[1]
     t = torch.as_tensor(target, dtype=torch.float64) + floor
@@ -59,13 +64,13 @@ def fit_prior_bias(scores: torch.Tensor, target: torch.Tensor, *, iters: int = 3
 
 
 def prior_bias(records: Sequence, student: Callable, teacher: Callable, *, max_pixels: int = 400_000,
-               seed: int = 0, mode: str = "match") -> dict:
+               seed: int = 0, mode: str = "match", collapse_ratio: float = COLLAPSE_RATIO) -> dict:
     """Bias of the student so its class frequencies over ``records`` equal the teacher's.
 
     ``student(record) -> (K, h, w)`` its class scores (cosines to the class text embeddings);
     ``teacher(record, (h, w)) -> (K, h, w)`` the teacher's (cached dense CLIP features) resized onto the student's
     grid, so both are counted on the same cells. At most ``max_pixels`` student score rows are kept (a seeded
-    random subset) for the fit. ``mode``: see :func:`fit_prior_bias`. Returns ``{"bias": (K,) float32 ndarray, "teacher_freq", "student_freq",
+    random subset) for the fit. ``mode``, ``collapse_ratio``: see :func:`fit_prior_bias`. Returns ``{"bias": (K,) float32 ndarray, "teacher_freq", "student_freq",
     "matched_freq": (K,) lists, "n_images"}``."""
     rows, t_count = [], None
     for rec in records:
@@ -82,7 +87,7 @@ def prior_bias(records: Sequence, student: Callable, teacher: Callable, *, max_p
         g = torch.Generator().manual_seed(seed)
         scores = scores[torch.randperm(scores.shape[0], generator=g)[:max_pixels]]
     target = t_count / t_count.sum().clamp_min(1)
-    bias = fit_prior_bias(scores, target, mode=mode)
-    return {"bias": bias.numpy(), "mode": mode, "teacher_freq": target.tolist(),
+    bias = fit_prior_bias(scores, target, mode=mode, collapse_ratio=collapse_ratio)
+    return {"bias": bias.numpy(), "mode": mode, "collapse_ratio": float(collapse_ratio), "teacher_freq": target.tolist(),
             "student_freq": class_frequencies(scores.argmax(1), k).tolist(),
             "matched_freq": class_frequencies((scores + bias).argmax(1), k).tolist(), "n_images": len(rows)}

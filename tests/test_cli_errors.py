@@ -60,6 +60,8 @@ CASES = {
     "train_contours_bad_workers": (lambda w: ["train-contours", "--root", str(w / "imgs"), "--workers", "-1"], 2, "workers must be >= 0"),
     "language_bad_prior_mode": (lambda w: ["evaluate", "language", "--root", str(w / "imgs"), "--prior-matching", "train",
                                            "--prior-mode", "bogus"], 2, "--prior-mode must be"),
+    "language_bad_collapse_ratio": (lambda w: ["evaluate", "language", "--root", str(w / "imgs"), "--prior-matching", "train",
+                                               "--prior-mode", "raise", "--prior-collapse-ratio", "1.5"], 2, "--prior-collapse-ratio must be"),
     "train_bad_backbone": (lambda w: ["train", "--root", str(w / "imgs"), "--backbone", "vgg"], 2, "'resnet50'"),
     "language_no_cache": (lambda w: ["evaluate", "language", "--root", str(w / "imgs"), "-q", "--cache", str(w / "empty")], 2, "precompute"),
     "davis_not_davis": (lambda w: ["evaluate", "davis", "--root", str(w / "imgs"), "--config", str(w / "nope.yaml")], 2, "not found"),

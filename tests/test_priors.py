@@ -68,3 +68,19 @@ def test_collapse_guard_raises_only_a_collapsed_class_and_lowers_none():
     assert fit_prior_bias(s3, target).abs().sum() > 0
     with pytest.raises(ValueError, match="match or raise"):
         fit_prior_bias(s3, target, mode="lower")
+
+
+def test_collapse_ratio_sets_the_guards_trigger():
+    """Class 1 is predicted at 0.25 / 0.4 = 0.62 of its target: left alone at the default trigger (0.5),
+    raised (and only it) at 0.85; the trigger must lie in (0, 1]."""
+    g = torch.Generator().manual_seed(1)
+    cls = torch.cat([torch.zeros(300), torch.ones(250), torch.full((450,), 2)]).long()
+    s3 = torch.nn.functional.one_hot(cls, 3).float() + 0.05 * torch.randn(1000, 3, generator=g)
+    target = torch.tensor([0.3, 0.4, 0.3])
+    assert torch.equal(fit_prior_bias(s3, target, mode="raise", collapse_ratio=0.5), torch.zeros(3))
+    b = fit_prior_bias(s3, target, mode="raise", collapse_ratio=0.85)
+    assert float(b[1]) > 0 and float(b[0]) == 0.0 and float(b[2]) == 0.0
+    assert float(class_frequencies((s3 + b).argmax(1), 3)[1]) > 0.3
+    for bad in (0.0, 1.5):
+        with pytest.raises(ValueError, match="collapse ratio"):
+            fit_prior_bias(s3, target, mode="raise", collapse_ratio=bad)
