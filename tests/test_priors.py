@@ -59,13 +59,17 @@ def test_collapse_guard_raises_only_a_collapsed_class_and_lowers_none():
     assert abs(float(class_frequencies(pred, 2)[0]) - 0.4) < 0.02
     assert float((pred == truth).float().mean()) > 0.95
     # three classes, the student over-predicts class 2 (0.45 vs 0.3) at the expense of class 1 (0.25 vs 0.4):
-    # not collapsed (above half its target), so nothing moves; match mode would move both
+    # not collapsed at a trigger of 0.5 (0.62 of its target), so nothing moves; match mode would move both
     g = torch.Generator().manual_seed(1)
     cls = torch.cat([torch.zeros(300), torch.ones(250), torch.full((450,), 2)]).long()
     s3 = torch.nn.functional.one_hot(cls, 3).float() + 0.05 * torch.randn(1000, 3, generator=g)
     target = torch.tensor([0.3, 0.4, 0.3])
-    assert torch.equal(fit_prior_bias(s3, target, mode="raise"), torch.zeros(3))
+    assert torch.equal(fit_prior_bias(s3, target, mode="raise", collapse_ratio=0.5), torch.zeros(3))
     assert fit_prior_bias(s3, target).abs().sum() > 0
+    # a student within 0.85 of every target is left exactly as it is at the default trigger
+    near = torch.cat([torch.zeros(290), torch.ones(370), torch.full((340,), 2)]).long()
+    s_near = torch.nn.functional.one_hot(near, 3).float() + 0.05 * torch.randn(1000, 3, generator=g)
+    assert torch.equal(fit_prior_bias(s_near, target, mode="raise"), torch.zeros(3))
     with pytest.raises(ValueError, match="match or raise"):
         fit_prior_bias(s3, target, mode="lower")
 
