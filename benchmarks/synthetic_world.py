@@ -240,15 +240,14 @@ def main(argv=None) -> int:
             a.n_val = 24
         if a.n_train is None:  # see SWEEP_N_TRAIN
             a.n_train = SWEEP_N_TRAIN
-        if a.quick:  # a smoke run of the sweep's machinery (figures meaningless at this size)
-            a.n_train, a.n_val = min(a.n_train, 16), min(a.n_val, 8)
-            a.iterations = a.iterations or 60
-        return sweep(a)
     a.n_train = 64 if a.n_train is None else a.n_train
-    extra = list(a.sets)
-    if a.quick:
+    if a.quick:  # a smoke run (figures meaningless at this size); the sweep's batch is already 4
         a.n_train, a.n_val = min(a.n_train, 16), min(a.n_val, 8)
         a.iterations = a.iterations or 60
+    if a.sweep:
+        return sweep(a)
+    extra = list(a.sets)
+    if a.quick:
         extra = ["train.batch_size=4", *extra]
     if a.iterations:
         extra.append(f"train.iterations={a.iterations}")

@@ -93,7 +93,7 @@ def language(
     pm = res.get("prior_matching")
     if pm:
         what = ("student frequencies matched to the teacher's" if pm.get("mode", "match") == "match" else
-                f"classes predicted at under {pm.get('collapse_ratio', 0.5):g} x the teacher's frequency raised towards it")
+                f"classes predicted at under {pm['collapse_ratio']:g} x the teacher's frequency raised towards it")
         console.print(f"prior matching: class biases fitted on {pm['n_images']} '{pm['split']}' images "
                       f"({what}; in results.json)", markup=False)
     elif prior_matching:
