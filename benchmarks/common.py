@@ -110,7 +110,7 @@ def val_avgsim(cfg_path: Path, checkpoint: str | Path) -> float:
     """
     import torch
 
-    from clips4.evaluate.sources import model_embedder
+    from clips4.trainer.inference import model_embedder
     from clips4.pipeline.images import load_rgb
     from clips4.pipeline.stage import open_stage
     from clips4.trainer.train import load_trained_model

@@ -18,10 +18,12 @@ per-image nuisance direction, per-image class confusions, a coarse grid, modalit
 images (64 x 96; 512 train / 24 val), each world trained (``SWEEP_TRAIN``: 3000 iterations, batch 4, crop 64) with
 the defaults and with each ablation row (``SWEEP_ROWS``; ``--rows`` picks some). Prints per world the teacher and
 student val mIoU, the largest per-class IoU drop student vs teacher, and the ablation (each row's mIoU and
-worst class drop); the defaults' checkpoint is also evaluated with the class-prior correction fitted on the
-train images (``+ prior``: every class matched to the teacher's frequencies; ``+ guard``: the collapse guard,
-only classes predicted at under 0.85 x the teacher's frequency raised); then every row's mean +- std over worlds. Targets: student >= teacher + 5 in every world, >= +10 on average, no class more than
-5 points below the teacher.
+worst class drop). Every checkpoint is evaluated as ``clips4 evaluate language`` does by default, with the class
+calibration ``clips4 train`` stored in it (``train.calibration: raise``, clips4.trainer.calibration), and once more
+without it (``uncalibrated``: plain arg-max, the trained network alone); the defaults' checkpoint also with every
+class's frequency matched to the teacher's on the train images (``+ prior``); then every row's mean +- std over
+worlds. Targets: student >= teacher + 5 in every world, >= +10 on average, no class more than 5 points below the
+teacher.
 
     .venv/bin/python benchmarks/synthetic_world.py --sweep [--worlds a,b] [--seeds 0,1] [--no-ablation]
         [--rows a,b] [--row "NAME: KEY=VALUE ..."] [--n-train 64 --iterations 600 (the earlier, smaller budget)]
@@ -88,11 +90,11 @@ SWEEP_ROWS = [
     ("paper", [*OLD_DEFAULTS, "train.semantic_temperature=1"], False),
     ("old defaults", OLD_DEFAULTS, False),
 ]
-#: the defaults' checkpoint evaluated with the class-prior correction (clips4.evaluate.priors, fitted on train)
+#: the defaults' checkpoint with every class's frequency matched to the teacher's (``--prior-matching train
+#: --prior-mode match``; clips4.trainer.calibration)
 PM = "defaults + prior matching"
-#: ... with the collapse guard instead (``--prior-mode raise``: only classes predicted at under 0.85 x the teacher's
-#: frequency are raised towards it; no class is lowered)
-GUARD = "defaults + collapse guard"
+#: suffix of a row evaluated without the class calibration stored in its checkpoint (``--prior-matching none``)
+UNCAL = " (uncalibrated)"
 #: the sweep's budget: 512 train images and 3000 iterations. At 64 images / 600 iterations (the budget before)
 #: the student imitated even a *noise-free* teacher well on the train images and not on held-out ones (README,
 #: "The per-class target"): the per-class drops were the tiny student's generalisation from 64 images.
@@ -117,8 +119,8 @@ def prototypes_for(cfg_path: Path, overrides: list[str]) -> None:
             raise SystemExit(f"clips4 precompute prototypes {' '.join(sets)} failed")
 
 
-def per_class(cfg_path: Path, model: str, prior_matching: str | None = None,
-              prior_mode: str = "match") -> tuple[float, dict]:
+def per_class(cfg_path: Path, model: str, prior_matching: str | None = "checkpoint",
+              prior_mode: str = "raise") -> tuple[float, dict]:
     from clips4.evaluate.language import run_language
 
     from common import val_setup
@@ -154,7 +156,7 @@ def sweep(a) -> int:
     print(f"sweep: {len(worlds)} worlds x seeds {seeds}; {a.n_train} train / {a.n_val} val images 64x96; "
           f"{' '.join(train)}")
     print(f"{'world':<20}{'seed':>5}{'teacher':>9}{'student':>9}{'gain':>7}{'worst drop':>12}  "
-          f"{'+ prior':>9}{'gain':>7}{'worst drop':>12}{'+ guard':>9}{'worst drop':>12}"
+          f"{'+ prior':>9}{'gain':>7}{'worst drop':>12}{'uncalib.':>9}{'worst drop':>12}"
           + "".join(f"{r[0][:19]:>21}" for r in rows[1:]))
     print(f"{'':<113}" + "".join(f"{'mIoU  worst drop':>21}" for _ in rows[1:]))
     for name in worlds:
@@ -171,37 +173,37 @@ def sweep(a) -> int:
                 prototypes_for(cfg, ov)
                 ckpt, _, _ = train_run(cfg, base / "runs" / tag, [*train, *ov])
                 ckpts[rname] = ckpt
-                m, cls = per_class(cfg, str(ckpt))
-                got[rname] = m
-                drops[rname] = max(((t_cls[c] - cls.get(c, 0.0), c) for c in t_cls), default=(0.0, "-"))
-            # the defaults' checkpoint again, with the class-prior correction fitted on the train images
+                for key, pmode in ((rname, "checkpoint"), (rname + UNCAL, "none")):
+                    m, cls = per_class(cfg, str(ckpt), prior_matching=pmode)
+                    got[key] = m
+                    drops[key] = max(((t_cls[c] - cls.get(c, 0.0), c) for c in t_cls), default=(0.0, "-"))
+            # the defaults' checkpoint again, every class's frequency matched to the teacher's on the train images
             s0 = got[rows[0][0]]
             d, dc = drops[rows[0][0]]
-            pm, pm_cls = per_class(cfg, str(ckpts[rows[0][0]]), prior_matching="train")
+            pm, pm_cls = per_class(cfg, str(ckpts[rows[0][0]]), prior_matching="train", prior_mode="match")
             got[PM] = pm
             pd, pdc = max(((t_cls[c] - pm_cls.get(c, 0.0), c) for c in t_cls), default=(0.0, "-"))
             drops[PM] = (pd, pdc)
-            got[GUARD], g_cls = per_class(cfg, str(ckpts[rows[0][0]]), prior_matching="train", prior_mode="raise")
-            drops[GUARD] = max(((t_cls[c] - g_cls.get(c, 0.0), c) for c in t_cls), default=(0.0, "-"))
+            un = rows[0][0] + UNCAL
             results.append((name, seed, t_miou, got, d, dc, pd, pdc, drops))
             print(f"{name:<20}{seed:>5}{t_miou:>9.1f}{s0:>9.1f}{s0 - t_miou:>+7.1f}{d:>7.1f} {dc[:8]:<5}"
                   + f"{pm:>9.1f}{pm - t_miou:>+7.1f}{pd:>7.1f} {pdc[:8]:<5}"
-                  + f"{got[GUARD]:>9.1f}{drops[GUARD][0]:>6.1f} {drops[GUARD][1][:5]:<5}"
+                  + f"{got[un]:>9.1f}{drops[un][0]:>6.1f} {drops[un][1][:5]:<5}"
                   + "".join(f"{got[r[0]]:>9.1f}{drops[r[0]][0]:>6.1f} {drops[r[0]][1][:5]:<5}" for r in rows[1:])
                   + f"   ({time.perf_counter() - t0:.0f} s)",
                   flush=True)
     print("\nmean +- std over worlds x seeds (student mIoU; gain = student - teacher)")
     teach = np.array([r[2] for r in results])
-    print(f"{'teacher':<26}{teach.mean():>7.1f} +- {teach.std():4.1f}")
-    for rname in [r[0] for r in rows[:1]] + [PM, GUARD] + [r[0] for r in rows[1:]]:
+    print(f"{'teacher':<40}{teach.mean():>7.1f} +- {teach.std():4.1f}")
+    for rname in [r[0] for r in rows[:1]] + [PM] + [r[0] + x for r in rows for x in ("", UNCAL)][1:]:
         v = np.array([r[3][rname] for r in results])
         g = v - teach
         dr = np.array([r[8][rname][0] for r in results])
-        print(f"{rname:<26}{v.mean():>7.1f} +- {v.std():4.1f}   gain {g.mean():+6.1f} +- {g.std():4.1f}   "
+        print(f"{rname:<40}{v.mean():>7.1f} +- {v.std():4.1f}   gain {g.mean():+6.1f} +- {g.std():4.1f}   "
               f"min gain {g.min():+6.1f}   worlds below teacher+5: {int((g < 5).sum())}   "
               f"worst class drop {dr.max():5.1f} (> 5 in {int((dr > 5).sum())})")
     oks = []
-    for key in (rows[0][0], PM, GUARD):
+    for key in (rows[0][0], PM, rows[0][0] + UNCAL):
         gains = np.array([r[3][key] - r[2] for r in results])
         worst = max(r[8][key][0] for r in results)
         n_bad = sum(r[8][key][0] > 5 for r in results)

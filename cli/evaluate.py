@@ -62,10 +62,10 @@ def language(
     out: Path = typer.Option(Path("runs/language"), "--out", help="Report folder: results.json, report.md, PNG figures."),
     overlays: int = typer.Option(4, "--overlays", help="Number of image | prediction | GT figures in the report."),
     device: str = DeviceOpt, precompute_: bool = PrecomputeOpt,
-    prior_matching: Optional[str] = typer.Option(None, "--prior-matching", help="A split of the dataset (e.g. train) whose cached teacher features (no labels) fit a per-class bias so the checkpoint's class frequencies match the teacher's (keeps a class its teacher mostly confuses from vanishing)."),
-    prior_images: int = typer.Option(64, "--prior-images", help="With --prior-matching: how many of that split's images."),
-    prior_mode: str = typer.Option("match", "--prior-mode", help="With --prior-matching: 'match' every class's frequency to the teacher's, or 'raise' only the classes the checkpoint predicts at under --prior-collapse-ratio x the teacher's frequency (the collapse guard; no class is lowered)."),
-    prior_collapse_ratio: Optional[float] = typer.Option(None, "--prior-collapse-ratio", help="With --prior-mode raise: the trigger, in (0, 1] (default: clips4.evaluate.priors.COLLAPSE_RATIO)."),
+    prior_matching: str = typer.Option("checkpoint", "--prior-matching", help="The checkpoint's class calibration (a per-class bias that keeps a class its teacher mostly confuses from vanishing): 'checkpoint' applies the one `clips4 train` stored in it (train.calibration) when the evaluated classes are the calibrated ones; 'none' = plain arg-max; a split of the dataset (e.g. train) refits it on that split's cached teacher features (no labels)."),
+    prior_images: int = typer.Option(64, "--prior-images", help="With --prior-matching SPLIT: how many of that split's images."),
+    prior_mode: str = typer.Option("raise", "--prior-mode", help="With --prior-matching SPLIT: 'raise' only the classes the checkpoint predicts at under --prior-collapse-ratio x the teacher's frequency (the collapse guard; no class is lowered), or 'match' every class's frequency to the teacher's."),
+    prior_collapse_ratio: Optional[float] = typer.Option(None, "--prior-collapse-ratio", help="With --prior-matching SPLIT --prior-mode raise: the trigger, in (0, 1] (default: clips4.trainer.calibration.COLLAPSE_RATIO)."),
 ) -> dict:
     """Language-driven segmentation (paper 4.3): each pixel takes the class whose text embedding is closest.
 
@@ -91,12 +91,17 @@ def language(
     print_metrics(res, f"language-driven segmentation — {res['model']} on {ds.key}"
                   + (f" (VOC {voc_mode})" if ds.kind == "voc" and not classes else ""))
     pm = res.get("prior_matching")
-    if pm:
+    if pm and pm.get("applied") is False:
+        console.print(f"class calibration: not applied ({pm['why']})", markup=False)
+    elif pm:
         what = ("student frequencies matched to the teacher's" if pm.get("mode", "match") == "match" else
                 f"classes predicted at under {pm['collapse_ratio']:g} x the teacher's frequency raised towards it")
-        console.print(f"prior matching: class biases fitted on {pm['n_images']} '{pm['split']}' images "
-                      f"({what}; in results.json)", markup=False)
-    elif prior_matching:
+        where = ("stored in the checkpoint" if pm.get("source") == "checkpoint" else
+                 f"fitted on {pm['n_images']} '{pm['split']}' images")
+        raised = [f"{n} {b:+.3f}" for n, b in zip(pm["classes"], pm["bias"]) if abs(b) > 1e-6]
+        console.print(f"class calibration {where} ({what}): {', '.join(raised) or 'every bias 0'}; in results.json",
+                      markup=False)
+    elif prior_matching not in ("none", "checkpoint"):
         console.print("prior matching: not applied to the teacher (it is the reference the student is matched to)",
                       markup=False)
     console.print(f"report: {out}/report.md, {out}/results.json")

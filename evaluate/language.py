@@ -11,7 +11,7 @@ Choices (documented conventions):
   convention; the background class competes like any other); ``mode 20`` = the 20 object classes only, GT
   background pixels (id 0) become ``ignore_index`` and GT ids 1..20 become 0..19 (see :func:`voc_gt_transform`),
   predicted PNGs are written with ids + 1 so they keep the dataset's ids.
-* Sliding-window inference (:func:`sliding_window_embed`) averages the overlapping windows' embeddings
+* Sliding-window inference (:func:`clips4.trainer.inference.sliding_window_embed`) averages the overlapping windows' embeddings
   (mmseg ``slide_inference`` grid: windows start at multiples of ``stride``, the last one is aligned to the
   border).
 """
@@ -23,7 +23,6 @@ from typing import Callable, Iterable, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from clips4.evaluate.compat import check_width, source_width
 from clips4.evaluate.metrics import ConfusionMatrix
@@ -34,61 +33,16 @@ from clips4.pipeline.config import Config
 from clips4.pipeline.datasets import Dataset
 from clips4.pipeline.images import load_rgb
 from clips4.pipeline.safepath import output_path
+from clips4.trainer.inference import similarity_logits
 
 __all__ = [
     "predict_labels",
-    "similarity_logits",
     "run_language",
     "language_confusion",
     "voc_gt_transform",
     "voc_text_subset",
     "evaluate_language",
 ]
-
-
-def _to_hwd(pixel_emb: np.ndarray | torch.Tensor, dim: int, layout: str) -> torch.Tensor:
-    x = torch.as_tensor(np.asarray(pixel_emb) if not isinstance(pixel_emb, torch.Tensor) else pixel_emb)
-    if x.ndim != 3:
-        raise ValueError(f"pixel embeddings must be 3-D (D,h,w) or (h,w,D), got {tuple(x.shape)}")
-    if layout == "auto":
-        if x.shape[-1] == dim:
-            layout = "hwd"
-        elif x.shape[0] == dim:
-            layout = "dhw"
-        else:
-            raise ValueError(f"no axis of pixel embeddings {tuple(x.shape)} matches text dim {dim}")
-    if layout == "dhw":
-        x = x.permute(1, 2, 0)
-    elif layout != "hwd":
-        raise ValueError(f"layout must be auto, hwd or dhw, got {layout!r}")
-    return x.float()
-
-
-def similarity_logits(
-    pixel_emb: np.ndarray | torch.Tensor,
-    text_emb: np.ndarray | torch.Tensor,
-    out_size: tuple[int, int] | None = None,
-    *,
-    layout: str = "auto",
-    upsample: str = "logits",
-) -> torch.Tensor:
-    """``(K, H, W)`` cosine similarities (at ``out_size`` if given, else at the embedding resolution)."""
-    t = torch.as_tensor(np.asarray(text_emb) if not isinstance(text_emb, torch.Tensor) else text_emb).float()
-    if t.ndim != 2:
-        raise ValueError(f"text embeddings must be (K, D), got {tuple(t.shape)}")
-    x = _to_hwd(pixel_emb, t.shape[1], layout).to(t.device)
-    t = F.normalize(t, dim=1)
-    if upsample == "embeddings" and out_size is not None and tuple(out_size) != tuple(x.shape[:2]):
-        x = F.interpolate(x.permute(2, 0, 1)[None], size=tuple(out_size), mode="bilinear", align_corners=False)[0]
-        x = x.permute(1, 2, 0)
-        out_size = None
-    elif upsample not in ("logits", "embeddings"):
-        raise ValueError(f"upsample must be 'logits' or 'embeddings', got {upsample!r}")
-    x = F.normalize(x, dim=-1)
-    logits = torch.einsum("hwd,kd->khw", x, t)
-    if out_size is not None and tuple(out_size) != tuple(logits.shape[1:]):
-        logits = F.interpolate(logits[None], size=tuple(out_size), mode="bilinear", align_corners=False)[0]
-    return logits
 
 
 def predict_labels(
@@ -101,7 +55,7 @@ def predict_labels(
     bias: np.ndarray | None = None,
 ) -> np.ndarray:
     """Arg-max over cosine similarity to ``text_emb`` (K, D) (plus ``bias (K,)``, the class-prior correction of
-    :mod:`clips4.evaluate.priors`, when given) -> ``(H, W) int64`` class ids ``0..K-1``.
+    :mod:`clips4.trainer.calibration`, when given) -> ``(H, W) int64`` class ids ``0..K-1``.
 
     ``pixel_emb`` is ``(h, w, D)`` or ``(D, h, w)`` (``layout="auto"`` picks the axis whose size is D; pass
     ``"hwd"`` / ``"dhw"`` when ambiguous). ``out_size=(H, W)`` resizes bilinearly (logits by default)."""
@@ -204,15 +158,17 @@ def language_confusion(src: EmbeddingSource, dataset: Dataset, names: list[str],
 
 def run_language(cfg: Config, dataset: Dataset, *, model: str = "teacher", classes: str | None = None,
                  voc_mode: int = 21, save_predictions: Path | None = None, out: Path | None = None,
-                 device: str = "auto", overlays: int = 4, prior_matching: str | None = None,
+                 device: str = "auto", overlays: int = 4, prior_matching: str | None = "checkpoint",
                  prior_images: int = 64, prior_mode: str = "match", prior_collapse_ratio: float | None = None) -> dict:
     """Language-driven segmentation over ``dataset``: mIoU, per-class IoU, pixel accuracy; report in ``out``.
 
-    ``prior_matching``: a split of the same dataset (e.g. ``train``) whose first ``prior_images`` images (their
-    cached teacher features, no labels) fit the class-prior correction of a checkpoint
-    (:mod:`clips4.evaluate.priors`); recorded under ``prior_matching`` in the results. Not applied to the
-    teacher, which is the reference it matches. ``prior_collapse_ratio``: the collapse guard's trigger
-    (``prior_mode="raise"``; default :data:`clips4.evaluate.priors.COLLAPSE_RATIO`)."""
+    ``prior_matching``: the class calibration of a checkpoint (:mod:`clips4.trainer.calibration`): ``checkpoint``
+    (the default) applies the one ``clips4 train`` stored in it when the evaluated classes and texts are the
+    calibrated ones (otherwise none, and the results say why); ``none`` = plain arg-max; a split of the same
+    dataset (e.g. ``train``) refits it on that split's first ``prior_images`` images (their cached teacher features,
+    no labels) with ``prior_mode``. Recorded under ``prior_matching`` in the results. Not applied to the teacher,
+    which is the reference it matches. ``prior_collapse_ratio``: the collapse guard's trigger
+    (``prior_mode="raise"``; default :data:`clips4.trainer.calibration.COLLAPSE_RATIO`)."""
     from clips4.evaluate.report import write_report
 
     if int(voc_mode) not in (20, 21):
@@ -228,10 +184,19 @@ def run_language(cfg: Config, dataset: Dataset, *, model: str = "teacher", class
             save_offset = 1
     text, backend_info = text_embeddings_for(cfg, names)
     bias, prior = None, None
-    if prior_matching and model != "teacher":
+    if prior_matching == "checkpoint" and model != "teacher":
+        from clips4.trainer.calibration import stored_bias
+
+        cal = src.calibration
+        bias, why = stored_bias(cal, names, text)
+        prior = ({"source": "checkpoint", "applied": True, "mode": cal.get("mode"), "collapse_ratio": cal.get("collapse_ratio"),
+                  "n_images": cal.get("n_images"), "bias": [float(b) for b in bias], "classes": names}
+                 if bias is not None else {"source": "checkpoint", "applied": False, "why": why})
+    elif prior_matching not in (None, "none", "checkpoint") and model != "teacher":
         prior = _prior_matching(cfg, src, text, prior_matching, prior_images, prior_mode, prior_collapse_ratio)
         bias = np.asarray(prior["bias"], np.float32)
-        prior = {**prior, "bias": [float(b) for b in bias], "split": prior_matching, "classes": names}
+        prior = {**prior, "bias": [float(b) for b in bias], "split": prior_matching, "source": "split",
+                 "classes": names}
     res, cm, records = language_confusion(src, dataset, names, text, gt_transform=gt_transform,
                                           save_predictions=save_predictions, save_offset=save_offset, bias=bias)
     res["prior_matching"] = prior
@@ -255,7 +220,7 @@ def run_language(cfg: Config, dataset: Dataset, *, model: str = "teacher", class
 def _prior_matching(cfg: Config, src: EmbeddingSource, text: np.ndarray, split: str, n_images: int,
                     mode: str = "match", collapse_ratio: float | None = None) -> dict:
     """The class-prior correction of ``src`` fitted on ``split``'s cached teacher features (no labels read)."""
-    from clips4.evaluate.priors import COLLAPSE_RATIO, prior_bias
+    from clips4.trainer.calibration import COLLAPSE_RATIO, prior_bias
     from clips4.evaluate.sources import with_split
     from clips4.pipeline.stage import dataset_from_config, open_stage
 

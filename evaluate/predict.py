@@ -106,7 +106,8 @@ class Prediction:
 
     #: ``(H, W) int64`` index into :attr:`classes` of each pixel
     labels: np.ndarray
-    #: ``(K, H, W) float32`` cosine similarity of each pixel's embedding to each class's text embedding
+    #: ``(K, H, W) float32`` cosine similarity of each pixel's embedding to each class's text embedding (plus a
+    #: checkpoint's class calibration bias when the classes are the ones it was calibrated on)
     scores: np.ndarray
     classes: list[str]
 
@@ -124,13 +125,15 @@ class Segmenter:
     """
 
     def __init__(self, model: str | Path = "teacher", *, config: Config | str | Path | None = None,
-                 device: str = "auto"):
+                 device: str = "auto", calibrated: bool = True):
         from clips4.pipeline.config import load_config
 
         self.cfg = config if isinstance(config, Config) else load_config(None, [config] if config else None, [])
         self.model = str(model)
         self._text: dict[tuple[str, ...], np.ndarray] = {}
         self.width: int | None = None  # the model's embedding width where it declares one (a checkpoint)
+        #: a checkpoint's class calibration (clips4.trainer.calibration), applied to the classes it was fitted on
+        self.calibration: dict | None = None
         if self.model == "teacher":
             from clips4.pipeline.processors import build_backend
 
@@ -141,6 +144,7 @@ class Segmenter:
             src = checkpoint_source(self.model, device)
             warn_clip_mismatch(self.cfg, src)
             self._embed, self.name, self.width = src.embed_image, src.name, source_width(src)
+            self.calibration = src.calibration if calibrated else None
 
     def embed(self, image: np.ndarray | str | Path) -> np.ndarray:
         """``(h, w, D) float32`` L2-normalised pixel embeddings of an ``(H, W, 3) uint8`` image or an image file."""
@@ -160,14 +164,20 @@ class Segmenter:
         """Every pixel of ``image`` takes the class whose text embedding is closest to its embedding."""
         import torch
 
-        from clips4.evaluate.language import similarity_logits
+        from clips4.trainer.inference import similarity_logits
 
         img = load_rgb(str(image)) if isinstance(image, (str, Path)) else np.asarray(image)
         if not classes:
             raise ValueError("predict needs at least one class name")
+        from clips4.trainer.calibration import stored_bias
+
+        text = self.text_embeddings(classes)
         with torch.no_grad():
-            scores = similarity_logits(self.embed(img), self.text_embeddings(classes), img.shape[:2], layout="hwd")
+            scores = similarity_logits(self.embed(img), text, img.shape[:2], layout="hwd")
         scores = scores.cpu().numpy().astype(np.float32)
+        bias = stored_bias(self.calibration, list(classes), text)[0] if self.calibration else None
+        if bias is not None:  # the classes the checkpoint was calibrated on: its calibrated scores
+            scores = scores + bias[:, None, None]
         return Prediction(scores.argmax(0).astype(np.int64), scores, list(classes))
 
 

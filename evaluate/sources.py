@@ -15,17 +15,13 @@ from typing import Callable, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from clips4 import data as bundled
 from clips4.pipeline.config import ClipFeaturesParams, Config
 from clips4.pipeline.datasets import Dataset, ImageRecord
 from clips4.pipeline.images import load_rgb
 from clips4.pipeline.io import file_sha256
-
-#: images whose long side exceeds this are embedded by sliding windows of this size (2/3 overlap stride)
-MAX_SIDE = 640
-
+from clips4.trainer.inference import model_embedder
 
 @dataclass
 class EmbeddingSource:
@@ -37,75 +33,14 @@ class EmbeddingSource:
     embed_image: Callable[[np.ndarray], np.ndarray] | None = None
     #: for a checkpoint: its path, known classes and the CLIP params it was trained against
     info: dict = field(default_factory=dict)
+    #: for a checkpoint: the class calibration ``clips4 train`` stored in it (clips4.trainer.calibration), if any
+    calibration: dict | None = None
 
 
 def torch_device(device: str | None = "auto") -> torch.device:
     if device in (None, "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(device)
-
-
-def sliding_window_embed(
-    embed_fn: Callable[[np.ndarray], np.ndarray],
-    image: np.ndarray,
-    window: int | tuple[int, int],
-    stride: int | tuple[int, int],
-) -> np.ndarray:
-    """Embed a large image window by window and average the overlaps.
-
-    ``embed_fn(crop (wh, ww, 3)) -> (h', w', D)`` at any fixed downsampling; the output grid keeps the scale
-    of the first window (``round(H * h'/wh), round(W * w'/ww)``) and each window's embeddings are resized
-    (bilinear) onto the grid cells it covers. Returns ``(Hg, Wg, D) float32`` (not re-normalised)."""
-    image = np.asarray(image)
-    H, W = image.shape[:2]
-    wh, ww = (window, window) if isinstance(window, int) else window
-    sh, sw = (stride, stride) if isinstance(stride, int) else stride
-    wh, ww = min(wh, H), min(ww, W)
-    ny = max(H - wh + sh - 1, 0) // sh + 1
-    nx = max(W - ww + sw - 1, 0) // sw + 1
-    acc = cnt = None
-    sy = sx = None
-    for iy in range(ny):
-        for ix in range(nx):
-            y2, x2 = min(iy * sh + wh, H), min(ix * sw + ww, W)
-            y1, x1 = max(y2 - wh, 0), max(x2 - ww, 0)
-            e = np.asarray(embed_fn(image[y1:y2, x1:x2]), dtype=np.float32)
-            if e.ndim != 3:
-                raise ValueError(f"embed_fn must return (h, w, D), got {e.shape}")
-            if acc is None:
-                sy, sx = e.shape[0] / (y2 - y1), e.shape[1] / (x2 - x1)
-                Hg, Wg = max(1, round(H * sy)), max(1, round(W * sx))
-                acc = np.zeros((Hg, Wg, e.shape[2]), np.float64)
-                cnt = np.zeros((Hg, Wg, 1), np.float64)
-            gy1, gy2 = round(y1 * sy), max(round(y2 * sy), round(y1 * sy) + 1)
-            gx1, gx2 = round(x1 * sx), max(round(x2 * sx), round(x1 * sx) + 1)
-            gy2, gx2 = min(gy2, acc.shape[0]), min(gx2, acc.shape[1])
-            t = torch.from_numpy(e).permute(2, 0, 1)[None]
-            if t.shape[-2:] != (gy2 - gy1, gx2 - gx1):
-                t = F.interpolate(t, size=(gy2 - gy1, gx2 - gx1), mode="bilinear", align_corners=False)
-            acc[gy1:gy2, gx1:gx2] += t[0].permute(1, 2, 0).numpy()
-            cnt[gy1:gy2, gx1:gx2] += 1
-    return (acc / np.maximum(cnt, 1)).astype(np.float32)
-
-
-def model_embedder(model: torch.nn.Module, device: torch.device) -> Callable[[np.ndarray], np.ndarray]:
-    """``image (H, W, 3) uint8 -> (h, w, D) float32`` from a trained network (output stride 8)."""
-    from clips4.trainer.augment import normalize_image
-
-    @torch.inference_mode()
-    def one(img: np.ndarray) -> np.ndarray:
-        x = normalize_image(img)[None].to(device)
-        if min(img.shape[:2]) < 16:  # the network needs a few pixels per output cell
-            x = torch.nn.functional.interpolate(x, size=(max(16, img.shape[0]), max(16, img.shape[1])), mode="bilinear")
-        return model(x)[0].permute(1, 2, 0).float().cpu().numpy()
-
-    def embed(img: np.ndarray) -> np.ndarray:
-        if max(img.shape[:2]) <= MAX_SIDE:
-            return one(img)
-        e = sliding_window_embed(one, img, MAX_SIDE, MAX_SIDE * 2 // 3)
-        return e / np.maximum(np.linalg.norm(e, axis=-1, keepdims=True), 1e-12)
-
-    return embed
 
 
 def checkpoint_source(path: str | Path, device: str | None = "auto") -> EmbeddingSource:
@@ -128,7 +63,8 @@ def checkpoint_source(path: str | Path, device: str | None = "auto") -> Embeddin
             "train_seed": stages.get("train", {}).get("params", {}).get("seed"),
             "step": int(ck["step"]) if "step" in ck else None,
             "signature": json.loads(ck["signature"]) if "signature" in ck else None}
-    return EmbeddingSource(f"CLIP-S4 ({path.parent.name}/{path.name})", lambda rec: fn(load_rgb(rec.path)), digest, fn, info)
+    return EmbeddingSource(f"CLIP-S4 ({path.parent.name}/{path.name})", lambda rec: fn(load_rgb(rec.path)), digest, fn, info,
+                           ck.get("calibration"))
 
 
 def embedding_source(cfg: Config, dataset: Dataset, model: str, device: str = "auto") -> EmbeddingSource:

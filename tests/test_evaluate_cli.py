@@ -195,14 +195,37 @@ def test_language_prior_matching_fits_on_train_and_is_recorded(synthetic, tmp_pa
     usage error, not a traceback."""
     world, a, ck = synthetic
     base = ["evaluate", "language", *a, "--split", "val", "--overlays", "0", "--checkpoint", str(ck)]
-    assert main([*base, "--prior-matching", "train", "--out", str(tmp_path / "pm")]) == 0
+    assert main([*base, "--prior-matching", "train", "--prior-mode", "match", "--out", str(tmp_path / "pm")]) == 0
     r = json.loads((tmp_path / "pm" / "results.json").read_text())
     pm = r["prior_matching"]
     assert pm["split"] == "train" and pm["n_images"] == 6 and len(pm["bias"]) == 6
     gap = lambda f: sum(abs(x - y) for x, y in zip(f, pm["teacher_freq"]))  # noqa: E731
     assert gap(pm["matched_freq"]) <= gap(pm["student_freq"]) + 1e-9  # (a 4-step student ranks too little to match)
-    assert main([*base, "--out", str(tmp_path / "plain")]) == 0
+    assert main([*base, "--prior-matching", "none", "--out", str(tmp_path / "plain")]) == 0
     assert json.loads((tmp_path / "plain" / "results.json").read_text())["prior_matching"] is None
     capsys.readouterr()
     assert main([*base, "--prior-matching", "nosuchsplit", "--out", str(tmp_path / "bad")]) == 2
     assert "Traceback" not in capsys.readouterr().err
+
+
+def test_train_stores_the_class_calibration_and_evaluate_applies_it(synthetic, tmp_path, capsys):
+    """`clips4 train` fits the class calibration (train.calibration: raise) on its training images and stores it in
+    final.pt; `evaluate language` applies it by default when the evaluated classes are the calibrated ones, says why
+    not otherwise, and `--prior-matching none` is plain arg-max."""
+    import torch
+
+    world, a, ck = synthetic
+    cal = torch.load(ck, weights_only=True)["calibration"]
+    assert cal["mode"] == "raise" and cal["collapse_ratio"] == 0.85 and cal["n_images"] == 6
+    assert cal["classes"] == json.loads((ck.parent / "config.json").read_text())["classes"]
+    assert len(cal["bias"]) == 6 and min(cal["bias"]) >= 0 and tuple(cal["text"].shape)[0] == 6
+    base = ["evaluate", "language", *a, "--split", "val", "--overlays", "0", "--checkpoint", str(ck)]
+    assert main([*base, "--out", str(tmp_path / "cal"), "--json"]) == 0
+    pm = json.loads((tmp_path / "cal" / "results.json").read_text())["prior_matching"]
+    assert pm["source"] == "checkpoint" and pm["applied"] and pm["bias"] == pytest.approx(cal["bias"])
+    # a class list the checkpoint was not calibrated on: not applied, and the results say why
+    assert main([*base, "--classes", "red,green,blue", "--out", str(tmp_path / "other")]) == 0
+    pm = json.loads((tmp_path / "other" / "results.json").read_text())["prior_matching"]
+    assert pm["applied"] is False and "'red'" in pm["why"]
+    printed = capsys.readouterr()
+    assert "class calibration: not applied" in printed.out + printed.err

@@ -5,11 +5,10 @@ from PIL import Image
 from clips4.evaluate.language import (
     evaluate_language,
     predict_labels,
-    similarity_logits,
     voc_gt_transform,
     voc_text_subset,
 )
-from clips4.evaluate.sources import sliding_window_embed
+from clips4.trainer.inference import similarity_logits, sliding_window_embed
 
 
 def _text():

@@ -19,8 +19,8 @@ def test_sweep_quick_prints_every_column_and_the_targets(tmp_path, capsys, monke
     assert code in (0, 1)  # 0 only when the defaults meet the targets
     assert "16 train / 8 val images" in out and "train.iterations=60" in out  # --quick honoured by the sweep
     row = next(line for line in out.splitlines() if line.startswith("voronoi-yellows"))
-    assert len(row.split()) >= 14  # teacher, defaults, + prior, + guard and the extra row, each with its worst class
-    for key in ("defaults", "defaults + prior matching", "defaults + collapse guard", "tau 1"):
+    assert len(row.split()) >= 14  # teacher, defaults, + prior, uncalibrated and the extra row, each with its worst class
+    for key in ("defaults", "defaults + prior matching", "defaults (uncalibrated)", "tau 1", "tau 1 (uncalibrated)"):
         assert any(line.startswith(key) and "min gain" in line for line in out.splitlines()), key
     assert out.count("targets (") == 3
     assert (tmp_path / "w" / "voronoi-yellows-0" / "runs" / "tau_1" / "final.pt").is_file()

@@ -113,6 +113,14 @@ class TrainParams(Strict):
     #: at most this many training images (evenly spaced over the sorted ids) measure ``π`` (logit adjustment,
     #: collapse guard)
     prior_images: int = Field(default=512, ge=1)
+    #: class calibration fitted once at the end of training and stored in ``final.pt`` (clips4.trainer.calibration;
+    #: ``clips4 evaluate language`` applies it): ``raise`` (the collapse guard: a class the student predicts at under
+    #: ``calibration_ratio`` x the teacher's frequency on ``calibration_images`` training images gets a bias >= 0 on
+    #: its text score that gives it back its share; every other class 0), ``match`` (every class's frequency matched
+    #: to the teacher's), ``none`` (the paper: plain arg-max)
+    calibration: Literal["raise", "match", "none"] = "raise"
+    calibration_ratio: float = Field(default=0.85, gt=0, le=1)
+    calibration_images: int = Field(default=64, ge=1)
     n_segments: int = Field(default=36, ge=2)
     kmeans_iters: int = Field(default=10, ge=1)
     memory_batches: int = Field(default=2, ge=0)

@@ -457,7 +457,7 @@ class CLIPS4Loss(nn.Module):
         shares over its segments) is below ``cfg.collapse_guard`` x the teacher's share ``π_c`` and lowered back
         towards 0 once it is above (``bias += guard_rate · (log(g·π_c) - log(share_c))``, clamped to
         ``[0, guard_cap · τ]`` so a class the student cannot tell apart does not take every segment; the online
-        form of :func:`clips4.evaluate.priors.fit_prior_bias` ``mode="raise"``). A class the student has stopped
+        form of :func:`clips4.trainer.calibration.fit_prior_bias` ``mode="raise"``). A class the student has stopped
         predicting while its teacher still gives it ``π_c`` gets back the segments the teacher places relatively
         closest to it; no class is ever lowered below the teacher's own logits. None when off."""
         if self.guard is None or self.cfg.collapse_guard <= 0:

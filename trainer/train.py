@@ -311,7 +311,7 @@ def _train(cfg: Config, dataset: Dataset, out: Path, fp: str, resume: bool, rest
                       f"min({p.ema}, (1+t)/(10+t))); final.pt will hold the average as the evaluated model",
                       markup=False)
 
-    def save(step: int, path: Path, evaluated: bool = False) -> None:
+    def save(step: int, path: Path, evaluated: bool = False, calibration: dict | None = None) -> None:
         # every rank's own memory bank and RNG state (they differ under DDP), so a resumed run continues exactly
         ranks = _gather_rank_states(loss_fn.memory.state_dict(), rng_state(), world)
         if rank == 0:
@@ -328,6 +328,7 @@ def _train(cfg: Config, dataset: Dataset, out: Path, fp: str, resume: bool, rest
                 "ranks": ranks, "step": step, "signature": json.dumps(signature),
                 "config": json.dumps(resolved_dict(cfg)), "git": code_version(), "classes": names,
                 "iterations": p.iterations, "schedule": json.dumps(schedule), "guard": loss_fn.guard_state(),
+                **({"calibration": calibration} if calibration is not None else {}),
             })
 
     losses: list[dict] = []
@@ -420,7 +421,11 @@ def _train(cfg: Config, dataset: Dataset, out: Path, fp: str, resume: bool, rest
         if start >= p.iterations and rank == 0:
             console.print(f"[yellow]already at step {start} >= train.iterations={p.iterations}[/]: finishing here")
         save(done, last)
-        save(done, final, evaluated=True)
+        calibration = None
+        if rank == 0 and p.calibration != "none":
+            weights = ema.weights if ema is not None else raw_model.state_dict()
+            calibration = _calibrate(p, raw_model, weights, dataset, ds.image_ids, deps, device)
+        save(done, final, evaluated=True, calibration=calibration)
         if rank == 0:
             if ema is not None:
                 console.print(f"final.pt holds the weight average (train.ema {p.ema}, {ema.updates} updates) as the "
@@ -439,6 +444,52 @@ def _train(cfg: Config, dataset: Dataset, out: Path, fp: str, resume: bool, rest
         else:
             console.print(f"{stopped} at step {done}; outputs in {out}")
     return TrainResult(out, done, losses, stopped, stop_req.signum)
+
+
+def _calibrate(p: TrainParams, model: torch.nn.Module, weights: dict, dataset: Dataset, image_ids: list[str],
+               deps: dict, device: torch.device) -> dict | None:
+    """``train.calibration``: the class calibration of the evaluated weights (:func:`clips4.trainer.calibration.calibrate`)
+    on ``train.calibration_images`` training images and the prototypes stage's class texts; one plain line."""
+    import copy
+
+    from clips4.pipeline.cache import StageReader
+    from clips4.pipeline.images import load_rgb
+    from clips4.trainer.calibration import calibrate
+    from clips4.trainer.inference import model_embedder
+
+    names, text = load_class_texts(deps["prototypes"])
+    if not names:
+        console.print("calibration: none (the prototypes stage has no known classes)", markup=False)
+        return None
+    net = copy.deepcopy(model)
+    net.load_state_dict(weights)
+    embed = model_embedder(net.eval(), device)
+    reader = StageReader(deps["clip_features"])
+    cached = set(image_ids)
+    records = [r for r in dataset.records() if r.image_id in cached]
+    cal = calibrate(lambda r: embed(load_rgb(r.path)), records, lambda r: reader.get(r.image_id, "features"),
+                    names, text, mode=p.calibration, collapse_ratio=p.calibration_ratio, max_images=p.calibration_images)
+    t, s = np.asarray(cal["teacher_freq"]), np.asarray(cal["student_freq"])
+    moved = [f"{n} {s[i] / max(t[i], 1e-9):.2f} of the teacher's share, {b:+.3f}" for i, (n, b)
+             in enumerate(zip(names, cal["bias"])) if abs(b) > 1e-6]
+    console.print(f"calibration ({p.calibration}, {cal['n_images']} training images): "
+                  + ("; ".join(moved) if moved else f"no class below {p.calibration_ratio:g} x the teacher's share, "
+                     "every bias 0") + " (stored in final.pt)", markup=False)
+    return cal
+
+
+def load_class_texts(url: str) -> tuple[list[str], np.ndarray]:
+    """(known class names, ``(K, D) float32`` text embeddings) from a prototypes stage output (``text.parquet``)."""
+    import fsspec
+
+    try:
+        with fsspec.open(url.rstrip("/") + "/text.parquet", "rb") as f:
+            t = pq.read_table(f)
+    except FileNotFoundError:
+        return [], np.zeros((0, 0), np.float32)
+    d = t.schema.field("vector").type.list_size
+    vecs = t["vector"].combine_chunks().flatten().to_numpy(zero_copy_only=False).reshape(-1, d).astype(np.float32)
+    return t["name"].to_pylist(), vecs
 
 
 def _gather_rank_states(memory: dict, rng: dict, world: int) -> list[dict]:

@@ -1,12 +1,12 @@
-"""Class-prior matching (clips4.evaluate.priors): a collapsed class gets its best-ranked pixels back."""
+"""Class calibration (clips4.trainer.calibration): a collapsed class gets its best-ranked pixels back."""
 from __future__ import annotations
 
 import numpy as np
 import pytest
 import torch
 
-from clips4.evaluate.language import similarity_logits
-from clips4.evaluate.priors import class_frequencies, fit_prior_bias, prior_bias
+from clips4.trainer.inference import similarity_logits
+from clips4.trainer.calibration import calibrate, class_frequencies, fit_prior_bias, prior_bias, stored_bias
 
 
 def _collapsed(n_a=400, n_b=600, seed=0):
@@ -91,3 +91,27 @@ def test_collapse_ratio_sets_the_guards_trigger():
     for bad in (0.0, 1.5):
         with pytest.raises(ValueError, match="collapse ratio"):
             fit_prior_bias(s3, target, mode="raise", collapse_ratio=bad)
+
+
+def test_calibrate_and_stored_bias_follow_the_class_names_and_texts():
+    """calibrate() raises the class a student under-predicts (its record is what final.pt stores); stored_bias()
+    hands back the entries of the evaluated classes (a subset in another order is fine) and refuses, saying why,
+    a class it was not fitted on or a different text embedding of the same name."""
+    text = np.eye(3, 8, dtype=np.float32)
+    student = np.zeros((6, 6, 8), np.float32)
+    student[..., 1] = 1.0
+    student[:2, :, 0] = 0.9  # class 0 ranked second on its own (top) rows: collapsed into class 1
+    student[4:, :, 2] = 2.0
+    teacher = np.zeros((3, 3, 8), np.float32)
+    teacher[0, :, 0], teacher[1, :, 1], teacher[2, :, 2] = 1.0, 1.0, 1.0
+    cal = calibrate(lambda r: student, list(range(5)), lambda r: teacher, ["a", "b", "c"], text, max_images=3)
+    assert cal["n_images"] == 3 and cal["classes"] == ["a", "b", "c"] and cal["mode"] == "raise"
+    assert cal["bias"][0] > 0 and cal["bias"][1] == 0 and cal["bias"][2] == 0
+    assert cal["matched_freq"][0] > cal["student_freq"][0] == 0
+    bias, why = stored_bias(cal, ["c", "a"], text[[2, 0]])
+    assert why == "" and bias.tolist() == pytest.approx([cal["bias"][2], cal["bias"][0]])
+    assert stored_bias(cal, ["a", "d"], text[:2])[0] is None and "'d'" in stored_bias(cal, ["a", "d"], text[:2])[1]
+    other = text[[1, 0, 2]]  # same names, other texts (another CLIP)
+    bias, why = stored_bias(cal, ["a", "b", "c"], other)
+    assert bias is None and "texts differ" in why
+    assert stored_bias(None, ["a"], text[:1])[0] is None

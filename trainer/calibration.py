@@ -1,0 +1,164 @@
+"""Class calibration: give a trained student the teacher's class frequencies on unlabelled training images.
+
+Why: the student learns what its teacher says of each appearance, so it is *mode-seeking*. Where the teacher
+reads class A as its near-duplicate B on most of A's pixels and right on a minority (its per-pixel noise
+spreads its answers), the student answers B on more and more of A the longer it trains, and A's IoU falls below
+the teacher's although the student's scores still rank A's pixels above B's (the teacher's minority reading is
+in its targets). Training cannot see this: it matches segment prototypes, and the collapse shows only against
+the class *texts* the student is evaluated with.
+Prior matching (label-shift correction, Saerens et al. 2002, on hard predictions) adds one bias per class to the
+student's cosine scores so that its arg-max frequencies over training images equal the teacher's on the same
+images; the classes a student collapses get their best-ranked pixels back. The teacher's own frequencies carry
+its confusions, so matching every class also hands some of those back; the collapse guard (``mode="raise"``, the
+default) only raises the classes the student predicts at under :data:`COLLAPSE_RATIO` of the teacher's share.
+It uses only what training used (unlabelled images and the teacher's cached features), for any class list.
+
+``clips4 train`` fits it once at the end (``train.calibration``, on the prototypes stage's class texts) and
+stores it in ``final.pt`` (:func:`calibrate`); ``clips4 evaluate language`` applies it when the evaluated classes
+and their texts are the calibrated ones (:func:`stored_bias`), or refits it on a split (``--prior-matching``).
+
+- :func:`fit_prior_bias`: ``(P, K)`` scores + ``(K,)`` target frequencies -> ``(K,)`` bias;
+- :func:`prior_bias`: the bias of a student's class scores against the teacher's over some images (the caller
+  scores both, e.g. with :func:`clips4.trainer.inference.similarity_logits`);
+- :func:`calibrate`: the calibration record of a network on a training cache, as ``final.pt`` stores it.
+"""
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+
+from clips4.trainer.config import TrainParams
+
+__all__ = ["fit_prior_bias", "prior_bias", "class_frequencies", "calibrate", "stored_bias",
+           "COLLAPSE_RATIO", "MODES"]
+
+#: a class text embedding counts as the calibrated one at this cosine or more (float16 storage, another device)
+TEXT_MATCH = 0.995
+
+#: calibration modes: ``raise`` (the collapse guard), ``match`` (every class), ``none``
+MODES = ("raise", "match", "none")
+
+#: the collapse guard raises a class the student predicts at under this share of the teacher's frequency
+#: (``train.calibration_ratio``'s default). 0.85, not 0.5: in the yellow synthetic worlds a shrinking class sat at
+#: 0.54-0.79 of its share and cost its IoU 5-8 points, while no class of the other worlds' students fell below 0.85
+#: (the guard left them exactly as they were; README, "Training seeds and machines")
+COLLAPSE_RATIO: float = TrainParams.model_fields["calibration_ratio"].default
+
+
+def class_frequencies(labels: torch.Tensor, k: int) -> torch.Tensor:
+    """``(K,) float64`` share of each class id in ``labels`` (any shape, int64 in ``[0, k)``)."""
+    c = torch.bincount(labels.flatten(), minlength=k).double()
+    return c / c.sum().clamp_min(1)
+
+
+def fit_prior_bias(scores: torch.Tensor, target: torch.Tensor, *, iters: int = 300, rate: float = 0.025,
+                   floor: float = 1e-4, mode: str = "match", collapse_ratio: float = COLLAPSE_RATIO) -> torch.Tensor:
+    """``(K,) float32`` additive bias for ``scores (P, K)`` (cosines) so that the frequencies of
+    ``argmax(scores + bias)`` approach ``target (K,)``: damped multiplicative updates in log-frequency
+    (``bias += rate * (log t - log s)``).
+
+    ``mode``: ``match`` (every class, bias kept zero-mean; a class absent from ``target`` is pushed down) or
+    ``raise`` (the collapse guard: only the classes whose frequency is below ``collapse_ratio`` x their target
+    get a bias, >= 0, raising them towards their target; every other class keeps 0, so a student whose
+    frequencies are near the teacher's is left as it is and no class is ever lowered on its own)."""
+    if mode not in ("match", "raise"):
+        raise ValueError(f"prior matching mode must be match or raise, got {mode!r}")
+    if not 0 < collapse_ratio <= 1:
+        raise ValueError(f"collapse ratio must be in (0, 1], got {collapse_ratio}")
+    scores = scores.float()
+    k = scores.shape[1]
+    t = torch.as_tensor(target, dtype=torch.float64) + floor
+    b = torch.zeros(k, dtype=torch.float32)
+    low = (class_frequencies(scores.argmax(1), k) + floor < collapse_ratio * t).float()
+    for _ in range(iters):
+        s = class_frequencies((scores + b).argmax(1), k) + floor
+        step = (rate * (t.log() - s.log())).float()
+        if mode == "match":
+            b = b + step
+            b = b - b.mean()
+        else:
+            b = (b + low * step).clamp_min(0)
+    return b
+
+
+def prior_bias(records: Sequence, student: Callable, teacher: Callable, *, max_pixels: int = 400_000,
+               seed: int = 0, mode: str = "match", collapse_ratio: float = COLLAPSE_RATIO) -> dict:
+    """Bias of the student so its class frequencies over ``records`` equal the teacher's.
+
+    ``student(record) -> (K, h, w)`` its class scores (cosines to the class text embeddings);
+    ``teacher(record, (h, w)) -> (K, h, w)`` the teacher's (cached dense CLIP features) resized onto the student's
+    grid, so both are counted on the same cells. At most ``max_pixels`` student score rows are kept (a seeded
+    random subset) for the fit. ``mode``, ``collapse_ratio``: see :func:`fit_prior_bias`. Returns ``{"bias": (K,) float32 ndarray, "teacher_freq", "student_freq",
+    "matched_freq": (K,) lists, "n_images"}``."""
+    rows, t_count = [], None
+    for rec in records:
+        s = torch.as_tensor(student(rec)).float()
+        k = s.shape[0]
+        t = torch.as_tensor(teacher(rec, tuple(s.shape[1:])))
+        c = torch.bincount(t.argmax(0).flatten(), minlength=k).double()
+        t_count = c if t_count is None else t_count + c
+        rows.append(s.flatten(1).t())
+    if not rows:
+        raise ValueError("prior matching needs at least one training image")
+    scores = torch.cat(rows)
+    if scores.shape[0] > max_pixels:
+        g = torch.Generator().manual_seed(seed)
+        scores = scores[torch.randperm(scores.shape[0], generator=g)[:max_pixels]]
+    target = t_count / t_count.sum().clamp_min(1)
+    bias = fit_prior_bias(scores, target, mode=mode, collapse_ratio=collapse_ratio)
+    return {"bias": bias.numpy(), "mode": mode, "collapse_ratio": float(collapse_ratio), "teacher_freq": target.tolist(),
+            "student_freq": class_frequencies(scores.argmax(1), k).tolist(),
+            "matched_freq": class_frequencies((scores + bias).argmax(1), k).tolist(), "n_images": len(rows)}
+
+
+def calibrate(embed: Callable[[object], np.ndarray], records: Sequence, teacher: Callable[[object], np.ndarray],
+              names: Sequence[str], text: np.ndarray, *, mode: str = "raise", collapse_ratio: float = COLLAPSE_RATIO,
+              max_images: int = 64) -> dict:
+    """The class calibration of a student, as ``final.pt`` stores it under ``calibration``.
+
+    ``embed(record) -> (h, w, D)`` the student's pixel embeddings of a training image (e.g.
+    :func:`clips4.trainer.inference.model_embedder` on its pixels); ``teacher(record) -> (h', w', D)`` its cached
+    CLIP features; ``names`` / ``text (K, D)`` the known classes and their text embeddings (the prototypes stage's
+    ``text.parquet``). At most ``max_images`` records, evenly spaced, are used. Returns ``{"mode", "collapse_ratio",
+    "classes", "bias": [K floats], "text": (K, D) float16 tensor (what it was fitted against), "teacher_freq",
+    "student_freq", "matched_freq", "n_images"}``."""
+    from clips4.trainer.inference import similarity_logits
+
+    if mode not in ("raise", "match"):
+        raise ValueError(f"calibration mode must be raise or match, got {mode!r}")
+    text = np.asarray(text, np.float32)
+    if len(names) != len(text):
+        raise ValueError(f"{len(names)} class names for {len(text)} text embeddings")
+    picked = [records[i] for i in np.unique(np.linspace(0, len(records) - 1, min(max_images, len(records)))
+                                              .round().astype(int))] if len(records) else []
+    with torch.no_grad():
+        r = prior_bias(picked, lambda rec: similarity_logits(embed(rec), text, layout="hwd"),
+                       lambda rec, hw: similarity_logits(np.asarray(teacher(rec), np.float32), text, hw, layout="hwd"),
+                       mode=mode, collapse_ratio=collapse_ratio)
+    return {**r, "bias": [float(b) for b in r["bias"]], "classes": list(names),
+            "text": torch.from_numpy(text).half()}
+
+
+def stored_bias(calibration: dict | None, names: Sequence[str], text: np.ndarray) -> tuple[np.ndarray | None, str]:
+    """``((K,) float32 bias for ``names``, "")`` from a checkpoint's ``calibration`` record when every evaluated
+    class is a calibrated one with the same text embedding (a subset is fine, e.g. VOC without background);
+    otherwise ``(None, why)``: a calibration is only meaningful against the class texts it was fitted on."""
+    if not calibration or not calibration.get("classes"):
+        return None, "the checkpoint holds no class calibration (train.calibration: none, or trained before it existed)"
+    cal = list(calibration["classes"])
+    missing = [n for n in names if n not in cal]
+    if missing:
+        return None, (f"the checkpoint was calibrated on {len(cal)} classes and {len(missing)} evaluated ones are "
+                      f"not among them (e.g. {missing[0]!r})")
+    idx = [cal.index(n) for n in names]
+    fitted = calibration.get("text")
+    if fitted is not None:
+        a = torch.nn.functional.normalize(torch.as_tensor(fitted).float()[idx], dim=1)
+        b = torch.nn.functional.normalize(torch.as_tensor(np.asarray(text, np.float32)), dim=1)
+        if a.shape != b.shape or float((a * b).sum(1).min()) < TEXT_MATCH:
+            return None, ("the evaluated class texts differ from the ones the checkpoint was calibrated on (another "
+                          "CLIP model or prompts)")
+    bias = np.asarray(calibration["bias"], np.float32)[idx]
+    return bias, ""
