@@ -293,3 +293,27 @@ def test_logit_adjustment_measures_the_teacher_marginal_once_and_says_so(world, 
             "training images") in words
     assert main([a for a in train_args(world, tmp_path / "plain") if a != "--quiet"]) == 0
     assert "logit adjustment" not in stderr(capsys)[0]
+
+
+def test_class_calibration_is_stored_said_and_never_costs_the_run(world, tmp_path, capsys, monkeypatch):
+    """train.calibration: raise (the default) stores the class calibration of the evaluated weights in final.pt and
+    says what it raised in one line; none stores nothing; a calibration that fails (an unreadable image, ...) is a
+    warning and final.pt is still written and committed, without it."""
+    import clips4.trainer.train as tr
+
+    assert main([a for a in train_args(world, tmp_path / "cal", sets=("train.calibration_images=3",))
+                 if a != "--quiet"]) == 0
+    cal = torch.load(tmp_path / "cal" / "final.pt", weights_only=True)["calibration"]
+    assert cal["n_images"] == 3 and cal["mode"] == "raise" and min(cal["bias"]) >= 0
+    assert "calibration (raise, 3 training images)" in stderr(capsys)[0]
+    assert main(train_args(world, tmp_path / "none", sets=("train.calibration=none",))) == 0
+    assert "calibration" not in torch.load(tmp_path / "none" / "final.pt", weights_only=True)
+
+    def broken(*a, **k):
+        raise OSError("image train_0003.png vanished")
+
+    monkeypatch.setattr(tr, "_calibrate", broken)
+    assert main([a for a in train_args(world, tmp_path / "broken") if a != "--quiet"]) == 0
+    assert "class calibration failed (OSError: image train_0003.png vanished)" in stderr(capsys)[0]
+    assert "calibration" not in torch.load(tmp_path / "broken" / "final.pt", weights_only=True)
+    assert (tmp_path / "broken" / "index.parquet").is_file()

@@ -424,7 +424,12 @@ def _train(cfg: Config, dataset: Dataset, out: Path, fp: str, resume: bool, rest
         calibration = None
         if rank == 0 and p.calibration != "none":
             weights = ema.weights if ema is not None else raw_model.state_dict()
-            calibration = _calibrate(p, raw_model, weights, dataset, ds.image_ids, deps, device)
+            try:
+                calibration = _calibrate(p, raw_model, weights, dataset, ds.image_ids, deps, device)
+            except Exception as exc:  # noqa: BLE001 - a finished run must not be lost to its calibration
+                console.print(f"[yellow]warning:[/] class calibration failed ({type(exc).__name__}: {exc}); final.pt is "
+                              "written without it (evaluate language then uses plain arg-max; --prior-matching train "
+                              "fits one at evaluation)")
         save(done, final, evaluated=True, calibration=calibration)
         if rank == 0:
             if ema is not None:
