@@ -159,7 +159,7 @@ def language_confusion(src: EmbeddingSource, dataset: Dataset, names: list[str],
 def run_language(cfg: Config, dataset: Dataset, *, model: str = "teacher", classes: str | None = None,
                  voc_mode: int = 21, save_predictions: Path | None = None, out: Path | None = None,
                  device: str = "auto", overlays: int = 4, prior_matching: str | None = "checkpoint",
-                 prior_images: int = 64, prior_mode: str = "match", prior_collapse_ratio: float | None = None) -> dict:
+                 prior_images: int = 512, prior_mode: str = "match", prior_collapse_ratio: float | None = None) -> dict:
     """Language-driven segmentation over ``dataset``: mIoU, per-class IoU, pixel accuracy; report in ``out``.
 
     ``prior_matching``: the class calibration of a checkpoint (:mod:`clips4.trainer.calibration`): ``checkpoint``
@@ -220,16 +220,20 @@ def run_language(cfg: Config, dataset: Dataset, *, model: str = "teacher", class
 def _prior_matching(cfg: Config, src: EmbeddingSource, text: np.ndarray, split: str, n_images: int,
                     mode: str = "match", collapse_ratio: float | None = None) -> dict:
     """The class-prior correction of ``src`` fitted on ``split``'s cached teacher features (no labels read)."""
-    from clips4.trainer.calibration import COLLAPSE_RATIO, prior_bias
+    from clips4.trainer.calibration import COLLAPSE_RATIO, prior_bias, segment_pooled
     from clips4.evaluate.sources import with_split
     from clips4.pipeline.stage import dataset_from_config, open_stage
 
     ccfg = with_split(cfg, split)
     cds = dataset_from_config(ccfg)
-    feats = open_stage(ccfg, "clip_features", cds)
+    feats, segs = open_stage(ccfg, "clip_features", cds), open_stage(ccfg, "segments", cds)
     records = list(cds.records())[: max(1, int(n_images))]
+
+    def teacher(r, hw):  # as clips4 train calibrates: the teacher's features pooled over its segments
+        return similarity_logits(segment_pooled(feats.get(r.image_id, "features"), segs.get(r.image_id, "labels")),
+                                 text, hw, layout="hwd")
+
     with torch.no_grad():
         return prior_bias(
-            records, lambda r: similarity_logits(src.embed(r), text, layout="hwd"),
-            lambda r, hw: similarity_logits(feats.get(r.image_id, "features").astype(np.float32), text, hw, layout="hwd"),
+            records, lambda r: similarity_logits(src.embed(r), text, layout="hwd"), teacher,
             mode=mode, collapse_ratio=COLLAPSE_RATIO if collapse_ratio is None else collapse_ratio)

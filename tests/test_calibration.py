@@ -115,3 +115,20 @@ def test_calibrate_and_stored_bias_follow_the_class_names_and_texts():
     bias, why = stored_bias(cal, ["a", "b", "c"], other)
     assert bias is None and "texts differ" in why
     assert stored_bias(None, ["a"], text[:1])[0] is None
+
+
+def test_segment_pooled_averages_the_teachers_noise_over_each_segment():
+    """segment_pooled(): every cell takes its segment's mean embedding, so a noise patch inside a segment no longer
+    counts as another class in the teacher's frequencies; cells of no segment (label -1) keep their own."""
+    from clips4.trainer.calibration import segment_pooled
+
+    feats = np.zeros((4, 4, 3), np.float32)
+    feats[..., 0] = 1.0
+    feats[0, 0] = [0.0, 1.0, 0.0]  # one noisy cell in the left segment
+    feats[:, 2:] = [0.0, 0.0, 1.0]
+    labels = np.repeat(np.repeat(np.array([[0, 1], [0, -1]]), 8, 0), 8, 1)  # (16, 16): left, top right, no segment
+    out = segment_pooled(feats, labels)
+    assert out.shape == feats.shape and np.argmax(out[0, 0]) == 0  # the noisy cell now reads its segment's class
+    assert np.allclose(np.linalg.norm(out[:, :2], axis=-1), 1.0, atol=1e-5)
+    assert np.array_equal(out[2:, 2:], feats[2:, 2:])  # no segment: unchanged
+    assert np.array_equal(segment_pooled(feats, None), feats)

@@ -31,7 +31,7 @@ import torch
 
 from clips4.trainer.config import TrainParams
 
-__all__ = ["fit_prior_bias", "prior_bias", "class_frequencies", "calibrate", "stored_bias",
+__all__ = ["fit_prior_bias", "prior_bias", "class_frequencies", "calibrate", "stored_bias", "segment_pooled",
            "COLLAPSE_RATIO", "MODES"]
 
 #: a class text embedding counts as the calibrated one at this cosine or more (float16 storage, another device)
@@ -113,14 +113,36 @@ def prior_bias(records: Sequence, student: Callable, teacher: Callable, *, max_p
             "matched_freq": class_frequencies((scores + bias).argmax(1), k).tolist(), "n_images": len(rows)}
 
 
+def segment_pooled(features: np.ndarray, labels: np.ndarray | None) -> np.ndarray:
+    """``(h, w, D) float32`` teacher features with every grid cell replaced by the mean embedding of its segment
+    (``labels``: the segments stage's superpixels at any resolution, taken to the grid by majority; cells of no
+    segment keep their own). Why: the teacher's per-pixel noise (random-class patches, Gaussian noise) flattens its
+    class frequencies towards uniform, so a rare class looks under-predicted by an *accurate* student; over a
+    segment that noise averages out, while a class the teacher reads right on a plurality of its pixels keeps its
+    share."""
+    from clips4.pipeline.prototypes import labels_to_grid, segment_embeddings
+
+    feats = np.asarray(features, np.float32)
+    if labels is None:
+        return feats
+    grid = labels_to_grid(np.asarray(labels), feats.shape[:2])
+    seg = segment_embeddings(feats, grid)
+    if not len(seg.segment_id):
+        return feats
+    out = feats.copy()
+    ok = grid >= 0
+    out[ok] = seg.embedding[np.searchsorted(seg.segment_id, grid[ok])]
+    return out
+
+
 def calibrate(embed: Callable[[object], np.ndarray], records: Sequence, teacher: Callable[[object], np.ndarray],
               names: Sequence[str], text: np.ndarray, *, mode: str = "raise", collapse_ratio: float = COLLAPSE_RATIO,
-              max_images: int = 64) -> dict:
+              max_images: int = 512) -> dict:
     """The class calibration of a student, as ``final.pt`` stores it under ``calibration``.
 
     ``embed(record) -> (h, w, D)`` the student's pixel embeddings of a training image (e.g.
     :func:`clips4.trainer.inference.model_embedder` on its pixels); ``teacher(record) -> (h', w', D)`` its cached
-    CLIP features; ``names`` / ``text (K, D)`` the known classes and their text embeddings (the prototypes stage's
+    CLIP features, pooled over its segments (:func:`segment_pooled`); ``names`` / ``text (K, D)`` the known classes and their text embeddings (the prototypes stage's
     ``text.parquet``). At most ``max_images`` records, evenly spaced, are used. Returns ``{"mode", "collapse_ratio",
     "classes", "bias": [K floats], "text": (K, D) float16 tensor (what it was fitted against), "teacher_freq",
     "student_freq", "matched_freq", "n_images"}``."""

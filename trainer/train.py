@@ -459,7 +459,7 @@ def _calibrate(p: TrainParams, model: torch.nn.Module, weights: dict, dataset: D
 
     from clips4.pipeline.cache import StageReader
     from clips4.pipeline.images import load_rgb
-    from clips4.trainer.calibration import calibrate
+    from clips4.trainer.calibration import calibrate, segment_pooled
     from clips4.trainer.inference import model_embedder
 
     names, text = load_class_texts(deps["prototypes"])
@@ -469,10 +469,11 @@ def _calibrate(p: TrainParams, model: torch.nn.Module, weights: dict, dataset: D
     net = copy.deepcopy(model)
     net.load_state_dict(weights)
     embed = model_embedder(net.eval(), device)
-    reader = StageReader(deps["clip_features"])
+    reader, segments = StageReader(deps["clip_features"]), StageReader(deps["segments"])
     cached = set(image_ids)
     records = [r for r in dataset.records() if r.image_id in cached]
-    cal = calibrate(lambda r: embed(load_rgb(r.path)), records, lambda r: reader.get(r.image_id, "features"),
+    cal = calibrate(lambda r: embed(load_rgb(r.path)), records,
+                    lambda r: segment_pooled(reader.get(r.image_id, "features"), segments.get(r.image_id, "labels")),
                     names, text, mode=p.calibration, collapse_ratio=p.calibration_ratio, max_images=p.calibration_images)
     t, s = np.asarray(cal["teacher_freq"]), np.asarray(cal["student_freq"])
     moved = [f"{n} {s[i] / max(t[i], 1e-9):.2f} of the teacher's share, {b:+.3f}" for i, (n, b)
