@@ -172,8 +172,8 @@ def stored_bias(calibration: dict | None, names: Sequence[str], text: np.ndarray
     cal = list(calibration["classes"])
     missing = [n for n in names if n not in cal]
     if missing:
-        return None, (f"the checkpoint was calibrated on {len(cal)} classes and {len(missing)} evaluated ones are "
-                      f"not among them (e.g. {missing[0]!r})")
+        return None, (f"the checkpoint was calibrated on {len(cal)} classes and {len(missing)} of the evaluated "
+                      f"{'class is' if len(missing) == 1 else 'classes are'} not among them (e.g. {missing[0]!r})")
     idx = [cal.index(n) for n in names]
     fitted = calibration.get("text")
     if fitted is not None:
