@@ -101,13 +101,9 @@ class _StopRequest:
 
 def load_prototypes(url: str) -> tuple[list[str], torch.Tensor, torch.Tensor]:
     """(known names, known (K,D), unknown (U,D)) float32 from a prototypes stage output."""
-    import fsspec
-
-    with fsspec.open(url.rstrip("/") + "/prototypes.parquet", "rb") as f:
-        t = pq.read_table(f)
+    t, vecs = _vector_table(url, "prototypes.parquet")
+    d = vecs.shape[1]
     kinds = t["kind"].to_pylist()
-    d = t.schema.field("vector").type.list_size
-    vecs = t["vector"].combine_chunks().flatten().to_numpy(zero_copy_only=False).reshape(-1, d).astype(np.float32)
     known = [i for i, k in enumerate(kinds) if k == "known"]
     unknown = [i for i, k in enumerate(kinds) if k == "unknown"]
     names = [t["name"][i].as_py() for i in known]
@@ -486,16 +482,21 @@ def _calibrate(p: TrainParams, model: torch.nn.Module, weights: dict, dataset: D
 
 def load_class_texts(url: str) -> tuple[list[str], np.ndarray]:
     """(known class names, ``(K, D) float32`` text embeddings) from a prototypes stage output (``text.parquet``)."""
-    import fsspec
-
     try:
-        with fsspec.open(url.rstrip("/") + "/text.parquet", "rb") as f:
-            t = pq.read_table(f)
+        t, vecs = _vector_table(url, "text.parquet")
     except FileNotFoundError:
         return [], np.zeros((0, 0), np.float32)
-    d = t.schema.field("vector").type.list_size
-    vecs = t["vector"].combine_chunks().flatten().to_numpy(zero_copy_only=False).reshape(-1, d).astype(np.float32)
     return t["name"].to_pylist(), vecs
+
+
+def _vector_table(url: str, name: str):
+    """(pyarrow table, its ``vector`` column as ``(N, D) float32``) of the Parquet file ``name`` in a stage output."""
+    import fsspec
+
+    with fsspec.open(url.rstrip("/") + "/" + name, "rb") as f:
+        t = pq.read_table(f)
+    d = t.schema.field("vector").type.list_size
+    return t, t["vector"].combine_chunks().flatten().to_numpy(zero_copy_only=False).reshape(-1, d).astype(np.float32)
 
 
 def _gather_rank_states(memory: dict, rng: dict, world: int) -> list[dict]:
