@@ -8,3 +8,11 @@ def main(argv: list[str] | None = None) -> int:
     from clips4.cli.app import main as _main
 
     return _main(argv)
+
+
+def run() -> None:
+    """The ``clips4`` console script and ``python -m clips4.cli``: :func:`main`, then the process exits with its
+    status *without* the interpreter's native teardown (:func:`clips4.cli.app.exit_now`)."""
+    from clips4.cli.app import exit_now
+
+    exit_now(main())

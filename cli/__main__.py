@@ -1,3 +1,3 @@
-from clips4.cli import main
+from clips4.cli import run
 
-raise SystemExit(main())
+run()

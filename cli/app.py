@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import signal
 import sys
+from typing import NoReturn
 
 import typer
 
@@ -136,6 +137,29 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if in_main_thread:
             signal.signal(signal.SIGTERM, old)
+
+
+def exit_now(code: int) -> NoReturn:
+    """End the process with ``code`` once its work is done, skipping the interpreter's native teardown.
+
+    Why: at finalisation a native thread pool (pyarrow's Parquet reader, apache/arrow#34314) can be destroyed while
+    a worker is still joinable; ``std::terminate`` then aborts a run that finished and committed its outputs, and
+    cron sees SIGABRT (-6) instead of 0 (seen intermittently on a loaded machine). Everything the normal exit does
+    for Python code still happens, in its order: non-daemon threads are joined, the ``atexit`` handlers run (Ray's
+    shutdown, logging, multiprocessing), stdout and stderr are flushed; only the native destructors are skipped."""
+    import atexit
+    import threading
+
+    for t in threading.enumerate():
+        if t is not threading.main_thread() and not t.daemon:
+            t.join()
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError, AttributeError):  # closed or replaced streams, a reader that went away
+            pass
+    os._exit(code)
 
 
 def _fail(exc: BaseException, debug: bool) -> int:

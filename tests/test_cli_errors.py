@@ -128,3 +128,31 @@ def test_version_and_shared_options(capfd):
             cmd = cmd.commands[p]
         opts = {o for p in cmd.params for o in getattr(p, "opts", [])}
         assert shared <= opts, f"{' '.join(path)} lacks {sorted(shared - opts)}"
+
+
+def test_process_exit_keeps_the_status_output_atexit_and_threads(tmp_path):
+    """The console entry leaves through ``exit_now`` (no native teardown, where pyarrow's thread pool can abort a
+    finished run with SIGABRT): the status is main's, piped output arrives, atexit handlers and non-daemon threads
+    finish first."""
+    import subprocess
+    import sys
+    import tomllib
+    from pathlib import Path
+
+    script = f"""
+import atexit, threading, time
+from pathlib import Path
+from clips4.cli.app import exit_now
+atexit.register(lambda: Path({str(tmp_path / 'atexit')!r}).write_text('ran'))
+threading.Thread(target=lambda: (time.sleep(0.3), Path({str(tmp_path / 'thread')!r}).write_text('joined'))).start()
+print('buffered', end='')
+exit_now(7)
+"""
+    p = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert (p.returncode, p.stdout) == (7, "buffered"), p.stderr
+    assert (tmp_path / "atexit").read_text() == "ran" and (tmp_path / "thread").read_text() == "joined"
+    p = subprocess.run([sys.executable, "-m", "clips4.cli", "train", "--set", "train.bogus=1"], capture_output=True,
+                       text=True, timeout=120)
+    assert p.returncode == 2 and "unknown key 'bogus'" in p.stderr and "Traceback" not in p.stderr
+    scripts = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())["project"]["scripts"]
+    assert scripts["clips4"] == "clips4.cli:run"
