@@ -17,6 +17,7 @@ from clips4.trainer.losses import (
     semantic_consistency_loss,
     spherical_kmeans,
     teacher_class_marginal,
+    text_distillation_loss,
 )
 
 H, W, D = 12, 12, 16
@@ -183,6 +184,36 @@ def test_full_loss_finite_grads_and_switches():
         CLIPS4Loss(LossConfig())
     with pytest.raises(ValueError, match="CLIP"):
         CLIPS4Loss(LossConfig(w_s=0, w_u=0))(z, labels, image_index)
+
+
+def test_text_distillation_is_minimal_at_the_teachers_class_text_distribution():
+    g = torch.Generator().manual_seed(3)
+    text = F.normalize(torch.randn(3, D, generator=g), dim=1)
+    i = F.normalize(torch.randn(2, 6, D, generator=g), dim=-1)
+    valid = torch.ones(2, 6, dtype=torch.bool)
+    valid[1, 4:] = False
+    q = torch.softmax(100 * i[valid] @ text.t(), 1)
+    entropy = float(-(q * q.clamp_min(1e-30).log()).sum(1).mean())
+    # at v = i the loss is the teacher's entropy (its minimum); a student off the teacher's ranking pays more
+    assert abs(float(text_distillation_loss(i, i, valid, text, 100.0)) - entropy) < 1e-4
+    v = F.normalize(i + 0.5 * torch.randn(i.shape, generator=g), dim=-1).requires_grad_()
+    loss = text_distillation_loss(v, i.clone().requires_grad_(), valid, text, 100.0)
+    assert float(loss.detach()) > entropy + 0.05
+    loss.backward()
+    assert v.grad[valid].abs().sum() > 0 and v.grad[~valid].abs().sum() == 0
+    assert float(text_distillation_loss(i, i, torch.zeros_like(valid), text, 100.0)) == 0
+    # in CLIPS4Loss: only with the texts, reported as L_x and part of the total
+    labels, image_index = _quadrants(1)
+    z = F.normalize(torch.randn(2, D, H, W, generator=g), dim=1).requires_grad_()
+    clip = F.normalize(torch.randn(2, D, H, W, generator=g), dim=1)
+    with pytest.raises(ValueError, match="text embeddings"):
+        CLIPS4Loss(LossConfig(w_s=0, w_u=0, w_x=1.0))
+    off = CLIPS4Loss(LossConfig(w_s=0, w_u=0, n_segments=4))
+    on = CLIPS4Loss(LossConfig(w_s=0, w_u=0, w_x=2.0, n_segments=4), text=text)
+    t_off, p_off = off(z, labels, image_index, clip=clip)
+    t_on, p_on = on(z, labels, image_index, clip=clip)
+    assert "L_x" not in p_off and p_on["L_x"] > 0
+    assert abs(float(t_on.detach()) - float(t_off.detach()) - 2.0 * p_on["L_x"]) < 1e-4
 
 
 def test_unknown_prototypes_move_towards_their_segments():

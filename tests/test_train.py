@@ -295,6 +295,15 @@ def test_logit_adjustment_measures_the_teacher_marginal_once_and_says_so(world, 
     assert "logit adjustment" not in stderr(capsys)[0]
 
 
+def test_text_distillation_is_trained_and_logged(world, tmp_path):
+    """train.w_x > 0: L_x, against the prototypes stage's class texts, is in every step's metrics and the total."""
+    out = tmp_path / "lx"
+    assert main(train_args(world, out, sets=("train.w_x=0.5", "train.calibration=none"))) == 0
+    for r in metrics(out):
+        assert r["L_x"] > 0
+        assert r["total"] == pytest.approx(r["L_t"] + r["L_e"] + r["L_s"] + r["L_u"] + 0.5 * r["L_x"], rel=1e-5)
+
+
 def test_class_calibration_is_stored_said_and_never_costs_the_run(world, tmp_path, capsys, monkeypatch):
     """train.calibration: raise (the default) stores the class calibration of the evaluated weights in final.pt and
     says what it raised in one line; none stores nothing; a calibration that fails (an unreadable image, ...) is a

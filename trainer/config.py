@@ -90,6 +90,14 @@ class TrainParams(Strict):
     w_e: float = Field(default=1.0, ge=0)
     w_s: float = Field(default=1.0, ge=0)
     w_u: float = Field(default=1.0, ge=0)
+    #: class-text distillation L_x (not in the paper; 0 = off): per segment, cross entropy of the student's
+    #: distribution over the known classes' *text* embeddings against the teacher's (the segment-mean CLIP
+    #: feature), both ``softmax(text_temperature · cos(·, T))``. Why: L_s and L_u see the classes only through the
+    #: segment prototypes, L_e the whole embedding; none keeps how the student ranks two near-duplicate classes'
+    #: texts, which is what evaluation and the class calibration read (README, "The class calibration")
+    w_x: float = Field(default=0.0, ge=0)
+    #: of L_x; 100 = CLIP's logit scale, where its text-pixel cosines differ by a few hundredths between classes
+    text_temperature: float = Field(default=100.0, gt=0)
     #: concentration of L_t (paper: 10)
     kappa: float = Field(default=10.0, gt=0)
     #: τ in L_s = CE(softmax(τ·cos(v_s, C)), y_s); the paper's Eq. 3 has none (= 1)

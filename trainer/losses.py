@@ -52,6 +52,7 @@ __all__ = [
     "contrastive_loss",
     "embedding_consistency_loss",
     "semantic_consistency_loss",
+    "text_distillation_loss",
     "unknown_prototype_loss",
     "teacher_class_marginal",
     "logit_adjustment_bias",
@@ -76,6 +77,8 @@ class LossConfig:
     w_e: float = _train_default("w_e")
     w_s: float = _train_default("w_s")
     w_u: float = _train_default("w_u")
+    w_x: float = _train_default("w_x")
+    text_temperature: float = _train_default("text_temperature")
     kappa: float = _train_default("kappa")
     semantic_temperature: float = _train_default("semantic_temperature")
     pseudo_labels: str = _train_default("pseudo_labels")
@@ -393,6 +396,21 @@ def semantic_consistency_loss(v: torch.Tensor, i: torch.Tensor, valid: torch.Ten
     return loss, pseudo, is_
 
 
+def text_distillation_loss(v: torch.Tensor, i: torch.Tensor, valid: torch.Tensor, text: torch.Tensor,
+                           temperature: float) -> torch.Tensor:
+    """L_x (an option, not the paper's): ``mean_s CE(softmax(τ·cos(i_s, T)), softmax(τ·cos(v_s, T)))`` over the valid
+    segments; v, i ``(N,k,D)`` unit-norm (i detached here), valid ``(N,k)``, text ``(K,D)`` unit-norm class text
+    embeddings. Minus the teacher's entropy, this is the KL divergence: 0 where the student's class-text
+    distribution is the teacher's, whatever its embedding does elsewhere."""
+    vs, is_ = v[valid], i[valid].detach()
+    if vs.shape[0] == 0:
+        return v.sum() * 0.0
+    T = text.detach().to(vs)
+    with torch.no_grad():
+        q = torch.softmax(temperature * (is_ @ T.t()), 1)
+    return -(q * F.log_softmax(temperature * (vs @ T.t()), 1)).sum(1).mean()
+
+
 def unknown_prototype_loss(prototypes: torch.Tensor, n_known: int, pseudo: torch.Tensor, i: torch.Tensor) -> torch.Tensor:
     """Eq. 4: ``mean_{s: pseudo_s >= n_known} (1 - cos(c_{pseudo_s}, i_s))``; prototypes ``(L,D)`` (with grad),
     pseudo ``(S,)``, i ``(S,D)`` detached. 0 when no segment is assigned to an unknown class."""
@@ -410,18 +428,24 @@ class CLIPS4Loss(nn.Module):
     ``unknown_update == 'grad'``.
 
     ``forward(z, labels, image_index, clip=None) -> (total, parts)``:
-      total = w_t·L_t + w_e·L_e + w_s·L_s + w_u·L_u (scalar, float32; L_u's gradient reaches only the unknown
+      total = w_t·L_t + w_e·L_e + w_s·L_s + w_u·L_u (+ w_x·L_x, an option) (scalar, float32; L_u's gradient reaches only the unknown
       prototypes); parts: dict of python floats ``L_t, L_e, L_s, L_u, avgsim`` (mean cos(v_s, i_s), the paper's
       alignment measure), ``n_segments``, ``frac_unknown`` (segments pseudo-labelled unknown) — a loss that is
       switched off is reported as 0 and not computed (except ``avgsim`` when CLIP features are given).
     The memory bank is updated at the end of each training-mode forward (current segments pushed, detached).
     """
 
-    def __init__(self, cfg: LossConfig | None = None, prototypes: Prototypes | None = None):
+    def __init__(self, cfg: LossConfig | None = None, prototypes: Prototypes | None = None,
+                 text: torch.Tensor | None = None):
         super().__init__()
         self.cfg = cfg or LossConfig()
         if self.cfg.w_s > 0 and prototypes is None:
             raise ValueError("L_s needs target class prototypes: pass prototypes=Prototypes(known, unknown) or set w_s=0")
+        if self.cfg.w_x > 0 and (text is None or len(text) == 0):
+            raise ValueError("L_x (w_x > 0) needs the known classes' text embeddings: pass text=(K, D) or set w_x=0")
+        #: ``(K, D)`` unit-norm class text embeddings for L_x (None when it is off)
+        self.register_buffer("text", None if text is None else F.normalize(torch.as_tensor(text).float(), dim=1),
+                             persistent=False)
         if self.cfg.unknown_update not in ("grad", "ema"):
             raise ValueError(f"unknown_update must be 'grad' or 'ema', got {self.cfg.unknown_update!r}")
         self.prototypes = prototypes
@@ -494,14 +518,16 @@ class CLIPS4Loss(nn.Module):
         N, D, h, w = z.shape
         if labels.shape[-2:] != (h, w):
             raise ValueError(f"labels {tuple(labels.shape)} must be on the embedding grid {(h, w)} (use labels_ds)")
-        need_clip = cfg.w_e > 0 or cfg.w_s > 0
+        need_clip = cfg.w_e > 0 or cfg.w_s > 0 or cfg.w_x > 0
         if need_clip and clip is None:
-            raise ValueError("L_e/L_s need the CLIP features (clip=...) or set w_e = w_s = 0")
+            raise ValueError("L_e/L_s/L_x need the CLIP features (clip=...) or set w_e = w_s = w_x = 0")
         k = min(cfg.n_segments, h * w)
         if assign is None:
             assign = spherical_kmeans(z, k, cfg.kmeans_iters, cfg.spatial_weight)
         zero = z.sum() * 0.0
         parts = {"L_t": 0.0, "L_e": 0.0, "L_s": 0.0, "L_u": 0.0, "avgsim": float("nan"), "frac_unknown": 0.0}
+        if cfg.w_x > 0:
+            parts["L_x"] = 0.0
         total = zero
         if cfg.w_t > 0:
             l_t, v, counts, _ = contrastive_loss(
@@ -524,6 +550,10 @@ class CLIPS4Loss(nn.Module):
                 l_e = embedding_consistency_loss(v, i_s, valid)
                 total = total + cfg.w_e * l_e
                 parts["L_e"] = float(l_e.detach())
+            if cfg.w_x > 0:
+                l_x = text_distillation_loss(v, i_s, valid, self.text, cfg.text_temperature)
+                total = total + cfg.w_x * l_x
+                parts["L_x"] = float(l_x.detach())
             if self.prototypes is not None and (cfg.w_s > 0 or cfg.w_u > 0):
                 C = self.prototypes()
                 bias, guard = self.pseudo_bias, self.guard_bias()

@@ -221,7 +221,16 @@ def _train(cfg: Config, dataset: Dataset, out: Path, fp: str, resume: bool, rest
     np.random.seed(p.seed)
     model = build_for_training(p, ds.embed_dim).to(device)
     protos = Prototypes(known, unknown if unknown.numel() else None).to(device)
-    loss_fn = CLIPS4Loss(LossConfig.from_params(p), protos).to(device)
+    text = None
+    if p.w_x > 0:  # L_x distils the teacher's ranking of the known classes' texts
+        text_names, text_np = load_class_texts(deps["prototypes"])
+        if not text_names:
+            from clips4.pipeline.config import ConfigError
+
+            raise ConfigError(f"train.w_x > 0 needs the known classes' text embeddings, and {deps['prototypes']} has "
+                                "none (prototypes.classes: null is class-free); set train.w_x: 0")
+        text = torch.from_numpy(text_np)
+    loss_fn = CLIPS4Loss(LossConfig.from_params(p), protos, text).to(device)
     if (p.logit_adjustment > 0 or p.collapse_guard > 0) and p.w_s > 0 and known.numel():
         _teacher_prior(loss_fn, deps["clip_features"], ds.image_ids, known, p.prior_images, rank)
     groups = [{"params": list(model.parameters()), "lr_mult": 1.0, "weight_decay": p.weight_decay}]
@@ -399,7 +408,7 @@ def _train(cfg: Config, dataset: Dataset, out: Path, fp: str, resume: bool, rest
                 rate = (step + 1 - start) / max(1e-9, t_now - t_start)
                 eta = (stop - step - 1) / max(rate, 1e-9)
                 console.print(f"train step {step + 1}/{p.iterations} " + " ".join(
-                    f"{k}={parts[k]:.4f}" for k in ("total", "L_t", "L_e", "L_s", "L_u") if k in parts)
+                    f"{k}={parts[k]:.4f}" for k in ("total", "L_t", "L_e", "L_s", "L_u", "L_x") if k in parts)
                     + f" lr={lr:.3g} {rate:.2f} it/s ETA {int(eta // 3600)}:{int(eta % 3600 // 60):02d}:{int(eta % 60):02d}",
                     markup=False)
             prog.update(task, advance=1, rate=f"{(step + 1 - start) / max(1e-9, t_now - t_start):.2f}",
