@@ -295,13 +295,22 @@ def test_logit_adjustment_measures_the_teacher_marginal_once_and_says_so(world, 
     assert "logit adjustment" not in stderr(capsys)[0]
 
 
-def test_text_distillation_is_trained_and_logged(world, tmp_path):
+def test_text_distillation_is_trained_and_logged(world, tmp_path, capsys):
     """train.w_x > 0: L_x, against the prototypes stage's class texts, is in every step's metrics and the total."""
     out = tmp_path / "lx"
     assert main(train_args(world, out, sets=("train.w_x=0.5", "train.calibration=none"))) == 0
     for r in metrics(out):
         assert r["L_x"] > 0
         assert r["total"] == pytest.approx(r["L_t"] + r["L_e"] + r["L_s"] + r["L_u"] + 0.5 * r["L_x"], rel=1e-5)
+    # class-free prototypes have no class texts: L_x is off, said once, and the run goes on
+    assert main(["precompute", "prototypes", "--stages", str(STAGES), "--config", str(world),
+                 "--set", "prototypes.classes=null", "--set", "prototypes.invariance_images=0"]) == 0
+    args = [a for a in train_args(world, tmp_path / "cf", sets=("train.w_x=1", "prototypes.classes=null",
+                                                                          "prototypes.invariance_images=0"))
+            if a != "--quiet"]
+    assert main(args) == 0
+    assert "L_x: off (class-free prototypes" in stderr(capsys)[0]
+    assert all("L_x" not in r for r in metrics(tmp_path / "cf"))
 
 
 def test_class_calibration_is_stored_said_and_never_costs_the_run(world, tmp_path, capsys, monkeypatch):

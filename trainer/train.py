@@ -221,16 +221,16 @@ def _train(cfg: Config, dataset: Dataset, out: Path, fp: str, resume: bool, rest
     np.random.seed(p.seed)
     model = build_for_training(p, ds.embed_dim).to(device)
     protos = Prototypes(known, unknown if unknown.numel() else None).to(device)
-    text = None
+    loss_cfg, text = LossConfig.from_params(p), None
     if p.w_x > 0:  # L_x distils the teacher's ranking of the known classes' texts
         text_names, text_np = load_class_texts(deps["prototypes"])
-        if not text_names:
-            from clips4.pipeline.config import ConfigError
-
-            raise ConfigError(f"train.w_x > 0 needs the known classes' text embeddings, and {deps['prototypes']} has "
-                                "none (prototypes.classes: null is class-free); set train.w_x: 0")
-        text = torch.from_numpy(text_np)
-    loss_fn = CLIPS4Loss(LossConfig.from_params(p), protos, text).to(device)
+        if text_names:
+            text = torch.from_numpy(text_np)
+        else:
+            loss_cfg.w_x = 0.0
+            if rank == 0:
+                console.print("L_x: off (class-free prototypes: no known class texts to distil)", markup=False)
+    loss_fn = CLIPS4Loss(loss_cfg, protos, text).to(device)
     if (p.logit_adjustment > 0 or p.collapse_guard > 0) and p.w_s > 0 and known.numel():
         _teacher_prior(loss_fn, deps["clip_features"], ds.image_ids, known, p.prior_images, rank)
     groups = [{"params": list(model.parameters()), "lr_mult": 1.0, "weight_decay": p.weight_decay}]
