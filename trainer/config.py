@@ -94,7 +94,9 @@ class TrainParams(Strict):
     #: distribution over the known classes' *text* embeddings against the teacher's (the segment-mean CLIP
     #: feature), both ``softmax(text_temperature · cos(·, T))``. Why: L_s and L_u see the classes only through the
     #: segment prototypes, L_e the whole embedding; none keeps how the student ranks two near-duplicate classes'
-    #: texts, which is what evaluation and the class calibration read (README, "The class calibration")
+    #: texts, which is what evaluation and the class calibration read. Measured (README, "Class-text distillation"):
+    #: w_x 3 fixes the long-budget drift of the yellow worlds but copies the teacher's confusions where the student
+    #: beats it by separating near-duplicates, hence an option
     w_x: float = Field(default=0.0, ge=0)
     #: of L_x; 100 = CLIP's logit scale, where its text-pixel cosines differ by a few hundredths between classes
     text_temperature: float = Field(default=100.0, gt=0)
