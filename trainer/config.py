@@ -98,10 +98,6 @@ class TrainParams(Strict):
     #: w_x 3 fixes the long-budget drift of the yellow worlds but copies the teacher's confusions where the student
     #: beats it by separating near-duplicates, hence an option
     w_x: float = Field(default=0.0, ge=0)
-    #: what L_x matches: ``distribution`` (the per-segment softmax over the class texts, above) or ``ranking``
-    #: (per class, the correlation over the batch's segments of the student's and the teacher's cosine to its text:
-    #: blind to a per-class offset or scale, such as a class the teacher over-predicts everywhere)
-    text_distillation: Literal["distribution", "ranking"] = "distribution"
     #: of L_x; 100 = CLIP's logit scale, where its text-pixel cosines differ by a few hundredths between classes
     text_temperature: float = Field(default=100.0, gt=0)
     #: concentration of L_t (paper: 10)

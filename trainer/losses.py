@@ -79,7 +79,6 @@ class LossConfig:
     w_u: float = _train_default("w_u")
     w_x: float = _train_default("w_x")
     text_temperature: float = _train_default("text_temperature")
-    text_distillation: str = _train_default("text_distillation")
     kappa: float = _train_default("kappa")
     semantic_temperature: float = _train_default("semantic_temperature")
     pseudo_labels: str = _train_default("pseudo_labels")
@@ -398,27 +397,15 @@ def semantic_consistency_loss(v: torch.Tensor, i: torch.Tensor, valid: torch.Ten
 
 
 def text_distillation_loss(v: torch.Tensor, i: torch.Tensor, valid: torch.Tensor, text: torch.Tensor,
-                           temperature: float, mode: str = "distribution") -> torch.Tensor:
+                           temperature: float) -> torch.Tensor:
     """L_x (an option, not the paper's): ``mean_s CE(softmax(τ·cos(i_s, T)), softmax(τ·cos(v_s, T)))`` over the valid
     segments; v, i ``(N,k,D)`` unit-norm (i detached here), valid ``(N,k)``, text ``(K,D)`` unit-norm class text
     embeddings. Minus the teacher's entropy, this is the KL divergence: 0 where the student's class-text
-    distribution is the teacher's, whatever its embedding does elsewhere.
-
-    ``mode="ranking"``: ``mean_k (1 - corr_s(cos(v_s, t_k), cos(i_s, t_k)))``, the Pearson correlation over the
-    valid segments of the batch, per class (``temperature`` unused). It keeps which segments the teacher scores
-    higher for a class, not the class's level: a class the teacher over-predicts everywhere (an offset on its
-    scores) is not handed down, and the class calibration sets the levels after training."""
+    distribution is the teacher's, whatever its embedding does elsewhere."""
     vs, is_ = v[valid], i[valid].detach()
-    if vs.shape[0] == 0 or (mode == "ranking" and vs.shape[0] < 2):
+    if vs.shape[0] == 0:
         return v.sum() * 0.0
     T = text.detach().to(vs)
-    if mode == "ranking":
-        a, b = vs @ T.t(), is_ @ T.t()
-        a = (a - a.mean(0)) / a.std(0).clamp_min(1e-6)
-        b = (b - b.mean(0)) / b.std(0).clamp_min(1e-6)
-        return (1 - (a * b).mean(0) * (a.shape[0] / (a.shape[0] - 1))).mean()
-    if mode != "distribution":
-        raise ValueError(f"text_distillation must be distribution or ranking, got {mode!r}")
     with torch.no_grad():
         q = torch.softmax(temperature * (is_ @ T.t()), 1)
     return -(q * F.log_softmax(temperature * (vs @ T.t()), 1)).sum(1).mean()
@@ -564,7 +551,7 @@ class CLIPS4Loss(nn.Module):
                 total = total + cfg.w_e * l_e
                 parts["L_e"] = float(l_e.detach())
             if cfg.w_x > 0:
-                l_x = text_distillation_loss(v, i_s, valid, self.text, cfg.text_temperature, cfg.text_distillation)
+                l_x = text_distillation_loss(v, i_s, valid, self.text, cfg.text_temperature)
                 total = total + cfg.w_x * l_x
                 parts["L_x"] = float(l_x.detach())
             if self.prototypes is not None and (cfg.w_s > 0 or cfg.w_u > 0):
