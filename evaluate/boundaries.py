@@ -22,8 +22,9 @@ recall range the curve covers, summed and divided by 100, i.e. the area under th
 Scaling: the per-image matching runs on the stages' executor (``executor='ray'``: one Ray task per image,
 one CPU each, so a Ray cluster speeds it up), or a local process pool.  With ``out_dir`` the per-image
 counts are cached in ``out_dir/counts/<image_id>-<key>.npz``, the key hashing the prediction arrays (or
-the detector, its parameters and the image file), the thresholds, the tolerance and the scored maps: a
-rerun scores only the images whose counts are missing.
+the detector, its parameters and the image file's content), the ground truth's content, the thresholds, the
+tolerance and the scored maps: a rerun scores only the images whose counts are missing, also after the dataset
+was copied again (file contents, not modification times, name an image).
 
 Matcher randomness: pyEdgeEval's ``correspond_pixels`` (the BSDS CSA matcher) draws from a C++ generator
 seeded from the clock when the library loads, and exposes no seed, so it cannot be pinned from Python.
@@ -349,11 +350,17 @@ def _ray_task(init_args: tuple, args: tuple) -> tuple[str, dict, float]:
 
 
 def _count_key(image_id: str, image_path: Path, pred: Optional[dict], init_args: tuple, levels: np.ndarray,
-               which: tuple[str, ...]) -> str:
-    """Cache key of one image's counts: what was scored (prediction bytes, or detector + image file) and how."""
+               which: tuple[str, ...], gt_path: Optional[Path] = None) -> str:
+    """Cache key of one image's counts: what was scored (prediction bytes, or detector + the image file's
+    content) against which human boundaries (the ground-truth file's content), and how. Contents, not size and
+    mtime: a dataset copied again (rsync without -t, a fresh checkout, an object-store sync) keeps its counts."""
+    from clips4.pipeline.io import file_sha256
+
     h = hashlib.sha256()
     h.update(json.dumps({"id": image_id, "levels": [round(float(x), 9) for x in levels], "max_dist": MAX_DIST,
-                         "which": list(which), "v": 1}, sort_keys=True).encode())
+                         "which": list(which), "v": 2}, sort_keys=True).encode())
+    if gt_path is not None:
+        h.update(f"gt:{file_sha256(gt_path)}".encode())
     if pred is not None:
         for k in ("contours", "orientation", "ucm", "labels"):
             if pred.get(k) is not None:
@@ -361,9 +368,8 @@ def _count_key(image_id: str, image_path: Path, pred: Optional[dict], init_args:
                 h.update(f"{k}:{a.dtype}:{a.shape}".encode())
                 h.update(a.tobytes())
     else:
-        st = Path(image_path).stat()
         h.update(json.dumps({"detector": init_args[0], "params": init_args[1], "segments": init_args[2],
-                             "image": [st.st_size, int(st.st_mtime)]}, sort_keys=True, default=str).encode())
+                             "image": file_sha256(image_path)}, sort_keys=True, default=str).encode())
     return h.hexdigest()[:20]
 
 
@@ -459,7 +465,7 @@ def evaluate_boundaries(
     for image_id, img, gt in items:
         pred = predictions(image_id) if predictions is not None else None
         if counts_dir is not None:
-            cp = counts_dir / f"{image_id}-{_count_key(image_id, img, pred, init_args, levels, tuple(which))}.npz"
+            cp = counts_dir / f"{image_id}-{_count_key(image_id, img, pred, init_args, levels, tuple(which), gt)}.npz"
             cache_paths[image_id] = cp
             got = _load_counts(cp) if cp.is_file() else None
             if got is not None:

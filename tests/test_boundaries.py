@@ -159,6 +159,24 @@ def test_counts_cached_rerun_scores_only_missing(tmp_path):
     # other settings (thresholds) are other counts, not a stale reuse
     other = evaluate_boundaries(root, thresholds=7, workers=1, out_dir=out, quiet=True, which=("contours",))
     assert other["n_scored"] == 2
+    # the dataset copied again (new modification times, same bytes): every count is still found
+    import os
+    import shutil
+
+    copy = shutil.copytree(root, tmp_path / "bsds-copy", copy_function=shutil.copyfile)
+    for f in Path(copy).rglob("*.*"):
+        os.utime(f, (1_000_000_000, 1_000_000_000))
+    moved = evaluate_boundaries(copy, thresholds=5, workers=1, out_dir=out, quiet=True, which=("contours",))
+    assert (moved["n_scored"], moved["n_cached"]) == (0, 2)
+    # ... but an image or a ground truth whose content changed is scored again
+    gt0 = Path(copy) / "groundTruth" / "test" / "0.mat"
+    import scipy.io as sio
+
+    m = sio.loadmat(str(gt0))
+    m["groundTruth"][0, 0]["Boundaries"][0, 0][:] = 0
+    sio.savemat(str(gt0), {"groundTruth": m["groundTruth"]})
+    changed = evaluate_boundaries(copy, thresholds=5, workers=1, out_dir=out, quiet=True, which=("contours",))
+    assert (changed["n_scored"], changed["n_cached"]) == (1, 1)
 
 
 def test_bsds_ap_is_area_under_interpolated_curve():
