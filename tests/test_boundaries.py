@@ -168,7 +168,7 @@ def test_counts_cached_rerun_scores_only_missing(tmp_path):
         os.utime(f, (1_000_000_000, 1_000_000_000))
     moved = evaluate_boundaries(copy, thresholds=5, workers=1, out_dir=out, quiet=True, which=("contours",))
     assert (moved["n_scored"], moved["n_cached"]) == (0, 2)
-    # ... but an image or a ground truth whose content changed is scored again
+    # ... but a ground truth whose content changed is scored again
     gt0 = Path(copy) / "groundTruth" / "test" / "0.mat"
     import scipy.io as sio
 

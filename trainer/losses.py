@@ -428,10 +428,11 @@ class CLIPS4Loss(nn.Module):
     ``unknown_update == 'grad'``.
 
     ``forward(z, labels, image_index, clip=None) -> (total, parts)``:
-      total = w_t·L_t + w_e·L_e + w_s·L_s + w_u·L_u (+ w_x·L_x, an option) (scalar, float32; L_u's gradient reaches only the unknown
-      prototypes); parts: dict of python floats ``L_t, L_e, L_s, L_u, avgsim`` (mean cos(v_s, i_s), the paper's
-      alignment measure), ``n_segments``, ``frac_unknown`` (segments pseudo-labelled unknown) — a loss that is
-      switched off is reported as 0 and not computed (except ``avgsim`` when CLIP features are given).
+      total = w_t·L_t + w_e·L_e + w_s·L_s + w_u·L_u (+ w_x·L_x, an option) (scalar, float32; L_u's gradient
+      reaches only the unknown prototypes); parts: dict of python floats ``L_t, L_e, L_s, L_u, avgsim`` (mean
+      cos(v_s, i_s), the paper's alignment measure), ``n_segments``, ``frac_unknown`` (segments pseudo-labelled
+      unknown), ``L_x`` only when ``w_x > 0`` — a loss that is switched off is reported as 0 and not computed
+      (except ``avgsim`` when CLIP features are given).
     The memory bank is updated at the end of each training-mode forward (current segments pushed, detached).
     """
 
@@ -526,8 +527,6 @@ class CLIPS4Loss(nn.Module):
             assign = spherical_kmeans(z, k, cfg.kmeans_iters, cfg.spatial_weight)
         zero = z.sum() * 0.0
         parts = {"L_t": 0.0, "L_e": 0.0, "L_s": 0.0, "L_u": 0.0, "avgsim": float("nan"), "frac_unknown": 0.0}
-        if cfg.w_x > 0:
-            parts["L_x"] = 0.0
         total = zero
         if cfg.w_t > 0:
             l_t, v, counts, _ = contrastive_loss(

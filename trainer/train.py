@@ -222,7 +222,7 @@ def _train(cfg: Config, dataset: Dataset, out: Path, fp: str, resume: bool, rest
     model = build_for_training(p, ds.embed_dim).to(device)
     protos = Prototypes(known, unknown if unknown.numel() else None).to(device)
     loss_cfg, text = LossConfig.from_params(p), None
-    if p.w_x > 0:  # L_x distils the teacher's ranking of the known classes' texts
+    if p.w_x > 0:  # L_x distils the teacher's distribution over the known classes' texts
         text_names, text_np = load_class_texts(deps["prototypes"])
         if text_names:
             text = torch.from_numpy(text_np)
