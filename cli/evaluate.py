@@ -101,6 +101,10 @@ def language(
         raised = [f"{n} {b:+.3f}" for n, b in zip(pm["classes"], pm["bias"]) if abs(b) > 1e-6]
         console.print(f"class calibration {where} ({what}): {', '.join(raised) or 'every bias 0'}; in results.json",
                       markup=False)
+        if pm.get("capped"):
+            console.print(f"warning: class calibration: {', '.join(pm['capped'])} held at the cap "
+                          "(train.calibration_max_margins): the network hardly ranks them above their look-alikes",
+                          markup=False)
     elif prior_matching not in ("none", "checkpoint"):
         console.print("prior matching: not applied to the teacher (it is the reference the student is matched to)",
                       markup=False)

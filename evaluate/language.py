@@ -190,13 +190,14 @@ def run_language(cfg: Config, dataset: Dataset, *, model: str = "teacher", class
         cal = src.calibration
         bias, why = stored_bias(cal, names, text)
         prior = ({"source": "checkpoint", "applied": True, "mode": cal.get("mode"), "collapse_ratio": cal.get("collapse_ratio"),
-                  "n_images": cal.get("n_images"), "bias": [float(b) for b in bias], "classes": names}
+                  "n_images": cal.get("n_images"), "bias": [float(b) for b in bias], "classes": names,
+                  "capped": [n for n in cal.get("capped", []) if n in names]}
                  if bias is not None else {"source": "checkpoint", "applied": False, "why": why})
     elif prior_matching not in (None, "none", "checkpoint") and model != "teacher":
         prior = _prior_matching(cfg, src, text, prior_matching, prior_images, prior_mode, prior_collapse_ratio)
         bias = np.asarray(prior["bias"], np.float32)
         prior = {**prior, "bias": [float(b) for b in bias], "split": prior_matching, "source": "split",
-                 "classes": names}
+                 "classes": names, "capped": [names[i] for i in prior["capped"]]}
     res, cm, records = language_confusion(src, dataset, names, text, gt_transform=gt_transform,
                                           save_predictions=save_predictions, save_offset=save_offset, bias=bias)
     res["prior_matching"] = prior

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from clips4.trainer.inference import similarity_logits
-from clips4.trainer.calibration import calibrate, class_frequencies, fit_prior_bias, prior_bias, stored_bias
+from clips4.trainer.calibration import (calibrate, class_frequencies, fit_prior_bias, median_margin, prior_bias,
+                                       stored_bias)
 
 
 def _collapsed(n_a=400, n_b=600, seed=0):
@@ -91,6 +92,39 @@ def test_collapse_ratio_sets_the_guards_trigger():
     for bad in (0.0, 1.5):
         with pytest.raises(ValueError, match="collapse ratio"):
             fit_prior_bias(s3, target, mode="raise", collapse_ratio=bad)
+
+
+def _unranked_class_2(n=1200, seed=3):
+    """(n, 3) scores: classes 0 and 1 compete with small margins, class 2 is ranked last everywhere by 0.5."""
+    g = torch.Generator().manual_seed(seed)
+    s = 0.5 + 0.01 * torch.randn(n, 3, generator=g)
+    s[:, 2] -= 0.5
+    return s
+
+
+def test_collapse_guard_caps_a_raise_at_the_networks_own_margin():
+    """A class the student ranks last everywhere is no threshold error: raising it to its target would need a bias
+    ~25x the network's median top-1/top-2 margin and would paint it on pixels chosen by noise. The raise stops at
+    ``max_margins`` median margins and the class is reported as capped; without a cap it takes its share."""
+    scores = _unranked_class_2()
+    target = torch.tensor([0.3, 0.3, 0.4])
+    teacher = torch.nn.functional.one_hot(torch.repeat_interleave(torch.arange(3), torch.tensor([360, 360, 480])), 3)
+    teacher = teacher.t().float().reshape(3, 40, 30)  # the teacher's shares: the target 0.3 / 0.3 / 0.4
+    out = prior_bias([0], lambda r: scores.t().reshape(3, 40, 30), lambda r, hw: teacher, mode="raise")
+    assert out["teacher_freq"][2] == pytest.approx(0.4)
+    margin = median_margin(scores)
+    assert 0 < margin < 0.03 and out["max_bias"] == pytest.approx(2.0 * margin)
+    assert out["capped"] == [2] and out["bias"][2] == pytest.approx(out["max_bias"]) and out["matched_freq"][2] < 0.05
+    free = fit_prior_bias(scores, target, mode="raise", max_bias=None)
+    assert float(free[2]) > 0.4 and float(class_frequencies((scores + free).argmax(1), 3)[2]) > 0.3
+    # a class that needs less than the cap is raised as before and not reported
+    s, _ = _collapsed()
+    out = prior_bias([0], lambda r: s.t().reshape(2, 40, 25),
+                     lambda r, hw: torch.stack([(torch.arange(1000) < 400).float(), (torch.arange(1000) >= 400).float()]
+                                               ).reshape(2, *hw), mode="raise")
+    assert out["capped"] == [] and out["bias"][0] > 0 and out["matched_freq"][0] > 0.3
+    # match mode is every class's explicit choice: no cap
+    assert prior_bias([0], lambda r: s.t().reshape(2, 40, 25), lambda r, hw: torch.ones(2, *hw))["max_bias"] is None
 
 
 def test_calibrate_and_stored_bias_follow_the_class_names_and_texts():

@@ -31,8 +31,8 @@ import torch
 
 from clips4.trainer.config import TrainParams
 
-__all__ = ["fit_prior_bias", "prior_bias", "class_frequencies", "calibrate", "stored_bias", "segment_pooled",
-           "COLLAPSE_RATIO", "MODES"]
+__all__ = ["fit_prior_bias", "prior_bias", "class_frequencies", "median_margin", "calibrate", "stored_bias",
+           "segment_pooled", "COLLAPSE_RATIO", "MAX_BIAS_MARGINS", "MODES"]
 
 #: a class text embedding counts as the calibrated one at this cosine or more (float16 storage, another device)
 TEXT_MATCH = 0.995
@@ -46,6 +46,12 @@ MODES = ("raise", "match", "none")
 #: teacher over-predicts, at a cost of up to 5 mIoU (README, "The class calibration")
 COLLAPSE_RATIO: float = TrainParams.model_fields["calibration_ratio"].default
 
+#: the collapse guard raises a class by at most this many median margins (top-1 minus top-2 score over the fitted
+#: pixels; ``train.calibration_max_margins``'s default). A bias is a threshold correction; past the network's own
+#: typical margin it overrides it and paints the class on pixels it does not rank near the top (seen: a 30-step
+#: student got +21 on cosines). Every helpful raise measured on the sweep used 0.11-0.88 margins (README)
+MAX_BIAS_MARGINS: float = TrainParams.model_fields["calibration_max_margins"].default
+
 
 def class_frequencies(labels: torch.Tensor, k: int) -> torch.Tensor:
     """``(K,) float64`` share of each class id in ``labels`` (any shape, int64 in ``[0, k)``)."""
@@ -53,8 +59,19 @@ def class_frequencies(labels: torch.Tensor, k: int) -> torch.Tensor:
     return c / c.sum().clamp_min(1)
 
 
+def median_margin(scores: torch.Tensor) -> float:
+    """The median over rows of ``scores (P, K)`` of the top-1 minus the top-2 score: the network's typical decisiveness,
+    in the scores' own units (so a cap in margins means the same for any CLIP model's cosine scale)."""
+    s = scores.float()
+    if s.shape[1] < 2 or not len(s):
+        return 0.0
+    top = s.topk(2, dim=1).values
+    return float((top[:, 0] - top[:, 1]).median())
+
+
 def fit_prior_bias(scores: torch.Tensor, target: torch.Tensor, *, iters: int = 300, rate: float = 0.025,
-                   floor: float = 1e-4, mode: str = "match", collapse_ratio: float = COLLAPSE_RATIO) -> torch.Tensor:
+                   floor: float = 1e-4, mode: str = "match", collapse_ratio: float = COLLAPSE_RATIO,
+                   max_bias: float | None = None) -> torch.Tensor:
     """``(K,) float32`` additive bias for ``scores (P, K)`` (cosines) so that the frequencies of
     ``argmax(scores + bias)`` approach ``target (K,)``: damped multiplicative updates in log-frequency
     (``bias += rate * (log t - log s)``).
@@ -62,7 +79,8 @@ def fit_prior_bias(scores: torch.Tensor, target: torch.Tensor, *, iters: int = 3
     ``mode``: ``match`` (every class, bias kept zero-mean; a class absent from ``target`` is pushed down) or
     ``raise`` (the collapse guard: only the classes whose frequency is below ``collapse_ratio`` x their target
     get a bias, >= 0, raising them towards their target; every other class keeps 0, so a student whose
-    frequencies are near the teacher's is left as it is and no class is ever lowered on its own)."""
+    frequencies are near the teacher's is left as it is and no class is ever lowered on its own). ``max_bias``
+    (``raise`` only; ``None`` = no cap): no class is raised by more, however far below its target it stays."""
     if mode not in ("match", "raise"):
         raise ValueError(f"prior matching mode must be match or raise, got {mode!r}")
     if not 0 < collapse_ratio <= 1:
@@ -79,19 +97,22 @@ def fit_prior_bias(scores: torch.Tensor, target: torch.Tensor, *, iters: int = 3
             b = b + step
             b = b - b.mean()
         else:
-            b = (b + low * step).clamp_min(0)
+            b = (b + low * step).clamp(0, max_bias)
     return b
 
 
 def prior_bias(records: Sequence, student: Callable, teacher: Callable, *, max_pixels: int = 400_000,
-               seed: int = 0, mode: str = "match", collapse_ratio: float = COLLAPSE_RATIO) -> dict:
+               seed: int = 0, mode: str = "match", collapse_ratio: float = COLLAPSE_RATIO,
+               max_margins: float | None = MAX_BIAS_MARGINS) -> dict:
     """Bias of the student so its class frequencies over ``records`` equal the teacher's.
 
     ``student(record) -> (K, h, w)`` its class scores (cosines to the class text embeddings);
     ``teacher(record, (h, w)) -> (K, h, w)`` the teacher's (cached dense CLIP features) resized onto the student's
     grid, so both are counted on the same cells. At most ``max_pixels`` student score rows are kept (a seeded
-    random subset) for the fit. ``mode``, ``collapse_ratio``: see :func:`fit_prior_bias`. Returns ``{"bias": (K,) float32 ndarray, "teacher_freq", "student_freq",
-    "matched_freq": (K,) lists, "n_images"}``."""
+    random subset) for the fit. ``mode``, ``collapse_ratio``: see :func:`fit_prior_bias`; ``max_margins``: with
+    ``mode="raise"``, the cap on a raise in median margins (:func:`median_margin`; ``None`` = none). Returns
+    ``{"bias": (K,) float32 ndarray, "teacher_freq", "student_freq", "matched_freq": (K,) lists, "n_images",
+    "max_bias": the cap in score units or None, "capped": [class indices held at the cap]}``."""
     rows, t_count = [], None
     for rec in records:
         s = torch.as_tensor(student(rec)).float()
@@ -107,9 +128,14 @@ def prior_bias(records: Sequence, student: Callable, teacher: Callable, *, max_p
         g = torch.Generator().manual_seed(seed)
         scores = scores[torch.randperm(scores.shape[0], generator=g)[:max_pixels]]
     target = t_count / t_count.sum().clamp_min(1)
-    bias = fit_prior_bias(scores, target, mode=mode, collapse_ratio=collapse_ratio)
-    return {"bias": bias.numpy(), "mode": mode, "collapse_ratio": float(collapse_ratio), "teacher_freq": target.tolist(),
-            "student_freq": class_frequencies(scores.argmax(1), k).tolist(),
+    cap = None if mode != "raise" or max_margins is None else float(max_margins) * median_margin(scores)
+    bias = fit_prior_bias(scores, target, mode=mode, collapse_ratio=collapse_ratio, max_bias=cap)
+    student_freq = class_frequencies(scores.argmax(1), k)
+    low = (student_freq + 1e-4 < collapse_ratio * (target + 1e-4)).tolist()
+    capped = [] if cap is None else [c for c in range(k) if low[c] and float(bias[c]) >= cap * (1 - 1e-6)]
+    return {"bias": bias.numpy(), "mode": mode, "collapse_ratio": float(collapse_ratio), "max_bias": cap,
+            "capped": capped, "teacher_freq": target.tolist(),
+            "student_freq": student_freq.tolist(),
             "matched_freq": class_frequencies((scores + bias).argmax(1), k).tolist(), "n_images": len(rows)}
 
 
@@ -137,14 +163,15 @@ def segment_pooled(features: np.ndarray, labels: np.ndarray | None) -> np.ndarra
 
 def calibrate(embed: Callable[[object], np.ndarray], records: Sequence, teacher: Callable[[object], np.ndarray],
               names: Sequence[str], text: np.ndarray, *, mode: str = "raise", collapse_ratio: float = COLLAPSE_RATIO,
-              max_images: int = 512) -> dict:
+              max_margins: float | None = MAX_BIAS_MARGINS, max_images: int = 512) -> dict:
     """The class calibration of a student, as ``final.pt`` stores it under ``calibration``.
 
     ``embed(record) -> (h, w, D)`` the student's pixel embeddings of a training image (e.g.
     :func:`clips4.trainer.inference.model_embedder` on its pixels); ``teacher(record) -> (h', w', D)`` its cached
     CLIP features, pooled over its segments (:func:`segment_pooled`); ``names`` / ``text (K, D)`` the known classes and their text embeddings (the prototypes stage's
-    ``text.parquet``). At most ``max_images`` records, evenly spaced, are used. Returns ``{"mode", "collapse_ratio",
-    "classes", "bias": [K floats], "text": (K, D) float16 tensor (what it was fitted against), "teacher_freq",
+    ``text.parquet``). At most ``max_images`` records, evenly spaced, are used. ``max_margins``: see
+    :func:`prior_bias`. Returns ``{"mode", "collapse_ratio", "max_bias", "capped" (class names), "classes",
+    "bias": [K floats], "text": (K, D) float16 tensor (what it was fitted against), "teacher_freq",
     "student_freq", "matched_freq", "n_images"}``."""
     from clips4.trainer.inference import similarity_logits
 
@@ -158,8 +185,8 @@ def calibrate(embed: Callable[[object], np.ndarray], records: Sequence, teacher:
     with torch.no_grad():
         r = prior_bias(picked, lambda rec: similarity_logits(embed(rec), text, layout="hwd"),
                        lambda rec, hw: similarity_logits(np.asarray(teacher(rec), np.float32), text, hw, layout="hwd"),
-                       mode=mode, collapse_ratio=collapse_ratio)
-    return {**r, "bias": [float(b) for b in r["bias"]], "classes": list(names),
+                       mode=mode, collapse_ratio=collapse_ratio, max_margins=max_margins)
+    return {**r, "bias": [float(b) for b in r["bias"]], "classes": list(names), "capped": [names[i] for i in r["capped"]],
             "text": torch.from_numpy(text).half()}
 
 

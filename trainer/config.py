@@ -134,6 +134,10 @@ class TrainParams(Strict):
     #: one sample to another and the raised bias with them (voronoi-yellows 1, three training seeds: worst class drop
     #: 0.3 / 4.9 / 5.3 with 64 evenly spaced images, 1.5 / 3.7 / 0.1 with 512)
     calibration_images: int = Field(default=512, ge=1)
+    #: ``raise`` never raises a class by more than this many median margins of the student's scores (top-1 minus
+    #: top-2): past that, a bias overrides the network instead of correcting its threshold (a 30-step student got
+    #: +21 on cosines). 2, not 1: helpful raises measured on the sweep used up to 0.88 (README)
+    calibration_max_margins: float = Field(default=2.0, gt=0)
     n_segments: int = Field(default=36, ge=2)
     kmeans_iters: int = Field(default=10, ge=1)
     memory_batches: int = Field(default=2, ge=0)

@@ -479,13 +479,21 @@ def _calibrate(p: TrainParams, model: torch.nn.Module, weights: dict, dataset: D
     records = [r for r in dataset.records() if r.image_id in cached]
     cal = calibrate(lambda r: embed(load_rgb(r.path)), records,
                     lambda r: segment_pooled(reader.get(r.image_id, "features"), segments.get(r.image_id, "labels")),
-                    names, text, mode=p.calibration, collapse_ratio=p.calibration_ratio, max_images=p.calibration_images)
+                    names, text, mode=p.calibration, collapse_ratio=p.calibration_ratio,
+                    max_margins=p.calibration_max_margins, max_images=p.calibration_images)
     t, s = np.asarray(cal["teacher_freq"]), np.asarray(cal["student_freq"])
     moved = [f"{n} {s[i] / max(t[i], 1e-9):.2f} of the teacher's share, {b:+.3f}" for i, (n, b)
              in enumerate(zip(names, cal["bias"])) if abs(b) > 1e-6]
     console.print(f"calibration ({p.calibration}, {cal['n_images']} training images): "
                   + ("; ".join(moved) if moved else f"no class below {p.calibration_ratio:g} x the teacher's share, "
                      "every bias 0") + " (stored in final.pt)", markup=False)
+    for n in cal["capped"]:
+        i = names.index(n)
+        console.print(f"warning: calibration: {n} would need a bias above {p.calibration_max_margins:g} median margins "
+                      f"({cal['max_bias']:.4f}) to get its share back; raised by that much only, to "
+                      f"{cal['matched_freq'][i] / max(t[i], 1e-9):.2f} of the teacher's share. The network hardly "
+                      "ranks it above its look-alikes: under-trained, or a class its teacher reads in a way the "
+                      "student does not learn (train.calibration_max_margins)", markup=False)
     return cal
 
 
