@@ -327,6 +327,25 @@ def test_class_calibration_is_stored_said_and_never_costs_the_run(world, tmp_pat
     assert main(train_args(world, tmp_path / "none", sets=("train.calibration=none",))) == 0
     assert "calibration" not in torch.load(tmp_path / "none" / "final.pt", weights_only=True)
 
+    # a class held at the raise cap (train.calibration_max_margins) is named in a warning and in the record
+    import clips4.trainer.calibration as cal_mod
+
+    real = cal_mod.calibrate
+
+    def capped(*a, **k):
+        assert k["max_margins"] == 0.5  # the config key reaches the fit
+        r = real(*a, **k)
+        return {**r, "capped": [r["classes"][0]], "max_bias": 0.01}
+
+    monkeypatch.setattr(cal_mod, "calibrate", capped)
+    assert main([a for a in train_args(world, tmp_path / "cap", sets=("train.calibration_images=3",
+                                                                    "train.calibration_max_margins=0.5"))
+                 if a != "--quiet"]) == 0
+    err = stderr(capsys)[0]
+    assert "warning: calibration: " in err and "median margins" in err
+    assert torch.load(tmp_path / "cap" / "final.pt", weights_only=True)["calibration"]["capped"]
+    monkeypatch.setattr(cal_mod, "calibrate", real)
+
     def broken(*a, **k):
         raise OSError("image train_0003.png vanished")
 
