@@ -59,6 +59,12 @@ def class_frequencies(labels: torch.Tensor, k: int) -> torch.Tensor:
     return c / c.sum().clamp_min(1)
 
 
+def _below_trigger(freq: torch.Tensor, target: torch.Tensor, collapse_ratio: float, floor: float) -> torch.Tensor:
+    """``(K,) bool``: the classes the collapse guard raises (frequency under ``collapse_ratio`` x the target)."""
+    return torch.as_tensor(freq, dtype=torch.float64) + floor < collapse_ratio * (
+        torch.as_tensor(target, dtype=torch.float64) + floor)
+
+
 def median_margin(scores: torch.Tensor) -> float:
     """The median over rows of ``scores (P, K)`` of the top-1 minus the top-2 score: the network's typical decisiveness,
     in the scores' own units (so a cap in margins means the same for any CLIP model's cosine scale)."""
@@ -89,7 +95,7 @@ def fit_prior_bias(scores: torch.Tensor, target: torch.Tensor, *, iters: int = 3
     k = scores.shape[1]
     t = torch.as_tensor(target, dtype=torch.float64) + floor
     b = torch.zeros(k, dtype=torch.float32)
-    low = (class_frequencies(scores.argmax(1), k) + floor < collapse_ratio * t).float()
+    low = _below_trigger(class_frequencies(scores.argmax(1), k), target, collapse_ratio, floor).float()
     for _ in range(iters):
         s = class_frequencies((scores + b).argmax(1), k) + floor
         step = (rate * (t.log() - s.log())).float()
@@ -131,7 +137,7 @@ def prior_bias(records: Sequence, student: Callable, teacher: Callable, *, max_p
     cap = None if mode != "raise" or max_margins is None else float(max_margins) * median_margin(scores)
     bias = fit_prior_bias(scores, target, mode=mode, collapse_ratio=collapse_ratio, max_bias=cap)
     student_freq = class_frequencies(scores.argmax(1), k)
-    low = (student_freq + 1e-4 < collapse_ratio * (target + 1e-4)).tolist()
+    low = _below_trigger(student_freq, target, collapse_ratio, 1e-4)  # fit_prior_bias's floor
     capped = [] if cap is None else [c for c in range(k) if low[c] and float(bias[c]) >= cap * (1 - 1e-6)]
     return {"bias": bias.numpy(), "mode": mode, "collapse_ratio": float(collapse_ratio), "max_bias": cap,
             "capped": capped, "teacher_freq": target.tolist(),
