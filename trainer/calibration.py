@@ -59,6 +59,10 @@ def class_frequencies(labels: torch.Tensor, k: int) -> torch.Tensor:
     return c / c.sum().clamp_min(1)
 
 
+#: added to every class frequency before ratios and logs, so an absent class has a finite share
+FREQ_FLOOR = 1e-4
+
+
 def _below_trigger(freq: torch.Tensor, target: torch.Tensor, collapse_ratio: float, floor: float) -> torch.Tensor:
     """``(K,) bool``: the classes the collapse guard raises (frequency under ``collapse_ratio`` x the target)."""
     return torch.as_tensor(freq, dtype=torch.float64) + floor < collapse_ratio * (
@@ -76,7 +80,7 @@ def median_margin(scores: torch.Tensor) -> float:
 
 
 def fit_prior_bias(scores: torch.Tensor, target: torch.Tensor, *, iters: int = 300, rate: float = 0.025,
-                   floor: float = 1e-4, mode: str = "match", collapse_ratio: float = COLLAPSE_RATIO,
+                   floor: float = FREQ_FLOOR, mode: str = "match", collapse_ratio: float = COLLAPSE_RATIO,
                    max_bias: float | None = None) -> torch.Tensor:
     """``(K,) float32`` additive bias for ``scores (P, K)`` (cosines) so that the frequencies of
     ``argmax(scores + bias)`` approach ``target (K,)``: damped multiplicative updates in log-frequency
@@ -137,7 +141,7 @@ def prior_bias(records: Sequence, student: Callable, teacher: Callable, *, max_p
     cap = None if mode != "raise" or max_margins is None else float(max_margins) * median_margin(scores)
     bias = fit_prior_bias(scores, target, mode=mode, collapse_ratio=collapse_ratio, max_bias=cap)
     student_freq = class_frequencies(scores.argmax(1), k)
-    low = _below_trigger(student_freq, target, collapse_ratio, 1e-4)  # fit_prior_bias's floor
+    low = _below_trigger(student_freq, target, collapse_ratio, FREQ_FLOOR)
     capped = [] if cap is None else [c for c in range(k) if low[c] and float(bias[c]) >= cap * (1 - 1e-6)]
     return {"bias": bias.numpy(), "mode": mode, "collapse_ratio": float(collapse_ratio), "max_bias": cap,
             "capped": capped, "teacher_freq": target.tolist(),
