@@ -160,6 +160,23 @@ def test_pseudo_label_modes():
         semantic_consistency_loss(v, i, valid, C, 10.0, "nope")
 
 
+def test_soft_target_temperature_sharpens_towards_hard():
+    """``target_temperature`` τ_q: None is τ (plain soft); a larger τ_q moves the soft loss towards the hard one."""
+    C = torch.eye(3, D)
+    mix = lambda a, b, c: F.normalize(torch.tensor([a, b, c] + [0.0] * (D - 3)), dim=0)  # noqa: E731
+    i = torch.stack([mix(0.0, 0.45, 0.55)] * 3 + [mix(0.0, 0.1, 0.9)] * 3)[None]  # the teacher: 2, unsure on 0-2
+    v = torch.stack([mix(0.0, 1.0, 0.0)] * 3 + [mix(0.0, 0.0, 1.0)] * 3)[None]  # the student: 1 on 0-2, then 2
+    valid = torch.ones(1, 6, dtype=torch.bool)
+    hard, _, _ = semantic_consistency_loss(v, i, valid, C, 10.0, "hard")
+    soft, _, _ = semantic_consistency_loss(v, i, valid, C, 10.0, "soft")
+    same, _, _ = semantic_consistency_loss(v, i, valid, C, 10.0, "soft", target_temperature=10.0)
+    sharp, _, _ = semantic_consistency_loss(v, i, valid, C, 10.0, "soft", target_temperature=30.0)
+    sharpest, _, _ = semantic_consistency_loss(v, i, valid, C, 10.0, "soft", target_temperature=1e4)
+    assert torch.allclose(soft, same)
+    assert float(soft) < float(sharp) < float(hard)  # the student's class 1 on 0-2 costs more as targets sharpen
+    assert torch.allclose(sharpest, hard, atol=1e-4)
+
+
 def test_full_loss_finite_grads_and_switches():
     labels, image_index = _quadrants(2)
     g = torch.Generator().manual_seed(5)

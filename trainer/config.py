@@ -108,6 +108,10 @@ class TrainParams(Strict):
     #: teacher's confidence), ``soft`` (the teacher's distribution), ``aligned`` (hard after aligning the class
     #: marginals of the batch, student to teacher); see clips4.trainer.losses
     pseudo_labels: Literal["hard", "weighted", "soft", "aligned"] = "hard"
+    #: τ of the teacher's distribution ``softmax(τ_q·cos(i_s, C))`` that ``weighted``, ``soft`` and ``aligned`` read
+    #: (None = ``semantic_temperature``). Above it the targets sharpen towards ``hard``: where the teacher is
+    #: nearly flat over two near-duplicates soft targets keep the student flat too (README, "soft pseudo-labels")
+    soft_target_temperature: float | None = Field(default=None, gt=0)
     #: α of the logit adjustment of the L_s pseudo-labels: ``y_s = argmax_l (τ·cos(i_s, c_l) - α·log(K·π_l))``,
     #: ``π`` the teacher's known-class marginal over the training caches (each cached cell's closest known
     #: prototype, measured once at the start of training; unknown prototypes unadjusted). A class the teacher

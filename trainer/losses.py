@@ -82,6 +82,7 @@ class LossConfig:
     kappa: float = _train_default("kappa")
     semantic_temperature: float = _train_default("semantic_temperature")
     pseudo_labels: str = _train_default("pseudo_labels")
+    soft_target_temperature: float | None = _train_default("soft_target_temperature")
     logit_adjustment: float = _train_default("logit_adjustment")
     collapse_guard: float = _train_default("collapse_guard")
     guard_momentum: float = 0.98  # collapse guard: EMA of the student's class shares (per step)
@@ -352,7 +353,8 @@ def embedding_consistency_loss(v: torch.Tensor, i: torch.Tensor, valid: torch.Te
 
 
 def semantic_consistency_loss(v: torch.Tensor, i: torch.Tensor, valid: torch.Tensor, prototypes: torch.Tensor,
-                              temperature: float, pseudo_labels: str = "hard", bias: torch.Tensor | None = None):
+                              temperature: float, pseudo_labels: str = "hard", bias: torch.Tensor | None = None,
+                              target_temperature: float | None = None):
     """Eq. 3. v, i: ``(N,k,D)``; valid ``(N,k)``; prototypes ``(L,D)`` unit-norm (detached here).
 
     ``pseudo_labels``: ``hard`` (the paper: cross entropy with ``y_s = argmax_l cos(i_s, c_l)``); ``weighted``
@@ -363,7 +365,9 @@ def semantic_consistency_loss(v: torch.Tensor, i: torch.Tensor, valid: torch.Ten
     marginals over the batch's segments, so a class the student stops predicting while the teacher still gives
     it mass gets its segments back — the collapse of one class into a near-duplicate).
     ``bias (L,)``: added to the teacher's scaled logits ``τ·cos(i_s, C)`` before any of the above (the logit
-    adjustment of :func:`logit_adjustment_bias`; None = none, the paper).
+    adjustment of :func:`logit_adjustment_bias`; None = none, the paper). ``target_temperature`` ``τ_q``: the
+    teacher's distribution of ``weighted`` / ``soft`` / ``aligned`` is ``softmax((τ_q/τ)·(τ·cos(i_s, C) + bias))``
+    (None = ``τ``; larger = sharper, towards ``hard``).
     Returns ``(loss, pseudo (S,) int64 = argmax_l (τ·cos(i_s, c_l) + bias_l), i_valid (S,D))`` over the valid
     segments.
     """
@@ -380,7 +384,8 @@ def semantic_consistency_loss(v: torch.Tensor, i: torch.Tensor, valid: torch.Ten
     if pseudo_labels == "hard":
         return F.cross_entropy(logits, pseudo), pseudo, is_
     with torch.no_grad():
-        q = torch.softmax(t_logits, 1)  # the teacher's distribution over the prototypes
+        scale = 1.0 if target_temperature is None else float(target_temperature) / float(temperature)
+        q = torch.softmax(scale * t_logits, 1)  # the teacher's distribution over the prototypes
     if pseudo_labels == "weighted":
         w = q.amax(1)
         loss = (F.cross_entropy(logits, pseudo, reduction="none") * w).sum() / w.sum().clamp_min(1e-12)
@@ -560,7 +565,7 @@ class CLIPS4Loss(nn.Module):
                     bias = guard if bias is None else bias + guard
                     parts["guard_max"] = float(guard.max())
                 l_s, pseudo, i_v = semantic_consistency_loss(v, i_s, valid, C, cfg.semantic_temperature,
-                                                             cfg.pseudo_labels, bias)
+                                                             cfg.pseudo_labels, bias, cfg.soft_target_temperature)
                 if self.training:
                     self._update_guard(v, valid)
                 if cfg.w_s > 0:
