@@ -64,7 +64,7 @@ def language(
     device: str = DeviceOpt, precompute_: bool = PrecomputeOpt,
     prior_matching: str = typer.Option("checkpoint", "--prior-matching", help="The checkpoint's class calibration (a per-class bias that keeps a class its teacher mostly confuses from vanishing): 'checkpoint' applies the one `clips4 train` stored in it (train.calibration) when the evaluated classes are the calibrated ones; 'none' = plain arg-max; a split of the dataset (e.g. train) refits it on that split's cached teacher features (no labels)."),
     prior_images: int = typer.Option(512, "--prior-images", help="With --prior-matching SPLIT: how many of that split's images."),
-    prior_mode: str = typer.Option("raise", "--prior-mode", help="With --prior-matching SPLIT: 'raise' only the classes the checkpoint predicts at under --prior-collapse-ratio x the teacher's frequency (the collapse guard; no class is lowered), or 'match' every class's frequency to the teacher's."),
+    prior_mode: str = typer.Option("raise", "--prior-mode", help="With --prior-matching SPLIT: 'raise' only the classes the checkpoint predicts at under --prior-collapse-ratio x the teacher's frequency (the collapse guard; no class is lowered), 'band' (raise those, and lower the classes it predicts at over the teacher's frequency / --prior-collapse-ratio), or 'match' every class's frequency to the teacher's."),
     prior_collapse_ratio: Optional[float] = typer.Option(None, "--prior-collapse-ratio", help="With --prior-matching SPLIT --prior-mode raise: the trigger, in (0, 1] (default: clips4.trainer.calibration.COLLAPSE_RATIO)."),
 ) -> dict:
     """Language-driven segmentation (paper 4.3): each pixel takes the class whose text embedding is closest.
@@ -75,8 +75,8 @@ def language(
     from clips4.evaluate.sources import precompute
     from clips4.pipeline.stage import dataset_from_config
 
-    if prior_mode not in ("match", "raise"):  # before any data or model is touched
-        raise CLIError(f"--prior-mode must be 'match' or 'raise', got {prior_mode!r}")
+    if prior_mode not in ("match", "raise", "band"):  # before any data or model is touched
+        raise CLIError(f"--prior-mode must be 'match', 'raise' or 'band', got {prior_mode!r}")
     if prior_collapse_ratio is not None and not 0 < prior_collapse_ratio <= 1:
         raise CLIError(f"--prior-collapse-ratio must be in (0, 1], got {prior_collapse_ratio}")
     cfg = opts.build_config()

@@ -77,8 +77,21 @@ def test_collapse_guard_raises_only_a_collapsed_class_and_lowers_none():
     near = torch.cat([torch.zeros(290), torch.ones(370), torch.full((340,), 2)]).long()
     s_near = torch.nn.functional.one_hot(near, 3).float() + 0.05 * torch.randn(1000, 3, generator=g)
     assert torch.equal(fit_prior_bias(s_near, target, mode="raise"), torch.zeros(3))
-    with pytest.raises(ValueError, match="match or raise"):
+    with pytest.raises(ValueError, match="match, raise or band"):
         fit_prior_bias(s3, target, mode="lower")
+
+
+def test_band_also_lowers_the_class_that_took_the_collapsed_ones_pixels():
+    """mode=band: class 1 (0.62 of its target) is raised, class 2 (1.5 x its target) lowered, class 0 (at its
+    target) keeps 0; both move towards their targets. A student within the band is left exactly as it is."""
+    s3, target = _over_predicts_class_2()
+    b = fit_prior_bias(s3, target, mode="band")
+    assert float(b[1]) > 0 and float(b[2]) < 0 and float(b[0]) == 0.0
+    f = class_frequencies((s3 + b).argmax(1), 3)
+    assert abs(float(f[1]) - 0.4) < 0.03 and abs(float(f[2]) - 0.3) < 0.03
+    assert torch.equal(fit_prior_bias(s3, target, mode="band", collapse_ratio=0.5), torch.zeros(3))
+    capped = fit_prior_bias(s3, target, mode="band", max_bias=0.01)
+    assert float(capped.abs().max()) <= 0.01 + 1e-7
 
 
 def test_collapse_ratio_sets_the_guards_trigger():

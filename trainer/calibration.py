@@ -37,8 +37,8 @@ __all__ = ["fit_prior_bias", "prior_bias", "class_frequencies", "median_margin",
 #: a class text embedding counts as the calibrated one at this cosine or more (float16 storage, another device)
 TEXT_MATCH = 0.995
 
-#: calibration modes: ``raise`` (the collapse guard), ``match`` (every class), ``none``
-MODES = ("raise", "match", "none")
+#: calibration modes: ``raise`` (the collapse guard), ``band`` (the guard both ways), ``match`` (every class), ``none``
+MODES = ("raise", "band", "match", "none")
 
 #: the collapse guard raises a class the student predicts at under this share of the teacher's frequency
 #: (``train.calibration_ratio``'s default). 0.85, not 0.5: in the yellow synthetic worlds a shrinking class sat at
@@ -69,6 +69,12 @@ def _below_trigger(freq: torch.Tensor, target: torch.Tensor, collapse_ratio: flo
         torch.as_tensor(target, dtype=torch.float64) + floor)
 
 
+def _above_trigger(freq: torch.Tensor, target: torch.Tensor, collapse_ratio: float, floor: float) -> torch.Tensor:
+    """``(K,) bool``: the classes ``band`` lowers (frequency over the target / ``collapse_ratio``)."""
+    return collapse_ratio * (torch.as_tensor(freq, dtype=torch.float64) + floor) > (
+        torch.as_tensor(target, dtype=torch.float64) + floor)
+
+
 def median_margin(scores: torch.Tensor) -> float:
     """The median over rows of ``scores (P, K)`` of the top-1 minus the top-2 score: the network's typical decisiveness,
     in the scores' own units (so a cap in margins means the same for any CLIP model's cosine scale)."""
@@ -86,20 +92,24 @@ def fit_prior_bias(scores: torch.Tensor, target: torch.Tensor, *, iters: int = 3
     ``argmax(scores + bias)`` approach ``target (K,)``: damped multiplicative updates in log-frequency
     (``bias += rate * (log t - log s)``).
 
-    ``mode``: ``match`` (every class, bias kept zero-mean; a class absent from ``target`` is pushed down) or
+    ``mode``: ``match`` (every class, bias kept zero-mean; a class absent from ``target`` is pushed down),
     ``raise`` (the collapse guard: only the classes whose frequency is below ``collapse_ratio`` x their target
     get a bias, >= 0, raising them towards their target; every other class keeps 0, so a student whose
-    frequencies are near the teacher's is left as it is and no class is ever lowered on its own). ``max_bias``
-    (``raise`` only; ``None`` = no cap): no class is raised by more, however far below its target it stays."""
-    if mode not in ("match", "raise"):
-        raise ValueError(f"prior matching mode must be match or raise, got {mode!r}")
+    frequencies are near the teacher's is left as it is and no class is ever lowered on its own) or ``band``
+    (``raise``, and the classes above their target / ``collapse_ratio`` get a bias <= 0 lowering them towards it:
+    the class that took a collapsed class's pixels is usually the one the student over-predicts). ``max_bias``
+    (``raise`` / ``band``; ``None`` = no cap): no class is moved by more, however far from its target it stays."""
+    if mode not in ("match", "raise", "band"):
+        raise ValueError(f"prior matching mode must be match, raise or band, got {mode!r}")
     if not 0 < collapse_ratio <= 1:
         raise ValueError(f"collapse ratio must be in (0, 1], got {collapse_ratio}")
     scores = scores.float()
     k = scores.shape[1]
     t = torch.as_tensor(target, dtype=torch.float64) + floor
     b = torch.zeros(k, dtype=torch.float32)
-    low = _below_trigger(class_frequencies(scores.argmax(1), k), target, collapse_ratio, floor).float()
+    freq0 = class_frequencies(scores.argmax(1), k)
+    low = _below_trigger(freq0, target, collapse_ratio, floor).float()
+    high = _above_trigger(freq0, target, collapse_ratio, floor).float() if mode == "band" else torch.zeros(k)
     for _ in range(iters):
         s = class_frequencies((scores + b).argmax(1), k) + floor
         step = (rate * (t.log() - s.log())).float()
@@ -107,7 +117,8 @@ def fit_prior_bias(scores: torch.Tensor, target: torch.Tensor, *, iters: int = 3
             b = b + step
             b = b - b.mean()
         else:
-            b = (b + low * step).clamp(0, max_bias)
+            b = (b + low * step).clamp(0, max_bias) * low + (b + high * step).clamp(
+                None if max_bias is None else -max_bias, 0) * high
     return b
 
 
@@ -120,7 +131,7 @@ def prior_bias(records: Sequence, student: Callable, teacher: Callable, *, max_p
     ``teacher(record, (h, w)) -> (K, h, w)`` the teacher's (cached dense CLIP features) resized onto the student's
     grid, so both are counted on the same cells. At most ``max_pixels`` student score rows are kept (a seeded
     random subset) for the fit. ``mode``, ``collapse_ratio``: see :func:`fit_prior_bias`; ``max_margins``: with
-    ``mode="raise"``, the cap on a raise in median margins (:func:`median_margin`; ``None`` = none). Returns
+    ``mode="raise"`` / ``"band"``, the cap on a bias in median margins (:func:`median_margin`; ``None`` = none). Returns
     ``{"bias": (K,) float32 ndarray, "teacher_freq", "student_freq", "matched_freq": (K,) lists, "n_images",
     "max_bias": the cap in score units or None, "capped": [class indices held at the cap]}``."""
     rows, t_count = [], None
@@ -138,11 +149,11 @@ def prior_bias(records: Sequence, student: Callable, teacher: Callable, *, max_p
         g = torch.Generator().manual_seed(seed)
         scores = scores[torch.randperm(scores.shape[0], generator=g)[:max_pixels]]
     target = t_count / t_count.sum().clamp_min(1)
-    cap = None if mode != "raise" or max_margins is None else float(max_margins) * median_margin(scores)
+    cap = None if mode == "match" or max_margins is None else float(max_margins) * median_margin(scores)
     bias = fit_prior_bias(scores, target, mode=mode, collapse_ratio=collapse_ratio, max_bias=cap)
     student_freq = class_frequencies(scores.argmax(1), k)
-    low = _below_trigger(student_freq, target, collapse_ratio, FREQ_FLOOR)
-    capped = [] if cap is None else [c for c in range(k) if low[c] and float(bias[c]) >= cap * (1 - 1e-6)]
+    # a class raised to the cap (the warning is about classes the network cannot give back; a lowered one is not)
+    capped = [] if cap is None else [c for c in range(k) if float(bias[c]) >= cap * (1 - 1e-6)]
     return {"bias": bias.numpy(), "mode": mode, "collapse_ratio": float(collapse_ratio), "max_bias": cap,
             "capped": capped, "teacher_freq": target.tolist(),
             "student_freq": student_freq.tolist(),
@@ -185,8 +196,8 @@ def calibrate(embed: Callable[[object], np.ndarray], records: Sequence, teacher:
     "student_freq", "matched_freq", "n_images"}``."""
     from clips4.trainer.inference import similarity_logits
 
-    if mode not in ("raise", "match"):
-        raise ValueError(f"calibration mode must be raise or match, got {mode!r}")
+    if mode not in ("raise", "band", "match"):
+        raise ValueError(f"calibration mode must be raise, band or match, got {mode!r}")
     text = np.asarray(text, np.float32)
     if len(names) != len(text):
         raise ValueError(f"{len(names)} class names for {len(text)} text embeddings")

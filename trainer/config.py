@@ -131,8 +131,9 @@ class TrainParams(Strict):
     #: ``clips4 evaluate language`` applies it): ``raise`` (the collapse guard: a class the student predicts at under
     #: ``calibration_ratio`` x the teacher's frequency on ``calibration_images`` training images gets a bias >= 0 on
     #: its text score that gives it back its share; every other class 0), ``match`` (every class's frequency matched
-    #: to the teacher's), ``none`` (the paper: plain arg-max)
-    calibration: Literal["raise", "match", "none"] = "raise"
+    #: to the teacher's), ``band`` (``raise``, and a class it predicts at over the teacher's frequency /
+    #: ``calibration_ratio`` gets a bias <= 0), ``none`` (the paper: plain arg-max)
+    calibration: Literal["raise", "band", "match", "none"] = "raise"
     calibration_ratio: float = Field(default=0.85, gt=0, le=1)
     #: 512, not 64: a training image holds few regions, so class shares over 64 images vary by tens of percent from
     #: one sample to another and the raised bias with them (voronoi-yellows 1, three training seeds: worst class drop
