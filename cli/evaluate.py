@@ -65,7 +65,7 @@ def language(
     prior_matching: str = typer.Option("checkpoint", "--prior-matching", help="The checkpoint's class calibration (a per-class bias that keeps a class its teacher mostly confuses from vanishing): 'checkpoint' applies the one `clips4 train` stored in it (train.calibration) when the evaluated classes are the calibrated ones; 'none' = plain arg-max; a split of the dataset (e.g. train) refits it on that split's cached teacher features (no labels)."),
     prior_images: int = typer.Option(512, "--prior-images", help="With --prior-matching SPLIT: how many of that split's images."),
     prior_mode: str = typer.Option("raise", "--prior-mode", help="With --prior-matching SPLIT: 'raise' only the classes the checkpoint predicts at under --prior-collapse-ratio x the teacher's frequency (the collapse guard; no class is lowered), 'band' (raise those, and lower the classes it predicts at over the teacher's frequency / --prior-collapse-ratio), or 'match' every class's frequency to the teacher's."),
-    prior_collapse_ratio: Optional[float] = typer.Option(None, "--prior-collapse-ratio", help="With --prior-matching SPLIT --prior-mode raise: the trigger, in (0, 1] (default: clips4.trainer.calibration.COLLAPSE_RATIO)."),
+    prior_collapse_ratio: Optional[float] = typer.Option(None, "--prior-collapse-ratio", help="With --prior-matching SPLIT --prior-mode raise or band: the trigger, in (0, 1] (default: clips4.trainer.calibration.COLLAPSE_RATIO)."),
 ) -> dict:
     """Language-driven segmentation (paper 4.3): each pixel takes the class whose text embedding is closest.
 
