@@ -32,13 +32,15 @@ import torch
 from clips4.trainer.config import TrainParams
 
 __all__ = ["fit_prior_bias", "prior_bias", "class_frequencies", "median_margin", "calibrate", "stored_bias",
-           "segment_pooled", "COLLAPSE_RATIO", "MAX_BIAS_MARGINS", "MODES"]
+           "segment_pooled", "COLLAPSE_RATIO", "MAX_BIAS_MARGINS", "MODES", "FIT_MODES"]
 
 #: a class text embedding counts as the calibrated one at this cosine or more (float16 storage, another device)
 TEXT_MATCH = 0.995
 
-#: calibration modes: ``raise`` (the collapse guard), ``band`` (the guard both ways), ``match`` (every class), ``none``
-MODES = ("raise", "band", "match", "none")
+#: the modes a bias is fitted in: ``raise`` (the collapse guard), ``band`` (the guard both ways), ``match`` (every class)
+FIT_MODES = ("raise", "band", "match")
+#: calibration modes: the fitted ones, and ``none``
+MODES = (*FIT_MODES, "none")
 
 #: the collapse guard raises a class the student predicts at under this share of the teacher's frequency
 #: (``train.calibration_ratio``'s default). 0.85, not 0.5: in the yellow synthetic worlds a shrinking class sat at
@@ -99,7 +101,7 @@ def fit_prior_bias(scores: torch.Tensor, target: torch.Tensor, *, iters: int = 3
     (``raise``, and the classes above their target / ``collapse_ratio`` get a bias <= 0 lowering them towards it:
     the class that took a collapsed class's pixels is usually the one the student over-predicts). ``max_bias``
     (``raise`` / ``band``; ``None`` = no cap): no class is moved by more, however far from its target it stays."""
-    if mode not in ("match", "raise", "band"):
+    if mode not in FIT_MODES:
         raise ValueError(f"prior matching mode must be match, raise or band, got {mode!r}")
     if not 0 < collapse_ratio <= 1:
         raise ValueError(f"collapse ratio must be in (0, 1], got {collapse_ratio}")
@@ -108,8 +110,11 @@ def fit_prior_bias(scores: torch.Tensor, target: torch.Tensor, *, iters: int = 3
     t = torch.as_tensor(target, dtype=torch.float64) + floor
     b = torch.zeros(k, dtype=torch.float32)
     freq0 = class_frequencies(scores.argmax(1), k)
-    low = _below_trigger(freq0, target, collapse_ratio, floor).float()
-    high = _above_trigger(freq0, target, collapse_ratio, floor).float() if mode == "band" else torch.zeros(k)
+    low = _below_trigger(freq0, target, collapse_ratio, floor)
+    high = _above_trigger(freq0, target, collapse_ratio, floor) & (mode == "band")
+    # raise / band: a triggered class moves within [0, cap] (raised) or [-cap, 0] (lowered), every other one stays 0
+    cap = torch.tensor(float("inf") if max_bias is None else float(max_bias))
+    upper, lower = torch.where(low, cap, 0.0), torch.where(high, -cap, 0.0)
     for _ in range(iters):
         s = class_frequencies((scores + b).argmax(1), k) + floor
         step = (rate * (t.log() - s.log())).float()
@@ -117,8 +122,7 @@ def fit_prior_bias(scores: torch.Tensor, target: torch.Tensor, *, iters: int = 3
             b = b + step
             b = b - b.mean()
         else:
-            b = (b + low * step).clamp(0, max_bias) * low + (b + high * step).clamp(
-                None if max_bias is None else -max_bias, 0) * high
+            b = torch.clamp(b + step, lower, upper)
     return b
 
 
@@ -196,7 +200,7 @@ def calibrate(embed: Callable[[object], np.ndarray], records: Sequence, teacher:
     "student_freq", "matched_freq", "n_images"}``."""
     from clips4.trainer.inference import similarity_logits
 
-    if mode not in ("raise", "band", "match"):
+    if mode not in FIT_MODES:
         raise ValueError(f"calibration mode must be raise, band or match, got {mode!r}")
     text = np.asarray(text, np.float32)
     if len(names) != len(text):
