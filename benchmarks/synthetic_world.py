@@ -65,21 +65,26 @@ def train_run(cfg_path: Path, out: Path, overrides: list[str]) -> tuple[Path, fl
 #: rebuild that stage for the row; every other override is a training one.
 PAPER_VIEWS = ["train.augment.photometric=imposed", "train.augment.channel_shuffle_p=0", "train.augment.invert_p=0",
                "train.augment.geometric=imposed", "train.augment.zoom=null", "train.augment.scale=[0.25,1.0]"]
+#: the defaults of stop 24 (issue 12): hard pseudo-labels, the one-way collapse guard
+STOP24 = ["train.pseudo_labels=hard", "train.soft_target_temperature=null", "train.calibration=raise"]
 #: before issue 12: the paper's views, a temperature in L_s, unknown prototypes drawn uniformly
-OLD_DEFAULTS = [*PAPER_VIEWS, "prototypes.unknown_pool=1.0"]
+OLD_DEFAULTS = [*PAPER_VIEWS, "prototypes.unknown_pool=1.0", *STOP24]
 SWEEP_ROWS = [
     ("defaults", [], False),
     ("- L_t", ["train.w_t=0"], False),
     ("- L_e", ["train.w_e=0"], False),
     ("- L_s", ["train.w_s=0"], False),
     ("- L_u", ["train.w_u=0"], False),
+    ("hard pseudo-labels", ["train.pseudo_labels=hard"], False),
+    ("soft tau_q 10", ["train.soft_target_temperature=null"], False),
+    ("raise calibration", ["train.calibration=raise"], False),
+    ("stop-24 defaults", STOP24, False),
     ("paper geometry", ["train.augment.geometric=imposed", "train.augment.zoom=null", "train.augment.scale=[0.25,1.0]"],
      False),
     ("imposed photometric", ["train.augment.photometric=imposed"], False),
     ("no photometric", ["train.augment.photometric=none"], False),
     ("uniform unknowns", ["prototypes.unknown_pool=1.0"], False),
     ("weighted pseudo-labels", ["train.pseudo_labels=weighted"], False),
-    ("soft pseudo-labels", ["train.pseudo_labels=soft"], False),
     ("aligned pseudo-labels", ["train.pseudo_labels=aligned"], False),
     ("logit adjustment", ["train.logit_adjustment=2"], False),
     ("collapse guard", ["train.collapse_guard=1"], False),
@@ -87,7 +92,7 @@ SWEEP_ROWS = [
     ("k 36", ["train.n_segments=36"], False),
     ("tau 1", ["train.semantic_temperature=1"], False),
     ("teacher variants", ["train.augment.photometric=teacher"], True),
-    ("paper", [*OLD_DEFAULTS, "train.semantic_temperature=1"], False),
+    ("paper", [*OLD_DEFAULTS, "train.semantic_temperature=1", "train.calibration=none"], False),
     ("old defaults", OLD_DEFAULTS, False),
 ]
 #: the defaults' checkpoint with every class's frequency matched to the teacher's (``--prior-matching train
@@ -125,7 +130,7 @@ def prototypes_for(cfg_path: Path, overrides: list[str]) -> None:
 
 
 def per_class(cfg_path: Path, model: str, prior_matching: str | None = "checkpoint",
-              prior_mode: str = "raise") -> tuple[float, dict]:
+              prior_mode: str = "band") -> tuple[float, dict]:
     from clips4.evaluate.language import run_language
 
     from common import val_setup

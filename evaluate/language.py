@@ -159,16 +159,16 @@ def language_confusion(src: EmbeddingSource, dataset: Dataset, names: list[str],
 def run_language(cfg: Config, dataset: Dataset, *, model: str = "teacher", classes: str | None = None,
                  voc_mode: int = 21, save_predictions: Path | None = None, out: Path | None = None,
                  device: str = "auto", overlays: int = 4, prior_matching: str | None = "checkpoint",
-                 prior_images: int = 512, prior_mode: str = "match", prior_collapse_ratio: float | None = None) -> dict:
+                 prior_images: int = 512, prior_mode: str = "band", prior_collapse_ratio: float | None = None) -> dict:
     """Language-driven segmentation over ``dataset``: mIoU, per-class IoU, pixel accuracy; report in ``out``.
 
     ``prior_matching``: the class calibration of a checkpoint (:mod:`clips4.trainer.calibration`): ``checkpoint``
     (the default) applies the one ``clips4 train`` stored in it when the evaluated classes and texts are the
     calibrated ones (otherwise none, and the results say why); ``none`` = plain arg-max; a split of the same
     dataset (e.g. ``train``) refits it on that split's first ``prior_images`` images (their cached teacher features,
-    no labels) with ``prior_mode``. Recorded under ``prior_matching`` in the results. Not applied to the teacher,
+    no labels) with ``prior_mode`` (``band``, as ``train.calibration`` by default). Recorded under ``prior_matching`` in the results. Not applied to the teacher,
     which is the reference it matches. ``prior_collapse_ratio``: the collapse guard's trigger
-    (``prior_mode="raise"``; default :data:`clips4.trainer.calibration.COLLAPSE_RATIO`)."""
+    (``prior_mode`` ``raise`` or ``band``; default :data:`clips4.trainer.calibration.COLLAPSE_RATIO`)."""
     from clips4.evaluate.report import write_report
 
     if int(voc_mode) not in (20, 21):

@@ -22,7 +22,7 @@ TWINS = {
     "teacher": {"cues": "colour", "colour_blur": 3.0, "noise_patch_p": 0.1, "noise_sigma": 1.5, "nuisance": 0.5},
 }
 STAGES = Path(__file__).resolve().parents[1] / "stages.yaml"
-FLOOR = 0.30  # per-class IoU each twin must keep (old defaults: 0.03 and 0.23; now about 0.4 and 0.7)
+FLOOR = 0.30  # per-class IoU each twin must keep (old defaults: 0.03 and 0.23; stop-24 defaults 0.39 / 0.56; now 0.43 / 0.56)
 
 
 def _run(tmp_path, overrides: list[str]) -> dict:
@@ -70,5 +70,8 @@ def test_student_keeps_near_duplicate_classes_apart(tmp_path):
 def test_old_defaults_collapse_a_twin(tmp_path):
     iou = _run(tmp_path, ["train.augment.photometric=imposed", "train.augment.channel_shuffle_p=0",
                           "train.augment.invert_p=0", "train.augment.geometric=imposed", "train.augment.zoom=null",
-                          "train.augment.scale=[0.25,1.0]", "prototypes.unknown_pool=1.0"])
+                          "train.augment.scale=[0.25,1.0]", "prototypes.unknown_pool=1.0",
+                          # and their L_s: hard targets, no class calibration (with today's soft targets and band
+                          # calibration the old views keep both twins above the floor, 0.34 / 0.68)
+                          "train.pseudo_labels=hard", "train.calibration=none"])
     assert min(iou["straw"], iou["corn"]) < FLOOR, iou

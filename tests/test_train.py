@@ -117,6 +117,22 @@ def test_train_writes_outputs_then_nothing_left(world, tmp_path, capsys):
     assert time.perf_counter() - t0 < 10
 
 
+def test_a_finished_run_of_another_configuration_is_not_nothing_left_to_do(world, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(train_args(world, out)) == 0
+    before = (out / "final.pt").stat().st_mtime_ns
+    capsys.readouterr()
+    # keys that only change how the run is carried out: the same run, nothing left to do
+    assert main(train_args(world, out, sets=("train.checkpoint_every=2", "train.log_every=5"))) == 0
+    assert "nothing left to do" in capsys.readouterr().err
+    # a key that changes the model: named with both values, and the finished run is left as it was
+    assert main(train_args(world, out, sets=("train.w_s=0.5",))) == 2
+    words, _ = stderr(capsys)
+    assert "another configuration" in words and "train.w_s: 1.0 there, 0.5 here" in words
+    assert "--restart" in words and "nothing left to do" not in words
+    assert (out / "final.pt").stat().st_mtime_ns == before
+
+
 def test_unfinished_run_needs_resume_or_restart(world, tmp_path, capsys):
     out = tmp_path / "run"
     assert main(train_args(world, out, "--max-steps", "3")) == 0
@@ -314,16 +330,16 @@ def test_text_distillation_is_trained_and_logged(world, tmp_path, capsys):
 
 
 def test_class_calibration_is_stored_said_and_never_costs_the_run(world, tmp_path, capsys, monkeypatch):
-    """train.calibration: raise (the default) stores the class calibration of the evaluated weights in final.pt and
-    says what it raised in one line; none stores nothing; a calibration that fails (an unreadable image, ...) is a
+    """train.calibration: band (the default) stores the class calibration of the evaluated weights in final.pt and
+    says what it raised and lowered in one line; none stores nothing; a calibration that fails (an unreadable image, ...) is a
     warning and final.pt is still written and committed, without it."""
     import clips4.trainer.train as tr
 
     assert main([a for a in train_args(world, tmp_path / "cal", sets=("train.calibration_images=3",))
                  if a != "--quiet"]) == 0
     cal = torch.load(tmp_path / "cal" / "final.pt", weights_only=True)["calibration"]
-    assert cal["n_images"] == 3 and cal["mode"] == "raise" and min(cal["bias"]) >= 0
-    assert "calibration (raise, 3 training images)" in stderr(capsys)[0]
+    assert cal["n_images"] == 3 and cal["mode"] == "band" and len(cal["bias"]) == len(cal["classes"])
+    assert "calibration (band, 3 training images)" in stderr(capsys)[0]
     assert main(train_args(world, tmp_path / "none", sets=("train.calibration=none",))) == 0
     assert "calibration" not in torch.load(tmp_path / "none" / "final.pt", weights_only=True)
 

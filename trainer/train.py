@@ -248,6 +248,7 @@ def _train(cfg: Config, dataset: Dataset, out: Path, fp: str, resume: bool, rest
     schedule = [{"from_step": 0, "iterations": p.iterations}]
     last, final = out / "last.pt", out / "final.pt"
     if final.exists() and not restart:
+        _same_run_or_fail(out, p, deps)
         done_at = _finished_step(out)
         if done_at >= p.iterations:
             console.print(f"[green]nothing left to do[/]: {final} exists (finished at step {done_at}, "
@@ -566,6 +567,36 @@ def _finished_step(out: Path) -> int:
         return int(meta["step"])
     except (OSError, ValueError, KeyError, TypeError):
         return int(load_checkpoint(out / "final.pt")["step"])
+
+
+#: train keys that change how a run is carried out, not what it computes (the batches and their augmentation seeds
+#: are functions of (seed, step) alone): a finished run is the same run whatever they are
+OPERATIONAL = ("iterations", "out", "num_workers", "cache_images", "checkpoint_every", "log_every", "device")
+
+
+def _same_run_or_fail(out: Path, p: TrainParams, deps: dict) -> None:
+    """A finished run in ``out`` trained with other train params is not this run: say which keys differ instead of
+    "nothing left to do" over a model the config does not describe (other input caches: a warning)."""
+    try:
+        meta = json.loads((out / "meta.json").read_text())
+    except (OSError, ValueError):
+        return  # older runs without meta.json: the checkpoint signature is checked on resume
+    mine, theirs = p.model_dump(mode="json"), meta.get("params") or {}
+    # a key the run does not record is newer than the run (added with a default that keeps the old behaviour)
+    diff = [f"train.{k}: {json.dumps(theirs[k])} there, {json.dumps(mine.get(k))} here"
+            for k in sorted(theirs) if k not in OPERATIONAL and mine.get(k) != theirs[k]]
+    tail = lambda url: str(url).rstrip("/").rsplit("/", 1)[-1]  # noqa: E731 - the cache folders' fingerprints
+    moved = [f"{k} {tail(url)} -> {tail(deps.get(k))}" for k, url in sorted((meta.get("deps") or {}).items())
+             if tail(deps.get(k)) != tail(url)]
+    if moved and not diff:
+        # a warning, not an error: a moved dataset root changes the caches' fingerprints too, and a finished run
+        # must not be thrown away for that
+        console.print(f"warning: {out} was trained on other input caches than this config's ({', '.join(moved)}): "
+                      "a moved dataset root, or changed segments / clip-features / prototypes params; pass --restart "
+                      "to train on these", markup=False)
+    if diff:
+        raise TrainingError(f"{out} holds a finished run of another configuration ({'; '.join(diff)}); set another "
+                            "train.out, or pass --restart to replace it")
 
 
 def _commit(out: Path, cfg: Config, fp: str, signature: dict, deps: dict, step: int) -> None:
