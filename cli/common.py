@@ -33,7 +33,7 @@ class CLIError(Exception):
 
 
 # ------------------------------------------------------------------------------------------- shared options
-ConfigOpt = typer.Option(None, "--config", "-c", help="Extra YAML file(s) layered over stages.yaml (repeatable).")
+ConfigOpt = typer.Option(None, "--config", "-c", help="Extra YAML file(s) layered over stages.yaml (repeatable), or the name of a bundled one: paper (the published configuration), synthetic.")
 SetOpt = typer.Option(None, "--set", "-s", help="Override any param: PATH=VALUE, e.g. segments.ucm_threshold=0.3 (repeatable).")
 StagesOpt = typer.Option(None, "--stages", help="stages.yaml to use (default: the nearest one in this folder or its parents).")
 DatasetOpt = typer.Option(None, "--dataset", "-d", help="Dataset kind: folder, voc, context, cocostuff, davis, bsds.")

@@ -424,6 +424,26 @@ def bundled_stages_yaml() -> Path:
     return Path(str(resources.files("clips4.data").joinpath("stages.yaml")))
 
 
+def bundled_configs() -> dict[str, Path]:
+    """Name -> path of the config layers shipped with the package (``clips4.data/configs``: ``paper``,
+    ``synthetic``), so ``--config paper`` works from any directory."""
+    from importlib import resources
+
+    root = Path(str(resources.files("clips4.data").joinpath("configs")))
+    return {p.stem: p for p in sorted(root.glob("*.yaml"))}
+
+
+def _config_file(c: str | Path) -> Path:
+    """``--config`` value -> file: an existing path, else the name of a bundled config (a file wins)."""
+    p = Path(c)
+    if p.is_file() or p.suffix or len(p.parts) > 1:
+        return p
+    bundled = bundled_configs()
+    if str(c) in bundled:
+        return bundled[str(c)]
+    raise ConfigError(f"config file {c} not found (and not a bundled config: {', '.join(bundled)})")
+
+
 def find_stages_yaml(start: Path | None = None) -> Path | None:
     """The nearest ``stages.yaml`` in the working directory or its parents (like git finds .git)."""
     cur = (start or Path.cwd()).resolve()
@@ -453,7 +473,7 @@ def load_config(
         files.append(found)
     else:
         files.append(bundled_stages_yaml())
-    files += [Path(c) for c in configs or []]
+    files += [_config_file(c) for c in configs or []]
     for f in files:
         if not f.is_file():
             raise ConfigError(f"config file {f} not found")

@@ -134,3 +134,24 @@ def test_loss_config_derives_from_train_params():
     assert p.augment.gray_p == 0 and p.augment.photometric == "teacher"
     with pytest.raises(ConfigError, match="photometric"):
         load_config(REPO / "stages.yaml", None, ["train.augment.photometric=maybe"])
+
+
+def test_the_papers_configuration_is_a_bundled_layer(tmp_path, monkeypatch):
+    """``--config paper`` (a bundled layer; a file of that name wins) gives the published method: hard argmax
+    pseudo-labels, Eq. 3 without a temperature, no class calibration, the imposed SimCLR views with area crops,
+    uniform unknown prototypes — every one of them a value clips4's defaults changed."""
+    default = load_config(REPO / "stages.yaml")
+    paper = load_config(REPO / "stages.yaml", ["paper"])
+    t, d = paper.params("train"), default.params("train")
+    assert (t.pseudo_labels, t.semantic_temperature, t.calibration) == ("hard", 1.0, "none")
+    assert (t.augment.photometric, t.augment.geometric, t.augment.zoom, tuple(t.augment.scale)) == \
+        ("imposed", "imposed", None, (0.25, 1.0))
+    assert paper.params("prototypes").unknown_pool == 1.0
+    assert (d.pseudo_labels, d.semantic_temperature, d.calibration, d.augment.photometric) != \
+        (t.pseudo_labels, t.semantic_temperature, t.calibration, t.augment.photometric)
+    assert default.params("prototypes").unknown_pool != 1.0
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "paper").write_text("stages:\n  train:\n    params:\n      pseudo_labels: soft\n")
+    assert load_config(REPO / "stages.yaml", ["paper"]).params("train").pseudo_labels == "soft"  # the file wins
+    with pytest.raises(ConfigError, match="not a bundled config: paper, synthetic"):
+        load_config(REPO / "stages.yaml", ["papr"])
