@@ -166,9 +166,10 @@ def run_language(cfg: Config, dataset: Dataset, *, model: str = "teacher", class
     (the default) applies the one ``clips4 train`` stored in it when the evaluated classes and texts are the
     calibrated ones (otherwise none, and the results say why); ``none`` = plain arg-max; a split of the same
     dataset (e.g. ``train``) refits it on that split's first ``prior_images`` images (their cached teacher features,
-    no labels) with ``prior_mode`` (``band``, as ``train.calibration`` by default). Recorded under ``prior_matching`` in the results. Not applied to the teacher,
-    which is the reference it matches. ``prior_collapse_ratio``: the collapse guard's trigger
-    (``prior_mode`` ``raise`` or ``band``; default :data:`clips4.trainer.calibration.COLLAPSE_RATIO`)."""
+    no labels) with ``prior_mode`` (``band``, as ``train.calibration`` by default). Recorded under
+    ``prior_matching`` in the results. Not applied to the teacher, which is the reference it matches.
+    ``prior_collapse_ratio``: the collapse guard's trigger (``prior_mode`` ``raise`` or ``band``; default
+    :data:`clips4.trainer.calibration.COLLAPSE_RATIO`)."""
     from clips4.evaluate.report import write_report
 
     if int(voc_mode) not in (20, 21):

@@ -109,7 +109,7 @@ class TrainParams(Strict):
     #: marginals of the batch, student to teacher); see clips4.trainer.losses. ``soft`` (with τ_q 30, below): a
     #: segment the teacher reads by a one-point plurality (two near-duplicates at 0.33 / 0.32) is not taught as the
     #: winner's alone, which is how hard targets collapse the runner-up; measured on 40 world-seeds of the sweep
-    #: (README, "Defaults since stop 25")
+    #: (README, "The defaults (since stop 25)"); ``hard`` + ``calibration: none`` is the paper (``--config paper``)
     pseudo_labels: Literal["hard", "weighted", "soft", "aligned"] = "soft"
     #: τ_q of the teacher's distribution ``softmax(τ_q·cos(i_s, C))`` that ``weighted``, ``soft`` and ``aligned`` read
     #: (None = ``semantic_temperature``). 30, not 10: at 10 soft targets are nearly flat where the teacher hardly
@@ -137,8 +137,9 @@ class TrainParams(Strict):
     #: its text score that gives it back its share; every other class 0), ``match`` (every class's frequency matched
     #: to the teacher's), ``band`` (``raise``, and a class it predicts at over the teacher's frequency /
     #: ``calibration_ratio`` gets a bias <= 0), ``none`` (the paper: plain arg-max). ``band``, not ``raise``: the
-    #: pixels a collapsed class loses go to its look-alike, which ``raise`` leaves over-predicted (40 world-seeds:
-    #: 3 over the per-class target with ``raise``, 1 with ``band``; ``match`` costs 2 mIoU)
+    #: pixels a collapsed class loses go to its look-alike, which ``raise`` leaves over-predicted (40 world-seeds,
+    #: world-seeds over the per-class target: hard targets 3 with ``raise``, 1 with ``band``; soft τ_q 30 targets 0
+    #: with ``band``; ``match`` costs about 2 mIoU)
     calibration: Literal["raise", "band", "match", "none"] = "band"
     calibration_ratio: float = Field(default=0.85, gt=0, le=1)
     #: 512, not 64: a training image holds few regions, so class shares over 64 images vary by tens of percent from
