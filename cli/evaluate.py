@@ -75,8 +75,10 @@ def language(
     from clips4.evaluate.sources import precompute
     from clips4.pipeline.stage import dataset_from_config
 
-    if prior_mode not in ("match", "raise", "band"):  # before any data or model is touched
-        raise CLIError(f"--prior-mode must be 'match', 'raise' or 'band', got {prior_mode!r}")
+    from clips4.trainer.config import FIT_MODES  # torch-free: checked before any data or model is touched
+
+    if prior_mode not in FIT_MODES:
+        raise CLIError(f"--prior-mode must be one of {', '.join(FIT_MODES)}, got {prior_mode!r}")
     if prior_collapse_ratio is not None and not 0 < prior_collapse_ratio <= 1:
         raise CLIError(f"--prior-collapse-ratio must be in (0, 1], got {prior_collapse_ratio}")
     cfg = opts.build_config()

@@ -24,12 +24,12 @@ and their texts are the calibrated ones (:func:`stored_bias`), or refits it on a
 """
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import Callable, Sequence, get_args
 
 import numpy as np
 import torch
 
-from clips4.trainer.config import TrainParams
+from clips4.trainer.config import FIT_MODES, CalibrationMode, TrainParams
 
 __all__ = ["fit_prior_bias", "prior_bias", "class_frequencies", "median_margin", "calibrate", "stored_bias",
            "segment_pooled", "COLLAPSE_RATIO", "MAX_BIAS_MARGINS", "MODES", "FIT_MODES"]
@@ -37,10 +37,9 @@ __all__ = ["fit_prior_bias", "prior_bias", "class_frequencies", "median_margin",
 #: a class text embedding counts as the calibrated one at this cosine or more (float16 storage, another device)
 TEXT_MATCH = 0.995
 
-#: the modes a bias is fitted in: ``raise`` (the collapse guard), ``band`` (the guard both ways), ``match`` (every class)
-FIT_MODES = ("raise", "band", "match")
-#: calibration modes: the fitted ones, and ``none``
-MODES = (*FIT_MODES, "none")
+#: calibration modes (spelled once, in clips4.trainer.config): the fitted ones — ``raise`` (the collapse guard),
+#: ``band`` (the guard both ways), ``match`` (every class) — and ``none``
+MODES = get_args(CalibrationMode)
 
 #: the collapse guard raises a class the student predicts at under this share of the teacher's frequency
 #: (``train.calibration_ratio``'s default). 0.85, not 0.5: in the yellow synthetic worlds a shrinking class sat at

@@ -1,11 +1,17 @@
 """Training params (the ``train`` section of stages.yaml). Defaults follow the paper's section 4.2."""
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, get_args
 
 from pydantic import Field, model_validator
 
 from clips4.pipeline.config import FloatPair, FloatQuad, Strict
+
+#: ``train.calibration`` (clips4.trainer.calibration): the one spelling of the modes, torch-free so the CLI checks
+#: ``--prior-mode`` before importing the trainer
+CalibrationMode = Literal["raise", "band", "match", "none"]
+#: the modes that fit a bias (``none`` = plain arg-max)
+FIT_MODES: tuple[str, ...] = tuple(m for m in get_args(CalibrationMode) if m != "none")
 
 
 class AugmentParams(Strict):
@@ -140,7 +146,7 @@ class TrainParams(Strict):
     #: pixels a collapsed class loses go to its look-alike, which ``raise`` leaves over-predicted (40 world-seeds,
     #: world-seeds over the per-class target: hard targets 3 with ``raise``, 1 with ``band``; soft τ_q 30 targets 0
     #: with ``band``; ``match`` costs about 2 mIoU)
-    calibration: Literal["raise", "band", "match", "none"] = "band"
+    calibration: CalibrationMode = "band"
     calibration_ratio: float = Field(default=0.85, gt=0, le=1)
     #: 512, not 64: a training image holds few regions, so class shares over 64 images vary by tens of percent from
     #: one sample to another and the raised bias with them (voronoi-yellows 1, three training seeds: worst class drop
