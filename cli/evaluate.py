@@ -71,16 +71,16 @@ def language(
 
     Prints mIoU, pixel accuracy and per-class IoU; writes the report (JSON with numbers, config and
     fingerprints, Markdown table, figures) into --out."""
-    from clips4.evaluate.language import run_language
-    from clips4.evaluate.sources import precompute
-    from clips4.pipeline.stage import dataset_from_config
-
-    from clips4.trainer.config import FIT_MODES  # torch-free: checked before any data or model is touched
+    from clips4.trainer.config import FIT_MODES  # torch-free: a usage error does not pay for importing torch
 
     if prior_mode not in FIT_MODES:
         raise CLIError(f"--prior-mode must be one of {', '.join(FIT_MODES)}, got {prior_mode!r}")
     if prior_collapse_ratio is not None and not 0 < prior_collapse_ratio <= 1:
         raise CLIError(f"--prior-collapse-ratio must be in (0, 1], got {prior_collapse_ratio}")
+    from clips4.evaluate.language import run_language
+    from clips4.evaluate.sources import precompute
+    from clips4.pipeline.stage import dataset_from_config
+
     cfg = opts.build_config()
     ds = dataset_from_config(cfg)
     m = _model(model, checkpoint)

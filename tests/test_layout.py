@@ -107,7 +107,12 @@ def test_every_package_folder_is_listed_for_the_wheel():
     assert "evaluate" not in cfg["package-dir"], "evaluate must not become a top-level package"
 
 
-@pytest.mark.parametrize("code", ["import clips4.cli.app", "import clips4", "import clips4.pipeline.config"])
+@pytest.mark.parametrize("code", [
+    "import clips4.cli.app", "import clips4", "import clips4.pipeline.config", "import clips4.trainer.config",
+    # a usage error of a torch command is reported before torch is imported
+    "from clips4.cli import main; assert main(['evaluate', 'language', '--root', '.', '--prior-matching', 'train', "
+    "'--prior-mode', 'bogus']) == 2",
+])
 def test_cli_and_config_import_without_torch(code):
     out = subprocess.run([sys.executable, "-c", f"{code}; import sys; print('torch' in sys.modules, 'ray' in sys.modules)"],
                          capture_output=True, text=True, timeout=120)
