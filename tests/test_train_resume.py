@@ -36,8 +36,10 @@ def _same_weights(a, b):
     assert torch.equal(ka["prototypes"]["unknown"], kb["prototypes"]["unknown"])
 
 
-@pytest.mark.parametrize("workers", [0, 2])
-def test_resume_equals_uninterrupted(world, tmp_path, workers):
+@pytest.mark.parametrize("workers,resumed_with", [(0, 0), (2, 2), (2, 0)])
+def test_resume_equals_uninterrupted(world, tmp_path, workers, resumed_with):
+    """(2, 0): a run killed for its loader's memory is resumed with fewer workers (and another checkpoint
+    interval): the same run, since batches and augmentation seeds are functions of (seed, step) alone."""
     sets = (f"train.num_workers={workers}",)
     full = train(load_cfg(world, tmp_path / "full", *sets), show_progress=False)
     assert full.stopped == "finished" and [r["step"] for r in full.losses] == list(range(6))
@@ -45,7 +47,8 @@ def test_resume_equals_uninterrupted(world, tmp_path, workers):
     part = train(load_cfg(world, tmp_path / "part", *sets), max_steps=3, show_progress=False)
     assert part.stopped == "max_steps" and part.step == 3
     assert load_checkpoint(tmp_path / "part" / "last.pt")["step"] == 3
-    rest = train(load_cfg(world, tmp_path / "part", *sets), resume=True, show_progress=False)
+    later = (f"train.num_workers={resumed_with}",) + (("train.checkpoint_every=2",) if resumed_with != workers else ())
+    rest = train(load_cfg(world, tmp_path / "part", *later), resume=True, show_progress=False)
     assert rest.stopped == "finished" and [r["step"] for r in rest.losses] == [3, 4, 5]
 
     # bit-identical on CPU: same batches and augmentation seeds (StepSampler), RNG + memory bank + BN

@@ -171,9 +171,9 @@ def _teacher_prior(loss_fn: CLIPS4Loss, clip_url: str, image_ids: list[str], kno
 
 def run_folder(cfg: Config, dataset: Dataset) -> tuple[Path, str]:
     """(output folder, fingerprint) of the run ``cfg`` defines: ``train.out``, else the cache folder named by the
-    fingerprint (``train.iterations`` left out, so a run can be lengthened)."""
+    fingerprint (the :data:`OPERATIONAL` keys left out, so a run can be lengthened or resumed with fewer workers)."""
     p: TrainParams = cfg.params("train")  # type: ignore[assignment]
-    url, fp, _ = stage_url(_without_iterations(cfg), "train", dataset)
+    url, fp, _ = stage_url(_run_identity(cfg), "train", dataset)
     out = Path(p.out) if p.out else Path(url)
     if "://" in str(out) and not str(out).startswith("file://"):
         raise TrainingError(f"training output {out} must be a local folder (set train.out)")
@@ -549,14 +549,16 @@ def _mean_over_ranks(values: dict[str, float], world: int) -> dict[str, float]:
     return {k: float(v) / world for k, v in zip(keys, t.tolist())}
 
 
-def _without_iterations(cfg: Config) -> Config:
-    """``cfg`` without ``train.iterations``: the iteration count is not part of what identifies a run (its
-    fingerprint, folder and checkpoint compatibility), so ``--resume --iterations N`` can lengthen or shorten it."""
+def _run_identity(cfg: Config) -> Config:
+    """``cfg`` without the train keys in :data:`OPERATIONAL` (``iterations``, ``num_workers``, ...): they are not
+    part of what identifies a run (its fingerprint, folder and checkpoint compatibility), so ``--resume`` can
+    lengthen or shorten it, or continue a run killed for its loader's memory with fewer workers. Left at their
+    defaults they change nothing, so the fingerprints of such runs are the ones they always had."""
     decl = cfg.stages.get("train")
-    if decl is None or "iterations" not in decl.params:
+    if decl is None or not set(decl.params) & set(OPERATIONAL):
         return cfg
     c = cfg.model_copy(deep=True)
-    c.stages["train"].params = {k: v for k, v in decl.params.items() if k != "iterations"}
+    c.stages["train"].params = {k: v for k, v in decl.params.items() if k not in OPERATIONAL}
     return c
 
 
