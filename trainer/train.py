@@ -248,8 +248,9 @@ def _train(cfg: Config, dataset: Dataset, out: Path, fp: str, resume: bool, rest
     schedule = [{"from_step": 0, "iterations": p.iterations}]
     last, final = out / "last.pt", out / "final.pt"
     if final.exists() and not restart:
-        _same_run_or_fail(out, p, deps)
-        done_at = _finished_step(out)
+        meta = _run_meta(out)
+        _same_run_or_fail(out, meta, p, deps)
+        done_at = _finished_step(out, meta)
         if done_at >= p.iterations:
             console.print(f"[green]nothing left to do[/]: {final} exists (finished at step {done_at}, "
                           f"train.iterations={p.iterations})")
@@ -562,12 +563,20 @@ def _run_identity(cfg: Config) -> Config:
     return c
 
 
-def _finished_step(out: Path) -> int:
-    """Step of ``final.pt``, from meta.json (written with it) or, for older runs, the checkpoint itself."""
+def _run_meta(out: Path) -> dict | None:
+    """meta.json of the finished run in ``out`` (written with ``final.pt``); None for older runs without one."""
     try:
         meta = json.loads((out / "meta.json").read_text())
-        return int(meta["step"])
-    except (OSError, ValueError, KeyError, TypeError):
+    except (OSError, ValueError):
+        return None
+    return meta if isinstance(meta, dict) else None
+
+
+def _finished_step(out: Path, meta: dict | None) -> int:
+    """Step of ``final.pt``, from its meta.json or, for older runs, the checkpoint itself."""
+    try:
+        return int(meta["step"])  # type: ignore[index]
+    except (KeyError, TypeError, ValueError):
         return int(load_checkpoint(out / "final.pt")["step"])
 
 
@@ -576,12 +585,11 @@ def _finished_step(out: Path) -> int:
 OPERATIONAL = ("iterations", "out", "num_workers", "cache_images", "checkpoint_every", "log_every", "device")
 
 
-def _same_run_or_fail(out: Path, p: TrainParams, deps: dict) -> None:
-    """A finished run in ``out`` trained with other train params is not this run: say which keys differ instead of
-    "nothing left to do" over a model the config does not describe (other input caches: a warning)."""
-    try:
-        meta = json.loads((out / "meta.json").read_text())
-    except (OSError, ValueError):
+def _same_run_or_fail(out: Path, meta: dict | None, p: TrainParams, deps: dict) -> None:
+    """A finished run in ``out`` (its ``meta``) trained with other train params is not this run: say which keys
+    differ instead of "nothing left to do" over a model the config does not describe (other input caches: a
+    warning)."""
+    if meta is None:
         return  # older runs without meta.json: the checkpoint signature is checked on resume
     mine, theirs = p.model_dump(mode="json"), meta.get("params") or {}
     # a key the run does not record is newer than the run (added with a default that keeps the old behaviour)
