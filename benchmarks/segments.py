@@ -10,7 +10,7 @@ throughput with 2 vs 1 Ray workers.
 
     .venv/bin/python benchmarks/segments.py [--split val] [--limit N] [--thresholds 99] [--detectors classical,learned]
 
-Targets (issue 11): learned contour ODS >= 0.72 and UCM ODS >= 0.70 on val; <= 0.5 s per 321x481 image on
+Targets: learned contour ODS >= 0.72 and UCM ODS >= 0.70 on val; <= 0.5 s per 321x481 image on
 one thread; evaluate boundaries 2 vs 1 Ray workers >= 1.8x.
 """
 

@@ -26,7 +26,7 @@ worlds. Targets: student >= teacher + 5 in every world, >= +10 on average, no cl
 teacher.
 
     .venv/bin/python benchmarks/synthetic_world.py --sweep [--worlds a,b] [--seeds 0,1] [--no-ablation]
-        [--rows a,b] [--row "NAME: KEY=VALUE ..."] [--n-train 64 --iterations 600 (the earlier, smaller budget)]
+        [--rows a,b] [--row "NAME: KEY=VALUE ..."] [--n-train 64 --iterations 600 (a smaller budget)]
 """
 from __future__ import annotations
 
@@ -65,10 +65,10 @@ def train_run(cfg_path: Path, out: Path, overrides: list[str]) -> tuple[Path, fl
 #: rebuild that stage for the row; every other override is a training one.
 PAPER_VIEWS = ["train.augment.photometric=imposed", "train.augment.channel_shuffle_p=0", "train.augment.invert_p=0",
                "train.augment.geometric=imposed", "train.augment.zoom=null", "train.augment.scale=[0.25,1.0]"]
-#: the defaults of stop 24 (issue 12): hard pseudo-labels, the one-way collapse guard
-STOP24 = ["train.pseudo_labels=hard", "train.soft_target_temperature=null", "train.calibration=raise"]
-#: before issue 12: the paper's views, a temperature in L_s, unknown prototypes drawn uniformly
-OLD_DEFAULTS = [*PAPER_VIEWS, "prototypes.unknown_pool=1.0", *STOP24]
+#: hard pseudo-labels with the one-way collapse guard (``raise``)
+HARD_RAISE = ["train.pseudo_labels=hard", "train.soft_target_temperature=null", "train.calibration=raise"]
+#: the paper's views and unknown prototypes drawn uniformly, with a temperature in L_s, hard targets and ``raise``
+PAPER_VIEWS_UNIFORM = [*PAPER_VIEWS, "prototypes.unknown_pool=1.0", *HARD_RAISE]
 SWEEP_ROWS = [
     ("defaults", [], False),
     ("- L_t", ["train.w_t=0"], False),
@@ -78,7 +78,7 @@ SWEEP_ROWS = [
     ("hard pseudo-labels", ["train.pseudo_labels=hard"], False),
     ("soft tau_q 10", ["train.soft_target_temperature=null"], False),
     ("raise calibration", ["train.calibration=raise"], False),
-    ("stop-24 defaults", STOP24, False),
+    ("hard targets, raise calibration", HARD_RAISE, False),
     ("paper geometry", ["train.augment.geometric=imposed", "train.augment.zoom=null", "train.augment.scale=[0.25,1.0]"],
      False),
     ("imposed photometric", ["train.augment.photometric=imposed"], False),
@@ -92,22 +92,22 @@ SWEEP_ROWS = [
     ("k 36", ["train.n_segments=36"], False),
     ("tau 1", ["train.semantic_temperature=1"], False),
     ("teacher variants", ["train.augment.photometric=teacher"], True),
-    ("paper", [*OLD_DEFAULTS, "train.semantic_temperature=1", "train.calibration=none"], False),
-    ("old defaults", OLD_DEFAULTS, False),
+    ("paper", [*PAPER_VIEWS_UNIFORM, "train.semantic_temperature=1", "train.calibration=none"], False),
+    ("paper views, uniform unknowns", PAPER_VIEWS_UNIFORM, False),
 ]
 #: the defaults' checkpoint with every class's frequency matched to the teacher's (``--prior-matching train
 #: --prior-mode match``; clips4.trainer.calibration)
 PM = "defaults + prior matching"
 #: suffix of a row evaluated without the class calibration stored in its checkpoint (``--prior-matching none``)
 UNCAL = " (uncalibrated)"
-#: the sweep's budget: 512 train images and 3000 iterations. At 64 images / 600 iterations (the budget before)
-#: the student imitated even a *noise-free* teacher well on the train images and not on held-out ones (README,
-#: "The per-class target"): the per-class drops were the tiny student's generalisation from 64 images.
-#: ``--n-train 64 --iterations 600`` gives the earlier protocol back.
+#: the sweep's budget: 512 train images and 3000 iterations. At 64 images / 600 iterations
+#: the student imitates even a *noise-free* teacher well on the train images and not on held-out ones: the
+#: per-class drops there are the tiny student's generalisation from 64 images. ``--n-train 64 --iterations 600``
+#: runs that smaller budget.
 SWEEP_N_TRAIN = 512
 #: the sweep's val images. The per-class target compares one class's IoU between two models, and on 24 images
-#: (the count before) that difference has a standard deviation of about 5 points, the size of the target: one
-#: checkpoint scored on ten disjoint blocks of 24 images gave worst drops from -1.5 to 14.7 (README, "How noisy is
+#: that difference has a standard deviation of about 5 points, the size of the target: one
+#: checkpoint scored on ten disjoint blocks of 24 images gave worst drops from -1.5 to 14.7 (docs/results.md, "How noisy is
 #: the per-class figure"). On 240 it is about 1.6; scoring costs about 10 s per checkpoint, training minutes.
 SWEEP_N_VAL = 240
 SWEEP_TRAIN = ["train.iterations=3000", "train.batch_size=4", "train.crop_size=64", "train.num_workers=0",

@@ -59,8 +59,8 @@ def train_contours(
     init: Optional[str] = typer.Option(None, "--init", help="Start from these EdgeNet weights (edges.pt of the same --width) instead of a random initialisation: fine-tuning. Ignored when resuming."),
     wait: bool = WaitOpt, wait_timeout: Optional[float] = WaitTimeoutOpt,
 ) -> dict:
-    """Train the learned contour detector (EdgeNet) from scratch on BSDS; resumes from --out by default. Ship the
-    result with ``data/contours`` (see its MODEL_CARD.md) and bump the segments stage version."""
+    """Train the learned contour detector (EdgeNet) from scratch on BSDS; resumes from --out by default. Writes
+    --out/edges.onnx, which the segments stage uses with ``segments.detector_params: {path: FILE}``."""
     from clips4.trainer.edges import EdgeTrainError, EdgeTrainParams, train_edges
 
     sp = tuple(s.strip() for s in splits.split(",") if s.strip())

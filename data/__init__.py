@@ -1,6 +1,6 @@
 """Bundled data that clips4 needs at run time: class-name lists, the 85 prompt templates, configs.
 
-Users have no ``../shared``; these copies travel in the wheel (see SOURCES in the README).
+These copies travel in the wheel (their sources: docs/datasets.md, "Class names and prompts").
 """
 from __future__ import annotations
 

@@ -3,7 +3,7 @@
 The student should be invariant to a transform exactly when its teacher is: views transformed on the student's
 side only (the paper's SimCLR set) tell it to ignore what the transform changes, which is right for a teacher
 that reads shape and texture (CLIP on photographs, mostly) and wrong for one whose classes differ by colour
-levels — then the student merges those classes (README, the synthetic sweep). ``train.augment.photometric:
+levels — then the student merges those classes (docs/results.md, the synthetic sweep). ``train.augment.photometric:
 auto`` imposes only the families measured here as invariant.
 
 Per family (``FAMILIES``) the teacher runs on each sampled image transformed by that family's probes (at the

@@ -1,5 +1,5 @@
 """The code of the pipeline stages that stages.yaml names (`run:`): per-image processors and the prototypes builder
-(the stage protocol: :func:`clips4.pipeline.config.stage_object`; the README's "Adding a stage").
+(the stage protocol: :func:`clips4.pipeline.config.stage_object`; docs/design.md, "Adding a stage or a backend").
 
 A processor is built once per worker (models and detectors load once) and called on batches of records.
 It never raises for one bad image: that image becomes a failed ``ItemResult`` whose message names it.

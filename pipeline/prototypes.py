@@ -517,7 +517,7 @@ def unknown_prototypes(sample_source, u: int = 64, seed: int = 0, *, text_emb: n
     ``max_k softmax_k(logit_scale · sim(i_s, t_k))``), measured on a uniform sample of ``max(64·u, 4096)``
     segments (same reservoir; exact, batch-independent scores). A random segment of a known class as an unknown
     prototype instead takes over that class's segments in L_s, and where it mixes classes the student reads them
-    as the wrong one (README, synthetic sweep). ``pool = 1``: the paper's uniform draw.
+    as the wrong one (docs/results.md, the synthetic sweep). ``pool = 1``: the paper's uniform draw.
     """
     u = int(u)
     if not 0 < pool <= 1:

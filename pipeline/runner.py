@@ -193,7 +193,7 @@ def _probe_cluster(address: str, timeout_s: float) -> None:
     hint = ""
     if "auth" in text.lower() or "token" in text.lower():
         hint = (" The cluster requires token authentication: export RAY_AUTH_MODE=token and the cluster's token as "
-                "RAY_AUTH_TOKEN (or RAY_AUTH_TOKEN_PATH=file, or put it in ~/.ray/auth_token); see README, 'Ray clusters'.")
+                "RAY_AUTH_TOKEN (or RAY_AUTH_TOKEN_PATH=file, or put it in ~/.ray/auth_token); see docs/operations.md, 'Ray'.")
     elif "Could not find any running Ray instance" in text or "ConnectionError" in text:
         hint = " No Ray cluster is running there: start one (`ray start --head`) or use --address local."
     last = [ln for ln in out.strip().splitlines() if ln.strip()][-3:]

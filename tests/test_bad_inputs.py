@@ -1,4 +1,4 @@
-"""Issue 9, defect 8: an unreadable sub-folder of a folder dataset is reported, not skipped silently; embeddings of
+"""An unreadable sub-folder of a folder dataset is reported, not skipped silently; embeddings of
 different widths give an error naming both widths, not a numpy/torch shape error."""
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Issue 9, defect 4: DAVIS ground truth is matched to frames by name; ``evaluate davis`` keeps finished sequences."""
+"""DAVIS ground truth is matched to frames by name; ``evaluate davis`` keeps finished sequences."""
 from __future__ import annotations
 
 import json

@@ -1,5 +1,5 @@
 """The teacher's measured photometric invariances (clips4.pipeline.invariances) and ``photometric: auto``, which
-imposes on the student only what its teacher ignores (issue 12)."""
+imposes on the student only what its teacher ignores."""
 from __future__ import annotations
 
 import json

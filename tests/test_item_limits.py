@@ -1,4 +1,4 @@
-"""Issue 9, defect 5: size limits checked from the header before decoding, a per-item time limit, and Pillow's
+"""Size limits checked from the header before decoding, a per-item time limit, and Pillow's
 decompression-bomb guard left on."""
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """Ray as users run it: a two-node cluster started with `ray start`, a node lost mid-run, bounded connects, and no
-Ray process outliving a killed driver (issues 9 and 10). Every test stops only the processes it started."""
+Ray process outliving a killed driver. Every test stops only the processes it started."""
 from __future__ import annotations
 
 import os

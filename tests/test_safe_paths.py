@@ -1,4 +1,4 @@
-"""Issue 9, defect 1: ids and sequence names from split files must not escape the folders they are joined to."""
+"""Ids and sequence names from split files must not escape the folders they are joined to."""
 from __future__ import annotations
 
 import hashlib

@@ -1,5 +1,5 @@
 """Unattended runs of a stage: infrastructure errors vs item errors, earlier failures, corrupt parts, locks,
-garbage, cron-grade logs and signals (issue 9, defects 2, 3, 6, 7)."""
+garbage, cron-grade logs and signals."""
 from __future__ import annotations
 
 import errno

@@ -1,4 +1,4 @@
-"""Unattended training (issue 9): SIGTERM/SIGINT write a checkpoint at the current step and exit 143/130, and the
+"""Unattended training: SIGTERM/SIGINT write a checkpoint at the current step and exit 143/130, and the
 resumed run equals an uninterrupted one; ``--resume --iterations N`` lengthens or shortens a run; a missing
 TensorBoard is reported once."""
 from __future__ import annotations

@@ -44,13 +44,13 @@ MODES = get_args(CalibrationMode)
 #: the collapse guard raises a class the student predicts at under this share of the teacher's frequency
 #: (``train.calibration_ratio``'s default). 0.85, not 0.5: in the yellow synthetic worlds a shrinking class sat at
 #: 0.42-0.72 of its (segment-pooled) share and cost its IoU 5-8 points; it also fires at 0.76-0.85 on classes the
-#: teacher over-predicts, at a cost of up to 5 mIoU (README, "The class calibration")
+#: teacher over-predicts, at a cost of up to 5 mIoU (docs/design.md, "The class calibration")
 COLLAPSE_RATIO: float = TrainParams.model_fields["calibration_ratio"].default
 
 #: the collapse guard raises a class by at most this many median margins (top-1 minus top-2 score over the fitted
 #: pixels; ``train.calibration_max_margins``'s default). A bias is a threshold correction; past the network's own
 #: typical margin it overrides it and paints the class on pixels it does not rank near the top (seen: a 30-step
-#: student got +21 on cosines). Every helpful raise measured on the sweep used 0.11-0.88 margins (README)
+#: student got +21 on cosines). Every helpful raise measured on the sweep used 0.11-0.88 margins
 MAX_BIAS_MARGINS: float = TrainParams.model_fields["calibration_max_margins"].default
 
 

@@ -24,7 +24,7 @@ class AugmentParams(Strict):
     #: resolution (log-uniform; (1, 1) = crops at native scale, as the student sees images at test time), or
     #: ``scale`` = RandomResizedCrop area-fraction range (the paper's SimCLR views, e.g. (0.25, 1.0); zoom: null).
     #: On the synthetic sweep, rescaled crops whose target is the teacher on the unscaled image teach the student
-    #: to ignore texture frequency, and classes that differ by it collapse (README): hence ``geometric: auto``
+    #: to ignore texture frequency, and classes that differ by it collapse (docs/results.md): hence ``geometric: auto``
     zoom: FloatPair | None = (0.7, 1.4)
     scale: FloatPair | None = None
     #: aspect-ratio range of the crop box (the view itself is square)
@@ -48,7 +48,7 @@ class AugmentParams(Strict):
     #: from the teacher's cached photometric variants, target = teacher on that variant (needs
     #: ``clip_features.photometric_variants > 0``); ``none``: no photometric transform.
     #: Default ``auto``: on the synthetic sweep, imposed views make the student merge classes that differ by colour
-    #: (README, "Why similar classes collapsed"), and no views let it take colour shortcuts where its teacher
+    #: (docs/results.md), and no views let it take colour shortcuts where its teacher
     #: reads texture; imposing what the teacher ignores handles both
     photometric: Literal["auto", "imposed", "teacher", "none"] = "auto"
 
@@ -100,7 +100,7 @@ class TrainParams(Strict):
     #: distribution over the known classes' *text* embeddings against the teacher's (the segment-mean CLIP
     #: feature), both ``softmax(text_temperature · cos(·, T))``. Why: L_s and L_u see the classes only through the
     #: segment prototypes, L_e the whole embedding; none keeps how the student ranks two near-duplicate classes'
-    #: texts, which is what evaluation and the class calibration read. Measured (README, "Class-text distillation"):
+    #: texts, which is what evaluation and the class calibration read. Measured on the synthetic worlds:
     #: w_x 3 fixes the long-budget drift of the yellow worlds but copies the teacher's confusions where the student
     #: beats it by separating near-duplicates, hence an option
     w_x: float = Field(default=0.0, ge=0)
@@ -115,7 +115,7 @@ class TrainParams(Strict):
     #: marginals of the batch, student to teacher); see clips4.trainer.losses. ``soft`` (with τ_q 30, below): a
     #: segment the teacher reads by a one-point plurality (two near-duplicates at 0.33 / 0.32) is not taught as the
     #: winner's alone, which is how hard targets collapse the runner-up; measured on 40 world-seeds of the sweep
-    #: (README, "The defaults (since stop 25)"); ``hard`` + ``calibration: none`` is the paper (``--config paper``)
+    #: (docs/results.md, "The sweep of synthetic worlds"); ``hard`` + ``calibration: none`` is the paper (``--config paper``)
     pseudo_labels: Literal["hard", "weighted", "soft", "aligned"] = "soft"
     #: τ_q of the teacher's distribution ``softmax(τ_q·cos(i_s, C))`` that ``weighted``, ``soft`` and ``aligned`` read
     #: (None = ``semantic_temperature``). 30, not 10: at 10 soft targets are nearly flat where the teacher hardly
@@ -154,7 +154,7 @@ class TrainParams(Strict):
     calibration_images: int = Field(default=512, ge=1)
     #: ``raise`` never raises a class by more than this many median margins of the student's scores (top-1 minus
     #: top-2): past that, a bias overrides the network instead of correcting its threshold (a 30-step student got
-    #: +21 on cosines). 2, not 1: helpful raises measured on the sweep used up to 0.88 (README)
+    #: +21 on cosines). 2, not 1: helpful raises measured on the sweep used up to 0.88 (docs/results.md)
     calibration_max_margins: float = Field(default=2.0, gt=0)
     n_segments: int = Field(default=36, ge=2)
     kmeans_iters: int = Field(default=10, ge=1)

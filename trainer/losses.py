@@ -25,7 +25,7 @@ Design choices (see ``LossConfig`` for the knobs):
 - L_s (Eq. 3): ``y_s = argmax_l cos(i_s, c_l)`` over known + unknown prototypes (no grad); cross entropy of
   ``softmax(τ · cos(v_s, C))``. The paper writes ``softmax(sim)`` (τ = 1, ``semantic_temperature: 1``); on
   cosines in [-1, 1] that softmax is almost uniform and its gradient weak. Default ``τ = 10`` = κ, kept because
-  the synthetic sweep measured it: τ = 1 was equal or worse in every world (README). Prototypes are detached.
+  the synthetic sweep measured it: τ = 1 was equal or worse in every world (docs/results.md). Prototypes are detached.
 - L_u (Eq. 4): ``mean_{s: y_s unknown} (1 - cos(c_{y_s}, i_s))`` with ``i_s`` detached: its gradient reaches only
   the unknown prototypes (an ``nn.Parameter`` in :class:`Prototypes`, normalised on use, re-normalise after
   the optimiser step with ``Prototypes.renormalize_()``). ``unknown_update='ema'`` instead moves them by an
