@@ -412,7 +412,11 @@ def _format_errors(err: ValidationError, lines: dict[tuple, str], prefix: tuple 
                 f"; valid keys: {', '.join(allowed)}" if allowed else ""
             )
         elif e["type"] == "literal_error":
-            msg = f"{msg} (got {e.get('input')!r})"
+            import re
+
+            choices = re.findall(r"'([^']*)'", str((e.get("ctx") or {}).get("expected", "")))
+            close = difflib.get_close_matches(str(e.get("input")), choices, n=1)
+            msg = f"{msg} (got {e.get('input')!r}" + (f"; did you mean {close[0]!r}?)" if close else ")")
         msgs.append(f"  {dotted}: {msg}" + (f"  [{where}]" if where else ""))
     return "\n".join(msgs)
 

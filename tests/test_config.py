@@ -35,6 +35,14 @@ def test_typo_reports_path_line_and_valid_keys(tmp_path):
     assert "did you mean 'ucm_threshold'" in msg and "max_segments" in msg
 
 
+def test_a_misspelt_choice_gets_the_closest_one():
+    with pytest.raises(ConfigError, match=r"got 'vocc'; did you mean 'voc'\?"):
+        load_config(REPO / "stages.yaml", None, ["dataset.kind=vocc"])
+    with pytest.raises(ConfigError) as e:  # nothing close: no guess
+        load_config(REPO / "stages.yaml", None, ["dataset.kind=zzzzzz"])
+    assert "did you mean" not in str(e.value) and "'bsds'" in str(e.value)
+
+
 def test_bad_values_list_allowed_choices():
     with pytest.raises(ConfigError, match="'ray' or 'local'"):
         load_config(REPO / "stages.yaml", None, ["ray.executor=spark"])
