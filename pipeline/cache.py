@@ -41,7 +41,10 @@ ERRORS = "errors.parquet"
 META = "meta.json"
 #: open Zarr arrays a reader keeps (each holds its metadata and a store handle)
 _MAX_OPEN_ARRAYS = 512
-_BASE_COLUMNS = ("image_id", "path", "split", "gt_path", "height", "width", "source_sig", "status", "error", "part", "seconds")
+_BASE_COLUMNS = ("image_id", "path", "split", "gt_path", "height", "width", "source_sig", "status", "error", "part", "seconds",
+                 "part_files")
+#: columns that hold ids and paths (stored losslessly, see clips4.pipeline.names)
+_ID_COLUMNS = ("image_id", "path", "gt_path")
 
 
 class CacheError(RuntimeError):
@@ -101,9 +104,20 @@ def commit_files(url: str, names: list[str], meta: dict | None = None) -> None:
 
     if meta is not None:
         write_bytes_atomic(url_join(url, META), json.dumps(meta, indent=2, default=str).encode())
-    rows = [{"image_id": n, "status": "ok", "error": "", "part": "", "sha256": file_sha256(url_join(url, n))}
-            for n in names]
+    fs, _ = _fs(url)
+    rows = [{"image_id": n, "status": "ok", "error": "", "part": "", "sha256": file_sha256(url_join(url, n)),
+             "size": int(fs.size(_fs(url_join(url, n))[1]))} for n in names]
     write_parquet_atomic(url_join(url, INDEX), pa.Table.from_pylist(rows))
+
+
+def _sha256(fs, path: str) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with fs.open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def new_part_id() -> str:
@@ -142,9 +156,19 @@ class StageWriter:
 
     # -- parts ---------------------------------------------------------------------------------------
     def write_part(self, part: str, rows: list[dict], results: list[ItemResult]) -> None:
-        """Write arrays, then tables, then the part's rows (the part's commit record)."""
+        """Write arrays, then tables, then the part's rows (the part's commit record).
+
+        Ids and paths are stored losslessly (:func:`clips4.pipeline.names.to_stored`: a file name that is not
+        UTF-8 is never a reason to fail a batch). Every row carries ``part_files``: JSON of the part's files
+        (relative path -> [size, sha256]), so that readers and :func:`verify_stage` can tell a damaged file."""
         import zarr
 
+        from clips4.pipeline.names import safe_text, to_stored
+
+        for row in rows:
+            for k, v in row.items():
+                if isinstance(v, str):
+                    row[k] = to_stored(v) if k in _ID_COLUMNS else safe_text(v)
         fields: dict[str, list[tuple[int, np.ndarray]]] = {}
         for i, res in enumerate(results):
             for name, arr in res.arrays.items():
@@ -185,7 +209,26 @@ class StageWriter:
         for tname, ts in tables.items():
             t = pa.concat_tables(ts, promote_options="permissive")
             write_parquet_atomic(url_join(self.url, "tables", tname, f"{part}.parquet"), t)
-        write_parquet_atomic(url_join(self.url, "parts", f"{part}.parquet"), pa.Table.from_pylist(rows))
+        manifest = json.dumps(self._manifest(part, bool(fields), list(tables)), sort_keys=True, separators=(",", ":"))
+        for row in rows:
+            row["part_files"] = manifest
+        # every key of every row (from_pylist takes the columns of the first row only: a failed first image would
+        # drop the arrays' offsets of the whole part)
+        keys = list(dict.fromkeys(k for row in rows for k in row))
+        table = pa.Table.from_pylist([{k: row.get(k) for k in keys} for row in rows])
+        write_parquet_atomic(url_join(self.url, "parts", f"{part}.parquet"), table)
+
+    def _manifest(self, part: str, arrays: bool, tables: list[str]) -> dict[str, list]:
+        """relative path -> [size, sha256] of the files this part wrote (its Zarr folder and table files)."""
+        paths = []
+        if arrays:
+            paths += [p for p in self.fs.find(f"{self.path}/parts/{part}.zarr") if ".tmp-" not in p]
+        paths += [f"{self.path}/tables/{t}/{part}.parquet" for t in tables]
+        out = {}
+        for p in sorted(paths):
+            rel = p[len(self.path) + 1:]
+            out[rel] = [int(self.fs.size(p)), _sha256(self.fs, p)]
+        return out
 
     def part_rows(self, quarantine: bool = False, incremental: bool = False) -> pa.Table | None:
         """Rows of every completed part (committed or not), newest part last.
@@ -333,10 +376,18 @@ class StageReader:
             raise CacheError(
                 f"{self.url} is not a finished stage output (no {INDEX}); run the stage, or it was interrupted"
             )
-        self.all_rows = read_parquet(url_join(self.url, INDEX))
+        try:
+            self.all_rows = read_parquet(url_join(self.url, INDEX))
+        except (pa.ArrowException, OSError, ValueError) as exc:
+            raise CacheError(_damaged_message(self.url, f"{self.path}/{INDEX}", [], _short(exc))) from None
         ok = pa.compute.equal(self.all_rows["status"], "ok")
         self.index = self.all_rows.filter(ok)
-        self._pos = {img: i for i, img in enumerate(self.index["image_id"].to_pylist())}
+        from clips4.pipeline.names import from_stored
+
+        self._pos = {from_stored(img): i for i, img in enumerate(self.index["image_id"].to_pylist())}
+        #: part -> {relative path: [size, sha256]} (parts written before manifests existed: absent)
+        self._manifests: dict[str, dict] = {}
+        self._checked: set[str] = set()
         # open Zarr arrays, most recently used last; bounded, since a long training run touches every part
         self._arrays: "OrderedDict[tuple[str, str], Any]" = OrderedDict()
         with self.fs.open(f"{self.path}/{META}", "r") as f:
@@ -344,7 +395,9 @@ class StageReader:
 
     @property
     def image_ids(self) -> list[str]:
-        return self.index["image_id"].to_pylist()
+        from clips4.pipeline.names import from_stored
+
+        return [from_stored(i) for i in self.index["image_id"].to_pylist()]
 
     @property
     def fingerprint(self) -> str:
@@ -361,7 +414,40 @@ class StageReader:
             i = self._pos[image_id]
         except KeyError:
             raise CacheError(f"image {image_id!r} is not in {self.url}") from None
-        return {k: v[0] for k, v in self.index.slice(i, 1).to_pydict().items()}
+        from clips4.pipeline.names import from_stored
+
+        return {k: (from_stored(v[0]) if k in _ID_COLUMNS else v[0]) for k, v in self.index.slice(i, 1).to_pydict().items()}
+
+    def _manifest(self, part: str) -> dict:
+        if not self._manifests and "part_files" in self.index.column_names:
+            for p, m in zip(self.index["part"].to_pylist(), self.index["part_files"].to_pylist()):
+                if p not in self._manifests and m:
+                    self._manifests[p] = json.loads(m)
+        return self._manifests.get(part, {})
+
+    def _part_images(self, part: str) -> list[str]:
+        from clips4.pipeline.names import from_stored
+
+        mask = pa.compute.equal(self.index["part"], part)
+        return [from_stored(i) for i in self.index.filter(mask)["image_id"].to_pylist()]
+
+    def _check_files(self, part: str, prefix: str) -> None:
+        """Sizes of ``part``'s files under ``prefix`` (relative) against its manifest, once per reader."""
+        key = f"{part}\0{prefix}"
+        if key in self._checked:
+            return
+        for rel, (size, _sha) in self._manifest(part).items():
+            if not rel.startswith(prefix):
+                continue
+            try:
+                have = int(self.fs.size(f"{self.path}/{rel}"))
+            except FileNotFoundError:
+                raise CacheError(_damaged_message(self.url, f"{self.path}/{rel}", self._part_images(part),
+                                                  "the file is missing")) from None
+            if have != size:
+                raise CacheError(_damaged_message(self.url, f"{self.path}/{rel}", self._part_images(part),
+                                                  f"{have} bytes, {size} written (truncated or replaced)"))
+        self._checked.add(key)
 
     def record(self, image_id: str) -> ImageRecord:
         r = self.row(image_id)
@@ -393,7 +479,15 @@ class StageReader:
         shape = tuple(r[f"{name}__shape"])
         n = int(np.prod(shape[:2])) if len(shape) >= 2 else int(shape[0])
         off = int(r[f"{name}__offset"])
-        data = self._array(r["part"], name)[off : off + n]
+        part = r["part"]
+        self._check_files(part, f"parts/{part}.zarr/{name}/")
+        try:
+            data = self._array(part, name)[off : off + n]
+        except Exception as exc:  # noqa: BLE001 - a checksum mismatch, a short shard: name the file and the image
+            if isinstance(exc, MemoryError):
+                raise
+            raise CacheError(_damaged_message(self.url, f"{self.path}/parts/{part}.zarr/{name}", [image_id],
+                                              _short(exc))) from None
         return np.asarray(data).reshape(shape)
 
     def table_files(self, name: str) -> list[tuple[str, str]]:
@@ -412,20 +506,34 @@ class StageReader:
             by_part.setdefault(part, []).append(img)
         for f, part in self.table_files(name):
             valid = pa.array(sorted(by_part.get(part, ())), type=pa.string())
+            rel = f[len(self.path) + 1:]
+            listed = rel in self._manifest(part)
+            if listed:
+                self._check_files(part, rel)
             try:
                 fh = self.fs.open(f, "rb")
             except FileNotFoundError:  # this part's images wrote no rows of this table
+                if listed:
+                    raise CacheError(_damaged_message(self.url, f, self._part_images(part), "the file is missing")) from None
                 continue
             with fh:
-                pf = pq.ParquetFile(fh)
-                cols = None if columns is None else list(dict.fromkeys([*columns, "image_id"]))
-                for batch in pf.iter_batches(batch_size=batch_size, columns=cols):
-                    mask = pa.compute.is_in(batch.column("image_id"), value_set=valid)
-                    out = batch.filter(mask)
-                    if columns is not None and "image_id" not in columns:
-                        out = out.drop_columns(["image_id"])
-                    if out.num_rows:
-                        yield out
+                try:
+                    pf = pq.ParquetFile(fh)
+                    cols = None if columns is None else list(dict.fromkeys([*columns, "image_id"]))
+                    batches = pf.iter_batches(batch_size=batch_size, columns=cols)
+                    while True:
+                        try:
+                            batch = next(batches)
+                        except StopIteration:
+                            break
+                        mask = pa.compute.is_in(batch.column("image_id"), value_set=valid)
+                        out = batch.filter(mask)
+                        if columns is not None and "image_id" not in columns:
+                            out = out.drop_columns(["image_id"])
+                        if out.num_rows:
+                            yield out
+                except (pa.ArrowException, OSError) as exc:
+                    raise CacheError(_damaged_message(self.url, f, self._part_images(part), _short(exc))) from None
 
     def read_table(self, name: str, columns: list[str] | None = None) -> pa.Table:
         batches = list(self.iter_table(name, columns))
@@ -435,6 +543,192 @@ class StageReader:
 
     def errors(self) -> pa.Table:
         return self.all_rows.filter(pa.compute.equal(self.all_rows["status"], "failed"))
+
+
+# --------------------------------------------------------------------------------------------- verifying
+def _short(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())[:300]
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def cache_root_of(url: str) -> str:
+    """The cache root of a stage output URL (``<root>/<dataset key>/<stage>/<fingerprint>``)."""
+    return url.rstrip("/").rsplit("/", 3)[0]
+
+
+def _damaged_message(url: str, file: str, images: list[str], reason: str) -> str:
+    from clips4.pipeline.names import display
+
+    held = ""
+    if images:
+        held = f"; it holds image {display(images[0])}" + (f" and {len(images) - 1} more" if len(images) > 1 else "")
+    return (f"damaged cache file {display(file)} ({reason}){held}. `clips4 cache verify --repair --cache "
+            f"{cache_root_of(url)}` recomputes the affected images")
+
+
+@dataclass
+class CacheProblem:
+    """One damaged file of a finished stage output: what is wrong and which images it holds."""
+
+    url: str          #: the stage output
+    file: str         #: the damaged file (path inside the stage output's file system)
+    reason: str       #: "missing", "123 bytes, 456 written", "sha256 differs", a decoder's error
+    part: str = ""    #: the part it belongs to ("" for a whole-output file or the index)
+    images: list[str] = field(default_factory=list)  #: ids of the images it holds (live form, see names)
+
+    def message(self) -> str:
+        return _damaged_message(self.url, self.file, self.images, self.reason)
+
+    def to_dict(self) -> dict:
+        from clips4.pipeline.names import display
+
+        return {"url": self.url, "file": display(self.file), "reason": self.reason, "part": self.part,
+                "images": [display(i) for i in self.images]}
+
+
+def _file_sizes(fs, path: str) -> dict[str, int]:
+    """relative path -> size of every file under ``path`` (local: os.scandir; object stores: one listing)."""
+    out: dict[str, int] = {}
+    if not _is_local(fs):
+        for p, info in fs.find(path, detail=True).items():
+            if info.get("type", "file") != "directory":
+                out[p[len(path) + 1:]] = int(info.get("size") or 0)
+        return out
+    stack = [path]
+    while stack:
+        try:
+            it = os.scandir(stack.pop())
+        except FileNotFoundError:
+            continue
+        with it:
+            for e in it:
+                if e.is_dir(follow_symlinks=False):
+                    stack.append(e.path)
+                else:
+                    out[e.path[len(path) + 1:]] = e.stat(follow_symlinks=False).st_size
+    return out
+
+
+def verify_stage(url: str, *, checksums: bool = False, sizes: dict[str, int] | None = None) -> list[CacheProblem]:
+    """The damaged files of the finished stage output at ``url`` ([] when all is well or it is not finished).
+
+    Every file the index relies on is checked against what was recorded when it was written: per-image stages
+    record each part's files with size and sha256 (``part_files``), whole-output stages each file's size and
+    sha256 in the index. Sizes are always checked (one listing of the folder, ``sizes`` when the caller has it);
+    with ``checksums`` every file is read and hashed (parts written before these records existed are decoded
+    instead: Zarr's shard checksums, Parquet's structure). Each problem names the file and the images it holds;
+    :func:`quarantine_damaged` moves them aside so that the next run of the stage computes those images again
+    (``clips4 cache verify --repair`` does both)."""
+    from clips4.pipeline.names import from_stored
+
+    url = url.rstrip("/")
+    fs, path = _fs(url)
+    if not fs.exists(f"{path}/{INDEX}"):
+        return []
+    try:
+        index = read_parquet(url_join(url, INDEX))
+    except (pa.ArrowException, OSError, ValueError) as exc:
+        return [CacheProblem(url, f"{path}/{INDEX}", _short(exc))]
+    if sizes is None:
+        sizes = _file_sizes(fs, path)
+    problems: list[CacheProblem] = []
+    cols = index.column_names
+    if "sha256" in cols and "part_files" not in cols:  # a whole-output stage (commit_files)
+        recorded = index.to_pylist()
+        for r in recorded:
+            rel, f = r["image_id"], f"{path}/{r['image_id']}"
+            if rel not in sizes:
+                problems.append(CacheProblem(url, f, "the file is missing"))
+            elif r.get("size") is not None and sizes[rel] != r["size"]:
+                problems.append(CacheProblem(url, f, f"{sizes[rel]} bytes, {r['size']} written (truncated or replaced)"))
+            elif checksums and _sha256(fs, f) != r["sha256"]:
+                problems.append(CacheProblem(url, f, "sha256 differs from the one recorded when it was written"))
+        return problems
+    if "part" not in cols:
+        return [CacheProblem(url, f"{path}/{INDEX}", "the index has no 'part' column")]
+    ok = index.filter(pa.compute.equal(index["status"], "ok")) if "status" in cols else index
+    by_part: dict[str, list[str]] = {}
+    manifests: dict[str, str | None] = {}
+    files_col = ok["part_files"].to_pylist() if "part_files" in cols else [None] * ok.num_rows
+    for img, part, m in zip(ok["image_id"].to_pylist(), ok["part"].to_pylist(), files_col):
+        by_part.setdefault(part, []).append(from_stored(img))
+        if manifests.get(part) is None:
+            manifests[part] = m
+    fields = sorted(c[: -len("__offset")] for c in cols if c.endswith("__offset"))
+    for part, images in sorted(by_part.items()):
+        m = manifests.get(part)
+        if m:
+            for rel, (size, sha) in sorted(json.loads(m).items()):
+                f = f"{path}/{rel}"
+                if rel not in sizes:
+                    problems.append(CacheProblem(url, f, "the file is missing", part, images))
+                elif sizes[rel] != size:
+                    problems.append(CacheProblem(url, f, f"{sizes[rel]} bytes, {size} written (truncated or replaced)",
+                                                 part, images))
+                elif checksums and _sha256(fs, f) != sha:
+                    problems.append(CacheProblem(url, f, "sha256 differs from the one recorded when it was written",
+                                                 part, images))
+        elif checksums:  # written before parts recorded their files: decode what can be decoded
+            problems += _decode_part(url, fs, path, part, images, fields, sizes)
+    return problems
+
+
+def _decode_part(url: str, fs, path: str, part: str, images: list[str], fields: list[str],
+                 sizes: dict[str, int]) -> list[CacheProblem]:
+    import zarr
+
+    out = []
+    for name in fields:
+        if not any(k.startswith(f"parts/{part}.zarr/{name}/") for k in sizes):
+            continue
+        try:
+            np.asarray(zarr.open_array(store=url_join(url, "parts", f"{part}.zarr"), path=name, mode="r")[...])
+        except Exception as exc:  # noqa: BLE001 - any decoder error means the file is damaged
+            out.append(CacheProblem(url, f"{path}/parts/{part}.zarr/{name}", _short(exc), part, images))
+    for rel in sorted(k for k in sizes if k.startswith("tables/") and k.endswith(f"/{part}.parquet")):
+        try:
+            with fs.open(f"{path}/{rel}", "rb") as fh:
+                pq.read_table(fh)
+        except (pa.ArrowException, OSError, ValueError) as exc:
+            out.append(CacheProblem(url, f"{path}/{rel}", _short(exc), part, images))
+    return out
+
+
+def quarantine_damaged(url: str, problems: list[CacheProblem]) -> list[tuple[str, str]]:
+    """Move what ``problems`` name to ``<stage>/quarantine/`` so that the next run of the stage computes their
+    images again: a damaged part goes whole (record, arrays, tables: the index then no longer stands for it); a
+    damaged file of a whole-output stage, or its index, takes the index along (the stage is rebuilt). Returns
+    ``(file, reason)`` of what was moved. The caller must hold the stage lock."""
+    url = url.rstrip("/")
+    fs, path = _fs(url)
+    moved: list[tuple[str, str]] = []
+    qdir = f"{path}/quarantine"
+    fs.makedirs(qdir, exist_ok=True)
+    stamp = new_part_id()
+
+    def move(src: str, reason: str) -> None:
+        rel = src[len(path) + 1:].replace("/", "__")
+        try:
+            fs.mv(src, f"{qdir}/{stamp}-{rel}", recursive=True)
+        except FileNotFoundError:
+            return
+        moved.append((src, reason))
+
+    whole = [p for p in problems if not p.part]
+    for part in sorted({p.part for p in problems if p.part}):
+        reason = "; ".join(f"{os.path.basename(p.file)}: {p.reason}" for p in problems if p.part == part)
+        # the part record first: from then on the part is not complete, whatever is left of it
+        move(f"{path}/parts/{part}.parquet", reason)
+        move(f"{path}/parts/{part}.zarr", reason)
+        for t in fs.glob(f"{path}/tables/*/{part}.parquet"):
+            move(t, reason)
+    if whole:
+        reason = "; ".join(f"{os.path.basename(p.file)}: {p.reason}" for p in whole)
+        move(f"{path}/{INDEX}", reason)
+        for p in whole:
+            if not p.file.endswith(INDEX):
+                move(p.file, p.reason)
+    return moved
 
 
 # --------------------------------------------------------------------------------------------- listing
@@ -466,20 +760,29 @@ def list_stage_outputs(cache_root: str) -> list[dict]:
             meta = json.load(f)
         done = fs.exists(f"{d}/{INDEX}")
         n_ok = n_failed = 0
-        if done:
-            with fs.open(f"{d}/{INDEX}", "rb") as f:
-                status = pq.read_table(f, columns=["status"])["status"].to_pylist()
-            n_ok, n_failed = status.count("ok"), status.count("failed")
         try:
-            size = _du(fs, d)
+            sizes = _file_sizes(fs, d)
+            size = sum(sizes.values())
         except Exception:  # noqa: BLE001 - size is informative only
-            size = 0
+            sizes, size = None, 0
+        problems: list[CacheProblem] = []
+        if done:
+            try:
+                with fs.open(f"{d}/{INDEX}", "rb") as f:
+                    status = pq.read_table(f, columns=["status"])["status"].to_pylist()
+                n_ok, n_failed = status.count("ok"), status.count("failed")
+            except (pa.ArrowException, OSError, ValueError):
+                pass  # verify_stage names it
+            if sizes is not None:
+                url = d if _is_local(fs) else f"{fs.protocol[0] if isinstance(fs.protocol, tuple) else fs.protocol}://{d}"
+                problems = verify_stage(url, sizes=sizes)
         out.append(
             {
                 "dataset": meta.get("dataset", {}).get("key", d.split("/")[-3]),
                 "stage": meta.get("stage", d.split("/")[-2]),
                 "fingerprint": meta.get("fingerprint", d.split("/")[-1]),
-                "state": "done" if done else "incomplete",
+                "state": ("damaged" if problems else "done") if done else "incomplete",
+                "problems": [p.to_dict() for p in problems],
                 "images": n_ok,
                 "failed": n_failed,
                 "bytes": size,

@@ -76,6 +76,19 @@ def test_load_from_checkpoint_file_and_local_dir(tiny_vit):
     np.testing.assert_allclose(np.linalg.norm(t, axis=1), 1.0, atol=1e-5)
 
 
+def test_read_only_images_give_no_torch_warning(tiny_vit):
+    import warnings
+
+    b = OpenClipBackend(tiny_vit.name, tiny_vit.checkpoint, short_side=None, window=64, stride=32, device="cpu")
+    img = np.random.default_rng(0).integers(0, 256, (48, 80, 3), dtype=np.uint8)
+    ro = img.copy()
+    ro.setflags(write=False)  # as PIL's decoded arrays and cached parts are
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        f_ro = b.dense_features([ro])
+    np.testing.assert_array_equal(np.asarray(f_ro[0]), np.asarray(b.dense_features([img])[0]))
+
+
 def test_load_backend_specs(tiny_vit):
     b = load_backend(None, model=tiny_vit.name, pretrained=tiny_vit.checkpoint, device="cpu")
     assert isinstance(b, OpenClipBackend)

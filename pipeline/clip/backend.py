@@ -262,7 +262,9 @@ class OpenClipBackend:
             raise ValueError(f"dense_features expects uint8 images, got {a.dtype}")
         H, W = a.shape[:2]
         H2, W2 = self._target_size(H, W)
-        t = torch.from_numpy(np.ascontiguousarray(a)).to(self.device).permute(2, 0, 1).float().div_(255.0)
+        # a read-only array (decoded by PIL, read from a cache) is copied: torch.from_numpy needs writable memory
+        a = np.ascontiguousarray(a) if a.flags.writeable else np.array(a, order="C")
+        t = torch.from_numpy(a).to(self.device).permute(2, 0, 1).float().div_(255.0)
         if (H2, W2) != (H, W):
             # bicubic as CLIP's preprocessing; antialias for downscaling
             t = F.interpolate(t[None], size=(H2, W2), mode="bicubic", align_corners=False, antialias=True)[0]
