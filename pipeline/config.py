@@ -304,9 +304,65 @@ class _LineLoader(yaml.SafeLoader):
     """Safe loader that remembers the line of every mapping key (for error messages)."""
 
 
+#: a config file larger than this is refused before it is parsed (stages.yaml is a few KiB)
+MAX_CONFIG_BYTES = 1 << 20
+#: at most this many YAML nodes after alias expansion (a real config has hundreds; a "billion laughs" file of
+#: nested aliases expands a 1 KiB text to 10^9 nodes)
+MAX_YAML_NODES = 100_000
+
+
+def _check_expansion(node, source: str) -> None:
+    """Refuse a node graph whose alias expansion exceeds :data:`MAX_YAML_NODES` or that refers to itself.
+    Sizes are memoised per shared node, so the check costs the number of distinct nodes, not their expansion."""
+    sizes: dict[int, int] = {}
+    active: set[int] = set()
+
+    def size(n) -> int:
+        key = id(n)
+        if key in sizes:
+            return sizes[key]
+        if key in active:
+            raise ConfigError(f"{source}: a YAML alias refers to the node that contains it (recursive alias)")
+        active.add(key)
+        total = 1
+        if isinstance(n, yaml.MappingNode):
+            for k, v in n.value:
+                total += size(k) + size(v)
+                if total > MAX_YAML_NODES:
+                    break
+        elif isinstance(n, yaml.SequenceNode):
+            for v in n.value:
+                total += size(v)
+                if total > MAX_YAML_NODES:
+                    break
+        active.discard(key)
+        if total > MAX_YAML_NODES:
+            raise ConfigError(f"{source}: YAML aliases expand to more than {MAX_YAML_NODES} nodes; refused (a config "
+                              "needs a few hundred: write the values out, or use fewer nested aliases)")
+        sizes[key] = total
+        return total
+
+    size(node)
+
+
+def _safe_yaml(text: str, source: str) -> tuple[Any, Any]:
+    """(node, data) of one YAML document, safely: size and alias expansion are bounded before anything is built."""
+    if len(text) > MAX_CONFIG_BYTES:
+        raise ConfigError(f"{source}: {len(text)} bytes, above the limit of {MAX_CONFIG_BYTES} for a config; refused")
+    loader = _LineLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None, None
+        _check_expansion(node, source)
+        return node, loader.construct_document(node)
+    finally:
+        loader.dispose()
+
+
 def _load_with_lines(text: str, source: str) -> tuple[Any, dict[tuple, str]]:
     lines: dict[tuple, str] = {}
-    node = yaml.compose(text, Loader=_LineLoader)
+    node, data = _safe_yaml(text, source)
     if node is None:
         return {}, lines
 
@@ -322,7 +378,7 @@ def _load_with_lines(text: str, source: str) -> tuple[Any, dict[tuple, str]]:
                 walk(v, path + (i,))
 
     walk(node, ())
-    return yaml.load(text, Loader=yaml.SafeLoader), lines
+    return data, lines
 
 
 def _deep_merge(base: dict, over: dict) -> dict:
@@ -355,7 +411,7 @@ def parse_override(item: str, stage_names=()) -> tuple[list[str], Any]:
     if not parts:
         raise ConfigError(f"--set {item!r}: empty path")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = _safe_yaml(raw, f"--set {key.strip()}")[1] if raw.strip() else ""
     except yaml.YAMLError as exc:
         raise ConfigError(f"--set {item!r}: value is not valid YAML ({exc})") from None
     if parts[0] in stage_names and (len(parts) == 1 or parts[1] not in ("run", "params", "deps", "outs")):
@@ -440,12 +496,45 @@ def bundled_configs() -> dict[str, Path]:
 def _config_file(c: str | Path) -> Path:
     """``--config`` value -> file: an existing path, else the name of a bundled config (a file wins)."""
     p = Path(c)
-    if p.is_file() or p.suffix or len(p.parts) > 1:
+    if p.is_dir():
+        raise ConfigError(f"config file {c} is a folder, not a YAML file")
+    if p.is_file() or p.exists() or p.suffix or len(p.parts) > 1:
         return p
     bundled = bundled_configs()
     if str(c) in bundled:
         return bundled[str(c)]
     raise ConfigError(f"config file {c} not found (and not a bundled config: {', '.join(bundled)})")
+
+
+def _read_config_text(f: Path) -> str:
+    """The text of config file ``f``; a folder, a missing, unreadable, non-UTF-8 or oversized file is a
+    :class:`ConfigError` that says which."""
+    import stat
+
+    try:
+        st = f.stat()
+    except FileNotFoundError:
+        raise ConfigError(f"config file {f} not found") from None
+    except OSError as exc:
+        raise ConfigError(f"config file {f}: cannot read it ({exc.strerror or exc})") from None
+    if stat.S_ISDIR(st.st_mode):
+        raise ConfigError(f"config file {f} is a folder, not a YAML file")
+    if not (stat.S_ISREG(st.st_mode) or stat.S_ISCHR(st.st_mode)):
+        raise ConfigError(f"config file {f} is not a regular file")
+    if st.st_size > MAX_CONFIG_BYTES:
+        raise ConfigError(f"config file {f}: {st.st_size} bytes, above the limit of {MAX_CONFIG_BYTES} for a "
+                          "config; refused")
+    try:
+        with open(f, "rb") as fh:
+            raw = fh.read(MAX_CONFIG_BYTES + 1)  # a device (/dev/zero) has no size: read at most the limit
+    except OSError as exc:
+        raise ConfigError(f"config file {f}: cannot read it ({exc.strerror or exc})") from None
+    if len(raw) > MAX_CONFIG_BYTES:
+        raise ConfigError(f"config file {f}: above the limit of {MAX_CONFIG_BYTES} bytes for a config; refused")
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"config file {f} is not UTF-8 text ({exc.reason} at byte {exc.start})") from None
 
 
 def find_stages_yaml(start: Path | None = None) -> Path | None:
@@ -478,11 +567,12 @@ def load_config(
     else:
         files.append(bundled_stages_yaml())
     files += [_config_file(c) for c in configs or []]
-    for f in files:
-        if not f.is_file():
-            raise ConfigError(f"config file {f} not found")
+    for i, f in enumerate(files):
+        text = _read_config_text(f)
+        if i >= len(files) - len(configs or []) and not text.strip():  # a --config that says nothing (/dev/null)
+            raise ConfigError(f"config file {f} is empty")
         try:
-            data, file_lines = _load_with_lines(f.read_text(), str(f))
+            data, file_lines = _load_with_lines(text, str(f))
         except yaml.YAMLError as exc:
             raise ConfigError(f"{f}: not valid YAML: {exc}") from None
         if data is None:

@@ -78,7 +78,7 @@ def segment_row_ids(image_id: str, segment_ids) -> np.ndarray:
     seg = np.asarray(segment_ids, dtype=np.int64)
     if seg.size and (seg.min() < 0 or seg.max() >= 4096):
         raise ValueError(f"{image_id}: segment ids must be in [0, 4096) to form row ids")
-    base = int(hashlib.sha1(image_id.encode()).hexdigest()[:12], 16)
+    base = int(hashlib.sha1(image_id.encode("utf-8", "surrogateescape")).hexdigest()[:12], 16)
     return (np.int64(base) << np.int64(12)) | seg
 
 

@@ -30,6 +30,7 @@ from clips4.pipeline.console import make_console
 from clips4.pipeline.cache import ItemResult, StageWriter, UndeclaredOutputError, new_part_id
 from clips4.pipeline.datasets import ImageRecord
 from clips4.pipeline.failures import InfraError, is_infra, is_infra_message, plain_message, plain_reason
+from clips4.pipeline.names import display
 from clips4.pipeline.progress import make_progress
 
 log = logging.getLogger(__name__)
@@ -287,7 +288,7 @@ def run_batches(
     def give_up(b: list, attempts: int, exc: BaseException) -> RunFailed:
         left = len(work) - n_done
         return RunFailed(
-            f"{description}: a batch of {len(b)} image(s) (first: {b[0][0].image_id}) failed {attempts} time(s) "
+            f"{description}: a batch of {len(b)} image(s) (first: {display(b[0][0].image_id)}) failed {attempts} time(s) "
             f"for a reason outside the images: {plain_reason(exc)}. {left} image(s) are left unprocessed "
             "(none recorded as failed); run again once the cause is fixed."
         )
@@ -296,7 +297,7 @@ def run_batches(
         st["retries"] += 1
         delay = backoff_s * 2 ** (attempts - 1)
         log.warning("%s: batch of %d (first %s) failed (%s); retry %d/%d in %.1f s", description, len(b),
-                    b[0][0].image_id, plain_reason(exc), attempts, max_attempts - 1, delay)
+                    display(b[0][0].image_id), plain_reason(exc), attempts, max_attempts - 1, delay)
         return delay
 
     with progress:

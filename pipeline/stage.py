@@ -19,7 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from clips4.pipeline.cache import (INDEX, META, StageReader, StageWriter, UndeclaredOutputError, commit_files,
-                                   url_join)
+                                   quarantine_damaged, url_join, verify_stage)
+from clips4.pipeline.names import display, from_stored
 from clips4.pipeline.config import Config, resolved_dict, stage_object
 from clips4.pipeline.datasets import Dataset, open_dataset, source_signature
 from clips4.pipeline.failures import StageInterrupted, _Signalled, signal_name, signals_as_exceptions
@@ -211,12 +212,14 @@ def _run_per_image(cfg: Config, name: str, dataset: Dataset, url: str, fp: str, 
     records = dataset.records()
     sigs = [source_signature(r.path) for r in records]
     finished: dict[str, tuple[str, str, str, str]] = {}
+    # a finished part whose files are missing or truncated is not finished: moved aside, its images computed again
+    writer.quarantined += quarantine_damaged(url, verify_stage(url))
     prior = writer.part_rows(quarantine=True, incremental=True)
     for f, reason in writer.quarantined:
-        console.print(f"  [yellow]corrupt part moved aside[/] {f} ({reason}); its images are computed again")
+        console.print(f"  [yellow]corrupt part moved aside[/] {_esc(f)} ({_esc(reason)}); its images are computed again")
     if prior is not None and prior.num_rows:
         errors = prior["error"].to_pylist() if "error" in prior.column_names else [""] * prior.num_rows
-        for img, st, sig, part, err in zip(prior["image_id"].to_pylist(), prior["status"].to_pylist(),
+        for img, st, sig, part, err in zip(map(from_stored, prior["image_id"].to_pylist()), prior["status"].to_pylist(),
                                            prior["source_sig"].to_pylist(), prior["part"].to_pylist(), errors):
             if img not in finished or part >= finished[img][2]:
                 finished[img] = (st, sig, part, err or "")
@@ -285,6 +288,13 @@ def _run_global(cfg: Config, name: str, dataset: Dataset, url: str, fp: str, dep
     return StageRun(name, url, fp, 1, 0, 1, [], time.perf_counter() - t0, builder=True)
 
 
+def _esc(text) -> str:
+    """An id, path or reason as one printable line, safe inside Rich markup."""
+    from rich.markup import escape
+
+    return escape(display(text))
+
+
 def print_summary(run: StageRun, max_failures: int = 0) -> int:
     """Print the final summary; return the exit code: 1 when the images failed in the cache (this run's and
     earlier runs' not retried) exceed ``max_failures`` (-1 = no limit), else 0."""
@@ -310,7 +320,7 @@ def print_summary(run: StageRun, max_failures: int = 0) -> int:
     if run.retries:
         console.print(f"  {run.retries} batch(es) retried after infrastructure errors")
     for img, err in all_failed[:20]:
-        console.print(f"  [red]failed[/] {img}: {err}")
+        console.print(f"  [red]failed[/] {_esc(img)}: {_esc(err)}")
     if len(all_failed) > 20:
         console.print(f"  … and {len(all_failed) - 20} more (see errors.parquet)")
     console.print(f"outputs: {run.url}")

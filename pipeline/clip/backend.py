@@ -99,8 +99,12 @@ class OpenClipBackend:
             kwargs["weights_only"] = False  # legacy OpenAI .pt files are TorchScript archives
         try:
             clip = open_clip.create_model(w.model_name, pretrained=w.pretrained_file, **kwargs)
-        except RuntimeError as e:
-            msg = str(e)
+        except Exception as e:  # noqa: BLE001 - an unloadable file (not a checkpoint, a refused pickle, truncated)
+            if isinstance(e, MemoryError):
+                raise
+            msg = str(e) or type(e).__name__
+            if not isinstance(e, RuntimeError):
+                msg = f"{type(e).__name__}: {msg}"
             if "state_dict" in msg or "size mismatch" in msg or "Missing key" in msg or "Unexpected key" in msg:
                 raise WeightsMismatchError(
                     f"weight file {w.weight_file} does not fit model {model!r}: it holds "
