@@ -55,3 +55,76 @@ def ls(
             text = text[:197] + "..."
         console.print(f"{r['stage']} {r['fingerprint']}: {text}\n  {r['url']}", markup=False)
     return {"cache_root": cfg.cache_root, "outputs": rows}
+
+
+@app.command("verify")
+@common_options("cache verify", dataset=False)
+def verify(
+    opts: Common,
+    checksums: bool = typer.Option(False, "--checksums", help="Read and hash every file (default: sizes only, fast)."),
+    repair: bool = typer.Option(False, "--repair", help="Move damaged parts aside and compute their images again."),
+) -> dict:
+    """Check every finished stage output against the sizes (and, with --checksums, sha256) recorded when its files
+    were written; name each damaged file and the images it holds. Exit 1 while damage remains."""
+    from clips4.cli.common import EXIT_FAILED, err_console
+    from clips4.pipeline.cache import list_stage_outputs, verify_stage
+
+    cfg = opts.build_config()
+    outputs = [r for r in list_stage_outputs(cfg.cache_root) if r["state"] != "incomplete"]
+    report, left = [], 0
+    for r in outputs:
+        problems = verify_stage(r["url"], checksums=checksums)
+        entry = {"url": r["url"], "stage": r["stage"], "fingerprint": r["fingerprint"],
+                 "problems": [p.to_dict() for p in problems]}
+        for p in problems:
+            err_console.print(f"damaged: {p.message()}", markup=False)
+        if problems and repair:
+            entry["repair"] = _repair(cfg, r, problems)
+            problems = verify_stage(r["url"], checksums=checksums)
+            entry["problems_after_repair"] = [p.to_dict() for p in problems]
+        left += len(problems)
+        report.append(entry)
+    what = "sizes and sha256" if checksums else "sizes"
+    if left:
+        console.print(f"{left} damaged file(s) in {cfg.cache_root}"
+                      + ("" if repair else "; `clips4 cache verify --repair` recomputes the affected images"),
+                      markup=False)
+    else:
+        console.print(f"{len(outputs)} finished stage output(s) in {cfg.cache_root}: {what} as written", markup=False)
+    return {"cache_root": cfg.cache_root, "outputs": report, "damaged": left, "exit_code": EXIT_FAILED if left else 0}
+
+
+def _repair(cfg, row: dict, problems) -> str:
+    """Move the damaged parts of one stage output aside (under its lock) and run the stage again with the
+    configuration it was made with (how it runs — executor, workers, address — is this invocation's)."""
+    import json
+
+    from clips4.cli.common import err_console
+    from clips4.pipeline import stage as stage_mod
+    from clips4.pipeline.cache import _fs, quarantine_damaged
+    from clips4.pipeline.config import Config
+    from clips4.pipeline.lock import StageLock
+
+    url, name = row["url"], row["stage"]
+    with StageLock(url):
+        moved = quarantine_damaged(url, problems)
+    err_console.print(f"  moved aside: {len(moved)} file(s) of {name} {row['fingerprint']}", markup=False)
+    fs, path = _fs(url)
+    with fs.open(f"{path}/meta.json", "r") as f:
+        meta = json.load(f)
+    cmd = "precompute " + name.replace("_", "-")
+    try:
+        made = Config.model_validate(meta["config"]).model_copy(update={"ray": cfg.ray})
+        dataset = stage_mod.dataset_from_config(made)
+        same = stage_mod.stage_url(made, name, dataset)[0].rstrip("/") == url.rstrip("/")
+    except Exception as exc:  # noqa: BLE001 - an output made by other code or for data that is gone
+        err_console.print(f"  cannot rebuild its configuration ({exc}); run `clips4 {cmd}` with the configuration "
+                          "that made it", markup=False)
+        return "moved aside"
+    if not same:
+        err_console.print(f"  its configuration now names another output (code or inputs changed); run `clips4 {cmd}` "
+                          "with the configuration that made it", markup=False)
+        return "moved aside"
+    run = stage_mod.run_stage(made, name, dataset=dataset, show_progress=False)
+    err_console.print(f"  {name}: {run.processed} item(s) computed again", markup=False)
+    return f"recomputed {run.processed}"

@@ -274,9 +274,12 @@ def _run_global(cfg: Config, name: str, dataset: Dataset, url: str, fp: str, dep
     file, with its sha256) last. A finished folder is never rebuilt; an unfinished one is rebuilt whole."""
     writer = StageWriter(url)
     console.print(f"[bold]{name}[/]: {dataset.key} → {url}")
-    if writer.fs.exists(f"{writer.path}/{INDEX}"):
+    damaged = verify_stage(url, checksums=True)  # a few small files: hashed every time
+    if writer.fs.exists(f"{writer.path}/{INDEX}") and not damaged:
         console.print("  already finished")
         return StageRun(name, url, fp, 1, 1, 0, builder=True)
+    for f, reason in quarantine_damaged(url, damaged):
+        console.print(f"  [yellow]damaged output moved aside[/] {_esc(f)} ({_esc(reason)}); built again")
     t0 = time.perf_counter()
     writer.write_meta(_meta(cfg, name, dataset, fp, dep_fps, deps))
     names = stage_def(cfg, name).build(cfg.params(name), deps, url)

@@ -1,0 +1,127 @@
+"""Faults that must not get through: an image too large for memory, damaged finished caches, hostile configs,
+odd file names, signals under Ray, object-store failures, closed output streams."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from clips4.pipeline import stage as stage_mod
+from clips4.pipeline.cache import CacheError, StageReader, list_stage_outputs, verify_stage
+from test_stage_framework import _cfg, toy_stage  # noqa: F401 - fixture
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _cli(*args, env=None, timeout=120, **kw):
+    return subprocess.run([sys.executable, "-m", "clips4.cli", *args], capture_output=True, text=True,
+                          timeout=timeout, env={**os.environ, **(env or {})}, **kw)
+
+
+# ------------------------------------------------------------------------------ damaged finished caches
+def _shard(url: str, field: str = "gray") -> Path:
+    """The first shard file (not metadata) of ``field``."""
+    files = sorted(p for p in Path(url, "parts").glob(f"*.zarr/{field}/**/*") if p.is_file() and p.name != "zarr.json")
+    return files[0]
+
+
+def _part_of(path: Path) -> str:
+    return next(p for p in path.parts if p.endswith(".zarr"))[: -len(".zarr")]
+
+
+def _images_of_part(url: str, part: str) -> set[str]:
+    t = pq.read_table(Path(url, "index.parquet"))
+    return {i for i, p in zip(t["image_id"].to_pylist(), t["part"].to_pylist()) if p == part}
+
+
+def test_truncated_shard_of_a_finished_stage_is_named_and_recomputed(tmp_path, image_folder, toy_stage):
+    from test_stage_framework import ToyProcessor
+
+    cfg = _cfg(tmp_path, image_folder)
+    run = stage_mod.run_stage(cfg, "toy", show_progress=False)
+    shard = _shard(run.url)
+    part = _part_of(shard)
+    lost = _images_of_part(run.url, part)
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+    victim = sorted(lost)[0]
+    # the reader names the file, the image and the fix, instead of a bare checksum error
+    with pytest.raises(CacheError) as err:
+        StageReader(run.url).get(victim, "gray")
+    text = str(err.value)
+    assert str(shard) in text and victim in text and "clips4 cache verify --repair" in text
+    problems = verify_stage(run.url)
+    assert [Path(p.file) for p in problems] == [shard] and set(problems[0].images) == lost
+    (row,) = list_stage_outputs(str(tmp_path / "cache"))
+    assert row["state"] == "damaged" and row["problems"][0]["file"] == str(shard)
+    # a rerun is not "nothing left to do": the damaged part's images are computed again
+    ToyProcessor.calls = []
+    again = stage_mod.run_stage(cfg, "toy", show_progress=False)
+    assert again.processed == len(lost) and set(ToyProcessor.calls) == lost
+    assert verify_stage(run.url, checksums=True) == []
+    r = StageReader(run.url)
+    assert len(r) == 6 and r.get(victim, "gray").shape == np.asarray(Image.open(image_folder / f"{victim}.png")).shape[:2]
+
+
+def test_truncated_table_names_its_file_and_checksums_catch_same_size_damage(tmp_path, image_folder, toy_stage):
+    cfg = _cfg(tmp_path, image_folder)
+    run = stage_mod.run_stage(cfg, "toy", show_progress=False)
+    table = sorted(Path(run.url, "tables", "segs").glob("*.parquet"))[0]
+    good = table.read_bytes()
+    table.write_bytes(good[:40])
+    with pytest.raises(CacheError, match="damaged cache file .*" + table.name):
+        list(StageReader(run.url).iter_table("segs"))
+    # same size, other bytes: only the checksums see it
+    table.write_bytes(good[:20] + bytes(b ^ 0xFF for b in good[20:30]) + good[30:])
+    assert verify_stage(run.url) == []
+    (p,) = verify_stage(run.url, checksums=True)
+    assert Path(p.file) == table and "sha256" in p.reason
+
+
+def test_cache_verify_cli_reports_and_repairs(tmp_path, image_folder, toy_stage):
+    from test_stage_framework import TOY
+
+    cfg = _cfg(tmp_path, image_folder)
+    run = stage_mod.run_stage(cfg, "toy", show_progress=False)
+    shard = _shard(run.url, "feat")
+    shard.write_bytes(b"")
+    cache = str(tmp_path / "cache")
+    args = ["cache", "verify", "--cache", cache, *sum((["--set", s] for s in TOY), [])]
+    env = {"PYTHONPATH": str(REPO / "tests") + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    p = _cli(*args, env=env)
+    assert p.returncode == 1 and str(shard) in p.stderr and "--repair" in p.stderr and "Traceback" not in p.stderr
+    p = _cli(*args, "--repair", "--set", "ray.executor=local", env=env)
+    assert p.returncode == 0, p.stderr
+    assert verify_stage(run.url, checksums=True) == [] and len(StageReader(run.url)) == 6
+    assert _cli(*args, "--checksums", env=env).returncode == 0
+
+
+# ------------------------------------------------------------------------------------------ file names
+def test_a_file_name_that_is_not_utf8_blocks_nothing_and_is_stored_losslessly(tmp_path, toy_stage, capsys):
+    root = tmp_path / "imgs"
+    root.mkdir()
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 255, (20, 24, 3), dtype=np.uint8)).save(root / "good.png")
+    bad_name = os.fsdecode(b"caf\xe9.png")  # Latin-1 bytes: not UTF-8
+    Image.fromarray(rng.integers(0, 255, (16, 20, 3), dtype=np.uint8)).save(os.fsencode(root) + b"/caf\xe9.png")
+    (root / "bro\nken.png").write_bytes(b"not an image")
+    cfg = _cfg(tmp_path, root)
+    run = stage_mod.run_stage(cfg, "toy", show_progress=False)
+    assert run.processed == 3 and [i for i, _ in run.failed] == ["bro\nken"]
+    r = StageReader(run.url)
+    bad_id = bad_name[: -len(".png")]
+    assert sorted(r.image_ids) == sorted(["good", bad_id])
+    assert r.record(bad_id).path == str(root / bad_name) and r.get(bad_id, "gray").shape == (16, 20)
+    # a rerun finds both finished (the stored id reads back as the very same name)
+    assert stage_mod.run_stage(cfg, "toy", show_progress=False).processed == 0
+    capsys.readouterr()
+    stage_mod.print_summary(run, max_failures=5)
+    err = capsys.readouterr().err
+    line = [ln for ln in err.splitlines() if "failed" in ln and "bro" in ln]
+    assert len(line) == 1 and "bro\\nken" in line[0] and "not an image" in line[0]
