@@ -9,7 +9,7 @@ from typing import NoReturn
 
 import typer
 
-from clips4.cli import cache, demo, evaluate, precompute, predict, report, synthetic, train
+from clips4.cli import cache, demo, evaluate, precompute, predict, project, report, synthetic, train
 from clips4.cli.common import (EXIT_FAILED, EXIT_SIGINT, EXIT_SIGTERM, EXIT_USAGE, CLIError, emit_summary,
                                err_console)
 
@@ -45,6 +45,8 @@ app.add_typer(precompute.app, name="precompute")
 app.add_typer(evaluate.app, name="evaluate")
 app.add_typer(cache.app, name="cache")
 app.add_typer(synthetic.app, name="synthetic")
+app.command("status")(project.status)
+app.command("repro")(project.repro)
 app.command("train")(train.train)
 app.command("train-contours")(train.train_contours)
 app.command("predict")(predict.predict)

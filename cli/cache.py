@@ -128,3 +128,62 @@ def _repair(cfg, row: dict, problems) -> str:
     run = stage_mod.run_stage(made, name, dataset=dataset, show_progress=False)
     err_console.print(f"  {name}: {run.processed} item(s) computed again", markup=False)
     return f"recomputed {run.processed}"
+
+
+@app.command("gc")
+@common_options("cache gc", stage="train")
+def gc(
+    opts: Common,
+    dry_run: bool = typer.Option(False, "--dry-run", help="Only list what would be removed."),
+) -> dict:
+    """Remove the stage outputs of this dataset that neither the current configuration nor a named run
+    (runs/*/run.json) refers to: outputs of old params, prototypes and runs built from older image sets. Other
+    datasets' folders are not touched; outputs being written (locked) are kept."""
+    import json as _json
+    from pathlib import Path
+
+    from clips4.pipeline.cache import _du, _fs, url_join
+    from clips4.pipeline.lock import lock_holder
+    from clips4.pipeline.stage import dataset_from_config, stage_url
+
+    cfg = opts.build_config()
+    dataset = dataset_from_config(cfg)
+    keep: set[str] = set()
+    for name in cfg.stages:
+        try:
+            keep.add(stage_url(cfg, name, dataset)[0].rstrip("/"))
+        except Exception:  # noqa: BLE001 - a stage that cannot be named now keeps nothing
+            pass
+    runs = sorted(Path(cfg.runs_root).glob("*/run.json")) if Path(cfg.runs_root).is_dir() else []
+    for doc in runs:
+        try:
+            cache = _json.loads(doc.read_text())["cache"]
+            keep.add(str(cache).rstrip("/"))
+            meta = _json.loads((Path(cache) / "meta.json").read_text())
+            keep.update(str(u).rstrip("/") for u in (meta.get("deps") or {}).values())
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+    fs, root = _fs(url_join(cfg.cache_root, dataset.key))
+    norm = lambda u: _fs(u)[1].rstrip("/")  # noqa: E731 - compare paths, however the URL is spelt
+    kept = {norm(u) for u in keep}
+    removed, sizes = [], 0
+    try:
+        folders = [p for p in fs.glob(f"{root}/*/*") if fs.isdir(p)]
+    except (OSError, FileNotFoundError):
+        folders = []
+    for d in sorted(folders):
+        url = url_join(cfg.cache_root, dataset.key, *d.rstrip("/").split("/")[-2:])
+        if d.rstrip("/") in kept or lock_holder(url) is not None:
+            continue
+        try:
+            size = _du(fs, d)
+        except Exception:  # noqa: BLE001 - informative only
+            size = 0
+        removed.append({"url": url, "bytes": size})
+        sizes += size
+        console.print(f"{'would remove' if dry_run else 'removing'} {url} ({_human(size)})", markup=False)
+        if not dry_run:
+            fs.rm(d, recursive=True)
+    console.print(f"{'would free' if dry_run else 'freed'} {_human(sizes)} in {len(removed)} output(s); kept "
+                  f"{len(kept)} referenced by the configuration and {len(runs)} named run(s)")
+    return {"removed": removed, "bytes": sizes, "dry_run": dry_run}

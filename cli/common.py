@@ -55,6 +55,60 @@ WaitTimeoutOpt = typer.Option(None, "--wait-timeout", help="With --wait: give up
 DeviceOpt = typer.Option("auto", "--device", help="Torch device for checkpoints: auto (cuda if available), cpu, cuda:0.")
 
 
+# ------------------------------------------------------------------------------------------- stage options
+#: every option that sets a stage parameter: python name -> (flag, --set path, type, help). A command whose
+#: upstream includes a stage accepts all of that stage's options, with the same meaning everywhere.
+STAGE_OPTIONS: dict[str, dict[str, tuple[str, str, type, str]]] = {
+    "segments": {
+        "detector": ("--detector", "segments.detector", str, "Contour detector: learned (default, the shipped ONNX net), classical (no weights), hed, onnx."),
+        "ucm_threshold": ("--ucm-threshold", "segments.ucm_threshold", float, "UCM level at which superpixels are cut (default 0.25)."),
+        "max_segments": ("--max-segments", "segments.max_segments", int, "At most this many superpixels per image (default 48)."),
+    },
+    "clip_features": {
+        "clip_model": ("--clip-model", "clip_features.clip.model", str, "open_clip model name (default ViT-B-16; RN50 works too)."),
+        "clip_pretrained": ("--clip-pretrained", "clip_features.clip.pretrained", str, "CLIP weights: pretrained tag (openai), hf-hub:org/repo, local-dir:/path or a file."),
+        "clip_checkpoint": ("--clip-checkpoint", "clip_features.clip.checkpoint", str, "Local CLIP checkpoint file (overrides --clip-pretrained)."),
+        "clip_cache_dir": ("--clip-cache-dir", "clip_features.clip.cache_dir", str, "Folder where CLIP weights are looked for / downloaded to."),
+        "variant": ("--variant", "clip_features.clip.variant", str, "Dense feature variant: maskclip (paper), sclip, clearclip, naclip."),
+        "backend": ("--backend", "clip_features.clip.backend", str, "Another vision-language backend as package.module:Factory."),
+        "segment_source": ("--segment-source", "clip_features.segment_source", str, "CLIP segments from 'kmeans' over CLIP features (paper) or 'ucm' superpixels."),
+    },
+    "prototypes": {
+        "classes": ("--classes", "prototypes.classes", str, "Known classes: voc (= voc20), context59, cocostuff171, a text file, 'dataset' (the dataset's classes.txt) or 'none' (class-free)."),
+        "top_m": ("--top-m", "prototypes.top_m", int, "Known prototype = mean of the top-m segments (default 32)."),
+        "n_unknown": ("--n-unknown", "prototypes.n_unknown", int, "Number of unknown prototypes (default 64)."),
+    },
+    "train": {
+        "iterations": ("--iterations", "train.iterations", int, "Training iterations (paper: 20k VOC/Context, 80k COCO-Stuff)."),
+        "backbone": ("--backbone", "train.backbone", str, "resnet50 (paper), resnet18 or tiny."),
+        "backbone_weights": ("--backbone-weights", "train.backbone_weights", str, "imagenet, a local weights file, or 'random' (explicit)."),
+        "name": ("--name", "train.name", str, "Name of the training run: published as <runs_root>/NAME/final.pt (default: train.name, 'train')."),
+    },
+}
+#: each stage and the stages upstream of it (stages.yaml's graph), in graph order
+UPSTREAM = {"segments": ("segments",), "clip_features": ("segments", "clip_features"),
+            "prototypes": ("segments", "clip_features", "prototypes"),
+            "train": ("segments", "clip_features", "prototypes", "train")}
+
+
+def stage_option_set(stage: str, skip: tuple[str, ...] = ()) -> dict[str, tuple[str, str, type, str]]:
+    """The options of ``stage`` and its upstream stages (minus ``skip``: names the command uses otherwise)."""
+    return {k: v for s in UPSTREAM[stage] for k, v in STAGE_OPTIONS[s].items() if k not in skip}
+
+
+def _stage_sets(values: dict[str, Any], table: dict[str, tuple[str, str, type, str]]) -> list[str]:
+    out = []
+    for k, v in values.items():
+        if v is None:
+            continue
+        path = table[k][1]
+        if k == "classes" and str(v).lower() in ("none", "null", ""):
+            out.append(f"{path}=null")
+        else:
+            out.append(f"{path}={json.dumps(v) if isinstance(v, str) else v}")
+    return out
+
+
 @dataclass
 class Common:
     """The shared options of one command invocation (what :func:`common_options` injects)."""
@@ -72,13 +126,15 @@ class Common:
     quiet: bool = False
     json: bool = False
     summary_json: Optional[Path] = None
+    #: ``--set`` items from the stage options given (``--clip-pretrained`` ...; see :data:`STAGE_OPTIONS`)
+    stage_sets: list[str] = field(default_factory=list)
 
     def build_config(self, *, extra: list[str] | None = None, **flags):
         """The resolved :class:`~clips4.pipeline.config.Config` of this invocation; ``flags`` override the shared
-        options (e.g. ``dataset="bsds"``), ``extra`` are more ``--set`` items."""
+        options (e.g. ``dataset="bsds"``), ``extra`` are more ``--set`` items (after the stage options)."""
         kw = {k: getattr(self, k) for k in ("dataset", "root", "split", "limit", "cache", "executor", "num_workers")}
         kw.update(flags)
-        return build_config(self.config, self.set_, self.stages, extra=extra, **kw)
+        return build_config(self.config, self.set_ + self.stage_sets, self.stages, extra=extra, **kw)
 
 
 #: name -> (annotation, default option); the order is the order in --help
@@ -95,11 +151,15 @@ _OUTPUT_OPTS = {"quiet": (bool, QuietOpt), "json": (bool, JsonOpt), "summary_jso
 _current: dict[str, Any] = {}
 
 
-def common_options(name: str, *, dataset: bool | None = True):
+def common_options(name: str, *, dataset: bool | None = True, stage: str | None = None, skip: tuple[str, ...] = ()):
     """Decorator: add the shared options to a command (``dataset=False``: only config/cache + output options;
-    ``None``: only the output options) and pass them as ``opts: Common``. The command returns a summary dict (or
-    None); it is printed with ``--json`` and written with ``--summary-json``."""
-    extra = {**(_DATASET_OPTS if dataset else _CONFIG_OPTS if dataset is False else {}), **_OUTPUT_OPTS}
+    ``None``: only the output options) and pass them as ``opts: Common``. ``stage``: also every option of that
+    stage and its upstream stages (:data:`STAGE_OPTIONS`, less ``skip``), turned into ``--set`` items. The command
+    returns a summary dict (or None); it is printed with ``--json`` and written with ``--summary-json``."""
+    stage_opts = stage_option_set(stage, skip) if stage else {}
+    extra = {**(_DATASET_OPTS if dataset else _CONFIG_OPTS if dataset is False else {}),
+             **{k: (Optional[t], typer.Option(None, flag, help=h)) for k, (flag, _, t, h) in stage_opts.items()},
+             **_OUTPUT_OPTS}
 
     def deco(fn):
         hints = typing.get_type_hints(fn, include_extras=True)
@@ -110,7 +170,9 @@ def common_options(name: str, *, dataset: bool | None = True):
 
         @functools.wraps(fn)
         def wrapper(**kwargs):
-            opts = Common(**{k: kwargs.pop(k) for k in extra})
+            given = {k: kwargs.pop(k) for k in stage_opts}
+            opts = Common(**{k: kwargs.pop(k) for k in extra if k not in stage_opts})
+            opts.stage_sets = _stage_sets(given, stage_opts)
             opts.config, opts.set_ = list(opts.config or []), list(opts.set_ or [])
             _current.clear()
             _current.update({"command": name, "json": opts.json, "summary_json": opts.summary_json, "t0": time.time()})

@@ -11,8 +11,8 @@ from clips4.cli.common import CLIError, Common, DeviceOpt, common_options, conso
 app = typer.Typer(help="Evaluate contours, segments and embeddings.", no_args_is_help=True)
 
 PrecomputeOpt = typer.Option(False, "--precompute", help="First run the stages this needs (cached images are skipped).")
-ModelOpt = typer.Option("teacher", "--model", help="'teacher' (cached CLIP dense features: the MaskCLIP baseline) or a checkpoint path.")
-CheckpointOpt = typer.Option(None, "--checkpoint", help="A trained model (a clips4 train final.pt); overrides --model.")
+ModelOpt = typer.Option("teacher", "--model", help="'teacher' (cached CLIP dense features: the MaskCLIP baseline), or a trained run: its folder (runs/NAME), its name or a final.pt.")
+CheckpointOpt = typer.Option(None, "--checkpoint", help="A trained run: its folder (runs/NAME), its name or a final.pt; overrides --model.")
 VOC_MODE_HELP = ("VOC convention (only for --dataset voc without --classes): 21 = background + 20 objects, a "
                  "'background' prompt competes like any class (MaskCLIP/mmseg); 20 = the 20 object classes only, GT "
                  "background pixels are ignored and saved predictions keep VOC ids 1..20.")
@@ -52,7 +52,7 @@ def _value_errors(fn, *args, **kwargs):
 
 
 @app.command("language")
-@common_options("evaluate language")
+@common_options("evaluate language", stage="clip_features")
 def language(
     opts: Common,
     model: str = ModelOpt, checkpoint: Optional[Path] = CheckpointOpt,
@@ -117,7 +117,7 @@ def language(
 
 
 @app.command("unsupervised")
-@common_options("evaluate unsupervised")
+@common_options("evaluate unsupervised", stage="clip_features")
 def unsupervised(
     opts: Common,
     train_split: str = typer.Option("train", "--train-split", help="Split whose GT labels the k-NN database and trains the linear classifier."),
@@ -165,7 +165,7 @@ def unsupervised(
 
 
 @app.command("avgsim")
-@common_options("evaluate avgsim")
+@common_options("evaluate avgsim", stage="clip_features")
 def avgsim(
     opts: Common,
     checkpoint: Path = typer.Option(..., "--checkpoint", help="The trained model (final.pt) to compare with CLIP."),
@@ -187,7 +187,7 @@ def avgsim(
 
 
 @app.command("class-free")
-@common_options("evaluate class-free")
+@common_options("evaluate class-free", stage="clip_features")
 def class_free(
     opts: Common,
     train_split: Optional[str] = typer.Option(None, "--train-split", help="Split the prototypes and models are trained on (default: the config's dataset.split); --split is the evaluated split (default val)."),
@@ -262,13 +262,12 @@ def davis(
 
 
 @app.command("boundaries")
-@common_options("evaluate boundaries")
+@common_options("evaluate boundaries", stage="segments")
 def boundaries(
     opts: Common,
     thresholds: int = typer.Option(99, help="Number of evenly spaced thresholds (BSDS uses 99; fewer for a quick look)."),
     workers: int = typer.Option(2, help="Workers for the boundary matching (~0.1 s per threshold per annotator): Ray workers with --executor ray (default), processes with --executor local."),
     out: Optional[Path] = typer.Option(None, help="Folder for boundaries.json, the PR-curve PNG and the per-image counts (reruns score only missing images)."),
-    detector: Optional[str] = typer.Option(None, help="Contour detector of the segments stage (learned, classical, hed, onnx)."),
 ) -> dict:
     """Score the segments stage on BSDS500 (--root, --split test|val|train; default test): contour map (after NMS)
     and UCM boundary P/R/F at ODS and OIS, AP, and segmentation covering. Runs the segments stage there first, or
@@ -280,7 +279,7 @@ def boundaries(
     if not opts.root:
         raise CLIError("--root is required: a BSDS500-layout folder (images/<split>, groundTruth/<split>)")
     split = opts.split or "test"
-    cfg = opts.build_config(dataset="bsds", split=split, extra=[f"segments.detector={detector}"] if detector else [])
+    cfg = opts.build_config(dataset="bsds", split=split)
     run = run_stage(cfg, "segments", show_progress=not opts.quiet)
     if print_summary(run, max_failures=-1):
         return {"exit_code": 1}

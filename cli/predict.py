@@ -9,13 +9,13 @@ import typer
 from clips4.cli.common import CLIError, Common, DeviceOpt, common_options, console, err_console
 
 
-@common_options("predict")
+@common_options("predict", stage="clip_features")
 def predict(
     opts: Common,
     images: Optional[List[Path]] = typer.Argument(None, help="Image files (any format the segments stage reads); with --root, the dataset's images are added."),
     classes: str = typer.Option(..., "--classes", help="Class names: 'sky,tree,moon', a bundled list (voc21, context59, cocostuff171) or a text file."),
-    model: str = typer.Option("teacher", "--model", help="'teacher': the configured CLIP backend run on each image; or a checkpoint path."),
-    checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="A trained model (final.pt); overrides --model."),
+    model: str = typer.Option("teacher", "--model", help="'teacher': the configured CLIP backend run on each image; or a trained run: its folder (runs/NAME), its name or a final.pt."),
+    checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="A trained run (runs/NAME, its name or a final.pt); overrides --model."),
     out: Path = typer.Option(Path("predictions"), "--out", help="Folder for <stem>_labels.png, <stem>_overlay.png, <stem>_areas.json."),
     alpha: float = typer.Option(0.5, "--alpha", help="Opacity of the class colours in the overlay."),
     device: str = DeviceOpt,
@@ -52,7 +52,7 @@ def predict(
     return {"out": str(out), "written": res["written"], "failed": res["failed"], "exit_code": 1 if res["failed"] else 0}
 
 
-@common_options("search")
+@common_options("search", stage="clip_features")
 def search(
     opts: Common,
     query: str = typer.Argument(..., help="Text to look for, e.g. 'a photo of the moon'."),

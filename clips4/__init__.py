@@ -5,7 +5,7 @@ The code lives in the packages ``clips4.pipeline`` (``pipeline/``), ``clips4.tra
 gives notebooks a short import::
 
     from clips4 import Segmenter
-    pred = Segmenter("runs/train/final.pt").predict("photo.jpg", ["sky", "tree"])   # pred.labels, pred.scores
+    pred = Segmenter("runs/train").predict("photo.jpg", ["sky", "tree"])   # pred.labels, pred.scores
 """
 
 __all__ = ["Segmenter", "Prediction"]

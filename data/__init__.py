@@ -10,7 +10,8 @@ from pathlib import Path
 #: name -> file under ``class_names/``. ``context60_detail`` is the Detail-API order used by the
 #: Pascal-Context id masks (0 = background); ``context59`` is the MaskCLIP/mmseg order.
 CLASS_LISTS = {
-    "voc": "voc21.txt",  # 20 classes; ``voc21`` keeps background first
+    "voc": "voc21.txt",  # 20 classes (the same list as ``voc20``); ``voc21`` keeps background first
+    "voc20": "voc21.txt",
     "voc21": "voc21.txt",
     "context59": "context59.txt",
     "context60_detail": "context60_detail.txt",
@@ -41,11 +42,12 @@ def _read_lines(text: str) -> list[str]:
 def class_names(name_or_path: str) -> list[str]:
     """Class names from a bundled list name (see ``CLASS_LISTS``) or a text file (one per line).
 
-    ``voc`` gives the 20 VOC object classes (no background); ``voc21`` gives all 21 with background first.
+    ``voc20`` (also ``voc``) gives the 20 VOC object classes (no background); ``voc21`` gives all 21 with background
+    first. Every command reads these names the same way.
     """
     if name_or_path in CLASS_LISTS:
         names = _read_lines(resources.files(__package__).joinpath("class_names", CLASS_LISTS[name_or_path]).read_text())
-        return names[1:] if name_or_path == "voc" else names
+        return names[1:] if name_or_path in ("voc", "voc20") else names
     if "://" in name_or_path:  # a class list beside a dataset on object storage (classes: dataset)
         import fsspec
 

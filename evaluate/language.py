@@ -28,7 +28,7 @@ from clips4.evaluate.compat import check_width, source_width
 from clips4.evaluate.metrics import ConfusionMatrix
 from clips4.evaluate.palette import save_indexed_png
 from clips4.evaluate.sources import (EmbeddingSource, config_summary, embedding_source, resolve_classes,
-                                     text_embeddings_for)
+                                     source_text_embeddings, text_embeddings_for)
 from clips4.pipeline.config import Config
 from clips4.pipeline.datasets import Dataset
 from clips4.pipeline.images import load_rgb
@@ -174,6 +174,8 @@ def run_language(cfg: Config, dataset: Dataset, *, model: str = "teacher", class
 
     if int(voc_mode) not in (20, 21):
         raise ValueError(f"--voc-mode must be 20 or 21, got {voc_mode}")
+    if dataset.kind == "voc" and classes in ("voc", "voc20", "voc21"):  # the bundled VOC lists are the two modes
+        voc_mode, classes = (21 if classes == "voc21" else 20), None
     src = embedding_source(cfg, dataset, model, device)
     names = resolve_classes(classes, dataset)
     gt_transform = None
@@ -183,13 +185,16 @@ def run_language(cfg: Config, dataset: Dataset, *, model: str = "teacher", class
             names = names[1:]
             gt_transform = lambda g: voc_gt_transform(g, 20)  # noqa: E731
             save_offset = 1
-    text, backend_info = text_embeddings_for(cfg, names)
+    text, backend_info = (text_embeddings_for(cfg, names) if model == "teacher"
+                          else source_text_embeddings(cfg, src, names))
     bias, prior = None, None
     if prior_matching == "checkpoint" and model != "teacher":
         from clips4.trainer.calibration import stored_bias
 
         cal = src.calibration
-        bias, why = stored_bias(cal, names, text)
+        # VOC-21: background is no trained class (the prototypes are the 20 objects); it competes unbiased
+        extra = ("background",) if dataset.kind == "voc" and not classes and voc_mode == 21 else ()
+        bias, why = stored_bias(cal, names, text, uncalibrated=extra)
         prior = ({"source": "checkpoint", "applied": True, "mode": cal.get("mode"), "collapse_ratio": cal.get("collapse_ratio"),
                   "n_images": cal.get("n_images"), "bias": [float(b) for b in bias], "classes": names,
                   "capped": [n for n in cal.get("capped", []) if n in names]}
@@ -202,6 +207,7 @@ def run_language(cfg: Config, dataset: Dataset, *, model: str = "teacher", class
     res, cm, records = language_confusion(src, dataset, names, text, gt_transform=gt_transform,
                                           save_predictions=save_predictions, save_offset=save_offset, bias=bias)
     res["prior_matching"] = prior
+    res["protocol"] = protocol_line(dataset, voc_mode, classes, model, prior)
     res.update({"task": "language", "method": src.name, "model": src.name, "dataset": dataset.describe(),
                 "classes": names, "voc_mode": voc_mode if dataset.kind == "voc" else None, "embedding": src.info})
     if out is not None:
@@ -213,10 +219,32 @@ def run_language(cfg: Config, dataset: Dataset, *, model: str = "teacher", class
                 gt = gt_transform(gt)
             shown.append((img, predict_labels(src.embed(rec), text, gt.shape, layout="hwd", bias=bias), gt))
         res["report"] = {k: str(v) for k, v in write_report(
-            out, res, title=f"language-driven segmentation — {src.name} on {dataset.key}", class_names=names,
+            out, res, title=f"language-driven segmentation — {src.name} on {dataset.key} ({res['protocol']})",
+            class_names=names,
             confusion=cm, overlays=shown, config=config_summary(cfg),
             fingerprints={"embeddings": src.fingerprint, "text_backend": backend_info}).items()}
     return res
+
+
+def protocol_line(dataset: Dataset, voc_mode: int, classes: str | None, model: str, prior: dict | None) -> str:
+    """How a language result was measured, in words every report prints: the class set (VOC-20 / VOC-21 or the
+    list) and the class calibration."""
+    if dataset.kind == "voc" and not classes:
+        what = ("VOC-21: background prompt + 20 objects" if voc_mode == 21 else
+                "VOC-20: 20 objects, background pixels ignored")
+    else:
+        what = f"classes: {classes}" if classes else "the dataset's classes"
+    if model == "teacher":
+        cal = "no calibration (teacher)"
+    elif not prior:
+        cal = "no calibration"
+    elif prior.get("applied") is False:
+        cal = "no calibration (" + str(prior.get("why", "")) + ")"
+    elif prior.get("source") == "checkpoint":
+        cal = f"calibration stored in the checkpoint ({prior.get('mode')})"
+    else:
+        cal = f"calibration fitted on '{prior.get('split')}' ({prior.get('mode')})"
+    return f"{what}; {cal}"
 
 
 def _prior_matching(cfg: Config, src: EmbeddingSource, text: np.ndarray, split: str, n_images: int,

@@ -12,7 +12,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from clips4.evaluate.compat import check_width, source_width
 from clips4.evaluate.palette import overlay, save_indexed_png, voc_palette
-from clips4.evaluate.sources import checkpoint_source, text_embeddings_for, warn_clip_mismatch
+from clips4.evaluate.sources import checkpoint_source, source_text_embeddings, text_embeddings_for
 from clips4.pipeline.config import Config
 from clips4.pipeline.images import load_rgb
 from clips4.pipeline.safepath import output_path
@@ -116,12 +116,14 @@ class Segmenter:
     """Segment images with any class names, in memory (for notebooks and ``clips4 predict``).
 
     >>> from clips4 import Segmenter
-    >>> pred = Segmenter("runs/train/final.pt").predict("photo.jpg", ["sky", "tree", "moon"])
+    >>> pred = Segmenter("runs/train").predict("photo.jpg", ["sky", "tree", "moon"])
     >>> pred.labels.shape, pred.scores.shape
 
-    ``model``: a trained checkpoint (``final.pt``) or ``"teacher"`` (the configured CLIP backend's dense
-    features). ``config``: a :class:`~clips4.pipeline.config.Config`, a YAML file, or None (the nearest
-    ``stages.yaml``, else defaults); it names the CLIP backend whose text encoder embeds the class names.
+    ``model``: a trained run — its folder (``runs/NAME``), its name, or a checkpoint file (``final.pt``) — or
+    ``"teacher"`` (the configured CLIP backend's dense features). A run is self-sufficient: the class texts it was
+    trained on are stored in it, and other class names are embedded by the CLIP it was trained against.
+    ``config``: a :class:`~clips4.pipeline.config.Config`, a YAML file, or None (the nearest ``stages.yaml`` and
+    ``clips4.yaml``, else defaults); for a run it only supplies this machine's settings (device, weight cache).
     """
 
     def __init__(self, model: str | Path = "teacher", *, config: Config | str | Path | None = None,
@@ -134,6 +136,7 @@ class Segmenter:
         self.width: int | None = None  # the model's embedding width where it declares one (a checkpoint)
         #: a checkpoint's class calibration (clips4.trainer.calibration), applied to the classes it was fitted on
         self.calibration: dict | None = None
+        self.source = None
         if self.model == "teacher":
             from clips4.pipeline.processors import build_backend
 
@@ -141,8 +144,8 @@ class Segmenter:
             self._embed = lambda img: np.asarray(backend.dense_features([img])[0], np.float32)
             self.name = f"teacher ({backend.info().get('name', 'CLIP')})"
         else:
-            src = checkpoint_source(self.model, device)
-            warn_clip_mismatch(self.cfg, src)
+            src = checkpoint_source(self.model, device, self.cfg.runs_root)
+            self.source = src
             self._embed, self.name, self.width = src.embed_image, src.name, source_width(src)
             self.calibration = src.calibration if calibrated else None
 
@@ -154,7 +157,8 @@ class Segmenter:
         """``(K, D) float32`` class text embeddings (the 85 prompt templates), cached per class list."""
         key = tuple(classes)
         if key not in self._text:
-            text = text_embeddings_for(self.cfg, list(classes))[0]
+            text = (source_text_embeddings(self.cfg, self.source, list(classes))[0] if self.source is not None
+                    else text_embeddings_for(self.cfg, list(classes))[0])
             check_width(self.width, text.shape[-1], source=self.model,
                         against="the text embeddings of the configured CLIP backend")
             self._text[key] = text

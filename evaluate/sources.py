@@ -43,13 +43,30 @@ def torch_device(device: str | None = "auto") -> torch.device:
     return torch.device(device)
 
 
-def checkpoint_source(path: str | Path, device: str | None = "auto") -> EmbeddingSource:
-    """A trained checkpoint as an embedding source (image -> embeddings; no cache needed)."""
+def resolve_checkpoint(path: str | Path, runs_root: str | Path = "runs") -> Path:
+    """A checkpoint file from what a user passes: the file itself, a run folder (``runs/NAME`` or a training
+    output folder: its ``final.pt``), or a run's name (``<runs_root>/NAME/final.pt``)."""
+    p = Path(path)
+    if p.is_dir():
+        if (p / "final.pt").is_file():
+            return p / "final.pt"
+        raise FileNotFoundError(f"{p} is a folder without final.pt: not a finished training run (an unfinished one "
+                                "has last.pt: continue it with `clips4 train --resume`)")
+    if p.is_file():
+        return p
+    named = Path(runs_root) / str(path) / "final.pt"
+    if p.suffix == "" and len(p.parts) == 1 and named.is_file():
+        return named
+    raise FileNotFoundError(f"checkpoint {path} not found (pass a final.pt, a run folder such as runs/NAME, or a "
+                            f"run name published under {runs_root}/)")
+
+
+def checkpoint_source(path: str | Path, device: str | None = "auto", runs_root: str | Path = "runs") -> EmbeddingSource:
+    """A trained checkpoint (a file, a run folder or a run name) as an embedding source (image -> embeddings; no
+    cache needed)."""
     from clips4.trainer.train import load_trained_model
 
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path} not found")
+    path = resolve_checkpoint(path, runs_root)
     dev = torch_device(device)
     net, ck = load_trained_model(path, dev)
     fn = model_embedder(net, dev)
@@ -63,6 +80,15 @@ def checkpoint_source(path: str | Path, device: str | None = "auto") -> Embeddin
             "train_seed": stages.get("train", {}).get("params", {}).get("seed"),
             "step": int(ck["step"]) if "step" in ck else None,
             "signature": json.loads(ck["signature"]) if "signature" in ck else None}
+    try:
+        spec = json.loads(ck.get("clip") or "{}")
+    except (TypeError, ValueError):
+        spec = {}
+    if spec.get("params"):
+        info["clip"], info["clip_resolved"] = spec["params"], spec.get("resolved") or {}
+    ct = ck.get("class_text")
+    if isinstance(ct, dict) and ct.get("names"):
+        info["class_text"] = (list(ct["names"]), np.asarray(ct["vectors"].float().cpu().numpy(), np.float32))
     return EmbeddingSource(f"CLIP-S4 ({path.parent.name}/{path.name})", lambda rec: fn(load_rgb(rec.path)), digest, fn, info,
                            ck.get("calibration"))
 
@@ -78,12 +104,45 @@ def embedding_source(cfg: Config, dataset: Dataset, model: str, device: str = "a
             return feats.get(rec.image_id, "features").astype(np.float32)
 
         return EmbeddingSource("teacher (CLIP dense features)", embed, feats.fingerprint, info={"cache": feats.url})
-    src = checkpoint_source(model, device)
-    warn_clip_mismatch(cfg, src)
-    return src
+    return checkpoint_source(model, device, cfg.runs_root)
 
 
-def warn_clip_mismatch(cfg: Config, src: EmbeddingSource) -> None:
+#: CLIP params that decide the text space; the others (device, cache_dir, batch size, ...) are this machine's
+CLIP_IDENTITY = ("backend", "backend_params", "model", "pretrained", "checkpoint", "variant")
+
+
+def clip_config(cfg: Config, src: EmbeddingSource) -> Config:
+    """``cfg`` with the CLIP a checkpoint was trained against (its text space), this machine's other CLIP settings
+    kept; ``cfg`` itself for the teacher or a checkpoint that does not record one."""
+    trained = src.info.get("clip")
+    if not trained:
+        return cfg
+    now = cfg.params("clip_features").clip.model_dump(mode="json")  # type: ignore[attr-defined]
+    if all(trained.get(k) == now.get(k) for k in CLIP_IDENTITY):
+        return cfg
+    return with_params(cfg, clip_features={"clip": {**now, **{k: trained.get(k) for k in CLIP_IDENTITY if k in trained}}})
+
+
+def source_text_embeddings(cfg: Config, src: EmbeddingSource, names: list[str]) -> tuple[np.ndarray, dict]:
+    """Text embeddings of ``names`` for ``src``: a checkpoint's stored class texts where it holds every name (no
+    CLIP needed), else its own CLIP's text encoder (the one it was trained against), else the configured one —
+    falling back to the configured CLIP with a warning only when the checkpoint's weights are not here."""
+    stored = src.info.get("class_text")
+    if stored and all(n in stored[0] for n in names):
+        return stored[1][[stored[0].index(n) for n in names]], {"source": "checkpoint class texts"}
+    own = clip_config(cfg, src)
+    if own is cfg:
+        return text_embeddings_for(cfg, names)
+    from clips4.pipeline.clip.weights import WeightsNotFoundError
+
+    try:
+        return text_embeddings_for(own, names)
+    except WeightsNotFoundError as exc:
+        warn_clip_mismatch(cfg, src, why=f"its own CLIP weights are not here ({str(exc).splitlines()[0]})")
+        return text_embeddings_for(cfg, names)
+
+
+def warn_clip_mismatch(cfg: Config, src: EmbeddingSource, why: str = "") -> None:
     """A checkpoint is only meaningful against the CLIP text space it was trained in: say so when they differ."""
     trained = src.info.get("clip")
     if not trained:
@@ -96,7 +155,8 @@ def warn_clip_mismatch(cfg: Config, src: EmbeddingSource) -> None:
 
         make_console(stderr=True).print(
             f"[yellow]warning:[/] {src.info['checkpoint']} was trained against CLIP "
-            f"{ {k: trained.get(k) for k in diff} } but the text embeddings come from { {k: now.get(k) for k in diff} }")
+            f"{ {k: trained.get(k) for k in diff} } but the text embeddings come from { {k: now.get(k) for k in diff} }"
+            + (f": {why}" if why else ""))
 
 
 def parse_class_list(spec: str) -> list[str]:

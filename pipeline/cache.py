@@ -393,6 +393,17 @@ class StageReader:
         with self.fs.open(f"{self.path}/{META}", "r") as f:
             self.meta = json.load(f)
 
+    def restrict(self, image_ids) -> "StageReader":
+        """Only these images from now on (the config's selection: the cache folder of a per-image stage is shared
+        by every image list, so a reader sees the images the current dataset selects, not all ever computed)."""
+        from clips4.pipeline.names import from_stored, to_stored
+
+        keep = pa.array(sorted({to_stored(i) for i in image_ids}), type=pa.string())
+        self.all_rows = self.all_rows.filter(pa.compute.is_in(self.all_rows["image_id"], value_set=keep))
+        self.index = self.index.filter(pa.compute.is_in(self.index["image_id"], value_set=keep))
+        self._pos = {from_stored(img): i for i, img in enumerate(self.index["image_id"].to_pylist())}
+        return self
+
     @property
     def image_ids(self) -> list[str]:
         from clips4.pipeline.names import from_stored

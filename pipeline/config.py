@@ -1,7 +1,8 @@
 """Configuration: ``stages.yaml`` + optional ``--config`` overlays + ``--set`` overrides, validated by pydantic.
 
 Resolution order (later wins): the model defaults below → ``stages.yaml`` (the project's, or the one given
-with ``--stages``) → each ``--config FILE`` → each ``--set path=value``. A ``--set`` path that starts with a
+with ``--stages``) → ``clips4.yaml`` in the working directory (the project's config, read by every command) →
+each ``--config FILE`` → each ``--set path=value``. A ``--set`` path that starts with a
 stage name is relative to that stage's params (``segments.ucm_threshold=0.3`` is
 ``stages.segments.params.ucm_threshold``); values are parsed as YAML scalars (``0.3``, ``true``, ``[1,2]``).
 
@@ -230,6 +231,8 @@ def stage_object(run: str):
 class Config(Strict):
     #: where stage outputs live (local path or fsspec URL)
     cache_root: str = "cache"
+    #: where named training runs are published (``<runs_root>/<train.name>/final.pt``; a local folder)
+    runs_root: str = "runs"
     dataset: DatasetConfig = Field(default_factory=DatasetConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
     storage: StorageConfig = Field(default_factory=StorageConfig)
@@ -537,6 +540,10 @@ def _read_config_text(f: Path) -> str:
         raise ConfigError(f"config file {f} is not UTF-8 text ({exc.reason} at byte {exc.start})") from None
 
 
+#: the project config in the working directory, layered over stages.yaml by every command (before --config files)
+PROJECT_CONFIG = "clips4.yaml"
+
+
 def find_stages_yaml(start: Path | None = None) -> Path | None:
     """The nearest ``stages.yaml`` in the working directory or its parents (like git finds .git)."""
     cur = (start or Path.cwd()).resolve()
@@ -556,7 +563,8 @@ def load_config(
     """Resolve and validate the configuration (see module docstring). Raises ``ConfigError``.
 
     The stage graph comes from ``stages_file``, else the nearest ``stages.yaml`` (with ``search``), else the one
-    bundled with the package."""
+    bundled with the package. With ``search``, a ``clips4.yaml`` in the working directory (the project's config:
+    dataset, cache root, every stage's params) is layered over it, before the ``configs``."""
     merged: dict = {}
     lines: dict[tuple, str] = {}
     files: list[Path] = []
@@ -566,6 +574,10 @@ def load_config(
         files.append(found)
     else:
         files.append(bundled_stages_yaml())
+    project = Path.cwd() / PROJECT_CONFIG
+    if search and project.is_file() and not any(Path(c).resolve() == project.resolve() for c in configs or []
+                                                 if Path(c).is_file()):
+        files.append(project)  # the project's settings, read by every command (like DVC's params.yaml)
     files += [_config_file(c) for c in configs or []]
     for i, f in enumerate(files):
         text = _read_config_text(f)

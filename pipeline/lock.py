@@ -192,3 +192,37 @@ class StageLock:
                 self._write_remote(info)
             except OSError:  # a missed beat only makes the lock look older
                 pass
+
+
+def lock_holder(url: str) -> dict | None:
+    """Who holds the lock of the stage output ``url`` now (the holder's record, ``{}`` when unnamed), or None when
+    nobody does. Never creates anything (``clips4 status`` asks this of folders it only reads)."""
+    lock = StageLock(url)
+    try:
+        if not lock.fs.exists(lock.lock_path):
+            return None
+    except OSError:
+        return None
+    if not lock.exclusive:
+        holder = lock._read_remote()
+        return holder if holder and not lock.is_stale(holder) else None
+    import fcntl
+
+    try:
+        fd = os.open(lock.lock_path, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        try:
+            with open(lock.lock_path) as f:
+                text = f.read()
+            return json.loads(text) if text.strip() else {}
+        except (OSError, ValueError):
+            return {}
+    else:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return None
+    finally:
+        os.close(fd)

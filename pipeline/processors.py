@@ -160,8 +160,25 @@ def clip_features_preflight(params: ClipFeaturesParams) -> dict:
     with _clip_config_errors():
         w = resolve_weights(_model_name(clip.model), clip.checkpoint or clip.pretrained, cache_dir=clip.cache_dir,
                             offline=clip.offline)
-    return {"backend": "open_clip", "model": clip.model, "pretrained": clip.checkpoint or clip.pretrained,
-            "weight_file": w.weight_file, "sha256": file_sha256(w.weight_file), "variant": clip.variant}
+    facts = {"backend": "open_clip", "model": clip.model, "pretrained": clip.checkpoint or clip.pretrained,
+             "weight_file": w.weight_file, "sha256": file_sha256(w.weight_file), "variant": clip.variant}
+    if w.source == "local-dir":  # the folder's open_clip_config.json defines the architecture, not clip.model
+        facts["model"] = w.model_name
+        facts["architecture"] = _local_dir_architecture(w.model_name[len("local-dir:"):])
+    return facts
+
+
+def _local_dir_architecture(folder: str) -> dict:
+    """The model config of a ``local-dir:`` CLIP folder (embed_dim, vision and text towers), for meta.json."""
+    import json
+    from pathlib import Path
+
+    try:
+        doc = json.loads((Path(folder) / "open_clip_config.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    cfg = doc.get("model_cfg", doc)
+    return {k: cfg[k] for k in ("embed_dim", "vision_cfg", "text_cfg", "quick_gelu") if k in cfg}
 
 
 class ClipFeaturesProcessor:
@@ -290,8 +307,10 @@ def _teacher_invariances(backend, feats, protos, params: "PrototypesParams") -> 
     return measure_invariances(backend, images, vecs, seed=params.seed)
 
 
-def build_prototypes(params: "PrototypesParams", deps: dict[str, str], out_url: str) -> list[str]:
-    """Known prototypes (top-m segments per class, FAISS) + unknown ones, from the clip_features cache.
+def build_prototypes(params: "PrototypesParams", deps: dict[str, str], out_url: str,
+                     image_ids: list[str] | None = None) -> list[str]:
+    """Known prototypes (top-m segments per class, FAISS) + unknown ones, from the clip_features cache (only the
+    images in ``image_ids``, the config's selection, where given).
 
     Writes ``prototypes.parquet`` (name, kind, vector, support ids) and ``text.parquet`` (class text
     embeddings of the classes' prompt names over the 85 templates; rows keep the dataset's names); returns their names. The segments table is streamed, never loaded whole.
@@ -307,6 +326,8 @@ def build_prototypes(params: "PrototypesParams", deps: dict[str, str], out_url: 
     from clips4.pipeline.prototypes import PrototypeSet, iter_embedding_batches, known_prototypes, unknown_prototypes
 
     feats = StageReader(deps["clip_features"])
+    if image_ids is not None:
+        feats.restrict(image_ids)
     cf = ClipFeaturesParams.model_validate(feats.meta["params"])
 
     def batches():

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import inspect
 import json
 import subprocess
 import time
@@ -58,15 +59,19 @@ def code_version() -> str:
         return "unknown"
 
 
-def fingerprint(stage: str, version: str, params: dict, deps: dict[str, str], dataset: dict) -> str:
+def fingerprint(stage: str, version: str, params: dict, deps: dict[str, str], dataset: dict,
+                inputs: dict[str, str] | None = None) -> str:
     """16 hex digits of sha256 over everything that determines a stage's output (never the git SHA:
-    unrelated commits must not invalidate caches; ``version`` is bumped when outputs change)."""
-    payload = json.dumps(
-        {"stage": stage, "version": version, "params": params, "deps": deps,
-         "dataset": {k: dataset.get(k) for k in ("kind", "root", "split")}},
-        sort_keys=True, default=str,
-    )
-    return hashlib.sha256(payload.encode()).hexdigest()[:16]
+    unrelated commits must not invalidate caches; ``version`` is bumped when outputs change).
+
+    ``inputs`` (whole-dataset stages only): digests of what each upstream holds for the selected images
+    (:func:`input_rows`), so a new, removed or changed image makes the output another one. Per-image stages
+    leave it out: their folder is reused across image lists, and each image is computed once."""
+    payload = {"stage": stage, "version": version, "params": params, "deps": deps,
+               "dataset": {k: dataset.get(k) for k in ("kind", "root", "split")}}
+    if inputs is not None:
+        payload["inputs"] = inputs
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def stage_def(cfg: Config, name: str):
@@ -97,22 +102,151 @@ def stage_url(cfg: Config, name: str, dataset: Dataset) -> tuple[str, str, dict[
     for dep in cfg.stage_deps(name):
         _, fp, _ = stage_url(cfg, dep, dataset)
         dep_fps[dep] = fp
-    params = cfg.params(name).model_dump(mode="json")
-    fp = fingerprint(name, str(stage_def(cfg, name).version), params, dep_fps, dataset.describe())
+    params = identity_params(cfg, name)
+    inputs = None if stage_def(cfg, name).kind == "per_image" else input_digests(cfg, name, dataset)
+    fp = fingerprint(name, str(stage_def(cfg, name).version), params, dep_fps, dataset.describe(), inputs)
     return url_join(cfg.cache_root, dataset.key, name, fp), fp, dep_fps
 
 
+def identity_params(cfg: Config, name: str) -> dict:
+    """The params that identify a stage's output: all of them, with the keys its stage object declares
+    ``operational`` (how a run is carried out, not what it computes; e.g. train's iterations) at their defaults."""
+    obj = stage_def(cfg, name)
+    params = cfg.params(name).model_dump(mode="json")
+    op = getattr(obj, "operational", ())
+    if op:
+        defaults = obj.Params().model_dump(mode="json")
+        params.update({k: defaults[k] for k in op if k in defaults})
+    return params
+
+
+#: what a whole-dataset stage's identity knows of one image of an upstream: (image id, source signature, status)
+InputRow = tuple[str, str, str]
+
+
+def selected_ids(dataset: Dataset) -> list[str]:
+    """The image ids the config selects (split lists and ``dataset.limit`` applied), sorted."""
+    return [r.image_id for r in dataset.records()]
+
+
+def input_rows(cfg: Config, name: str, dataset: Dataset) -> dict[str, list[InputRow]]:
+    """For a whole-dataset stage: per per-image upstream, what its index holds for each selected image —
+    ``(id, source signature, status)``, status ``absent`` where the upstream has no row for it (not run yet).
+    This is the content a whole-dataset stage is built from; its digest is part of the stage's fingerprint."""
+    from clips4.pipeline.cache import read_parquet
+
+    ids = selected_ids(dataset)
+    out: dict[str, list[InputRow]] = {}
+    for dep in cfg.stage_deps(name):
+        if stage_def(cfg, dep).kind != "per_image":
+            continue  # a whole-dataset upstream's own fingerprint already digests its inputs
+        url, _, _ = stage_url(cfg, dep, dataset)
+        held: dict[str, tuple[str, str]] = {}
+        try:
+            t = read_parquet(url_join(url, INDEX), columns=["image_id", "source_sig", "status"])
+            held = {i: (sig or "", st or "") for i, sig, st in zip(t["image_id"].to_pylist(), t["source_sig"].to_pylist(),
+                                                                 t["status"].to_pylist())}
+        except Exception:  # noqa: BLE001 - no (readable) index: every image is absent, and the stage is not runnable
+            pass
+        out[dep] = [(i, *held.get(i, ("", "absent"))) for i in ids]
+    return out
+
+
+def _digest(rows: list[InputRow]) -> str:
+    return hashlib.sha256(json.dumps(rows, separators=(",", ":")).encode()).hexdigest()[:16]
+
+
+def input_digests(cfg: Config, name: str, dataset: Dataset) -> dict[str, str]:
+    """``{"images": digest of the selected ids, <upstream>: digest of its rows}`` (see :func:`input_rows`)."""
+    rows = input_rows(cfg, name, dataset)
+    return {"images": _digest([(i, "", "") for i in selected_ids(dataset)]), **{d: _digest(r) for d, r in rows.items()}}
+
+
 def open_stage(cfg: Config, name: str, dataset: Dataset) -> StageReader:
-    """The committed output of ``name`` for ``dataset``; a clear error says how to make it if missing."""
+    """The committed output of ``name`` for ``dataset``; a clear error says how to make it if missing (and names
+    the finished outputs of the same stage that differ, with the keys they differ in)."""
     url, fp, _ = stage_url(cfg, name, dataset)
     try:
-        return StageReader(url)
-    except Exception as exc:  # noqa: BLE001
-        cmd = name.replace("_", "-")
+        reader = StageReader(url)
+    except Exception:  # noqa: BLE001
+        cmd = "train" if name == "train" else "precompute " + name.replace("_", "-")
+        near = neighbours(cfg, name, dataset)
+        hint = ""
+        if near:
+            other, diff = near[0]
+            hint = (f"; a finished one differs in {'; '.join(diff[:6])}" + (" …" if len(diff) > 6 else "")
+                    + f" ({other}): set the same in clips4.yaml or pass the same options")
         raise StageError(
-            f"no finished '{name}' output with fingerprint {fp} for dataset {dataset.key} (looked in {url}); "
-            f"run `clips4 precompute {cmd}` with the same config first ({exc})"
+            f"no finished '{name}' output for this configuration (fingerprint {fp}, dataset {dataset.key}, looked in "
+            f"{url}){hint}; run `clips4 {cmd}` or `clips4 repro` with the same configuration first"
         ) from None
+    if stage_def(cfg, name).kind != "per_image":
+        return reader
+    return reader.restrict(selected_ids(dataset))
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and v:
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def param_diff(stage: str, there: dict, here: dict) -> list[str]:
+    """``['clip_features.clip.pretrained: "local-dir:X" there, "openai" here', ...]`` between two params dicts."""
+    a, b = _flat(there), _flat(here)
+    return [f"{stage}.{k}: {json.dumps(a.get(k), default=str)} there, {json.dumps(b.get(k), default=str)} here"
+            for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+
+
+def finished_outputs(cfg: Config, name: str, dataset: Dataset) -> list[dict]:
+    """meta.json (plus ``url``) of every committed output of stage ``name`` for ``dataset``, newest first."""
+    from clips4.pipeline.cache import _fs
+
+    fs, root = _fs(url_join(cfg.cache_root, dataset.key, name))
+    out = []
+    try:
+        metas = fs.glob(f"{root}/*/{META}")
+    except (OSError, FileNotFoundError):
+        return out
+    for m in metas:
+        d = m.rsplit("/", 1)[0]
+        try:
+            if not fs.exists(f"{d}/{INDEX}"):
+                continue
+            with fs.open(m, "r") as f:
+                meta = json.load(f)
+        except (OSError, ValueError):
+            continue
+        meta["url"] = url_join(cfg.cache_root, dataset.key, name, d.rsplit("/", 1)[-1])
+        out.append(meta)
+    return sorted(out, key=lambda m: str(m.get("created", "")), reverse=True)
+
+
+def neighbours(cfg: Config, name: str, dataset: Dataset) -> list[tuple[str, list[str]]]:
+    """Finished outputs of ``name`` for ``dataset`` and what differs from this configuration (params first, then
+    the upstream outputs and the images they were built from), closest first."""
+    here = cfg.params(name).model_dump(mode="json")
+    mine = {}
+    for dep in cfg.stage_deps(name):
+        try:
+            mine[dep] = stage_url(cfg, dep, dataset)[1]
+        except Exception:  # noqa: BLE001 - an upstream that cannot be named is simply different
+            mine[dep] = "?"
+    found = []
+    for meta in finished_outputs(cfg, name, dataset):
+        diff = param_diff(name, meta.get("params") or {}, here)
+        if not diff:
+            theirs = {d: (v.get("fingerprint") if isinstance(v, dict) else str(v).rstrip("/").rsplit("/", 1)[-1])
+                      for d, v in (meta.get("deps") or {}).items()}
+            diff = [f"input {d}: output {theirs.get(d)} there, {mine[d]} here" for d in sorted(mine) if theirs.get(d) != mine[d]]
+        if not diff and meta.get("inputs") is not None:
+            diff = ["the images it was built from (added, removed or changed images)"]
+        found.append((meta["url"], diff or [f"code version {meta.get('version')}"]))
+    return sorted(found, key=lambda t: len(t[1]))
 
 
 def dataset_from_config(cfg: Config) -> Dataset:
@@ -271,24 +405,84 @@ def _meta(cfg: Config, name: str, dataset: Dataset, fp: str, dep_fps: dict, deps
 
 def _run_global(cfg: Config, name: str, dataset: Dataset, url: str, fp: str, dep_fps: dict, deps: dict) -> StageRun:
     """A whole-dataset stage: build everything under the folder, then write the index (one row per output
-    file, with its sha256) last. A finished folder is never rebuilt; an unfinished one is rebuilt whole."""
+    file, with its sha256) last. Its fingerprint digests what the upstream holds for the selected images, so a
+    finished folder is exactly this input and is never rebuilt; an unfinished one is rebuilt whole."""
     writer = StageWriter(url)
     console.print(f"[bold]{name}[/]: {dataset.key} → {url}")
     damaged = verify_stage(url, checksums=True)  # a few small files: hashed every time
     if writer.fs.exists(f"{writer.path}/{INDEX}") and not damaged:
-        console.print("  already finished")
+        console.print("  already finished for these params and these inputs")
         return StageRun(name, url, fp, 1, 1, 0, builder=True)
     for f, reason in quarantine_damaged(url, damaged):
         console.print(f"  [yellow]damaged output moved aside[/] {_esc(f)} ({_esc(reason)}); built again")
     t0 = time.perf_counter()
-    writer.write_meta(_meta(cfg, name, dataset, fp, dep_fps, deps))
-    names = stage_def(cfg, name).build(cfg.params(name), deps, url)
+    rows = input_rows(cfg, name, dataset)
+    inputs = {"images": _digest([(i, "", "") for i in selected_ids(dataset)]), **{d: _digest(r) for d, r in rows.items()}}
+    writer.write_meta({**_meta(cfg, name, dataset, fp, dep_fps, deps), "inputs": inputs,
+                       "n_images": len(selected_ids(dataset))})
+    write_input_rows(url, rows)
+    build = stage_def(cfg, name).build
+    ids = selected_ids(dataset)
+    try:
+        takes_ids = "image_ids" in inspect.signature(build).parameters
+    except (TypeError, ValueError):
+        takes_ids = False
+    names = build(cfg.params(name), deps, url, image_ids=ids) if takes_ids else build(cfg.params(name), deps, url)
     outs = cfg.decl(name).outs
     if set(names) - set(outs):
         raise UndeclaredOutputError(f"stage {name!r} wrote {sorted(set(names) - set(outs))}, which its outs in stages.yaml "
                          f"({sorted(outs)}) do not declare")
     commit_files(url, names)
     return StageRun(name, url, fp, 1, 0, 1, [], time.perf_counter() - t0, builder=True)
+
+
+#: beside meta.json of a whole-dataset output: the upstream rows it was built from (``clips4 status`` compares them)
+INPUTS = "inputs.parquet"
+
+
+def write_input_rows(url: str, rows: dict[str, list[InputRow]]) -> None:
+    """``inputs.parquet``: one row per (upstream, image) a whole-dataset output was built from."""
+    import pyarrow as pa
+
+    from clips4.pipeline.cache import write_parquet_atomic
+
+    flat = [(d, *r) for d, rs in rows.items() for r in rs]
+    t = pa.table({"dep": [f[0] for f in flat], "image_id": [f[1] for f in flat], "source_sig": [f[2] for f in flat],
+                  "status": [f[3] for f in flat]}, schema=pa.schema([(c, pa.string()) for c in
+                                                                  ("dep", "image_id", "source_sig", "status")]))
+    write_parquet_atomic(url_join(url, INPUTS), t)
+
+
+def read_input_rows(url: str) -> dict[str, list[InputRow]] | None:
+    """What :func:`write_input_rows` wrote, or None (an output from before it was recorded)."""
+    from clips4.pipeline.cache import read_parquet
+
+    try:
+        t = read_parquet(url_join(url, INPUTS))
+    except Exception:  # noqa: BLE001
+        return None
+    out: dict[str, list[InputRow]] = {}
+    for d, i, sig, st in zip(*(t[c].to_pylist() for c in ("dep", "image_id", "source_sig", "status"))):
+        out.setdefault(d, []).append((i, sig, st))
+    return out
+
+
+def describe_input_change(before: dict[str, list[InputRow]] | None, now: dict[str, list[InputRow]]) -> list[str]:
+    """``['clip_features: 4 images added', ...]``: how the inputs of a whole-dataset output changed."""
+    if before is None:
+        return ["built from other inputs (not recorded in detail)"]
+    out = []
+    for dep in sorted(set(before) | set(now)):
+        a = {r[0]: r[1:] for r in before.get(dep, [])}
+        b = {r[0]: r[1:] for r in now.get(dep, [])}
+        added = [i for i in b if i not in a]
+        removed = [i for i in a if i not in b]
+        changed = [i for i in b if i in a and a[i] != b[i]]
+        bits = [f"{len(x)} image{'s' if len(x) != 1 else ''} {what}" + (f" ({', '.join(x[:3])}{', …' if len(x) > 3 else ''})")
+                for x, what in ((added, "added"), (removed, "removed"), (changed, "changed or recomputed")) if x]
+        if bits:
+            out.append(f"{dep}: " + ", ".join(bits))
+    return out
 
 
 def _esc(text) -> str:

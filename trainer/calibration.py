@@ -214,24 +214,30 @@ def calibrate(embed: Callable[[object], np.ndarray], records: Sequence, teacher:
             "text": torch.from_numpy(text).half()}
 
 
-def stored_bias(calibration: dict | None, names: Sequence[str], text: np.ndarray) -> tuple[np.ndarray | None, str]:
+def stored_bias(calibration: dict | None, names: Sequence[str], text: np.ndarray,
+                uncalibrated: Sequence[str] = ()) -> tuple[np.ndarray | None, str]:
     """``((K,) float32 bias for ``names``, "")`` from a checkpoint's ``calibration`` record when every evaluated
     class is a calibrated one with the same text embedding (a subset is fine, e.g. VOC without background);
-    otherwise ``(None, why)``: a calibration is only meaningful against the class texts it was fitted on."""
+    otherwise ``(None, why)``: a calibration is only meaningful against the class texts it was fitted on.
+    ``uncalibrated``: evaluated classes that were never trained classes (VOC-21's ``background``): bias 0."""
     if not calibration or not calibration.get("classes"):
         return None, "the checkpoint holds no class calibration (train.calibration: none, or trained before it existed)"
     cal = list(calibration["classes"])
-    missing = [n for n in names if n not in cal]
+    missing = [n for n in names if n not in cal and n not in uncalibrated]
     if missing:
         return None, (f"the checkpoint was calibrated on {len(cal)} classes and {len(missing)} of the evaluated "
                       f"{'class is' if len(missing) == 1 else 'classes are'} not among them (e.g. {missing[0]!r})")
-    idx = [cal.index(n) for n in names]
+    pos = [k for k, n in enumerate(names) if n in cal]
+    if not pos:
+        return None, "none of the evaluated classes is a calibrated one"
+    idx = [cal.index(names[k]) for k in pos]
     fitted = calibration.get("text")
     if fitted is not None:
         a = torch.nn.functional.normalize(torch.as_tensor(fitted).float()[idx], dim=1)
-        b = torch.nn.functional.normalize(torch.as_tensor(np.asarray(text, np.float32)), dim=1)
+        b = torch.nn.functional.normalize(torch.as_tensor(np.asarray(text, np.float32))[pos], dim=1)
         if a.shape != b.shape or float((a * b).sum(1).min()) < TEXT_MATCH:
             return None, ("the evaluated class texts differ from the ones the checkpoint was calibrated on (another "
                           "CLIP model or prompts)")
-    bias = np.asarray(calibration["bias"], np.float32)[idx]
+    bias = np.zeros(len(names), np.float32)
+    bias[pos] = np.asarray(calibration["bias"], np.float32)[idx]
     return bias, ""

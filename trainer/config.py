@@ -171,9 +171,18 @@ class TrainParams(Strict):
     amp: Literal["auto", "on", "off"] = "auto"
     checkpoint_every: int = Field(default=500, ge=1)
     log_every: int = Field(default=10, ge=1)
-    #: output folder; None = ``<cache_root>/<dataset key>/train/<fingerprint>``
+    #: the run's name: a finished run is published as ``<runs_root>/<name>/final.pt`` (with its config, metrics
+    #: and ``run.json``), replaced when the config or its inputs change and the run is trained again
+    name: str = Field(default="train", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
+    #: output folder of the training itself; None = ``<cache_root>/<dataset key>/train/<fingerprint>`` (then
+    #: published under ``name``). A folder given here is used as it is and nothing is published
     out: str | None = None
     device: str = "auto"
+
+
+#: train keys that change how a run is carried out, not what it computes (the batches and their augmentation seeds
+#: are functions of (seed, step) alone): a finished run is the same run whatever they are
+OPERATIONAL = ("iterations", "out", "name", "num_workers", "cache_images", "checkpoint_every", "log_every", "device")
 
 
 class TrainStage:
@@ -182,3 +191,5 @@ class TrainStage:
     kind = "external"
     version = "1"
     Params = TrainParams
+    #: params left out of the run's identity (at their defaults in its fingerprint)
+    operational = OPERATIONAL

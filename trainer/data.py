@@ -18,15 +18,16 @@ from clips4.trainer.augment import AugmentConfig, collate_views, make_views
 class CachedViews(Dataset):
     """Items are ``(index, aug_seed)`` pairs (from ``StepSampler``); each yields ``make_views(...)`` output.
 
-    ``segments_url`` / ``clip_url``: committed stage outputs. Only images finished in both are used.
+    ``segments_url`` / ``clip_url``: committed stage outputs. Only images finished in both (and, where given, in
+    ``image_ids``: the config's selection) are used.
     Readers are opened lazily in each DataLoader worker (Zarr handles are not shared across processes).
     """
 
     def __init__(self, segments_url: str, clip_url: str, *, crop_size: int, stride: int = 8,
-                 augment: AugmentConfig | None = None, cache_images: int = 0):
+                 augment: AugmentConfig | None = None, cache_images: int = 0, image_ids=None):
         self.segments_url, self.clip_url = segments_url, clip_url
         seg, clip = StageReader(segments_url), StageReader(clip_url)
-        ids = sorted(set(seg.image_ids) & set(clip.image_ids))
+        ids = sorted(set(seg.image_ids) & set(clip.image_ids) & (set(image_ids) if image_ids is not None else set(seg.image_ids)))
         if not ids:
             raise ValueError(f"no image is finished in both {segments_url} and {clip_url}")
         self.image_ids = ids

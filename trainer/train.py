@@ -22,10 +22,11 @@ from clips4.pipeline.console import make_console
 
 from clips4.pipeline.config import Config, resolved_dict
 from clips4.pipeline.datasets import Dataset
-from clips4.pipeline.stage import code_version, dataset_from_config, open_stage, stage_url
+from clips4.pipeline.stage import (code_version, dataset_from_config, describe_input_change, input_digests, input_rows,
+                                   open_stage, read_input_rows, selected_ids, stage_url, write_input_rows)
 from clips4.trainer.augment import AugmentConfig
 from clips4.trainer.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
-from clips4.trainer.config import TrainParams
+from clips4.trainer.config import OPERATIONAL, TrainParams
 from clips4.trainer.data import CachedViews, StepSampler, make_loader
 from clips4.trainer.ema import WeightEMA
 from clips4.trainer.losses import CLIPS4Loss, LossConfig, Prototypes
@@ -54,6 +55,8 @@ class TrainResult:
     stopped: str = "finished"  # finished | max_steps | nothing_to_do | interrupted
     #: the signal that interrupted the run (SIGTERM 15, SIGINT 2); the CLI exits with 128 + signal
     signal: int | None = None
+    #: the named run folder a finished run was published to (``runs/<train.name>``), if any
+    published: Path | None = None
 
 
 class _StopRequest:
@@ -195,7 +198,45 @@ def train(cfg: Config, *, dataset: Dataset | None = None, resume: bool = False, 
     if int(os.environ.get("RANK", "0")) != 0:  # torchrun: rank 0 holds the lock for all ranks
         return _train(cfg, dataset, out, fp, resume, restart, max_steps, show_progress)
     with StageLock(str(out), wait=wait, timeout=wait_timeout):
-        return _train(cfg, dataset, out, fp, resume, restart, max_steps, show_progress)
+        res = _train(cfg, dataset, out, fp, resume, restart, max_steps, show_progress)
+    p: TrainParams = cfg.params("train")  # type: ignore[assignment]
+    if res.stopped in ("finished", "nothing_to_do") and not p.out:
+        res.published = publish_run(out, Path(cfg.runs_root) / p.name, name=p.name, fingerprint=fp)
+        console.print(f"run '{p.name}': {res.published / 'final.pt'}", markup=False)
+    return res
+
+
+#: what a published run folder holds (copied from the run's cache folder; ``run.json`` written last)
+PUBLISHED = ("final.pt", "config.json", "meta.json", "metrics.jsonl")
+
+
+def publish_run(run_dir: Path, dest: Path, *, name: str, fingerprint: str) -> Path:
+    """Publish the finished run in ``run_dir`` as the named run ``dest`` (``runs/<name>/``): its files are
+    replaced one by one (hard links where the file system allows, else copies; each by rename, so a reader sees
+    a whole old or a whole new ``final.pt``), then ``run.json`` names the cache folder and fingerprint."""
+    import shutil
+    import uuid
+
+    from clips4.pipeline.lock import StageLock
+
+    dest.mkdir(parents=True, exist_ok=True)
+    with StageLock(str(dest), wait=True, timeout=600):
+        for f in PUBLISHED:
+            src = run_dir / f
+            if not src.exists():
+                continue
+            tmp = dest / f".{f}.tmp-{uuid.uuid4().hex[:8]}"
+            try:
+                os.link(src, tmp)
+            except OSError:
+                shutil.copy2(src, tmp)
+            os.replace(tmp, dest / f)
+        doc = {"name": name, "fingerprint": fingerprint, "cache": str(run_dir.resolve()),
+               "published": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+        tmp = dest / f".run.json.tmp-{uuid.uuid4().hex[:8]}"
+        tmp.write_text(json.dumps(doc, indent=2) + "\n")
+        os.replace(tmp, dest / "run.json")
+    return dest
 
 
 def _train(cfg: Config, dataset: Dataset, out: Path, fp: str, resume: bool, restart: bool, max_steps: int | None,
@@ -213,8 +254,12 @@ def _train(cfg: Config, dataset: Dataset, out: Path, fp: str, resume: bool, rest
     if "auto" in (augment.photometric, augment.geometric):
         augment = _auto_augment(augment, deps["prototypes"], rank)
     ds = CachedViews(deps["segments"], deps["clip_features"], crop_size=p.crop_size, augment=augment,
-                     cache_images=p.cache_images)
+                     cache_images=p.cache_images, image_ids=selected_ids(dataset))
     names, known, unknown = load_prototypes(deps["prototypes"])
+    # what inference needs besides the weights: the class texts the prototypes were built from and the CLIP that
+    # embedded them (so Segmenter(final.pt), predict and evaluate need no other flag)
+    class_names_t, class_text = load_class_texts(deps["prototypes"])
+    clip_spec = _clip_spec(deps["clip_features"])
     if known.numel() and known.shape[1] != ds.embed_dim or unknown.numel() and unknown.shape[1] != ds.embed_dim:
         raise TrainingError(f"prototypes in {deps['prototypes']} do not match the CLIP feature width {ds.embed_dim}")
     torch.manual_seed(p.seed)
@@ -250,6 +295,7 @@ def _train(cfg: Config, dataset: Dataset, out: Path, fp: str, resume: bool, rest
     if final.exists() and not restart:
         meta = _run_meta(out)
         _same_run_or_fail(out, meta, p, deps)
+        _same_inputs_or_fail(out, meta, input_rows(cfg, "train", dataset))
         done_at = _finished_step(out, meta)
         if done_at >= p.iterations:
             console.print(f"[green]nothing left to do[/]: {final} exists (finished at step {done_at}, "
@@ -335,6 +381,9 @@ def _train(cfg: Config, dataset: Dataset, out: Path, fp: str, resume: bool, rest
                 "ranks": ranks, "step": step, "signature": json.dumps(signature),
                 "config": json.dumps(resolved_dict(cfg)), "git": code_version(), "classes": names,
                 "iterations": p.iterations, "schedule": json.dumps(schedule), "guard": loss_fn.guard_state(),
+                "clip": json.dumps(clip_spec),
+                **({"class_text": {"names": class_names_t, "vectors": torch.from_numpy(np.ascontiguousarray(class_text))}}
+                   if class_names_t else {}),
                 **({"calibration": calibration} if calibration is not None else {}),
             })
 
@@ -442,7 +491,7 @@ def _train(cfg: Config, dataset: Dataset, out: Path, fp: str, resume: bool, rest
             if ema is not None:
                 console.print(f"final.pt holds the weight average (train.ema {p.ema}, {ema.updates} updates) as the "
                               "evaluated model; the last iterate as model_raw", markup=False)
-            _commit(out, cfg, fp, signature, deps, done)
+            _commit(out, cfg, fp, signature, deps, done, dataset)
         stopped = "finished"
     else:
         save(done, last)
@@ -497,6 +546,15 @@ def _calibrate(p: TrainParams, model: torch.nn.Module, weights: dict, dataset: D
                       "ranks it above its look-alikes: under-trained, or a class its teacher reads in a way the "
                       "student does not learn (train.calibration_max_margins)", markup=False)
     return cal
+
+
+def _clip_spec(clip_url: str) -> dict:
+    """The CLIP the clip_features stage really ran: its params and what its preflight resolved (weights file and
+    sha256, the architecture of a ``local-dir:`` folder)."""
+    from clips4.pipeline.cache import StageReader
+
+    meta = StageReader(clip_url).meta
+    return {"params": (meta.get("params") or {}).get("clip"), "resolved": meta.get("preflight") or {}}
 
 
 def load_class_texts(url: str) -> tuple[list[str], np.ndarray]:
@@ -580,9 +638,6 @@ def _finished_step(out: Path, meta: dict | None) -> int:
         return int(load_checkpoint(out / "final.pt")["step"])
 
 
-#: train keys that change how a run is carried out, not what it computes (the batches and their augmentation seeds
-#: are functions of (seed, step) alone): a finished run is the same run whatever they are
-OPERATIONAL = ("iterations", "out", "num_workers", "cache_images", "checkpoint_every", "log_every", "device")
 
 
 def _same_run_or_fail(out: Path, meta: dict | None, p: TrainParams, deps: dict) -> None:
@@ -609,13 +664,31 @@ def _same_run_or_fail(out: Path, meta: dict | None, p: TrainParams, deps: dict) 
                             "train.out, or pass --restart to replace it")
 
 
-def _commit(out: Path, cfg: Config, fp: str, signature: dict, deps: dict, step: int) -> None:
-    """meta.json + index.parquet (written last) make a finished run visible to ``clips4 cache ls``."""
+def _same_inputs_or_fail(out: Path, meta: dict | None, rows: dict) -> None:
+    """A finished run in ``out`` trained on other images (added, removed, changed or recomputed in the upstream
+    caches) is stale: say what changed instead of "nothing left to do" (only a fixed ``train.out`` can hold one:
+    the default folder is named by a fingerprint that digests the inputs)."""
+    if not meta or meta.get("inputs") is None:
+        return
+    before = read_input_rows(str(out))
+    change = describe_input_change(before, rows) if before is not None else []
+    if change:
+        raise TrainingError(f"{out} holds a run trained on other inputs ({'; '.join(change)}); pass --restart to "
+                            "train on the current ones, or leave train.out unset (named runs are retrained by "
+                            "`clips4 repro`)")
+
+
+def _commit(out: Path, cfg: Config, fp: str, signature: dict, deps: dict, step: int, dataset: Dataset) -> None:
+    """meta.json + inputs.parquet + index.parquet (written last) make a finished run visible to ``clips4 cache ls``
+    and ``clips4 status``."""
     from clips4.pipeline.cache import commit_files
 
+    rows = input_rows(cfg, "train", dataset)
+    write_input_rows(str(out), rows)
     meta = {"stage": "train", "fingerprint": fp, "params": cfg.params("train").model_dump(mode="json"),
             "deps": deps, "signature": signature, "step": step, "code": code_version(), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            "dataset": {"key": out.parent.parent.name}}
+            "dataset": dataset.describe(), "inputs": input_digests(cfg, "train", dataset),
+            "n_images": len(selected_ids(dataset))}
     commit_files(str(out), list(cfg.decl("train").outs), meta)  # stages.yaml outs: what a finished run holds
 
 
