@@ -125,3 +125,60 @@ def test_a_file_name_that_is_not_utf8_blocks_nothing_and_is_stored_losslessly(tm
     err = capsys.readouterr().err
     line = [ln for ln in err.splitlines() if "failed" in ln and "bro" in ln]
     assert len(line) == 1 and "bro\\nken" in line[0] and "not an image" in line[0]
+
+
+# ------------------------------------------------------------------------------------------ hostile config
+BILLION_LAUGHS = "a: &a [lol, lol, lol, lol, lol, lol, lol, lol, lol]\n" + "".join(
+    f"{chr(98 + i)}: &{chr(98 + i)} [{', '.join(['*' + chr(97 + i)] * 9)}]\n" for i in range(8))
+
+
+def test_nested_aliases_and_oversized_configs_are_refused_at_once(tmp_path):
+    from clips4.pipeline.config import ConfigError, load_config
+
+    evil = tmp_path / "evil.yaml"
+    evil.write_text(BILLION_LAUGHS)
+    assert len(BILLION_LAUGHS) < 1500
+    t0 = time.perf_counter()
+    with pytest.raises(ConfigError, match="aliases expand to more than"):
+        load_config(None, [evil], search=False)
+    assert time.perf_counter() - t0 < 1.0
+    (tmp_path / "self.yaml").write_text("a: &x [1, *x]\n")
+    with pytest.raises(ConfigError, match="recursive alias"):
+        load_config(None, [tmp_path / "self.yaml"], search=False)
+    big = tmp_path / "big.yaml"
+    big.write_text("# " + "x" * (2 << 20) + "\n")
+    with pytest.raises(ConfigError, match="above the limit"):
+        load_config(None, [big], search=False)
+    with pytest.raises(ConfigError, match="aliases expand"):
+        load_config(None, None, ["segments.detector_params=" + "{" + BILLION_LAUGHS.replace("\n", ", ") + "}"],
+                    search=False)
+    # anchors of ordinary size still work
+    ok = tmp_path / "ok.yaml"
+    ok.write_text(f"dataset: {{root: &r {tmp_path}}}\ncache_root: *r\n")
+    assert load_config(None, [ok], search=False).cache_root == str(tmp_path)
+
+
+def test_config_that_is_a_folder_or_empty_says_so_and_cli_exits_2(tmp_path):
+    evil = tmp_path / "evil.yaml"
+    evil.write_text(BILLION_LAUGHS)
+    for cfg, said in ((tmp_path, "is a folder"), ("/dev/null", "is empty"), (evil, "aliases expand")):
+        t0 = time.perf_counter()
+        p = _cli("cache", "ls", "--config", str(cfg), "--cache", str(tmp_path / "c"))
+        assert p.returncode == 2 and said in p.stderr and "Traceback" not in p.stderr, p.stderr
+        assert time.perf_counter() - t0 < 10
+
+
+def test_unloadable_clip_checkpoint_exits_2_naming_the_file(tmp_path, image_folder):
+    import torch
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, ("echo owned",))
+
+    evil = tmp_path / "evil.pt"
+    torch.save({"state_dict": Evil()}, evil)
+    p = _cli("precompute", "clip-features", "--dataset", "folder", "--root", str(image_folder), "--cache",
+             str(tmp_path / "c"), "--executor", "local", "--clip-checkpoint", str(evil), "--set",
+             "clip_features.segment_source=kmeans", timeout=180)
+    assert p.returncode == 2 and "evil.pt" in p.stderr and "owned" not in p.stdout + p.stderr, p.stderr
+    assert "Traceback" not in p.stderr
