@@ -552,8 +552,9 @@ def evaluate_boundaries(
 
 def print_summary(summary: dict) -> None:
     """Rich table of ODS / OIS / AP (and covering)."""
-    from rich.console import Console
     from rich.table import Table
+
+    from clips4.pipeline.console import make_console
 
     table = Table(
         title=f"BSDS boundaries: {summary['split']} ({summary['n_images']} images, "
@@ -579,7 +580,7 @@ def print_summary(summary: dict) -> None:
             f"{cov['ODS']:.3f}" if cov else "-",
             f"{cov['OIS']:.3f}" if cov else "-",
         )
-    Console().print(table)
+    make_console().print(table)
 
 
 def plot_pr(summary: dict, path: str | Path) -> None:
