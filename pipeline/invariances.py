@@ -16,11 +16,13 @@ numpy in, numpy out; torch only through :mod:`clips4.pipeline.photometric`.
 """
 from __future__ import annotations
 
+from typing import Callable
+
 import numpy as np
 
 from clips4.pipeline.photometric import IDENTITY, OPS_FIELDS, apply_ops_uint8
 
-__all__ = ["FAMILIES", "probe_ops", "measure_invariances"]
+__all__ = ["FAMILIES", "probe_ops", "measure_invariances", "passes_per_image"]
 
 #: family -> what it changes; the probes below use the augmentation's largest strengths
 FAMILIES = {
@@ -89,10 +91,18 @@ def _geometric(backend, img: np.ndarray, name: str, hw: tuple[int, int]) -> list
     return [_to_grid(backend.dense_features([_resize(img, f)])[0], hw) for f in ZOOM_PROBES]
 
 
-def measure_invariances(backend, images: list[np.ndarray], protos: np.ndarray, seed: int = 0) -> dict:
+def passes_per_image() -> int:
+    """Teacher forward passes the measurement costs per image: the image, its ±1-grey-level twin, every
+    photometric probe, the flip and the zooms."""
+    return 2 + sum(len(ops) for ops in probe_ops().values()) + 1 + len(ZOOM_PROBES)
+
+
+def measure_invariances(backend, images: list[np.ndarray], protos: np.ndarray, seed: int = 0,
+                        progress: Callable[[int], None] | None = None) -> dict:
     """Scores of every family (see the module docstring) over ``images`` (``(H,W,3) uint8``), the cell classes
     read as the nearest of ``protos`` ``(L, D)`` (unit-norm). Returns ``{"families": {name: score}, "baseline":
-    agreement, "images": n}``; an empty image list gives no scores."""
+    agreement, "images": n}``; an empty image list gives no scores. ``progress(k)`` is called after each image
+    (k images done): the measurement costs :func:`passes_per_image` teacher passes per image."""
     protos = np.asarray(protos, np.float32)
     if not images or len(protos) == 0:
         return {"families": {}, "baseline": None, "images": 0}
@@ -100,7 +110,7 @@ def measure_invariances(backend, images: list[np.ndarray], protos: np.ndarray, s
     probes = probe_ops()
     agree = {name: [] for name in FAMILIES}
     base = []
-    for img in images:
+    for done, img in enumerate(images, 1):
         f0 = backend.dense_features([img])[0]
         ref = _classes(f0, protos)
         jitter = rng.integers(-1, 2, img.shape)
@@ -113,6 +123,8 @@ def measure_invariances(backend, images: list[np.ndarray], protos: np.ndarray, s
         for name in ("flip", "zoom"):
             for f in _geometric(backend, img, name, f0.shape[:2]):
                 agree[name].append(float(np.mean(_classes(f, protos) == ref)))
+        if progress is not None:
+            progress(done)
     b = max(float(np.mean(base)), 1e-6)
     return {"families": {k: round(float(np.mean(v)) / b, 4) for k, v in agree.items()}, "baseline": round(b, 4),
             "images": len(images)}

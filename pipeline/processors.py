@@ -304,7 +304,14 @@ def _teacher_invariances(backend, feats, protos, params: "PrototypesParams") -> 
         except ImageError as exc:
             make_console(stderr=True).print(f"  teacher invariances: skipping {i}: {exc}", markup=False)
     vecs = protos.vectors[protos.known_mask] if protos.n_known else protos.vectors
-    return measure_invariances(backend, images, vecs, seed=params.seed)
+    if not images:
+        return measure_invariances(backend, images, vecs, seed=params.seed)
+    from clips4.pipeline.invariances import passes_per_image
+    from clips4.pipeline.progress import make_progress
+
+    with make_progress(f"prototypes: teacher invariances ({passes_per_image()} teacher passes per image)",
+                       len(images), show=True, every_s=15.0) as bar:
+        return measure_invariances(backend, images, vecs, seed=params.seed, progress=lambda k: bar.update(k, 0))
 
 
 def build_prototypes(params: "PrototypesParams", deps: dict[str, str], out_url: str,

@@ -156,3 +156,30 @@ def test_an_image_gone_since_its_features_were_cached_is_skipped(tmp_path, capsy
     assert main(["precompute", "prototypes", *a, "--set", "prototypes.invariance_images=4", "-q"]) == 0
     inv = json.loads(next((tmp_path / "world" / "cache").glob("*train*/prototypes/*/invariances.json")).read_text())
     assert inv["images"] == 3 and "skipping " + victim.stem in capsys.readouterr().err
+
+
+def test_the_measurement_reports_progress_per_image():
+    seen = []
+    res = measure_invariances(_CellTeacher("colour"), _images(3), np.eye(5, dtype=np.float32), progress=seen.append)
+    assert seen == [1, 2, 3] and res["images"] == 3
+
+
+def test_the_prototypes_stage_prints_progress_lines_while_it_measures(tmp_path, capsys):
+    from types import SimpleNamespace
+
+    from PIL import Image
+
+    from clips4.pipeline.invariances import passes_per_image
+    from clips4.pipeline.processors import _teacher_invariances
+
+    paths = {}
+    for k, img in enumerate(_images(4)):
+        paths[f"im{k}"] = tmp_path / f"im{k}.png"
+        Image.fromarray(img).save(paths[f"im{k}"])
+    feats = SimpleNamespace(image_ids=list(paths), record=lambda i: SimpleNamespace(path=str(paths[i])))
+    protos = SimpleNamespace(vectors=np.eye(5, dtype=np.float32), known_mask=np.ones(5, bool), n_known=5)
+    inv = _teacher_invariances(_CellTeacher("colour"), feats, protos, SimpleNamespace(invariance_images=4, seed=0))
+    err = capsys.readouterr().err  # not a terminal here: plain lines, as in cron logs
+    lines = [ln for ln in err.splitlines() if "teacher invariances" in ln]
+    assert inv["images"] == 4 and len(lines) >= 2, err
+    assert "0/4" in lines[0] and "4/4" in lines[-1] and f"{passes_per_image()} teacher passes" in lines[0], lines
