@@ -75,6 +75,10 @@ class RayConfig(Strict):
     connect_timeout_s: float = Field(default=60.0, gt=0)
     #: plain progress lines (when stderr is not a terminal) at least this often, and every 5 % of the images
     progress_every_s: float = Field(default=30.0, gt=0)
+    #: memory one image may take in a worker (MiB); an image whose estimated working set (its header's size times
+    #: the stage's bytes per pixel) is above it is a failed row naming both, never an out-of-memory kill.
+    #: None: 80 % of the memory available on the node shared by ``num_workers`` (and of ``ulimit -v``)
+    memory_budget_mb: int | None = Field(default=None, ge=1)
 
 
 class S3Config(Strict):

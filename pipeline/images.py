@@ -88,7 +88,9 @@ def open_image(path: str) -> Image.Image:
 def image_size(path: str) -> tuple[int, int]:
     """(height, width) from the header only; ``(-1, -1)`` when the file cannot be read (recorded later)."""
     try:
-        with fsspec.open(path, "rb") as f:
+        with fsspec.open(path, "rb") as f, warnings.catch_warnings():
+            # a large header is the limits' business (clips4.pipeline.limits), not a warning on stderr
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             img = Image.open(f)
             w, h = img.size
         return h, w

@@ -13,7 +13,106 @@ from typing import Iterator
 
 from clips4.pipeline.images import ImageError, image_size
 
-__all__ = ["ItemTimeout", "check_image_size", "header_hw", "resized_size", "time_limit"]
+__all__ = ["ItemTimeout", "available_memory", "check_image_size", "check_memory", "default_budget", "header_hw",
+           "resized_size", "time_limit", "working_set"]
+
+_GiB = 1 << 30
+#: peak bytes per image pixel of one item, measured by benchmarks/memory.py (segments: the learned detector at 3
+#: scales, OWT-UCM and labels, 0.79 GiB at 1 MP and 3.21 GiB at 4 MP; clip-features: the decode and the resize to
+#: the model's input, 0.08 GiB at 4 MP), with some margin, plus a fixed part
+BYTES_PER_PIXEL = {"segments": 880, "clip_features": 24}
+FIXED_BYTES = {"segments": 64 << 20, "clip_features": 128 << 20}
+#: share of the available memory that the default budget hands out (the rest: the process itself, the page cache)
+BUDGET_SHARE = 0.8
+
+
+def working_set(stage: str, h: int, w: int) -> int:
+    """Estimated peak bytes of one ``h`` x ``w`` item in ``stage`` (``segments``, ``clip_features``; 0 if unknown)."""
+    if h < 1 or w < 1 or stage not in BYTES_PER_PIXEL:
+        return 0
+    return int(h) * int(w) * BYTES_PER_PIXEL[stage] + FIXED_BYTES[stage]
+
+
+def _read_int(path: str) -> int | None:
+    try:
+        with open(path) as f:
+            text = f.read().strip()
+    except OSError:
+        return None
+    return int(text) if text.isdigit() else None
+
+
+def _status_kib(key: str) -> int | None:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def available_memory() -> tuple[int | None, int | None]:
+    """(memory the machine can still give: ``MemAvailable`` or what the cgroup's limit leaves, whichever is less;
+    address space this process may still map under ``ulimit -v``). None where there is no such figure."""
+    host = None
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    host = int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    for limit, usage in (("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
+                         ("/sys/fs/cgroup/memory/memory.limit_in_bytes", "/sys/fs/cgroup/memory/memory.usage_in_bytes")):
+        lim, used = _read_int(limit), _read_int(usage)
+        if lim is not None and used is not None and lim < (1 << 60):
+            host = min(host if host is not None else lim, max(0, lim - used))
+            break
+    space = None
+    try:
+        import resource
+
+        soft, _ = resource.getrlimit(resource.RLIMIT_AS)
+        if soft != resource.RLIM_INFINITY:
+            space = max(0, soft - (_status_kib("VmSize") or 0))
+    except (ImportError, ValueError, OSError):
+        pass
+    return host, space
+
+
+def default_budget(num_workers: int = 1) -> int:
+    """The per-item budget when none is configured: ``BUDGET_SHARE`` of the available memory shared by the
+    ``num_workers`` workers of a node, and of the address space left to this process under ``ulimit -v``."""
+    host, space = available_memory()
+    cands = []
+    if host is not None:
+        cands.append(BUDGET_SHARE * host / max(1, int(num_workers)))
+    if space is not None:
+        cands.append(BUDGET_SHARE * space)
+    return int(min(cands)) if cands else 1 << 62
+
+
+def item_budget(ctx: dict | None) -> int:
+    """Bytes one item may take in this worker: ``ctx["memory_budget_mb"]`` (``ray.memory_budget_mb``) when set,
+    else :func:`default_budget` for ``ctx["num_workers"]`` workers. Computed once per worker, after its model."""
+    ctx = ctx or {}
+    mb = ctx.get("memory_budget_mb")
+    return int(mb) << 20 if mb else default_budget(int(ctx.get("num_workers") or 1))
+
+
+def check_memory(path: str, h: int, w: int, stage: str, budget: int | None) -> None:
+    """Raise :class:`ImageError` naming ``path``, its estimated working set and the budget when the item does not
+    fit (checked from the header, before decoding). Unknown sizes pass: decoding reports them."""
+    need = working_set(stage, h, w)
+    if not budget or not need or need <= budget:
+        return
+    raise ImageError(f"{path}: image is {w}x{h} = {w * h / 1e6:.1f} MP; the {stage} stage needs about "
+                     f"{need / _GiB:.1f} GiB for it ({BYTES_PER_PIXEL[stage]} bytes per pixel), above the memory "
+                     f"budget of {budget / _GiB:.1f} GiB per item (ray.memory_budget_mb; default: "
+                     f"{BUDGET_SHARE:.0%} of the available memory shared by the workers); downscale it, or raise "
+                     "the budget where the machine has the memory (then --retry-failed)")
 
 
 class ItemTimeout(ImageError):

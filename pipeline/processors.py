@@ -14,7 +14,7 @@ from clips4.pipeline.cache import ItemResult
 from clips4.pipeline.config import ClipFeaturesParams, ClipParams, PrototypesParams, SegmentsParams
 from clips4.pipeline.datasets import ImageRecord
 from clips4.pipeline.images import ImageError, load_rgb
-from clips4.pipeline.limits import check_image_size, header_hw, resized_size, time_limit
+from clips4.pipeline.limits import check_image_size, check_memory, header_hw, item_budget, resized_size, time_limit
 
 
 def _fail(rec: ImageRecord, exc: BaseException) -> ItemResult:
@@ -46,6 +46,8 @@ class SegmentsProcessor:
 
         self.params = params
         self.detector = build_detector(params.detector, **params.detector_params)
+        #: bytes one image may take here (see clips4.pipeline.limits.item_budget), measured after the detector
+        self.memory_budget = item_budget(ctx)
 
     def __call__(self, records: list[ImageRecord]) -> list[ItemResult]:
         from clips4.pipeline.segments import compute_segments
@@ -54,6 +56,8 @@ class SegmentsProcessor:
         for rec in records:
             t0 = time.perf_counter()
             try:
+                h, w = header_hw(rec)
+                check_memory(rec.path, h, w, "segments", self.memory_budget)
                 with time_limit(self.params.item_timeout_s, rec.path):
                     image = load_rgb(rec.path, max_pixels=self.params.max_pixels)
                     arrays = compute_segments(
@@ -220,6 +224,8 @@ class ClipFeaturesProcessor:
 
             self.segments = StageReader((ctx or {})["deps"]["segments"])
         self.pool = ThreadPoolExecutor(max_workers=2)
+        #: bytes one image may take here (see clips4.pipeline.limits.item_budget), measured after the model
+        self.memory_budget = item_budget(ctx)
 
     def _checked_load(self, rec: ImageRecord):
         """A future of the decoded image; the size limits are checked from the header first (no decoding)."""
@@ -231,6 +237,7 @@ class ClipFeaturesProcessor:
             check_image_size(rec.path, h, w, max_pixels=p.max_pixels, max_aspect_ratio=p.max_aspect_ratio,
                              resized=resized_size(h, w, p.clip.short_side, p.clip.window) if h > 0 and w > 0 else None,
                              max_resized_side=p.max_resized_side, stage="clip_features")
+            check_memory(rec.path, h, w, "clip_features", self.memory_budget)
         except ImageError as exc:
             fut: Future = Future()
             fut.set_exception(exc)

@@ -372,7 +372,9 @@ def _run_per_image(cfg: Config, name: str, dataset: Dataset, url: str, fp: str, 
     summaries, stats = [], {}
     if todo:
         factory = functools.partial(_CheckedProcessor, spec, tuple(cfg.decl(name).outs), name, params,
-                                    {"stage_url": url, "deps": deps, "dataset": dataset.describe()})
+                                    {"stage_url": url, "deps": deps, "dataset": dataset.describe(),
+                                     "memory_budget_mb": cfg.ray.memory_budget_mb,
+                                     "num_workers": 1 if cfg.ray.executor == "local" else cfg.ray.num_workers})
         summaries = run_batches(
             factory, todo, url, executor=cfg.ray.executor, address=cfg.ray.address, num_workers=cfg.ray.num_workers,
             batch_size=cfg.ray.batch_size, num_cpus=cfg.ray.num_cpus, num_gpus=cfg.ray.num_gpus,

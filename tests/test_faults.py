@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -182,3 +183,63 @@ def test_unloadable_clip_checkpoint_exits_2_naming_the_file(tmp_path, image_fold
              "clip_features.segment_source=kmeans", timeout=180)
     assert p.returncode == 2 and "evil.pt" in p.stderr and "owned" not in p.stdout + p.stderr, p.stderr
     assert "Traceback" not in p.stderr
+
+
+# ------------------------------------------------------------------------------------------ memory budget
+def _fake_big_jpeg(path: Path, w: int = 12000, h: int = 9000) -> Path:
+    """A tiny JPEG whose header says ``w`` x ``h`` (108 MP): what the budget sees before any decoding."""
+    import io
+
+    buf = io.BytesIO()
+    Image.fromarray(np.full((16, 16, 3), 128, np.uint8)).save(buf, "JPEG")
+    data = bytearray(buf.getvalue())
+    sof = data.index(b"\xff\xc0")
+    data[sof + 5: sof + 9] = h.to_bytes(2, "big") + w.to_bytes(2, "big")
+    path.write_bytes(bytes(data))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        with Image.open(path) as im:
+            assert im.size == (w, h)
+    return path
+
+
+def _big_folder(tmp_path: Path) -> Path:
+    root = tmp_path / "imgs"
+    root.mkdir()
+    _fake_big_jpeg(root / "big.jpg")
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 255, (48, 64, 3), dtype=np.uint8)).save(root / "small.png")
+    return root
+
+
+def test_an_image_above_the_memory_budget_is_a_failed_row_naming_image_and_budget(tmp_path):
+    from clips4.pipeline.config import load_config
+    from clips4.pipeline.limits import working_set
+
+    root = _big_folder(tmp_path)
+    cfg = load_config(None, None, [f"cache_root={tmp_path / 'cache'}", "dataset.kind=folder", f"dataset.root={root}",
+                                   "ray.executor=local", "ray.memory_budget_mb=2048", "segments.detector=classical"],
+                      search=False)
+    run = stage_mod.run_stage(cfg, "segments", show_progress=False)
+    assert run.processed == 2 and [i for i, _ in run.failed] == ["big"]
+    msg = run.failed[0][1]
+    assert str(root / "big.jpg") in msg and "12000x9000" in msg and "memory budget of 2.0 GiB" in msg
+    assert working_set("segments", 9000, 12000) > 2 << 30
+    assert len(StageReader(run.url)) == 1
+
+
+def test_default_budget_follows_ulimit_v_and_the_run_is_not_killed(tmp_path):
+    import resource
+
+    root = _big_folder(tmp_path)
+
+    def cap():  # 8 GiB of address space, as `ulimit -v 8388608`
+        resource.setrlimit(resource.RLIMIT_AS, (8 << 30, 8 << 30))
+
+    p = subprocess.run([sys.executable, "-m", "clips4.cli", "precompute", "segments", "--dataset", "folder", "--root",
+                        str(root), "--cache", str(tmp_path / "cache"), "--executor", "local", "--set",
+                        "segments.detector=classical", "--max-failures", "1"],
+                       capture_output=True, text=True, timeout=120, preexec_fn=cap)
+    assert p.returncode == 0, p.stderr
+    assert "big" in p.stderr and "memory budget of" in p.stderr and "Traceback" not in p.stderr
+    assert "DecompressionBombWarning" not in p.stderr
