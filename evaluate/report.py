@@ -7,7 +7,8 @@
   percent with one decimal: values in [0, 1] are multiplied by 100), then per-class IoU and the figure list;
 * figures (matplotlib, Agg): ``per_class_iou.png`` (bars), ``confusion.png`` (row-normalised; values in the
   cells for small class counts, the largest confusions listed beside it for large ones),
-  ``overlay_<i>.png`` (image | prediction | GT, both blended with the image, legend of class names and colours), ``embeddings.png`` (2-D projection of segment embeddings,
+  ``overlay_<i>.png`` (image | prediction | GT, both blended with the image, titled with the image id; overlays are
+  ``(image, pred, gt[, image_id])``; legend of the classes present, the void pixels included), ``embeddings.png`` (2-D projection of segment embeddings,
   one panel per source, e.g. CLIP vs the model as in the paper's Fig. 4a: t-SNE when scikit-learn is
   installed and ``projection="tsne"``, else a shared PCA computed with numpy).
 
@@ -246,12 +247,14 @@ def confusion_figure(cm: ConfusionMatrix, names: list[str], top_n: int = 20):
 
 
 def overlay_figure(image, pred, gt, names: Sequence[str] | None = None, ignore_index: int = 255,
-                   alpha: float = 0.55, max_legend: int = 30):
-    """image | prediction over the image | ground truth over the image, with a legend of the classes present
-    (names and colours, largest first) -> matplotlib Figure. Labels of another size are resized (nearest)."""
+                   alpha: float = 0.55, max_legend: int = 30, image_id: str | None = None):
+    """image | prediction over the image | ground truth over the image, titled with ``image_id``, with a legend
+    of the classes present in either (names and colours, largest first; the not-scored ground truth pixels, drawn
+    in :data:`~clips4.evaluate.palette.VOID_COLOUR`, as "void") -> matplotlib Figure. Labels of another size are
+    resized (nearest)."""
     from matplotlib.patches import Patch
 
-    from clips4.evaluate.palette import legend_entries, overlay
+    from clips4.evaluate.palette import VOID_COLOUR, figure_palette, legend_entries, overlay
 
     plt = _plt()
     image = np.asarray(image)
@@ -266,15 +269,20 @@ def overlay_figure(image, pred, gt, names: Sequence[str] | None = None, ignore_i
         return lab
 
     pred, gt = fit(pred), fit(gt)
+    pal = figure_palette()
     fig, axes = plt.subplots(1, 3, figsize=(13, 4.2), layout="constrained")
-    panels = [("image", image), ("prediction", overlay(image, pred, alpha=alpha, ignore_index=ignore_index)),
-              ("ground truth", overlay(image, gt, alpha=alpha, ignore_index=ignore_index))]
+    panels = [("image", image), ("prediction", overlay(image, pred, pal, alpha=alpha, ignore_index=ignore_index)),
+              ("ground truth", overlay(image, gt, pal, alpha=alpha, ignore_index=ignore_index, void=VOID_COLOUR))]
     for ax, (t, im) in zip(axes, panels):
         ax.imshow(im)
         ax.set_title(t)
         ax.axis("off")
-    entries = legend_entries([pred, gt], names, ignore_index=ignore_index, limit=max_legend)
+    if image_id:
+        fig.suptitle(str(image_id))
+    entries = legend_entries([pred, gt], names, pal, ignore_index=ignore_index, limit=max_legend)
     handles = [Patch(facecolor=np.array(c) / 255, edgecolor="black", label=name) for _, name, c in entries]
+    if np.any(gt == ignore_index):
+        handles.append(Patch(facecolor=np.array(VOID_COLOUR) / 255, edgecolor="black", label="void (not scored)"))
     if handles:
         fig.legend(handles=handles, loc="outside right center", fontsize=9, frameon=False,
                    ncol=1 + (len(handles) - 1) // 16)
@@ -321,7 +329,7 @@ def write_report(
     title: str,
     class_names: Sequence[str] | None = None,
     confusion: ConfusionMatrix | None = None,
-    overlays: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray]] = (),
+    overlays: Sequence[tuple] = (),
     embeddings: dict[str, tuple[np.ndarray, np.ndarray]] | None = None,
     config: dict | None = None,
     fingerprints: dict | None = None,
@@ -359,9 +367,9 @@ def write_report(
         paths["confusion"] = out / "confusion.png"
         _save(confusion_figure(confusion, cm_names), paths["confusion"])
         figures.append(paths["confusion"])
-    for i, (image, pred, gt) in enumerate(list(overlays)[:max_overlays]):
+    for i, (image, pred, gt, *image_id) in enumerate(list(overlays)[:max_overlays]):
         p = output_path(out, f"overlay_{i}.png", what="report figure")
-        _save(overlay_figure(image, pred, gt, names), p, dpi=90)
+        _save(overlay_figure(image, pred, gt, names, image_id=image_id[0] if image_id else None), p, dpi=90)
         paths[f"overlay_{i}"] = p
         figures.append(p)
     if embeddings:
@@ -405,5 +413,8 @@ def side_by_side(run_dirs: Sequence[str | Path]) -> str:
             r = dict(r)
             method = str(r.get("Method", name))
             r["Method"] = method if method == name else f"{method} ({name})"
+            proto = res.get("protocol") or ({21: "VOC-21", 20: "VOC-20"}.get(res.get("voc_mode")) if res.get("voc_mode") else None)
+            if proto:  # VOC-20 and VOC-21 (or calibrated and not) are different numbers: every row says which
+                r["Protocol"] = proto
             rows.append(r)
     return markdown_table(rows)

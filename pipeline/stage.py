@@ -174,8 +174,10 @@ def open_stage(cfg: Config, name: str, dataset: Dataset) -> StageReader:
         hint = ""
         if near:
             other, diff = near[0]
+            params_differ = any(d.startswith(f"{name}.") for d in diff)
             hint = (f"; a finished one differs in {'; '.join(diff[:6])}" + (" …" if len(diff) > 6 else "")
-                    + f" ({other}): set the same in clips4.yaml or pass the same options")
+                    + f" ({other})" + (": set the same in clips4.yaml or pass the same options" if params_differ
+                                        else ": its inputs changed since (`clips4 status` says how)"))
         raise StageError(
             f"no finished '{name}' output for this configuration (fingerprint {fp}, dataset {dataset.key}, looked in "
             f"{url}){hint}; run `clips4 {cmd}` or `clips4 repro` with the same configuration first"
