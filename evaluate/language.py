@@ -217,7 +217,7 @@ def run_language(cfg: Config, dataset: Dataset, *, model: str = "teacher", class
             gt = dataset.load_gt(rec)
             if gt_transform is not None:
                 gt = gt_transform(gt)
-            shown.append((img, predict_labels(src.embed(rec), text, gt.shape, layout="hwd", bias=bias), gt))
+            shown.append((img, predict_labels(src.embed(rec), text, gt.shape, layout="hwd", bias=bias), gt, rec.image_id))
         res["report"] = {k: str(v) for k, v in write_report(
             out, res, title=f"language-driven segmentation — {src.name} on {dataset.key} ({res['protocol']})",
             class_names=names,

@@ -11,7 +11,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from clips4.evaluate.compat import check_width, source_width
-from clips4.evaluate.palette import overlay, save_indexed_png, voc_palette
+from clips4.evaluate.palette import figure_palette, overlay, save_indexed_png
 from clips4.evaluate.sources import checkpoint_source, source_text_embeddings, text_embeddings_for
 from clips4.pipeline.config import Config
 from clips4.pipeline.images import load_rgb
@@ -21,6 +21,8 @@ __all__ = ["render_prediction", "class_areas", "LEGEND_WIDTH", "Segmenter", "Pre
            "PREDICT_PALETTE"]
 
 LEGEND_WIDTH = 220
+#: height of the title line above the overlay (the image's name)
+TITLE_HEIGHT = 26
 
 
 def class_areas(labels: np.ndarray, class_names: Sequence[str], ignore_index: int = 255) -> dict:
@@ -70,24 +72,28 @@ def render_prediction(
     palette: np.ndarray | None = None,
     alpha: float = 0.5,
     ignore_index: int = 255,
+    title: str | None = None,
 ) -> dict:
     """Write ``<stem>_labels.png`` (palette PNG, pixel values = class ids), ``<stem>_overlay.png`` (image blended
-    with class colours plus a legend panel of width :data:`LEGEND_WIDTH` on the right listing the classes present
-    with their colours and area fractions) and ``<stem>_areas.json``. Returns the paths and the areas."""
+    with class colours under a title line naming the image (``title``, default ``stem``), plus a legend panel of
+    width :data:`LEGEND_WIDTH` on the right listing the classes present, largest first, with their colours and
+    area fractions) and ``<stem>_areas.json``. Returns the paths and the areas."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    pal = voc_palette() if palette is None else np.asarray(palette, dtype=np.uint8).reshape(-1, 3)
+    pal = figure_palette() if palette is None else np.asarray(palette, dtype=np.uint8).reshape(-1, 3)
     labels = np.asarray(labels).astype(np.int64)
     image = np.asarray(image, dtype=np.uint8)
     label_path = save_indexed_png(output_path(out_dir, f"{stem}_labels.png"), labels, pal)
     areas = class_areas(labels, class_names, ignore_index)
     entries = [(name, tuple(pal[a["id"] % len(pal)].tolist()), a["fraction"]) for name, a in areas.items()
-               if a["id"] != ignore_index]
+               if a["id"] != ignore_index and a["pixels"] > 0]
     ov = Image.fromarray(overlay(image, labels, pal, alpha, ignore_index))
     legend = _legend(ov.height, entries)
-    canvas = Image.new("RGB", (ov.width + legend.width, max(ov.height, legend.height)), (255, 255, 255))
-    canvas.paste(ov, (0, 0))
-    canvas.paste(legend, (ov.width, 0))
+    top = TITLE_HEIGHT
+    canvas = Image.new("RGB", (ov.width + legend.width, top + max(ov.height, legend.height)), (255, 255, 255))
+    ImageDraw.Draw(canvas).text((8, 5), str(title if title is not None else stem), fill=(0, 0, 0), font=_font(14))
+    canvas.paste(ov, (0, top))
+    canvas.paste(legend, (ov.width, top))
     overlay_path = output_path(out_dir, f"{stem}_overlay.png")
     canvas.save(overlay_path)
     areas_path = output_path(out_dir, f"{stem}_areas.json")
@@ -96,8 +102,9 @@ def render_prediction(
             "legend_colors": {name: list(c) for name, c, _ in entries}}
 
 
-#: free-form classes have no background: class 0 gets the VOC palette's colour 1 (dark red), not black
-PREDICT_PALETTE = np.concatenate([voc_palette()[1:], np.zeros((1, 3), np.uint8)])
+#: free-form classes have no background: every class gets a colour of the figures' palette (none black, none
+#: near another; clips4.evaluate.palette.DISTINCT_COLOURS)
+PREDICT_PALETTE = figure_palette(ignore_index=None)
 
 
 @dataclass
@@ -208,7 +215,8 @@ def predict_images(cfg: Config, images: Sequence[str | Path], classes: list[str]
         try:
             img = load_rgb(path)
             labels = seg.predict(img, classes).labels
-            r = render_prediction(img, labels, classes, out, stem, alpha=alpha, palette=PREDICT_PALETTE)
+            r = render_prediction(img, labels, classes, out, stem, alpha=alpha, palette=PREDICT_PALETTE,
+                                  title=Path(path).name)
             doc = json.loads(Path(r["areas_json"]).read_text())
             doc.update({"image": path, "model": name, "queried_classes": list(classes)})
             Path(r["areas_json"]).write_text(json.dumps(doc, indent=2))

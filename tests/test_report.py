@@ -78,8 +78,20 @@ def test_per_class_title_stays_inside_the_figure():
     assert fig.axes[0].title.get_text().replace("\n", " ") == title  # wrapped, not cut
 
 
+def test_report_overlays_carry_their_image_id(tmp_path, monkeypatch):
+    import clips4.evaluate.report as report
+
+    seen, real = [], report.overlay_figure
+    monkeypatch.setattr(report, "overlay_figure", lambda *a, **k: seen.append(k.get("image_id")) or real(*a, **k))
+    img = np.zeros((8, 10, 3), np.uint8)
+    lab = np.zeros((8, 10), np.int64)
+    res, _ = _results()
+    write_report(tmp_path, res, title="t", class_names=["bg"], overlays=[(img, lab, lab, "2007_000033"), (img, lab, lab)])
+    assert seen == ["2007_000033", None]
+
+
 def test_overlay_figure_blends_and_has_a_legend_of_present_classes():
-    from clips4.evaluate.palette import voc_palette
+    from clips4.evaluate.palette import VOID_COLOUR, figure_palette
     from clips4.evaluate.report import overlay_figure
 
     img = np.full((20, 30, 3), 200, np.uint8)
@@ -87,14 +99,19 @@ def test_overlay_figure_blends_and_has_a_legend_of_present_classes():
     pred[:, 10:] = 2  # dog 400 px, background 200, cat (in gt) 300
     gt = np.full((20, 30), 255)
     gt[:10] = 1
-    fig = overlay_figure(img, pred, gt, ["background", "cat", "dog", "cow"])
+    fig = overlay_figure(img, pred, gt, ["background", "cat", "dog", "cow"], image_id="2007_000033")
     (legend,) = fig.legends
-    assert [t.get_text() for t in legend.get_texts()] == ["dog", "cat", "background"]  # by area; cow absent
+    # by area, cow absent; the ground truth's not-scored pixels last
+    assert [t.get_text() for t in legend.get_texts()] == ["dog", "cat", "background", "void (not scored)"]
     assert _inside(fig, legend)
+    assert fig._suptitle is not None and fig._suptitle.get_text() == "2007_000033"  # which image this is
     shown = fig.axes[1].images[0].get_array()
     # the prediction panel is the image tinted with the class colour, not the bare colour
-    np.testing.assert_allclose(shown[0, 20], 0.45 * 200 + 0.55 * voc_palette()[2], atol=1)
-    np.testing.assert_array_equal(fig.axes[2].images[0].get_array()[15, 5], [200, 200, 200])  # ignore keeps image
+    np.testing.assert_allclose(shown[0, 20], 0.45 * 200 + 0.55 * figure_palette()[2], atol=1)
+    np.testing.assert_array_equal(fig.axes[2].images[0].get_array()[15, 5], VOID_COLOUR)  # void drawn, as its legend
+    gt_all = np.ones((20, 30), np.int64)  # no void pixel: no void entry
+    fig = overlay_figure(img, pred, gt_all, ["background", "cat", "dog", "cow"])
+    assert [t.get_text() for t in fig.legends[0].get_texts()] == ["cat", "dog", "background"]
 
 
 def test_confusion_values_for_few_classes_top_list_for_many(tmp_path):
