@@ -64,6 +64,12 @@ def _fs(url: str):
     return fsspec.core.url_to_fs(url)
 
 
+def _makedirs(fs, path: str) -> None:
+    from clips4.pipeline.storage import makedirs
+
+    makedirs(fs, path)
+
+
 def _is_local(fs) -> bool:
     proto = fs.protocol if isinstance(fs.protocol, (tuple, list)) else (fs.protocol,)
     return "file" in proto or "local" in proto
@@ -71,8 +77,10 @@ def _is_local(fs) -> bool:
 
 def write_bytes_atomic(url: str, data: bytes) -> None:
     """Write ``data`` to ``url`` so that readers see either the old or the new file, never half of one."""
+    from clips4.pipeline.storage import makedirs
+
     fs, path = _fs(url)
-    fs.makedirs(os.path.dirname(path), exist_ok=True)
+    makedirs(fs, os.path.dirname(path))
     if _is_local(fs):
         tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
         with open(tmp, "wb") as f:
@@ -267,7 +275,7 @@ class StageWriter:
                 if not quarantine:
                     raise CacheError(f"corrupt cache part {f}: {reason}") from None
                 dest = f"{self.path}/quarantine/{os.path.basename(f)}"
-                self.fs.makedirs(f"{self.path}/quarantine", exist_ok=True)
+                _makedirs(self.fs, f"{self.path}/quarantine")
                 self.fs.mv(f, dest)
                 self.quarantined.append((f, reason))
                 continue
@@ -714,7 +722,7 @@ def quarantine_damaged(url: str, problems: list[CacheProblem]) -> list[tuple[str
     fs, path = _fs(url)
     moved: list[tuple[str, str]] = []
     qdir = f"{path}/quarantine"
-    fs.makedirs(qdir, exist_ok=True)
+    _makedirs(fs, qdir)
     stamp = new_part_id()
 
     def move(src: str, reason: str) -> None:

@@ -632,6 +632,12 @@ def _apply_storage(cfg: Config) -> None:
     except storage.StorageError as exc:
         raise ConfigError(str(exc)) from None
     storage.configure(cfg.storage)
+    try:
+        storage.check_bucket(cfg.cache_root, "cache_root")
+        if cfg.dataset.root:
+            storage.check_bucket(cfg.dataset.root, "dataset.root")
+    except storage.StorageError as exc:
+        raise ConfigError(str(exc)) from None
 
 
 def _resolve_dataset_classes(cfg: Config) -> None:

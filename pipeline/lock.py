@@ -84,11 +84,15 @@ class StageLock:
         self._stop = threading.Event()
         self._beat: threading.Thread | None = None
         self.held = False
+        #: why the last heartbeat failed (None: it did not)
+        self.beat_error: str | None = None
 
     # -- public --------------------------------------------------------------------------------------------
     def acquire(self) -> "StageLock":
+        from clips4.pipeline.storage import makedirs
+
         t0 = time.monotonic()
-        self.fs.makedirs(self.path, exist_ok=True)
+        makedirs(self.fs, self.path)
         while True:
             holder = self._try_local() if self.exclusive else self._try_remote()
             if holder is None:
@@ -119,7 +123,7 @@ class StageLock:
             try:
                 if self._read_remote().get("token") == self.token:
                     self.fs.rm(self.lock_path)
-            except (OSError, FileNotFoundError):
+            except Exception:  # noqa: BLE001 - the store went away (botocore's errors are not OSErrors): it goes stale
                 pass
 
     def __enter__(self) -> "StageLock":
@@ -185,13 +189,28 @@ class StageLock:
         return None
 
     def _heartbeat(self) -> None:
-        info = self._read_remote()
+        """Rewrite the heartbeat every ``heartbeat_s``. Never raises: a beat that fails (the store unreachable —
+        botocore's errors are not OSErrors) only makes the lock look older; the first failure of a streak is one
+        warning line, and ``self.beat_error`` keeps the last reason (the run's own reads and writes fail on their
+        own and end it with their message)."""
+        import logging
+
+        try:
+            info = self._read_remote() or _holder_info(self.token)
+        except Exception:  # noqa: BLE001 - see below
+            info = _holder_info(self.token)
+        failing = False
         while not self._stop.wait(self.heartbeat_s):
             info["heartbeat"] = time.time()
             try:
                 self._write_remote(info)
-            except OSError:  # a missed beat only makes the lock look older
-                pass
+                failing, self.beat_error = False, None
+            except Exception as exc:  # noqa: BLE001
+                self.beat_error = f"{type(exc).__name__}: {' '.join(str(exc).split())[:200]}"
+                if not failing:
+                    logging.getLogger(__name__).warning("lock heartbeat of %s failed (%s); retrying", self.url,
+                                                        self.beat_error)
+                failing = True
 
 
 def lock_holder(url: str) -> dict | None:

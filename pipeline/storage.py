@@ -61,6 +61,44 @@ def check_url(url: str, what: str = "URL") -> None:
         raise StorageError(f"{what} {url!r} needs the {module or proto} package, which is not installed: {how}") from None
 
 
+def makedirs(fs, path: str) -> None:
+    """``fs.makedirs(path, exist_ok=True)`` where folders exist (local disks). Object stores have no folders, and
+    s3fs's makedirs creates a missing *bucket*: clips4 never creates buckets, so there it does nothing."""
+    proto = fs.protocol if isinstance(fs.protocol, (tuple, list)) else (fs.protocol,)
+    if "file" in proto or "local" in proto:
+        fs.makedirs(path, exist_ok=True)
+
+
+def check_bucket(url: str, what: str = "URL") -> None:
+    """For an object-store URL: fail clearly when its bucket does not exist or the store cannot be reached (a
+    missing bucket is never created)."""
+    proto = protocol(url)
+    if proto not in ("s3", "s3a", "gs", "gcs"):
+        return
+    import fsspec
+
+    fs, path = fsspec.core.url_to_fs(url)
+    bucket = path.split("/", 1)[0]
+    where = fs.storage_options.get("endpoint_url") or (fs.storage_options.get("client_kwargs") or {}).get(
+        "endpoint_url") or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or proto
+    exists = True
+    try:
+        if hasattr(fs, "call_s3"):  # one HEAD request; s3fs's exists() says False when the store is unreachable
+            fs.call_s3("head_bucket", Bucket=bucket)
+        else:
+            exists = fs.exists(bucket)
+    except FileNotFoundError:
+        exists = False
+    except PermissionError:  # the bucket exists; whether it may be written is seen on the first write
+        pass
+    except Exception as exc:  # noqa: BLE001 - botocore's connection errors are not OSErrors
+        raise StorageError(f"{what} {url!r}: cannot reach the object store at {where} "
+                           f"({type(exc).__name__}: {' '.join(str(exc).split())[:200]})") from None
+    if not exists:
+        raise StorageError(f"{what} {url!r}: bucket {bucket!r} does not exist at {where}; create it first "
+                           "(clips4 never creates buckets)")
+
+
 def s3_options(section: Any | None = None, environ: dict | None = None) -> dict:
     """``s3fs.S3FileSystem`` keyword arguments from a ``storage.s3`` config section and the environment."""
     env = os.environ if environ is None else environ

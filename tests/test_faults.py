@@ -243,3 +243,51 @@ def test_default_budget_follows_ulimit_v_and_the_run_is_not_killed(tmp_path):
     assert p.returncode == 0, p.stderr
     assert "big" in p.stderr and "memory budget of" in p.stderr and "Traceback" not in p.stderr
     assert "DecompressionBombWarning" not in p.stderr
+
+
+# ------------------------------------------------------------------------------------------ object storage
+def test_missing_bucket_is_named_and_never_created(tmp_path, image_folder):
+    pytest.importorskip("s3fs")
+    pytest.importorskip("moto")
+    from s3server import S3Server
+
+    import boto3
+
+    with S3Server() as srv:
+        env = {**srv.env, "AWS_DEFAULT_REGION": "eu-west-1"}
+        for args in (["cache", "ls", "--cache", "s3://nobucket/cache"],
+                     ["precompute", "segments", "--dataset", "folder", "--root", str(image_folder), "--cache",
+                      "s3://nobucket/cache", "--executor", "local", "--set", "segments.detector=classical"]):
+            p = _cli(*args, env=env)
+            assert p.returncode == 2, p.stderr
+            assert "bucket 'nobucket' does not exist" in p.stderr and "Traceback" not in p.stderr
+        client = boto3.client("s3", endpoint_url=srv.endpoint, aws_access_key_id="testing",
+                              aws_secret_access_key="testing", region_name="us-east-1")
+        assert client.list_buckets()["Buckets"] == []
+    # the store gone altogether: one line naming it
+    p = _cli("cache", "ls", "--cache", "s3://nobucket/cache", env=env)
+    assert p.returncode == 2 and "cannot reach the object store" in p.stderr and "Traceback" not in p.stderr
+
+
+def test_lock_heartbeat_survives_a_store_that_went_away(monkeypatch):
+    import threading
+
+    from clips4.pipeline.lock import StageLock
+
+    class EndpointConnectionError(Exception):  # botocore's: not an OSError
+        pass
+
+    escaped = []
+    monkeypatch.setattr(threading, "excepthook", lambda args: escaped.append(args.exc_value))
+    lock = StageLock("memory://bucket/stage", heartbeat_s=0.02)
+    with lock:
+        assert not lock.exclusive and lock._beat is not None
+
+        def gone(*a, **k):
+            raise EndpointConnectionError('Could not connect to the endpoint URL: "http://127.0.0.1:9/"')
+
+        monkeypatch.setattr(lock, "_write_remote", gone)
+        monkeypatch.setattr(lock, "_read_remote", gone)
+        time.sleep(0.2)
+        assert lock._beat.is_alive() and "EndpointConnectionError" in (lock.beat_error or "")
+    assert escaped == [] and not lock._beat.is_alive()
