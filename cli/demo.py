@@ -122,6 +122,7 @@ def _synthetic_world(root: Path, iterations: int) -> int:
         world.write(root, n_train=64, n_val=16)
     cfg_file = root / "synthetic.yaml"
     spec["cache_root"] = str(root / "cache")
+    spec["runs_root"] = str(root / "runs")  # the finished run is published as <world>/runs/train
     spec["dataset"]["root"] = str(root)
     spec["stages"]["prototypes"]["params"]["classes"] = str(root / "classes.txt")
     spec["stages"]["train"]["params"]["iterations"] = iterations
@@ -137,7 +138,9 @@ def _synthetic_world(root: Path, iterations: int) -> int:
     res = train(cfg, resume=True)
     val = load_config(None, [cfg_file], ["dataset.split=val"], search=False)
     ds = dataset_from_config(val)
-    for name, model in (("teacher", "teacher"), ("student", str(res.out / "final.pt"))):
+    run = res.published or res.out
+    console.print(f"trained run: {run} (Segmenter('{run}'), clips4 predict --model {run})", markup=False)
+    for name, model in (("teacher", "teacher"), ("student", str(run))):
         results[name] = run_language(val, ds, model=model, out=root / "reports" / name)["miou"]
     gain = 100 * (results["student"] - results["teacher"])
     console.print(f"[bold]held-out mIoU[/]: teacher (CLIP-like dense features) {100 * results['teacher']:.1f}  →  "

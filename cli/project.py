@@ -50,7 +50,79 @@ def _status(cfg, until: str | None = None):
 
     dataset = dataset_from_config(cfg)
     urls, extra = _train_extras(cfg, dataset)
-    return dataset, project_status(cfg, dataset, until, urls, extra)
+    states = project_status(cfg, dataset, until, urls, extra)
+    if until is None and "train" in cfg.stages:
+        train = next(s for s in states if s.stage == "train")
+        states += [_evaluation_status(cfg, name, train) for name in cfg.evaluations]
+    return dataset, states
+
+
+# ------------------------------------------------------------------------------------------------ evaluations
+def _evaluation_identity(cfg, name: str) -> tuple[dict, Path]:
+    """(what an evaluation's report must have been made from, its folder): the evaluated run's fingerprint, the
+    settings, and a digest of the evaluated split's images (ids and file signatures)."""
+    import hashlib
+
+    from clips4.evaluate.sources import with_split
+    from clips4.pipeline.datasets import source_signature
+    from clips4.pipeline.stage import dataset_from_config
+
+    decl = cfg.evaluations[name]
+    run = Path(cfg.runs_root) / (decl.run or cfg.params("train").name)
+    try:
+        run_fp = json.loads((run / "run.json").read_text()).get("fingerprint")
+    except (OSError, ValueError):
+        run_fp = None
+    ds = dataset_from_config(with_split(cfg, decl.split))
+    images = hashlib.sha256(json.dumps([(r.image_id, source_signature(r.path)) for r in ds.records()]).encode())
+    return ({"run": str(run), "run_fingerprint": run_fp, "settings": decl.model_dump(mode="json"),
+             "images": images.hexdigest()[:16], "n_images": len(ds.records())}, Path(cfg.reports_root) / name)
+
+
+def _evaluation_status(cfg, name: str, train):
+    from clips4.pipeline.status import MISSING, STALE, StageStatus
+
+    ident, out = _evaluation_identity(cfg, name)
+    st = StageStatus(f"evaluate:{name}", "up-to-date", url=str(out))
+    try:
+        before = json.loads((out / "results.json").read_text()).get("evaluated") or {}
+    except (OSError, ValueError):
+        before = None
+    if not train.up_to_date:
+        st.state, st.reasons = STALE, [f"upstream train is {train.state}: the evaluated run will change"]
+    elif ident["run_fingerprint"] is None:
+        st.state, st.reasons = MISSING, [f"no published run {ident['run']}"]
+    elif before is None:
+        st.state, st.reasons = MISSING, ["never run"]
+    elif before != ident:
+        st.state = STALE
+        st.reasons = [why for key, why in (("run_fingerprint", f"the run {ident['run']} was retrained"),
+                                           ("settings", "its settings changed"),
+                                           ("images", f"the '{ident['settings']['split']}' images changed"))
+                      if before.get(key) != ident[key]] or ["made by another version"]
+    return st
+
+
+def _run_evaluation(cfg, name: str, opts: Common) -> dict:
+    """One evaluation of ``cfg.evaluations`` into ``<reports_root>/<name>`` (results.json records its identity)."""
+    from clips4.evaluate.language import run_language
+    from clips4.evaluate.sources import with_split
+    from clips4.pipeline.stage import dataset_from_config
+
+    decl = cfg.evaluations[name]
+    ident, out = _evaluation_identity(cfg, name)
+    ecfg = with_split(cfg, decl.split)
+    try:
+        res = run_language(ecfg, dataset_from_config(ecfg), model=ident["run"], classes=decl.classes,
+                           voc_mode=decl.voc_mode, out=out)
+    except ValueError as exc:
+        raise CLIError(f"evaluation {name!r}: {exc}") from None
+    doc = json.loads((out / "results.json").read_text())
+    doc["evaluated"] = ident
+    (out / "results.json").write_text(json.dumps(doc, indent=2))
+    console.print(f"evaluate:{name}: mIoU {100 * res['miou']:.1f} on {res['n_images']} '{decl.split}' images "
+                  f"({res['protocol']}); report {out}/report.md", markup=False)
+    return {"out": str(out), "miou": res["miou"], "protocol": res["protocol"], "exit_code": EXIT_OK, "committed": True}
 
 
 def _print(states) -> None:
@@ -102,10 +174,11 @@ def repro(
     max_failures: int = MaxFailOpt, retry_failed: bool = RetryOpt,
     wait: bool = WaitOpt, wait_timeout: Optional[float] = WaitTimeoutOpt,
 ) -> dict:
-    """Run every stale stage in graph order (segments, clip-features, prototypes, train), each exactly as its own
-    command would: per-image stages process only new or changed images, whole-dataset stages are rebuilt when what
-    they are built from changed, a finished training is published as runs/NAME. One cron line keeps a project up to
-    date: `clips4 repro --json`."""
+    """Run every stale stage in graph order (segments, clip-features, prototypes, train, then the config's
+    evaluations), each exactly as its own command would: per-image stages process only new or changed images,
+    whole-dataset stages are rebuilt when what they are built from changed, a finished training is published as
+    runs/NAME, an evaluation is redone when its run or images changed. One cron line keeps a project up to date:
+    `clips4 repro --json`."""
     from clips4.pipeline.stage import dataset_from_config
     from clips4.pipeline.status import graph_order, stage_status
 
@@ -150,6 +223,21 @@ def repro(
                 st = extra[name](st)
         done[name] = st if not dry_run or st.up_to_date else _assume_stale(st)
         report.append(entry)
+    if until is None and code == EXIT_OK and "train" in done:
+        for name in cfg.evaluations:
+            st = _evaluation_status(cfg, name, done["train"])
+            entry = {"stage": st.stage, "state": st.state, "reasons": st.reasons}
+            if st.up_to_date:
+                console.print(f"[bold]{st.stage}[/]: [green]up to date[/]")
+                entry["action"] = "none"
+            elif dry_run:
+                console.print(f"[bold]{st.stage}[/]: would run ({'; '.join(st.reasons)})")
+                entry["action"] = "would-run"
+            else:
+                console.print(f"[bold]{st.stage}[/]: running ({'; '.join(st.reasons)})")
+                entry["action"], entry["summary"] = "ran", _run_evaluation(cfg, name, opts)
+                entry["exit_code"] = entry["summary"].pop("exit_code")
+            report.append(entry)
     ran = [e["stage"] for e in report if e.get("action") == "ran"]
     would = [e["stage"] for e in report if e.get("action") == "would-run"]
     console.print(("would run: " + (", ".join(would) or "nothing, everything is up to date")) if dry_run else

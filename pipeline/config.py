@@ -79,6 +79,9 @@ class RayConfig(Strict):
     #: the stage's bytes per pixel) is above it is a failed row naming both, never an out-of-memory kill.
     #: None: 80 % of the memory available on the node shared by ``num_workers`` (and of ``ulimit -v``)
     memory_budget_mb: int | None = Field(default=None, ge=1)
+    #: where a Ray started by clips4 (``address: local``) keeps its session files (sockets, logs, spilled objects);
+    #: None: Ray's default (``$RAY_TMPDIR``, else /tmp/ray). Unix sockets limit the path to about 100 characters
+    temp_dir: str | None = None
 
 
 class S3Config(Strict):
@@ -232,11 +235,31 @@ def stage_object(run: str):
     return obj
 
 
+class EvaluationDecl(Strict):
+    """An evaluation ``clips4 repro`` keeps up to date after training (``evaluations: {NAME: {...}}``): its report
+    is ``<reports_root>/NAME`` and is redone when the evaluated run, the split's images or these settings change."""
+
+    #: what to measure: ``language`` (language-driven segmentation, paper 4.3; the split needs ground truth)
+    task: Literal["language"] = "language"
+    #: the evaluated split of the project's dataset
+    split: str = "val"
+    #: class names in GT id order (default: the dataset's); ``voc20`` / ``voc21`` pick the VOC protocol
+    classes: str | None = None
+    #: VOC protocol without ``classes``: 21 = background prompt + 20 objects, 20 = objects only
+    voc_mode: Literal[20, 21] = 21
+    #: the named run evaluated (default: ``train.name``)
+    run: str | None = None
+
+
 class Config(Strict):
     #: where stage outputs live (local path or fsspec URL)
     cache_root: str = "cache"
     #: where named training runs are published (``<runs_root>/<train.name>/final.pt``; a local folder)
     runs_root: str = "runs"
+    #: where the reports of ``evaluations`` are written (``<reports_root>/<name>``; a local folder)
+    reports_root: str = "reports"
+    #: evaluations ``clips4 repro`` runs after training, by name (none by default)
+    evaluations: dict[str, EvaluationDecl] = Field(default_factory=dict)
     dataset: DatasetConfig = Field(default_factory=DatasetConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
     storage: StorageConfig = Field(default_factory=StorageConfig)

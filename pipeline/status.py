@@ -93,6 +93,12 @@ def stage_status(cfg: Config, name: str, dataset: Dataset, upstream: dict[str, S
     if kind == "per_image":
         return _per_image_status(cfg, name, dataset, st, waiting)
     if _exists(url_join(url, INDEX)) and not waiting:
+        if url != own_url:  # a fixed folder (train.out): is what it holds this configuration's output?
+            meta = _meta(url)
+            if meta.get("fingerprint") not in (None, fp):
+                st.state = STALE
+                st.reasons = describe_input_change(read_input_rows(url), input_rows(cfg, name, dataset)) or [
+                    f"it holds output {meta.get('fingerprint')} of other params (this configuration: {fp})"]
         return st
     if missing_up:
         st.state, st.reasons = MISSING, [f"needs {', '.join(missing_up)} (not run yet)"]
@@ -100,6 +106,11 @@ def stage_status(cfg: Config, name: str, dataset: Dataset, upstream: dict[str, S
     if waiting:
         st.state = STALE
         st.reasons = [f"upstream {d} is {upstream[d].state}: what it is built from will change" for d in waiting]
+        here = _no_op(cfg, name, identity_params(cfg, name))
+        same = [m for m in finished_outputs(cfg, name, dataset)
+                if not param_diff(name, _no_op(cfg, name, m.get("params") or {}), here)]
+        if same:
+            st.reasons += describe_input_change(read_input_rows(same[0]["url"]), input_rows(cfg, name, dataset))
         return st
     return _explain(cfg, name, dataset, st)
 
@@ -142,6 +153,23 @@ def _per_image_status(cfg: Config, name: str, dataset: Dataset, st: StageStatus,
     return st
 
 
+def _meta(url: str) -> dict:
+    import json
+
+    fs, path = _fs(url)
+    try:
+        with fs.open(f"{path}/meta.json", "r") as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return {}
+
+
+def _no_op(cfg: Config, name: str, params: dict) -> dict:
+    """``params`` without the keys the stage declares operational (they do not make an output stale)."""
+    op = getattr(stage_def(cfg, name), "operational", ())
+    return {k: v for k, v in params.items() if k not in op}
+
+
 def _explain(cfg: Config, name: str, dataset: Dataset, st: StageStatus) -> StageStatus:
     """A stage whose output for this configuration is not committed: missing, or stale with what differs from
     its most recent finished output."""
@@ -152,14 +180,11 @@ def _explain(cfg: Config, name: str, dataset: Dataset, st: StageStatus) -> Stage
     if not done:
         st.state, st.reasons = MISSING, ["never run for this dataset"]
         return st
-    last = done[0]
-    here = identity_params(cfg, name)
-    there = dict(last.get("params") or {})
-    op = getattr(stage_def(cfg, name), "operational", ())
-    for k in op:  # how a run is carried out is not what makes it stale
-        there.pop(k, None)
-        here.pop(k, None)
-    diff = param_diff(name, there, here)
+    # the closest finished output (fewest differing params; newest first among equals) explains what changed; how
+    # a run is carried out (operational keys) is not what makes it stale
+    here = _no_op(cfg, name, identity_params(cfg, name))
+    diffs = [(param_diff(name, _no_op(cfg, name, dict(m.get("params") or {})), here), m) for m in done]
+    diff, last = min(diffs, key=lambda t: len(t[0]))
     st.state = STALE
     if diff:
         st.reasons = [f"params changed: {d}" for d in diff]

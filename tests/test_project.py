@@ -292,9 +292,16 @@ def test_evaluate_language_on_voc_applies_the_stored_calibration_by_default(tmp_
         f"stride: 32}}, n_clusters: 3}}}}\n"
         f"  prototypes: {{params: {{classes: voc, top_m: 2, n_unknown: 2, invariance_images: 0}}}}\n"
         f"  train: {{params: {{backbone: tiny, backbone_weights: random, iterations: 2, batch_size: 2, crop_size: 32, "
-        f"head_dim: 16, n_segments: 4, num_workers: 0, calibration_images: 4}}}}\n")
-    assert main(["repro", "-q"]) == 0
-    capsys.readouterr()
+        f"head_dim: 16, n_segments: 4, num_workers: 0, calibration_images: 4}}}}\n"
+        f"evaluations: {{val: {{task: language, split: val}}}}\n")
+    assert main(["repro", "--json"]) == 0
+    doc = _json_out(capsys)
+    assert doc["ran"] == ["segments", "clip_features", "prototypes", "train", "evaluate:val"]
+    results = json.loads((tmp_path / "reports" / "val" / "results.json").read_text())
+    assert "calibration stored" in results["protocol"] and results["evaluated"]["n_images"] == 6
+    assert main(["status", "-q"]) == 0
+    assert main(["repro", "--json"]) == 0
+    assert _json_out(capsys)["ran"] == []
     import torch
 
     cal = torch.load(tmp_path / "runs" / "train" / "final.pt", weights_only=True)["calibration"]
@@ -318,3 +325,20 @@ def test_evaluate_language_on_voc_applies_the_stored_calibration_by_default(tmp_
     assert main(["report", "rep", "rep20", "--json"]) == 0
     table = _json_out(capsys)["table"]
     assert "Protocol" in table and "VOC-21" in table and "VOC-20" in table
+
+
+def test_per_image_fingerprints_keep_their_formula_and_whole_dataset_ones_digest_their_inputs():
+    """Per-image outputs (segments, clip_features) keep the folders they always had; a whole-dataset stage's
+    fingerprint also digests its inputs, so it changes exactly when they do."""
+    import hashlib
+
+    from clips4.pipeline.stage import fingerprint
+
+    ds = {"kind": "folder", "root": "/data", "split": None, "key": "folder-all-0"}
+    payload = {"stage": "segments", "version": "2", "params": {"a": 1}, "deps": {},
+               "dataset": {"kind": "folder", "root": "/data", "split": None}}
+    expected = hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    assert fingerprint("segments", "2", {"a": 1}, {}, ds) == expected
+    a = fingerprint("prototypes", "3", {"a": 1}, {"clip_features": "x"}, ds, {"images": "1", "clip_features": "2"})
+    b = fingerprint("prototypes", "3", {"a": 1}, {"clip_features": "x"}, ds, {"images": "1", "clip_features": "3"})
+    assert a != b and a != fingerprint("prototypes", "3", {"a": 1}, {"clip_features": "x"}, ds)
