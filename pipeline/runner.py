@@ -207,9 +207,36 @@ def _probe_cluster(address: str, timeout_s: float) -> None:
 _JOINED: str | None = None
 
 
-def init_ray(address: str = "local", num_cpus: int | None = None, connect_timeout_s: float = 60.0) -> None:
+class _keep_signal_handlers:
+    """Ray's core worker installs native handlers for SIGTERM (and others) in the driver when it starts: a SIGTERM
+    then prints a native "*** SIGTERM received" dump and ends the process with 134 or 15 instead of reaching the
+    Python handler that keeps finished parts and exits 143. Within this block's end, Python's handlers for SIGTERM
+    and SIGINT are put back (main thread only)."""
+
+    def __enter__(self):
+        import signal
+        import threading
+
+        self.saved = {}
+        if threading.current_thread() is threading.main_thread():
+            self.saved = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+        return self
+
+    def __exit__(self, *exc):
+        import signal
+
+        for s, h in self.saved.items():
+            if h is not None:
+                signal.signal(s, h)
+        return False
+
+
+def init_ray(address: str = "local", num_cpus: int | None = None, connect_timeout_s: float = 60.0,
+             temp_dir: str | None = None) -> None:
     """Start or join Ray. ``local`` starts a private instance (its processes die with this one: Ray ties a
-    head it starts to the driver's lifetime); anything else is joined after a bounded probe."""
+    head it starts to the driver's lifetime) whose session files go under ``temp_dir`` (``ray.temp_dir``; None:
+    Ray's default, ``$RAY_TMPDIR`` or /tmp/ray); anything else is joined after a bounded probe. Python's SIGTERM
+    and SIGINT handlers stay in force (see :class:`_keep_signal_handlers`)."""
     import ray
 
     global _JOINED
@@ -227,12 +254,17 @@ def init_ray(address: str = "local", num_cpus: int | None = None, connect_timeou
     if env:  # workers on other machines reach the same object store (endpoint, credentials) as this driver
         kwargs["runtime_env"] = {"env_vars": env}
     if address in ("local", "", None):
-        ray.init(num_cpus=num_cpus, **kwargs)
+        if temp_dir:
+            kwargs["_temp_dir"] = os.path.abspath(os.path.expanduser(temp_dir))
+            os.makedirs(kwargs["_temp_dir"], exist_ok=True)
+        with _keep_signal_handlers():
+            ray.init(num_cpus=num_cpus, **kwargs)
         _JOINED = address
     else:
         _probe_cluster(address, connect_timeout_s)
         try:
-            ray.init(address=address, **kwargs)
+            with _keep_signal_handlers():
+                ray.init(address=address, **kwargs)
         except Exception as exc:  # noqa: BLE001
             raise RayConnectError(f"joining the Ray cluster at {address!r} failed: {plain_reason(exc)}") from None
         _JOINED = address
@@ -262,6 +294,7 @@ def run_batches(
     in_flight_per_worker: int = 2,
     connect_timeout_s: float = 60.0,
     progress_every_s: float = 30.0,
+    temp_dir: str | None = None,
     stats: dict | None = None,
 ) -> list[BatchSummary]:
     """Process ``work`` ((record, source signature) pairs) in batches; returns one summary per finished batch.
@@ -322,7 +355,7 @@ def run_batches(
 
         import ray
 
-        init_ray(address, num_cpus=None, connect_timeout_s=connect_timeout_s)
+        init_ray(address, num_cpus=None, connect_timeout_s=connect_timeout_s, temp_dir=temp_dir)
         n_workers = max(1, min(num_workers, len(batches)))
         Actor = ray.remote(num_cpus=num_cpus, num_gpus=num_gpus, max_restarts=0)(_Worker)
         live: dict[int, Any] = {}          # actor id -> handle (ready)

@@ -394,7 +394,8 @@ def _run_per_image(cfg: Config, name: str, dataset: Dataset, url: str, fp: str, 
 
 
 #: RayConfig fields that are passed to the runner as they are (where the config has them)
-_RUNNER_KNOBS = ("max_attempts", "backoff_s", "in_flight_per_worker", "connect_timeout_s", "progress_every_s")
+_RUNNER_KNOBS = ("max_attempts", "backoff_s", "in_flight_per_worker", "connect_timeout_s", "progress_every_s",
+                 "temp_dir")
 
 
 def _meta(cfg: Config, name: str, dataset: Dataset, fp: str, dep_fps: dict, deps: dict) -> dict:

@@ -291,3 +291,37 @@ def test_lock_heartbeat_survives_a_store_that_went_away(monkeypatch):
         time.sleep(0.2)
         assert lock._beat.is_alive() and "EndpointConnectionError" in (lock.beat_error or "")
     assert escaped == [] and not lock._beat.is_alive()
+
+
+# ------------------------------------------------------------------------------------------ signals under Ray
+def test_sigterm_under_ray_exits_143_with_the_message_and_keeps_parts(tmp_path):
+    import signal
+
+    from test_segments_stage import _world
+
+    root = _world(tmp_path / "imgs", 40)
+    cache = tmp_path / "cache"
+    ray_tmp = Path("/tmp") / f"c4ray-{os.getpid()}"
+    p = subprocess.Popen([sys.executable, "-m", "clips4.cli", "precompute", "segments", "--dataset", "folder", "--root",
+                          str(root), "--cache", str(cache), "--num-workers", "2", "--batch-size", "1", "-q",
+                          "--set", "segments.detector=classical", "--set", f"ray.temp_dir={ray_tmp}"],
+                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 120
+        while not list(cache.glob("*/segments/*/parts/*.parquet")) and time.time() < deadline and p.poll() is None:
+            time.sleep(0.05)
+        assert p.poll() is None, p.stderr.read()
+        p.send_signal(signal.SIGTERM)
+        code = p.wait(timeout=60)
+        err = p.stderr.read()
+    finally:
+        p.kill()
+        p.wait()
+    assert code == 143, err
+    assert "interrupted by SIGTERM" in err and "SIGTERM received" not in err and "Traceback" not in err
+    (stage,) = cache.glob("*/segments/*")
+    assert list((stage / "parts").glob("*.parquet")) and not (stage / "index.parquet").exists()
+    assert any(ray_tmp.glob("session_*")), "Ray's session files go under ray.temp_dir"
+    import shutil
+
+    shutil.rmtree(ray_tmp, ignore_errors=True)
