@@ -14,11 +14,12 @@ torch/torchvision are imported inside the functions (the pipeline imports torch 
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
+from pydantic import Field
 
-__all__ = ["teacher_variants", "PhotometricConfig", "OPS_FIELDS", "CHANNEL_PERMS", "sample_ops", "apply_ops", "apply_ops_uint8",
+from clips4.pipeline.config import FloatPair, FloatQuad, Strict
+
+__all__ = ["teacher_variants", "PhotometricConfig", "VARIANT_DEFAULTS", "OPS_FIELDS", "CHANNEL_PERMS", "sample_ops", "apply_ops", "apply_ops_uint8",
            "IDENTITY"]
 
 OPS_FIELDS = ("jitter", "brightness", "contrast", "saturation", "hue", "o0", "o1", "o2", "o3", "gray", "blur_sigma",
@@ -29,19 +30,31 @@ IDENTITY = np.array([0, 1, 1, 1, 0, 0, 1, 2, 3, 0, 0, 0, 0], np.float32)
 CHANNEL_PERMS = ((0, 1, 2), (0, 2, 1), (1, 0, 2), (1, 2, 0), (2, 0, 1), (2, 1, 0))
 
 
-@dataclass(frozen=True)
-class PhotometricConfig:
-    """SimCLR's photometric set: colour jitter (random order) with probability ``jitter_p``, grayscale with
-    ``gray_p``, Gaussian blur with ``blur_p`` (sigma uniform in ``blur_sigma``); beyond it (default off), a random
-    non-identity RGB channel permutation with ``channel_shuffle_p`` and inversion with ``invert_p``."""
+class PhotometricConfig(Strict):
+    """The photometric transforms and their strengths: SimCLR's set (colour jitter in random order with
+    probability ``jitter_p``, grayscale with ``gray_p``, Gaussian blur with ``blur_p``, sigma uniform in
+    ``blur_sigma``) and, beyond it, a random non-identity RGB channel permutation with ``channel_shuffle_p`` and
+    inversion with ``invert_p``.
 
-    jitter: tuple[float, float, float, float] = (0.4, 0.4, 0.4, 0.1)  # brightness, contrast, saturation, hue
-    jitter_p: float = 0.8
-    gray_p: float = 0.2
-    blur_p: float = 0.5
-    blur_sigma: tuple[float, float] = (0.1, 2.0)
-    channel_shuffle_p: float = 0.0
-    invert_p: float = 0.0
+    The one declaration of these parameters: ``train.augment`` (clips4.trainer.config.AugmentParams) is this
+    model plus the crop geometry and the modes, and the clip_features stage's teacher variants
+    (``variant_params``) are built from it too (see :data:`VARIANT_DEFAULTS`)."""
+
+    #: colour jitter factors: brightness, contrast, saturation, hue
+    jitter: FloatQuad = (0.4, 0.4, 0.4, 0.1)
+    jitter_p: float = Field(default=0.8, ge=0, le=1)
+    gray_p: float = Field(default=0.2, ge=0, le=1)
+    blur_p: float = Field(default=0.5, ge=0, le=1)
+    blur_sigma: FloatPair = (0.1, 2.0)
+    #: beyond SimCLR's set: a random RGB channel permutation / inversion with these probabilities (colour-palette
+    #: scrambles that keep every edge and texture)
+    channel_shuffle_p: float = Field(default=0.5, ge=0, le=1)
+    invert_p: float = Field(default=0.25, ge=0, le=1)
+
+
+#: the teacher variants' transforms where ``clip_features.variant_params`` does not set them: SimCLR's set, so the
+#: palette scrambles are off (the other fields: :class:`PhotometricConfig`'s defaults)
+VARIANT_DEFAULTS = {"channel_shuffle_p": 0.0, "invert_p": 0.0}
 
 
 def _u(g, lo: float, hi: float) -> float:
@@ -129,7 +142,7 @@ def teacher_variants(backend, image: np.ndarray, image_id: str, params) -> dict[
 
     import torch
 
-    cfg = PhotometricConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in params.variant_params.items()})
+    cfg = PhotometricConfig(**{**VARIANT_DEFAULTS, **params.variant_params})
     feats, ops = [], []
     for v in range(params.photometric_variants):
         g = torch.Generator()

@@ -137,12 +137,10 @@ def _build_backend(clip: "ClipParams"):
 
 def _check_variant_params(vp: dict) -> None:
     """Unknown ``variant_params`` keys are a config error naming the valid ones (before any image is read)."""
-    import dataclasses
-
     from clips4.pipeline.config import ConfigError
     from clips4.pipeline.photometric import PhotometricConfig
 
-    valid = [f.name for f in dataclasses.fields(PhotometricConfig)]
+    valid = list(PhotometricConfig.model_fields)
     bad = sorted(set(vp) - set(valid))
     if bad:
         raise ConfigError(f"clip_features.variant_params: unknown {bad}; valid: {', '.join(valid)}")

@@ -12,7 +12,16 @@ from clips4.trainer.augment import (
 )
 
 H, W = 60, 80
-NOPHOTO = AugmentConfig(size=64, jitter_p=0.0, gray_p=0.0, blur_p=0.0)
+#: SimCLR's views at native scale, everything imposed (train.augment's defaults are ``auto``, resolved by the trainer)
+SIMCLR = {"photometric": "imposed", "geometric": "imposed", "zoom": (1.0, 1.0), "channel_shuffle_p": 0.0,
+          "invert_p": 0.0}
+
+
+def _cfg(**kw) -> AugmentConfig:
+    return AugmentConfig(**{**SIMCLR, **kw})
+
+
+NOPHOTO = _cfg(size=64, jitter_p=0.0, gray_p=0.0, blur_p=0.0)
 
 
 def _inputs(D=8, grid=(4, 5)):
@@ -25,9 +34,9 @@ def _inputs(D=8, grid=(4, 5)):
 
 def test_shapes_and_determinism():
     img, labels, clip = _inputs()
-    a = make_views(img, labels, clip, size=64, rng=3)
-    b = make_views(img, labels, clip, size=64, rng=torch.Generator().manual_seed(3))
-    c = make_views(img, labels, clip, size=64, rng=4)
+    a = make_views(img, labels, clip, rng=3, cfg=_cfg(size=64))
+    b = make_views(img, labels, clip, rng=torch.Generator().manual_seed(3), cfg=_cfg(size=64))
+    c = make_views(img, labels, clip, rng=4, cfg=_cfg(size=64))
     assert len(a) == 2
     v = a[0]
     assert v["image"].shape == (3, 64, 64) and v["image"].dtype == torch.float32
@@ -94,7 +103,7 @@ def test_clip_resampling_exact_coordinates():
 
 def test_photometric_only_on_image():
     img, labels, clip = _inputs()
-    cfg = AugmentConfig(size=64, jitter_p=1.0, gray_p=1.0, blur_p=1.0)
+    cfg = _cfg(size=64, jitter_p=1.0, gray_p=1.0, blur_p=1.0)
     a = make_views(img, labels, clip, rng=7, cfg=cfg)
     b = make_views(img, labels, clip, rng=7, cfg=NOPHOTO)
     # the geometry is drawn first, so boxes agree; labels/clip identical, image differs
@@ -106,7 +115,7 @@ def test_photometric_only_on_image():
 
 def test_collate():
     img, labels, clip = _inputs()
-    batch = collate_views([make_views(img, labels, clip, size=64, rng=s) for s in range(3)])
+    batch = collate_views([make_views(img, labels, clip, rng=s, cfg=_cfg(size=64)) for s in range(3)])
     assert batch["image"].shape == (6, 3, 64, 64) and batch["clip"].shape == (6, 8, 8, 8)
     assert batch["image_index"].tolist() == [0, 0, 1, 1, 2, 2]
     assert batch["labels_ds"].shape == (6, 8, 8) and batch["box"].shape == (6, 4)
@@ -121,7 +130,7 @@ def test_teacher_variant_views_replay_the_cached_transform():
                     for s in range(2)])
     rng = np.random.default_rng(1)
     variants = rng.normal(size=(2,) + clip.shape).astype(np.float16)
-    cfg = AugmentConfig(size=64, photometric="teacher", zoom=None, scale=(1.0, 1.0), ratio=(W / H, W / H), flip_p=0.0)
+    cfg = _cfg(size=64, photometric="teacher", zoom=None, scale=(1.0, 1.0), ratio=(W / H, W / H), flip_p=0.0)
     seen = set()
     for seed in range(12):
         for v in make_views(img, labels, clip, rng=seed, cfg=cfg, variants=variants, variant_ops=ops):
@@ -130,8 +139,8 @@ def test_teacher_variant_views_replay_the_cached_transform():
                      if torch.allclose(v["clip"], resample_clip(src, (H, W), v["box"], (8, 8)), atol=1e-5))
             seen.add(k)
             want = img if k == 0 else apply_ops_uint8(img, ops[k - 1])
-            ref = make_views(want, labels, None, rng=0, cfg=AugmentConfig(size=64, zoom=None, scale=(1.0, 1.0), ratio=(W / H, W / H),
-                                                                          flip_p=0.0, photometric="none"))[0]
+            ref = make_views(want, labels, None, rng=0, cfg=_cfg(size=64, zoom=None, scale=(1.0, 1.0), ratio=(W / H, W / H),
+                                                               flip_p=0.0, photometric="none"))[0]
             assert torch.allclose(v["image"], ref["image"], atol=0.05)
     assert seen == {0, 1, 2}
 
@@ -149,7 +158,7 @@ def test_zoom_crops_keep_the_native_scale_unless_asked():
     # views at zoom 1: the crop's pixels are the image's own (no resampling), labels likewise
     img = np.random.default_rng(0).integers(0, 256, (80, 96, 3), dtype=np.uint8)
     labels = np.arange(80 * 96).reshape(80, 96)
-    cfg = AugmentConfig(size=32, zoom=(1.0, 1.0), ratio=(1.0, 1.0), flip_p=0.0, photometric="none")
+    cfg = _cfg(size=32, zoom=(1.0, 1.0), ratio=(1.0, 1.0), flip_p=0.0, photometric="none")
     v = make_views(img, labels, None, rng=3, cfg=cfg)[0]
     top, left, h, w = v["box"]
     np.testing.assert_array_equal(v["labels"].numpy(), labels[top:top + 32, left:left + 32])

@@ -144,6 +144,39 @@ def test_loss_config_derives_from_train_params():
         load_config(REPO / "stages.yaml", None, ["train.augment.photometric=maybe"])
 
 
+def test_every_training_parameter_is_declared_once_with_one_default():
+    """The photometric fields are declared in PhotometricConfig only; AugmentParams adds the geometry and the
+    modes; AugmentConfig and LossConfig are built from the params models, so their defaults are those."""
+    import ast
+    import dataclasses
+    import inspect
+
+    from clips4.pipeline.photometric import PhotometricConfig
+    from clips4.trainer import augment, config, losses
+    from clips4.trainer.config import AugmentParams, TrainParams
+
+    photo = set(PhotometricConfig.model_fields)
+    assert {"jitter", "jitter_p", "gray_p", "blur_p", "blur_sigma", "channel_shuffle_p", "invert_p"} <= photo
+    assert issubclass(AugmentParams, PhotometricConfig) and not photo & set(AugmentParams.__annotations__)
+    aug = {f.name: f.default for f in dataclasses.fields(augment.AugmentConfig)}
+    assert aug == {"size": 321, "stride": 8, **{k: v.default for k, v in AugmentParams.model_fields.items()}}
+    assert (aug["channel_shuffle_p"], aug["invert_p"]) == (AugmentParams().channel_shuffle_p, AugmentParams().invert_p)
+    loss = {f.name: f.default for f in dataclasses.fields(losses.LossConfig)}
+    for name in losses.TRAIN_FIELDS:
+        assert loss[name] == TrainParams.model_fields[name].default, name
+    assert set(loss) == set(losses.TRAIN_FIELDS) | {c[0] for c in losses.LOSS_CONSTANTS}
+    # no module spells one of these fields as an annotated class attribute of its own
+    for mod in (augment, losses, config):
+        for node in ast.walk(ast.parse(inspect.getsource(mod))):
+            if isinstance(node, ast.ClassDef) and node.name not in ("AugmentParams", "TrainParams"):
+                own = {s.target.id for s in node.body if isinstance(s, ast.AnnAssign) and isinstance(s.target, ast.Name)}
+                assert not own & (photo | set(losses.TRAIN_FIELDS)), (mod.__name__, node.name, own)
+    # a training run's views use the params' values: what runs today
+    p = TrainParams()
+    built = augment.AugmentConfig(size=p.crop_size, **p.augment.model_dump())
+    assert built.photometric_config == PhotometricConfig(**{k: getattr(p.augment, k) for k in photo})
+
+
 def test_the_papers_configuration_is_a_bundled_layer(tmp_path, monkeypatch):
     """``--config paper`` (a bundled layer; a file of that name wins) gives the published method: hard argmax
     pseudo-labels, Eq. 3 without a temperature, no class calibration, the imposed SimCLR views with area crops,

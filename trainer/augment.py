@@ -40,7 +40,7 @@ All randomness comes from the ``torch.Generator`` (or int seed) given, so views 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import make_dataclass
 
 import numpy as np
 import torch
@@ -68,35 +68,38 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-@dataclass
-class AugmentConfig:
-    """size: output crop side S (224 tests, 321/448 real). stride: network output stride (S' = ceil(S/stride)).
-    zoom: magnification range (log-uniform) of the crop relative to the image's resolution: the box is
-    ``S / zoom`` source pixels per side (times the aspect jitter), clipped to the image; or, with ``zoom=None``,
-    scale/ratio: RandomResizedCrop area fraction and aspect range (SimCLR uses scale (0.08, 1); segmentation
-    views need enough shared content between the two views, hence (0.25, 1) in the paper-like setting)."""
+def _augment_fields() -> list[tuple]:
+    """``AugmentConfig``'s fields: the output geometry, then every ``AugmentParams`` field with its default."""
+    from dataclasses import field
 
-    size: int = 321
-    stride: int = 8
-    zoom: tuple[float, float] | None = (1.0, 1.0)
-    scale: tuple[float, float] | None = None
-    geometric: str = "imposed"  # imposed | auto (resolved by gate_by_teacher before use)
-    ratio: tuple[float, float] = (3 / 4, 4 / 3)
-    flip_p: float = 0.5
-    jitter: tuple[float, float, float, float] = (0.4, 0.4, 0.4, 0.1)  # brightness, contrast, saturation, hue
-    jitter_p: float = 0.8
-    gray_p: float = 0.2
-    blur_p: float = 0.5
-    blur_sigma: tuple[float, float] = (0.1, 2.0)
-    channel_shuffle_p: float = 0.0
-    invert_p: float = 0.0
-    auto_threshold: float = 0.9
-    photometric: str = "imposed"  # imposed | teacher | none | auto (resolved by gate_by_teacher before use)
+    from clips4.trainer.config import AugmentParams
 
-    @property
-    def photometric_config(self) -> PhotometricConfig:
-        return PhotometricConfig(self.jitter, self.jitter_p, self.gray_p, self.blur_p, self.blur_sigma,
-                                 self.channel_shuffle_p, self.invert_p)
+    out = [("size", int, field(default=321)), ("stride", int, field(default=8))]
+    for name, info in AugmentParams.model_fields.items():
+        out.append((name, info.annotation, field(default=info.default)))
+    return out
+
+
+def _photometric_config(self) -> PhotometricConfig:
+    """The :class:`~clips4.pipeline.photometric.PhotometricConfig` part of this config."""
+    return PhotometricConfig(**{k: getattr(self, k) for k in PhotometricConfig.model_fields})
+
+
+#: A run's augmentation, resolved for making views: ``train.augment`` (clips4.trainer.config.AugmentParams: the
+#: same fields and defaults, declared there) plus ``size`` (the output crop side S: 224 in tests, 321/448 real) and
+#: ``stride`` (the network output stride, S' = ceil(S/stride)). ``zoom``: magnification range (log-uniform) of the
+#: crop relative to the image's resolution: the box is ``S / zoom`` source pixels per side (times the aspect
+#: jitter), clipped to the image; or, with ``zoom=None``, ``scale``/``ratio``: RandomResizedCrop area fraction and
+#: aspect range (SimCLR uses scale (0.08, 1); segmentation views need enough shared content between the two views,
+#: hence (0.25, 1) in the paper's setting). ``photometric`` / ``geometric`` ``auto`` are resolved by
+#: :func:`gate_by_teacher` before views are made.
+AugmentConfig = make_dataclass("AugmentConfig", _augment_fields(),
+                               namespace={"photometric_config": property(_photometric_config),
+                                          "__doc__": "A run's augmentation (see the comment above)."})
+AugmentConfig.__module__ = __name__
+
+#: the views :func:`make_views` makes without a config: every transform imposed at ``train.augment``'s strengths
+IMPOSED = {"photometric": "imposed", "geometric": "imposed"}
 
 
 #: AugmentConfig fields each measured teacher invariance (clips4.pipeline.invariances.FAMILIES) unlocks
@@ -276,7 +279,7 @@ def make_views(image: np.ndarray, labels: np.ndarray, clip: np.ndarray | None, *
         ``clip (D,S',S') float32`` unit-norm (absent when ``clip`` is None); ``box (top,left,h,w)`` ints in
         original pixels; ``flip`` bool. ``S' = ceil(S / cfg.stride)``.
     """
-    cfg = cfg or AugmentConfig()
+    cfg = cfg or AugmentConfig(**IMPOSED)
     S = int(size or cfg.size)
     if S != cfg.size:
         cfg = AugmentConfig(**{**cfg.__dict__, "size": S})

@@ -5,7 +5,8 @@ from typing import Literal, get_args
 
 from pydantic import Field, model_validator
 
-from clips4.pipeline.config import FloatPair, FloatQuad, Strict
+from clips4.pipeline.config import FloatPair, Strict
+from clips4.pipeline.photometric import PhotometricConfig
 
 #: ``train.calibration`` (clips4.trainer.calibration): the one spelling of the modes, torch-free so the CLI checks
 #: ``--prior-mode`` before importing the trainer
@@ -14,8 +15,10 @@ CalibrationMode = Literal["raise", "band", "match", "none"]
 FIT_MODES: tuple[str, ...] = tuple(m for m in get_args(CalibrationMode) if m != "none")
 
 
-class AugmentParams(Strict):
-    """The views' augmentation (``train.augment`` in stages.yaml; ``clips4.trainer.augment.AugmentConfig``)."""
+class AugmentParams(PhotometricConfig):
+    """The views' augmentation (``train.augment`` in stages.yaml): the photometric transforms
+    (:class:`clips4.pipeline.photometric.PhotometricConfig`, declared there once), the crop geometry and the
+    modes. ``clips4.trainer.augment.AugmentConfig`` is built from this model's fields."""
 
     #: ``auto``: flips and rescaled crops only where the teacher is measured to be invariant to them (prototypes
     #: stage, ``invariances.json``; otherwise no flips / crops at native scale); ``imposed``: as set below (paper)
@@ -30,16 +33,7 @@ class AugmentParams(Strict):
     #: aspect-ratio range of the crop box (the view itself is square)
     ratio: FloatPair = (3 / 4, 4 / 3)
     flip_p: float = Field(default=0.5, ge=0, le=1)
-    #: colour jitter factors: brightness, contrast, saturation, hue
-    jitter: FloatQuad = (0.4, 0.4, 0.4, 0.1)
-    jitter_p: float = Field(default=0.8, ge=0, le=1)
-    gray_p: float = Field(default=0.2, ge=0, le=1)
-    blur_p: float = Field(default=0.5, ge=0, le=1)
-    blur_sigma: FloatPair = (0.1, 2.0)
-    #: beyond SimCLR's set: a random RGB channel permutation / inversion with these probabilities (colour-palette
-    #: scrambles that keep every edge and texture)
-    channel_shuffle_p: float = Field(default=0.5, ge=0, le=1)
-    invert_p: float = Field(default=0.25, ge=0, le=1)
+    # jitter, jitter_p, gray_p, blur_p, blur_sigma, channel_shuffle_p, invert_p: PhotometricConfig's
     #: ``auto`` (photometric / geometric): a family is imposed when the teacher's invariance score reaches this
     auto_threshold: float = Field(default=0.9, gt=0)
     #: ``imposed``: photometric transforms on the view only, target = teacher on the clean image (the paper's

@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import math
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import make_dataclass
 
 import torch
 import torch.nn as nn
@@ -60,48 +60,45 @@ __all__ = [
 ]
 
 
-def _train_default(name: str):
+#: the loss's hyper-parameters that are training params: their types and defaults are ``TrainParams``' (declared
+#: there once); :class:`LossConfig` is built from them
+TRAIN_FIELDS = ("w_t", "w_e", "w_s", "w_u", "w_x", "text_temperature", "kappa", "semantic_temperature", "pseudo_labels",
+                "soft_target_temperature", "logit_adjustment", "collapse_guard", "n_segments", "kmeans_iters",
+                "memory_batches", "unknown_update")
+#: the loss's own constants (not training params): (name, type, default, what)
+LOSS_CONSTANTS = (
+    ("guard_momentum", float, 0.98, "collapse guard: EMA of the student's class shares (per step)"),
+    ("guard_rate", float, 0.02, "collapse guard: bias step per training step, in log-share units"),
+    ("guard_cap", float, 0.2, "collapse guard: at most this much cosine (x τ) added to a class's teacher logit"),
+    ("spatial_weight", float, 1.0, "weight of (y, x) in [-1, 1] appended to embeddings for k-means"),
+    ("max_anchors", "int | None", None, "subsample anchor pixels for L_t (None = all)"),
+    ("ema_momentum", float, 0.01, "momentum of the unknown prototypes' EMA update"),
+)
+
+
+def _loss_fields() -> list[tuple]:
+    from dataclasses import field
+
     from clips4.trainer.config import TrainParams
 
-    return TrainParams.model_fields[name].default
+    pf = TrainParams.model_fields
+    return ([(n, pf[n].annotation, field(default=pf[n].default)) for n in TRAIN_FIELDS]
+            + [(n, tp, field(default=d)) for n, tp, d, _ in LOSS_CONSTANTS])
 
 
-@dataclass
-class LossConfig:
-    """Weights (0 switches a loss off) and hyper-parameters. Paper: L = L_t + L_e + L_s (+ L_u for prototypes).
+def _from_params(cls, p) -> "LossConfig":
+    """From ``TrainParams`` (or any object with its fields): every training param the loss reads, by name."""
+    return cls(**{n: getattr(p, n) for n in TRAIN_FIELDS})
 
-    Fields that are training params take their defaults from ``TrainParams`` (one default per parameter); build
-    it from a run's params with :meth:`from_params`."""
 
-    w_t: float = _train_default("w_t")
-    w_e: float = _train_default("w_e")
-    w_s: float = _train_default("w_s")
-    w_u: float = _train_default("w_u")
-    w_x: float = _train_default("w_x")
-    text_temperature: float = _train_default("text_temperature")
-    kappa: float = _train_default("kappa")
-    semantic_temperature: float = _train_default("semantic_temperature")
-    pseudo_labels: str = _train_default("pseudo_labels")
-    soft_target_temperature: float | None = _train_default("soft_target_temperature")
-    logit_adjustment: float = _train_default("logit_adjustment")
-    collapse_guard: float = _train_default("collapse_guard")
-    guard_momentum: float = 0.98  # collapse guard: EMA of the student's class shares (per step)
-    guard_rate: float = 0.02  # collapse guard: bias step per training step, in log-share units
-    guard_cap: float = 0.2  # collapse guard: at most this much cosine (x τ) added to a class's teacher logit
-    n_segments: int = _train_default("n_segments")
-    kmeans_iters: int = _train_default("kmeans_iters")
-    spatial_weight: float = 1.0  # weight of (y, x) in [-1, 1] appended to embeddings for k-means
-    memory_batches: int = _train_default("memory_batches")
-    max_anchors: int | None = None  # subsample anchor pixels for L_t (None = all)
-    unknown_update: str = _train_default("unknown_update")
-    ema_momentum: float = 0.01
-
-    @classmethod
-    def from_params(cls, p) -> "LossConfig":
-        """From ``TrainParams``: every field the params define, by name."""
-        from dataclasses import fields
-
-        return cls(**{f.name: getattr(p, f.name) for f in fields(cls) if f.name in type(p).model_fields})
+#: Weights (0 switches a loss off) and hyper-parameters. Paper: L = L_t + L_e + L_s (+ L_u for prototypes). The
+#: fields of :data:`TRAIN_FIELDS` with ``TrainParams``' defaults, then :data:`LOSS_CONSTANTS`; build it from a
+#: run's params with ``LossConfig.from_params(p)``.
+LossConfig = make_dataclass("LossConfig", _loss_fields(), namespace={
+    "from_params": classmethod(_from_params),
+    "__doc__": "Weights and hyper-parameters of the CLIP-S4 loss (fields: TRAIN_FIELDS from TrainParams, then "
+               "LOSS_CONSTANTS); LossConfig.from_params(train_params)."})
+LossConfig.__module__ = __name__
 
 
 # ------------------------------------------------------------------------------------------- clustering
