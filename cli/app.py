@@ -2,9 +2,11 @@
 error to its exit code without a traceback (``CLIPS4_DEBUG=1`` shows it)."""
 from __future__ import annotations
 
+import functools
 import os
 import signal
 import sys
+import threading
 from typing import NoReturn
 
 import typer
@@ -111,7 +113,12 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the exit status instead of exiting (tests call ``main([...])``)."""
     import click
 
+    from clips4.pipeline.console import tolerate_closed_output
+
     debug = os.environ.get("CLIPS4_DEBUG", "") not in ("", "0")
+    saved_streams = tolerate_closed_output()  # a reader that went away (`| head`) never stops the work
+    saved_hook = threading.excepthook
+    threading.excepthook = functools.partial(_thread_failed, debug)
     old = signal.getsignal(signal.SIGTERM)
     in_main_thread = True
     try:
@@ -139,6 +146,26 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if in_main_thread:
             signal.signal(signal.SIGTERM, old)
+        threading.excepthook = saved_hook
+        if argv is not None:  # called from Python (tests): give the caller its streams back
+            sys.stdout, sys.stderr = saved_streams
+
+
+def _thread_failed(debug: bool, args) -> None:
+    """A background thread's uncaught exception: one line naming the thread and the cause (the traceback only with
+    CLIPS4_DEBUG=1). The main thread's own work reports its failure with its own message."""
+    if args.exc_type is SystemExit:
+        return
+    if debug:
+        import traceback
+
+        traceback.print_exception(args.exc_type, args.exc_value, args.exc_traceback)
+    name = args.thread.name if args.thread is not None else "?"
+    text = " ".join(str(args.exc_value).split())[:300]
+    try:
+        err_console.print(f"error: background thread {name}: {args.exc_type.__name__}: {text}", markup=False)
+    except Exception:  # noqa: BLE001 - nowhere left to say it
+        pass
 
 
 def exit_now(code: int) -> NoReturn:

@@ -68,3 +68,63 @@ def quiet_ray_default_auth_notice() -> None:
 
 # the runner imports this module before it starts Ray: the notice is filtered for every command
 quiet_ray_default_auth_notice()
+
+
+class TolerantStream:
+    """A text stream that outlives its reader: once a write or flush fails because the other end went away (a
+    closed pipe — ``clips4 … | head -3`` — or a closed terminal), later output is dropped instead of raising, so
+    the work goes on and the exit status stays the work's own. Everything else is the wrapped stream's."""
+
+    def __init__(self, stream):
+        self._stream = stream
+        self.broken = False
+
+    def _failed(self, exc: BaseException) -> bool:
+        import errno
+
+        if isinstance(exc, (BrokenPipeError, ConnectionResetError)) or (
+                isinstance(exc, OSError) and exc.errno in (errno.EPIPE, errno.EIO, errno.EBADF)):
+            self.broken = True
+            return True
+        if isinstance(exc, ValueError) and "closed file" in str(exc):
+            self.broken = True
+            return True
+        return False
+
+    def write(self, text):
+        if self.broken:
+            return len(text)
+        try:
+            return self._stream.write(text)
+        except (OSError, ValueError) as exc:
+            if self._failed(exc):
+                return len(text)
+            raise
+
+    def writelines(self, lines):
+        for line in lines:
+            self.write(line)
+
+    def flush(self):
+        if self.broken:
+            return
+        try:
+            self._stream.flush()
+        except (OSError, ValueError) as exc:
+            if not self._failed(exc):
+                raise
+
+    def __getattr__(self, name):
+        return getattr(self._stream, name)
+
+
+def tolerate_closed_output() -> tuple:
+    """Wrap ``sys.stdout`` and ``sys.stderr`` in :class:`TolerantStream` (once); returns the previous pair."""
+    import sys
+
+    saved = (sys.stdout, sys.stderr)
+    if sys.stdout is not None and not isinstance(sys.stdout, TolerantStream):
+        sys.stdout = TolerantStream(sys.stdout)
+    if sys.stderr is not None and not isinstance(sys.stderr, TolerantStream):
+        sys.stderr = TolerantStream(sys.stderr)
+    return saved

@@ -83,6 +83,7 @@ class StageLock:
         self._fd: int | None = None
         self._stop = threading.Event()
         self._beat: threading.Thread | None = None
+        self._created: list[str] = []
         self.held = False
         #: why the last heartbeat failed (None: it did not)
         self.beat_error: str | None = None
@@ -92,6 +93,11 @@ class StageLock:
         from clips4.pipeline.storage import makedirs
 
         t0 = time.monotonic()
+        if self.exclusive:  # the folders this lock brings into being go again if the run leaves nothing in them
+            p, self._created = os.path.abspath(self.path), []
+            while not os.path.exists(p) and os.path.dirname(p) != p:
+                self._created.append(p)
+                p = os.path.dirname(p)
         makedirs(self.fs, self.path)
         while True:
             holder = self._try_local() if self.exclusive else self._try_remote()
@@ -111,11 +117,29 @@ class StageLock:
             import fcntl
 
             assert self._fd is not None
-            # the file stays: unlinking it would let a waiter lock the old inode while a newcomer locks a new one
-            os.ftruncate(self._fd, 0)
+            # A folder that holds nothing but the lock (a refused command, a run that wrote nothing) is left as it
+            # was: the lock file goes while still locked (a waiter that then gets the old inode sees that it is
+            # no longer the file at that path, and tries again: _try_local), then the folders it created.
+            try:
+                alone = os.listdir(self.path) == [LOCK]
+            except OSError:
+                alone = False
+            if alone:
+                try:
+                    os.unlink(self.lock_path)
+                except OSError:
+                    alone = False
+            if not alone:
+                os.ftruncate(self._fd, 0)
             fcntl.flock(self._fd, fcntl.LOCK_UN)
             os.close(self._fd)
             self._fd = None
+            if alone:
+                for d in self._created:
+                    try:
+                        os.rmdir(d)
+                    except OSError:
+                        break
         else:
             self._stop.set()
             if self._beat is not None:
@@ -139,6 +163,13 @@ class StageLock:
         fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            try:  # the holder may have removed the file before unlocking it (release): lock the one at the path
+                same = os.fstat(fd).st_ino == os.stat(self.lock_path).st_ino
+            except FileNotFoundError:
+                same = False
+            if not same:
+                os.close(fd)
+                return self._try_local()
         except BlockingIOError:
             try:
                 with open(self.lock_path) as f:

@@ -325,3 +325,40 @@ def test_sigterm_under_ray_exits_143_with_the_message_and_keeps_parts(tmp_path):
     import shutil
 
     shutil.rmtree(ray_tmp, ignore_errors=True)
+
+
+# ------------------------------------------------------------------------------------------ closed output, leftovers
+def test_a_reader_that_goes_away_does_not_stop_the_run(tmp_path):
+    from test_segments_stage import _world
+
+    root = _world(tmp_path / "imgs", 8)
+    cache = tmp_path / "cache"
+    p = subprocess.Popen([sys.executable, "-m", "clips4.cli", "precompute", "segments", "--dataset", "folder", "--root",
+                          str(root), "--cache", str(cache), "--executor", "local", "--batch-size", "1", "--set",
+                          "segments.detector=classical", "--set", "ray.progress_every_s=0.01"],
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    p.stdout.readline()  # `| head -1`
+    p.stdout.close()
+    assert p.wait(timeout=120) == 0
+    (stage,) = cache.glob("*/segments/*")
+    assert len(StageReader(str(stage))) == 8
+
+
+def test_refused_commands_leave_no_folder_or_lock_behind(tmp_path, image_folder):
+    out = tmp_path / "new" / "run"
+    p = _cli("train", "--dataset", "folder", "--root", str(image_folder), "--cache", str(tmp_path / "c"), "--out",
+             str(out), "-q")
+    assert p.returncode == 2, p.stderr
+    assert not (tmp_path / "new").exists()
+    p = _cli("train-contours", "--root", str(image_folder), "--out", str(out))
+    assert p.returncode == 2, p.stderr
+    assert not (tmp_path / "new").exists()
+    # a folder that holds work keeps its lock file (waiters lock the same inode)
+    from clips4.pipeline.lock import StageLock
+
+    keep = tmp_path / "keep"
+    with StageLock(str(keep)):
+        (keep / "x").write_text("work")
+    assert (keep / ".lock").exists()
+    with StageLock(str(keep)):  # and it can be taken again
+        pass

@@ -349,8 +349,7 @@ def train_edges(p: EdgeTrainParams, *, resume: bool = True, log: Callable[[str],
         if value < low:
             raise EdgeTrainError(f"train contours: {name} must be >= {low}, got {value}")
     out = Path(p.out).resolve()  # whole paths in the log, the summary and the lock message
-    out.mkdir(parents=True, exist_ok=True)
-    with StageLock(str(out), wait=wait, timeout=wait_timeout):
+    with StageLock(str(out), wait=wait, timeout=wait_timeout):  # creates the folder (removed if left empty)
         return _train_edges(p, out, resume, log, val_fn)
 
 
