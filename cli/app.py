@@ -103,10 +103,20 @@ def _message(exc: BaseException) -> str:
     if isinstance(exc, ImportError):
         return (f"a package is missing: {exc}. Install the extra that provides it, e.g. pip install 'clips4[s3]' "
                 f"for s3:// URLs, 'clips4[tensorboard]' for TensorBoard, 'clips4[gpu]' for FAISS on GPU")
-    text = str(exc) or type(exc).__name__
+    text = _without_worker_traceback(str(exc)) or type(exc).__name__
     if isinstance(exc, CLIError) or type(exc).__module__.startswith("clips4"):
         return text
     return f"{type(exc).__name__}: {text}"  # e.g. "OSError: [Errno 28] No space left on device": name the cause
+
+
+def _without_worker_traceback(text: str) -> str:
+    """An error re-raised from a DataLoader worker carries the worker's traceback in its message ("Caught X in
+    DataLoader worker process 0. Original Traceback …"): keep only the error's own line."""
+    if "Original Traceback (most recent call last)" not in text:
+        return text
+    last = [ln.strip() for ln in text.splitlines() if ln.strip()][-1]
+    head, sep, rest = last.partition(": ")
+    return rest if sep and all(p.isidentifier() for p in head.split(".")) else last
 
 
 def main(argv: list[str] | None = None) -> int:

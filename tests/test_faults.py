@@ -362,3 +362,21 @@ def test_refused_commands_leave_no_folder_or_lock_behind(tmp_path, image_folder)
     assert (keep / ".lock").exists()
     with StageLock(str(keep)):  # and it can be taken again
         pass
+
+
+def test_damage_found_in_a_dataloader_worker_is_one_line_naming_the_file():
+    from torch.utils.data import DataLoader, Dataset
+
+    from clips4.cli.app import _exit_code, _message
+
+    class Damaged(Dataset):
+        def __len__(self):
+            return 2
+
+        def __getitem__(self, i):
+            raise CacheError("damaged cache file /c/parts/p.zarr/gray (truncated); it holds image a")
+
+    with pytest.raises(CacheError) as err:
+        list(DataLoader(Damaged(), num_workers=1))
+    assert _message(err.value) == "damaged cache file /c/parts/p.zarr/gray (truncated); it holds image a"
+    assert _exit_code(err.value) == 1
