@@ -36,7 +36,7 @@ def test_missing_later_annotation_is_reported_and_not_scored(tmp_path):
 
 
 def test_missing_first_annotation_is_an_error(tmp_path):
-    """Before: frame 00001's mask silently became the first-frame mask."""
+    """A sequence without its first frame's mask is an error: frame 00001's mask never stands in for it."""
     root = tmp_path / "davis"
     make_davis(root, {"seq": 5})
     (root / "Annotations" / "480p" / "seq" / "00000.png").unlink()
