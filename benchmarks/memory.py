@@ -3,8 +3,8 @@
 Each measurement runs in a fresh process: build the stage's processor (default params; clip-features with a tiny
 randomly initialised open_clip ViT, so no weights are needed — the image decode and resize dominate at these
 sizes), then process ONE JPEG of the given size (smooth colour blocks plus noise, quality 90). Printed per
-(stage, megapixels): peak RSS of the process (``ru_maxrss``), the part of it taken by the item (peak minus the RSS
-after the processor was built), the stage's working-set estimate and the budget, and the outcome (ok, or the
+(stage, megapixels): peak RSS of the process (``VmHWM``), the part of it taken by the item (the high-water mark while
+it ran, reset after the processor was built, minus the RSS then), the stage's working-set estimate and the budget, and the outcome (ok, or the
 failure the budget recorded instead of an out-of-memory kill).
 
     python benchmarks/memory.py                       # 1, 25, 108 MP, budget: the default (available memory / workers)
@@ -23,16 +23,16 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 _CHILD = r"""
-import json, resource, sys, time
+import json, sys, time
 sys.path.insert(0, sys.argv[5])
 stage, path, h, w = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
 budget = None if sys.argv[6] == "auto" else int(sys.argv[6])
 from clips4.pipeline.datasets import ImageRecord
 from clips4.pipeline import limits
 
-def rss():
+def status(key):
     for line in open("/proc/self/status"):
-        if line.startswith("VmRSS:"):
+        if line.startswith(key + ":"):
             return int(line.split()[1]) * 1024
 ctx = {"memory_budget_mb": budget, "num_workers": 1}
 if stage == "segments":
@@ -48,10 +48,18 @@ else:
     params = ClipFeaturesParams.model_validate({"segment_source": "kmeans",
                                                "clip": {"model": tiny.name, "checkpoint": tiny.checkpoint}})
     proc = ClipFeaturesProcessor(params, ctx)
-base = rss()
+# ru_maxrss would count the parent's pages at fork: VmHWM is this program's own high-water mark; reset it (clear_refs
+# 5) so that what follows is the item's peak
+peak_build = status("VmHWM")
+try:
+    open("/proc/self/clear_refs", "w").write("5")
+except OSError:
+    pass
+base = status("VmRSS")
 t0 = time.perf_counter()
 (res,) = proc([ImageRecord("big", path, None, None, h, w)])
-out = {"seconds": time.perf_counter() - t0, "base": base, "peak": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+item_peak = status("VmHWM")
+out = {"seconds": time.perf_counter() - t0, "base": base, "peak": max(peak_build, item_peak), "item": item_peak - base,
        "error": res.error or "", "estimate": limits.working_set(stage, h, w), "budget": proc.memory_budget}
 print("RESULT " + json.dumps(out))
 """
@@ -82,8 +90,8 @@ def measure(stage: str, path: Path, h: int, w: int, budget_mb: int | None) -> di
     for line in p.stdout.splitlines():
         if line.startswith("RESULT "):
             return json.loads(line[len("RESULT "):])
-    return {"error": f"process ended with status {p.returncode}: {p.stderr.strip().splitlines()[-1:] }", "peak": 0,
-            "base": 0, "estimate": 0, "budget": 0, "seconds": 0.0}
+    return {"error": f"process ended with status {p.returncode}: {p.stderr.strip().splitlines()[-1:]}", "peak": 0,
+            "item": 0, "base": 0, "estimate": 0, "budget": 0, "seconds": 0.0}
 
 
 def main() -> None:
@@ -102,7 +110,7 @@ def main() -> None:
                 r = measure(stage.replace("-", "_"), path, h, w, args.budget_mb)
                 outcome = "ok" if not r["error"] else ("refused by the budget" if "memory budget" in r["error"]
                                                        else r["error"][:60])
-                rows.append((stage, f"{w}x{h} ({mp:g} MP)", f"{r['peak'] / gib:.2f}", f"{(r['peak'] - r['base']) / gib:.2f}",
+                rows.append((stage, f"{w}x{h} ({mp:g} MP)", f"{r['peak'] / gib:.2f}", f"{r['item'] / gib:.2f}",
                              f"{r['estimate'] / gib:.2f}", f"{(r['budget'] or 0) / gib:.2f}", f"{r['seconds']:.1f}", outcome))
                 print(rows[-1], file=sys.stderr, flush=True)
     head = ("stage", "image", "peak RSS GiB", "item GiB", "estimate GiB", "budget GiB", "seconds", "outcome")

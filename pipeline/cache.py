@@ -388,6 +388,11 @@ class StageReader:
             self.all_rows = read_parquet(url_join(self.url, INDEX))
         except (pa.ArrowException, OSError, ValueError) as exc:
             raise CacheError(_damaged_message(self.url, f"{self.path}/{INDEX}", [], _short(exc))) from None
+        # the part manifests (the same text on every row of a part) once per part; the column itself is dropped,
+        # so a reader of a 100k-image stage holds 3k manifests, not 100k copies
+        self._manifest_text = _part_manifests(self.all_rows)
+        if "part_files" in self.all_rows.column_names:
+            self.all_rows = self.all_rows.drop_columns(["part_files"])
         ok = pa.compute.equal(self.all_rows["status"], "ok")
         self.index = self.all_rows.filter(ok)
         from clips4.pipeline.names import from_stored
@@ -438,11 +443,10 @@ class StageReader:
         return {k: (from_stored(v[0]) if k in _ID_COLUMNS else v[0]) for k, v in self.index.slice(i, 1).to_pydict().items()}
 
     def _manifest(self, part: str) -> dict:
-        if not self._manifests and "part_files" in self.index.column_names:
-            for p, m in zip(self.index["part"].to_pylist(), self.index["part_files"].to_pylist()):
-                if p not in self._manifests and m:
-                    self._manifests[p] = json.loads(m)
-        return self._manifests.get(part, {})
+        if part not in self._manifests:
+            text = self._manifest_text.get(part)
+            self._manifests[part] = json.loads(text) if text else {}
+        return self._manifests[part]
 
     def _part_images(self, part: str) -> list[str]:
         from clips4.pipeline.names import from_stored
@@ -565,6 +569,22 @@ class StageReader:
 
 
 # --------------------------------------------------------------------------------------------- verifying
+def _part_manifests(rows: pa.Table) -> dict[str, str]:
+    """part -> its ``part_files`` text (every row of a part carries the same), without a Python pass over rows."""
+    if "part_files" not in rows.column_names or "part" not in rows.column_names or not rows.num_rows:
+        return {}
+    parts = pa.compute.unique(rows["part"])
+    first = pa.compute.index_in(parts, rows["part"])
+    texts = rows["part_files"].take(first)
+    return {p: t for p, t in zip(parts.to_pylist(), texts.to_pylist()) if p and t}
+
+
+def _images_of(rows: pa.Table, part: str) -> list[str]:
+    from clips4.pipeline.names import from_stored
+
+    return [from_stored(i) for i in rows.filter(pa.compute.equal(rows["part"], part))["image_id"].to_pylist()]
+
+
 def _short(exc: BaseException) -> str:
     text = " ".join(str(exc).split())[:300]
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
@@ -638,14 +658,16 @@ def verify_stage(url: str, *, checksums: bool = False, sizes: dict[str, int] | N
     instead: Zarr's shard checksums, Parquet's structure). Each problem names the file and the images it holds;
     :func:`quarantine_damaged` moves them aside so that the next run of the stage computes those images again
     (``clips4 cache verify --repair`` does both)."""
-    from clips4.pipeline.names import from_stored
-
     url = url.rstrip("/")
     fs, path = _fs(url)
     if not fs.exists(f"{path}/{INDEX}"):
         return []
     try:
-        index = read_parquet(url_join(url, INDEX))
+        with fs.open(f"{path}/{INDEX}", "rb") as fh:
+            names = pq.ParquetFile(fh).schema_arrow.names
+        wanted = ("image_id", "part", "status", "part_files", "sha256", "size")
+        cols = [c for c in names if c in wanted or (checksums and c.endswith("__offset"))]
+        index = read_parquet(url_join(url, INDEX), columns=cols)
     except (pa.ArrowException, OSError, ValueError) as exc:
         return [CacheProblem(url, f"{path}/{INDEX}", _short(exc))]
     if sizes is None:
@@ -666,29 +688,25 @@ def verify_stage(url: str, *, checksums: bool = False, sizes: dict[str, int] | N
     if "part" not in cols:
         return [CacheProblem(url, f"{path}/{INDEX}", "the index has no 'part' column")]
     ok = index.filter(pa.compute.equal(index["status"], "ok")) if "status" in cols else index
-    by_part: dict[str, list[str]] = {}
-    manifests: dict[str, str | None] = {}
-    files_col = ok["part_files"].to_pylist() if "part_files" in cols else [None] * ok.num_rows
-    for img, part, m in zip(ok["image_id"].to_pylist(), ok["part"].to_pylist(), files_col):
-        by_part.setdefault(part, []).append(from_stored(img))
-        if manifests.get(part) is None:
-            manifests[part] = m
+    manifests = _part_manifests(ok)
     fields = sorted(c[: -len("__offset")] for c in cols if c.endswith("__offset"))
-    for part, images in sorted(by_part.items()):
+    for part in sorted(p for p in pa.compute.unique(ok["part"]).to_pylist() if p):
         m = manifests.get(part)
         if m:
+            found = []
             for rel, (size, sha) in sorted(json.loads(m).items()):
                 f = f"{path}/{rel}"
                 if rel not in sizes:
-                    problems.append(CacheProblem(url, f, "the file is missing", part, images))
+                    found.append((f, "the file is missing"))
                 elif sizes[rel] != size:
-                    problems.append(CacheProblem(url, f, f"{sizes[rel]} bytes, {size} written (truncated or replaced)",
-                                                 part, images))
+                    found.append((f, f"{sizes[rel]} bytes, {size} written (truncated or replaced)"))
                 elif checksums and _sha256(fs, f) != sha:
-                    problems.append(CacheProblem(url, f, "sha256 differs from the one recorded when it was written",
-                                                 part, images))
+                    found.append((f, "sha256 differs from the one recorded when it was written"))
+            if found:
+                images = _images_of(ok, part)
+                problems += [CacheProblem(url, f, why, part, images) for f, why in found]
         elif checksums:  # written before parts recorded their files: decode what can be decoded
-            problems += _decode_part(url, fs, path, part, images, fields, sizes)
+            problems += _decode_part(url, fs, path, part, _images_of(ok, part), fields, sizes)
     return problems
 
 
