@@ -228,14 +228,16 @@ class StageWriter:
 
     def _manifest(self, part: str, arrays: bool, tables: list[str]) -> dict[str, list]:
         """relative path -> [size, sha256] of the files this part wrote (its Zarr folder and table files)."""
-        paths = []
-        if arrays:
-            paths += [p for p in self.fs.find(f"{self.path}/parts/{part}.zarr") if ".tmp-" not in p]
-        paths += [f"{self.path}/tables/{t}/{part}.parquet" for t in tables]
+        sizes: dict[str, int | None] = {}
+        if arrays:  # one listing with sizes (no request per file on object stores)
+            for p, info in self.fs.find(f"{self.path}/parts/{part}.zarr", detail=True).items():
+                if ".tmp-" not in p and info.get("type", "file") != "directory":
+                    sizes[p] = info.get("size")
+        sizes.update({f"{self.path}/tables/{t}/{part}.parquet": None for t in tables})
         out = {}
-        for p in sorted(paths):
-            rel = p[len(self.path) + 1:]
-            out[rel] = [int(self.fs.size(p)), _sha256(self.fs, p)]
+        for p in sorted(sizes):
+            size = sizes[p] if sizes[p] is not None else self.fs.size(p)
+            out[p[len(self.path) + 1:]] = [int(size), _sha256(self.fs, p)]
         return out
 
     def part_rows(self, quarantine: bool = False, incremental: bool = False) -> pa.Table | None:
