@@ -380,3 +380,19 @@ def test_damage_found_in_a_dataloader_worker_is_one_line_naming_the_file():
         list(DataLoader(Damaged(), num_workers=1))
     assert _message(err.value) == "damaged cache file /c/parts/p.zarr/gray (truncated); it holds image a"
     assert _exit_code(err.value) == 1
+
+
+def test_a_ray_started_by_clips4_uses_ray_temp_dir(tmp_path, monkeypatch):
+    import ray
+
+    from clips4.pipeline import runner
+
+    seen = {}
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", lambda **kw: seen.update(kw))
+    monkeypatch.setattr(runner, "_JOINED", None)
+    runner.init_ray("local", temp_dir=str(tmp_path / "ray"))
+    assert seen["_temp_dir"] == str(tmp_path / "ray") and (tmp_path / "ray").is_dir()
+    from clips4.pipeline.config import load_config
+
+    assert load_config(None, None, ["ray.temp_dir=/scratch/ray"], search=False).ray.temp_dir == "/scratch/ray"
