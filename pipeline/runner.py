@@ -136,10 +136,51 @@ def process_batch(processor: Callable, records: list[ImageRecord], sigs: list[st
             row.update(res.row)
             summary.ok += 1
         rows.append(row)
+    originals = [dict(r) for r in rows]
     try:
         StageWriter(stage_url).write_part(part, rows, results)
-    except Exception as exc:  # noqa: BLE001 - a write that fails is never the images' fault
-        raise InfraError(f"writing part {part} to {stage_url}: {plain_reason(exc)}") from exc
+    except UndeclaredOutputError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - the machine's fault, unless one item's data cannot be stored
+        if is_infra(exc):
+            raise InfraError(f"writing part {part} to {stage_url}: {plain_reason(exc)}") from exc
+        return _write_one_by_one(originals, results, stage_url, summary, exc)
+    return summary
+
+
+def _write_one_by_one(rows: list[dict], results: list[ItemResult], stage_url: str, summary: BatchSummary,
+                      first: BaseException) -> BatchSummary:
+    """A part that could not be written for a reason that is not the machine's (a value the cache cannot hold):
+    each item is written as its own part, and an item that still cannot be written becomes a failed row with the
+    reason, so one item never keeps the others of its batch from being stored. Leftovers of the failed write are
+    orphans that the next commit removes."""
+    log.warning("writing a part of %d items failed (%s); writing them one by one", len(rows), plain_reason(first))
+    writer = StageWriter(stage_url)
+    summary.ok, summary.failed = 0, []
+    for row, res in zip(rows, results):
+        try:
+            pid = new_part_id()
+            writer.write_part(pid, [{**row, "part": pid}], [res])
+            if row["status"] == "ok":
+                summary.ok += 1
+            else:
+                summary.failed.append((row["image_id"], row["error"]))
+            continue
+        except UndeclaredOutputError:
+            raise
+        except Exception as exc:  # noqa: BLE001
+            if is_infra(exc):
+                raise InfraError(f"writing to {stage_url}: {plain_reason(exc)}") from exc
+            reason = f"its results cannot be stored in the cache: {plain_reason(exc)}"
+        bad = {k: row[k] for k in ("image_id", "path", "split", "gt_path", "height", "width", "source_sig", "part",
+                                    "seconds") if k in row}
+        pid = new_part_id()
+        bad.update(status="failed", error=reason, part=pid)
+        try:
+            writer.write_part(pid, [bad], [ItemResult.failed(reason)])
+        except Exception as exc:  # noqa: BLE001 - not even a failed row: the run cannot go on
+            raise InfraError(f"writing to {stage_url}: {plain_reason(exc)}") from exc
+        summary.failed.append((row["image_id"], reason))
     return summary
 
 

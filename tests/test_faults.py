@@ -396,3 +396,25 @@ def test_a_ray_started_by_clips4_uses_ray_temp_dir(tmp_path, monkeypatch):
     from clips4.pipeline.config import load_config
 
     assert load_config(None, None, ["ray.temp_dir=/scratch/ray"], search=False).ray.temp_dir == "/scratch/ray"
+
+
+def test_one_item_whose_results_cannot_be_stored_does_not_block_its_batch(tmp_path, image_folder, toy_stage,
+                                                                          monkeypatch):
+    from test_stage_framework import ToyProcessor
+
+    class Unstorable(ToyProcessor):
+        def __call__(self, records):
+            out = super().__call__(records)
+            for rec, res in zip(records, out):
+                if rec.image_id == "img3":
+                    res.row["note"] = object()  # no Arrow type holds it
+            return out
+
+    real = stage_mod.stage_object
+    monkeypatch.setattr(stage_mod, "stage_object", lambda run: Unstorable if "ToyProcessor" in run else real(run))
+    cfg = _cfg(tmp_path, image_folder, "ray.backoff_s=0.01")
+    run = stage_mod.run_stage(cfg, "toy", show_progress=False)
+    assert run.retries == 0 and [i for i, _ in run.failed] == ["img3"] and "cannot be stored" in run.failed[0][1]
+    r = StageReader(run.url)
+    assert len(r) == 5 and "img3" not in r.image_ids
+    assert stage_mod.run_stage(cfg, "toy", show_progress=False).processed == 0
