@@ -80,8 +80,10 @@ def test_predict_cli_exits_2_on_width_mismatch(tmp_path, monkeypatch, capsys):
     Image.new("RGB", (16, 16)).save(img)
     ck = tmp_path / "final.pt"
     ck.write_bytes(b"")
-    monkeypatch.setattr(tasks, "checkpoint_source", lambda path, device="auto": _fake_checkpoint_source(7))
+    monkeypatch.setattr(tasks, "checkpoint_source", lambda path, device="auto", runs_root="runs": _fake_checkpoint_source(7))
     monkeypatch.setattr(tasks, "text_embeddings_for", lambda cfg, names: (np.ones((len(names), 5), np.float32), {}))
+    monkeypatch.setattr(tasks, "source_text_embeddings",
+                        lambda cfg, src, names: (np.ones((len(names), 5), np.float32), {}))
     rc = main(["predict", str(img), "--classes", "a,b", "--checkpoint", str(ck), "--out", str(tmp_path / "out"),
                "--stages", str(REPO / "stages.yaml")])
     err = " ".join(capsys.readouterr().err.split())
