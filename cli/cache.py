@@ -125,7 +125,11 @@ def _repair(cfg, row: dict, problems) -> str:
         err_console.print(f"  its configuration now names another output (code or inputs changed); run `clips4 {cmd}` "
                           "with the configuration that made it", markup=False)
         return "moved aside"
-    run = stage_mod.run_stage(made, name, dataset=dataset, show_progress=False)
+    try:
+        run = stage_mod.run_stage(made, name, dataset=dataset, show_progress=False)
+    except stage_mod.StageError as exc:  # e.g. a training run: not run by the pipeline
+        err_console.print(f"  {exc}; the damaged files are moved aside", markup=False)
+        return "moved aside"
     err_console.print(f"  {name}: {run.processed} item(s) computed again", markup=False)
     return f"recomputed {run.processed}"
 

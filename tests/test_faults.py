@@ -418,3 +418,22 @@ def test_one_item_whose_results_cannot_be_stored_does_not_block_its_batch(tmp_pa
     r = StageReader(run.url)
     assert len(r) == 5 and "img3" not in r.image_ids
     assert stage_mod.run_stage(cfg, "toy", show_progress=False).processed == 0
+
+
+def test_whole_output_files_are_checked_by_size_and_checksum(tmp_path):
+    from clips4.pipeline.cache import commit_files, quarantine_damaged
+
+    out = tmp_path / "proto"
+    out.mkdir()
+    (out / "prototypes.parquet").write_bytes(b"x" * 100)
+    (out / "text.parquet").write_bytes(b"y" * 50)
+    commit_files(str(out), ["prototypes.parquet", "text.parquet"], meta={"stage": "prototypes"})
+    assert verify_stage(str(out), checksums=True) == []
+    (out / "text.parquet").write_bytes(b"y" * 10)
+    (p,) = verify_stage(str(out))
+    assert p.file.endswith("text.parquet") and "10 bytes, 50 written" in p.reason
+    (out / "text.parquet").write_bytes(b"z" * 50)
+    (p,) = verify_stage(str(out), checksums=True)
+    assert "sha256" in p.reason
+    quarantine_damaged(str(out), [p])
+    assert not (out / "index.parquet").exists(), "the output is rebuilt whole"
