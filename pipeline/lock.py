@@ -160,7 +160,11 @@ class StageLock:
     def _try_local(self) -> dict | None:
         import fcntl
 
-        fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        except FileNotFoundError:  # the previous holder removed the folder it had created (release)
+            os.makedirs(self.path, exist_ok=True)
+            fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             try:  # the holder may have removed the file before unlocking it (release): lock the one at the path
@@ -169,6 +173,7 @@ class StageLock:
                 same = False
             if not same:
                 os.close(fd)
+                os.makedirs(self.path, exist_ok=True)  # its holder may have removed the folder with the file
                 return self._try_local()
         except BlockingIOError:
             try:

@@ -437,3 +437,23 @@ def test_whole_output_files_are_checked_by_size_and_checksum(tmp_path):
     assert "sha256" in p.reason
     quarantine_damaged(str(out), [p])
     assert not (out / "index.parquet").exists(), "the output is rebuilt whole"
+
+
+def test_a_waiter_on_a_removed_lock_file_takes_the_lock_at_the_path(tmp_path):
+    import threading
+
+    from clips4.pipeline.lock import StageLock
+
+    folder = tmp_path / "new" / "stage"
+    first = StageLock(str(folder)).acquire()
+    got = []
+    waiter = threading.Thread(target=lambda: got.append(StageLock(str(folder), wait=True, timeout=20,
+                                                                   poll_s=0.01).acquire()))
+    waiter.start()
+    time.sleep(0.2)
+    first.release()  # nothing else in the folder: the file and the folders go
+    waiter.join(30)
+    assert got and got[0].held and (folder / ".lock").exists()
+    with pytest.raises(Exception, match="being written by"):
+        StageLock(str(folder)).acquire()
+    got[0].release()
