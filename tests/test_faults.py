@@ -246,6 +246,7 @@ def test_default_budget_follows_ulimit_v_and_the_run_is_not_killed(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------ object storage
+@pytest.mark.slow
 def test_missing_bucket_is_named_and_never_created(tmp_path, image_folder):
     pytest.importorskip("s3fs")
     pytest.importorskip("moto")
@@ -294,6 +295,8 @@ def test_lock_heartbeat_survives_a_store_that_went_away(monkeypatch):
 
 
 # ------------------------------------------------------------------------------------------ signals under Ray
+@pytest.mark.slow
+@pytest.mark.ray
 def test_sigterm_under_ray_exits_143_with_the_message_and_keeps_parts(tmp_path):
     import signal
 
