@@ -180,7 +180,7 @@ def repro(
     runs/NAME, an evaluation is redone when its run or images changed. One cron line keeps a project up to date:
     `clips4 repro --json`."""
     from clips4.pipeline.stage import dataset_from_config
-    from clips4.pipeline.status import graph_order, stage_status
+    from clips4.pipeline.status import check_damage, graph_order, stage_status
 
     cfg = opts.build_config()
     order = graph_order(cfg, _until(cfg, until))
@@ -189,7 +189,7 @@ def repro(
     done: dict = {}
     report, code = [], EXIT_OK
     for name in order:
-        st = stage_status(cfg, name, dataset, done, urls.get(name))
+        st = check_damage(stage_status(cfg, name, dataset, done, urls.get(name)))
         if name in extra:
             st = extra[name](st)
         entry = {"stage": name, "state": st.state, "reasons": st.reasons}

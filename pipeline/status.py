@@ -204,6 +204,22 @@ def _explain(cfg: Config, name: str, dataset: Dataset, st: StageStatus) -> Stage
     return st
 
 
+def check_damage(st: StageStatus) -> StageStatus:
+    """An output that is committed but has damaged files (sizes checked against what was written; one listing) is
+    stale: the next run of the stage recomputes what those files held."""
+    if st.state not in (UP_TO_DATE,) or not _exists(url_join(st.url, INDEX)):
+        return st
+    from clips4.pipeline.cache import verify_stage
+
+    problems = verify_stage(st.url)
+    if problems:
+        st.state = STALE
+        files = ", ".join(p.file.rsplit("/", 1)[-1] for p in problems[:3]) + (" …" if len(problems) > 3 else "")
+        st.reasons = [f"{len(problems)} damaged file{'s' if len(problems) != 1 else ''} ({files}): "
+                      "`clips4 cache verify --repair` or `clips4 repro` recomputes what they held"] + st.reasons
+    return st
+
+
 def project_status(cfg: Config, dataset: Dataset, until: str | None = None, urls: dict[str, str] | None = None,
                    extra: dict | None = None) -> list[StageStatus]:
     """The state of every stage in graph order (up to ``until``). ``urls``: outputs not in their fingerprint
@@ -211,7 +227,7 @@ def project_status(cfg: Config, dataset: Dataset, until: str | None = None, urls
     that a finished training run is also the published named run)."""
     out: dict[str, StageStatus] = {}
     for name in graph_order(cfg, until):
-        st = stage_status(cfg, name, dataset, out, (urls or {}).get(name))
+        st = check_damage(stage_status(cfg, name, dataset, out, (urls or {}).get(name)))
         if extra and name in extra:
             st = extra[name](st)
         out[name] = st

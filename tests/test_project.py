@@ -342,3 +342,19 @@ def test_per_image_fingerprints_keep_their_formula_and_whole_dataset_ones_digest
     a = fingerprint("prototypes", "3", {"a": 1}, {"clip_features": "x"}, ds, {"images": "1", "clip_features": "2"})
     b = fingerprint("prototypes", "3", {"a": 1}, {"clip_features": "x"}, ds, {"images": "1", "clip_features": "3"})
     assert a != b and a != fingerprint("prototypes", "3", {"a": 1}, {"clip_features": "x"}, ds)
+
+
+def test_a_damaged_finished_output_is_stale_and_repro_repairs_it(project, capsys):
+    assert main(["repro", "-q", "--until", "clip_features"]) == 0
+    capsys.readouterr()
+    shard = next(p for p in sorted((project / "cache").rglob("*")) if "segments" in p.parts and p.is_file()
+                 and "parts" in p.parts and ".zarr" in str(p) and p.stat().st_size > 100)
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+    assert main(["status", "--until", "clip_features", "--json"]) == 1
+    by = {s["stage"]: s for s in _json_out(capsys)["stages"]}
+    assert by["segments"]["state"] == "stale" and "damaged file" in by["segments"]["reasons"][0]
+    assert by["clip_features"]["state"] == "up-to-date"
+    assert main(["repro", "--until", "clip_features", "--json"]) == 0
+    doc = _json_out(capsys)
+    assert doc["ran"] == ["segments"] and doc["stages"][0]["summary"]["processed"] >= 1
+    assert main(["status", "--until", "clip_features"]) == 0
