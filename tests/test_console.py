@@ -43,7 +43,7 @@ def test_rays_default_token_auth_notice_is_dropped_and_others_pass(caplog):
     import clips4.pipeline.runner  # noqa: F401 - what every stage imports before it starts Ray
 
     lg = logging.getLogger(RAY_AUTH_LOGGER)
-    with caplog.at_level(logging.INFO):
+    with caplog.at_level(logging.INFO, logger=RAY_AUTH_LOGGER):  # Ray may have set its loggers' levels already
         lg.warning("Token authentication is enabled for this Ray cluster. Set RAY_AUTH_MODE=disabled to opt out.")
         lg.warning("Token authentication is disabled for this Ray cluster. Anyone with network access ...")
         lg.info("Generated new authentication token and saved to /x")
