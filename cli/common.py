@@ -41,7 +41,7 @@ RootOpt = typer.Option(None, "--root", "-r", help="Dataset root (local path or f
 SplitOpt = typer.Option(None, "--split", help="Dataset split (default: the reader's, e.g. val).")
 LimitOpt = typer.Option(None, "--limit", help="Only the first N images (sorted by id).")
 CacheOpt = typer.Option(None, "--cache", help="Cache root (local path or fsspec URL); default from config: ./cache.")
-ExecutorOpt = typer.Option(None, "--executor", help="'ray' (default) or 'local' (this process; for debugging).")
+ExecutorOpt = typer.Option(None, "--executor", help="'auto' (default: this process for small runs or one worker, else Ray), 'ray' or 'local' (this process).")
 WorkersOpt = typer.Option(None, "--num-workers", "-j", help="Number of Ray worker actors.")
 QuietOpt = typer.Option(False, "--quiet", "-q", help="No progress output (the final summary is still printed).")
 JsonOpt = typer.Option(False, "--json", help="Print one machine-readable JSON summary on stdout (human output goes to stderr).")

@@ -44,7 +44,7 @@ def write_samples(folder: Path) -> list[Path]:
     return paths
 
 
-def run_demo(out: Path, *, num_workers: int = 2, executor: str = "ray", iterations: int = 300,
+def run_demo(out: Path, *, num_workers: int = 2, executor: str = "auto", iterations: int = 300,
              clip_checkpoint: str | None = None) -> int:
     from clips4.pipeline.cache import list_stage_outputs
     from clips4.pipeline.config import load_config
@@ -171,7 +171,7 @@ def demo(
     opts: Common,
     out: Path = typer.Option(Path("outputs/demo"), "--out", help="Folder for the demo's images, caches and pictures."),
     num_workers: int = typer.Option(2, "--num-workers", "-j", help="Ray workers."),
-    executor: str = typer.Option("ray", "--executor", help="'ray' or 'local'."),
+    executor: str = typer.Option("auto", "--executor", help="'auto' (this process for the few sample images), 'ray' or 'local'."),
     iterations: int = typer.Option(300, "--iterations", help="Training iterations of the synthetic-world run."),
     clip_checkpoint: Optional[str] = typer.Option(None, help="Real CLIP weights (ViT-B-16) to run the CLIP stages on the samples."),
 ) -> dict:

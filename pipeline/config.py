@@ -54,8 +54,12 @@ class DatasetConfig(Strict):
 class RayConfig(Strict):
     #: ``local`` starts (or reuses) a Ray instance on this machine; ``auto`` or ``ray://host:10001`` joins a cluster
     address: str = "local"
-    #: ``ray`` fans out over workers; ``local`` runs in this process (debugging, tiny jobs)
-    executor: Literal["ray", "local"] = "ray"
+    #: ``auto`` runs in this process when one worker is asked for or the work is small (fewer than
+    #: ``local_below`` images on the local machine: starting Ray costs about 10 s), else fans out with Ray; ``ray``
+    #: always fans out; ``local`` always runs in this process. A cluster ``address`` always uses Ray
+    executor: Literal["auto", "ray", "local"] = "auto"
+    #: with ``executor: auto`` on this machine: fewer images than this run in this process
+    local_below: int = Field(default=48, ge=0)
     #: number of worker actors (each loads its model once)
     num_workers: int = Field(default=2, ge=1)
     #: images per task / per written cache part

@@ -317,6 +317,17 @@ def _actor_dead(exc: BaseException) -> bool:
                          "NodeDiedError", "LocalRayletDiedError", "ActorUnschedulableError"})
 
 
+def resolve_executor(executor: str, address: str | None, num_workers: int, n_items: int, local_below: int) -> str:
+    """``ray`` or ``local`` for a run of ``n_items``: ``auto`` stays in this process when one worker is asked for or
+    the work is small on this machine (Ray's start-up, about 10 s, would cost more than the fan-out saves); a
+    cluster address always fans out."""
+    if executor != "auto":
+        return executor
+    if address not in ("local", "", None):
+        return "ray"
+    return "local" if num_workers <= 1 or n_items < local_below else "ray"
+
+
 def run_batches(
     factory: Callable[[], Callable],
     work: list[tuple[ImageRecord, str]],

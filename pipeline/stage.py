@@ -27,7 +27,7 @@ from clips4.pipeline.datasets import Dataset, open_dataset, source_signature
 from clips4.pipeline.failures import StageInterrupted, _Signalled, signal_name, signals_as_exceptions
 from clips4.pipeline.lock import StageLock, StageLocked  # noqa: F401 - StageLocked is part of this API
 from clips4.pipeline.console import make_console
-from clips4.pipeline.runner import RunFailed, run_batches  # noqa: F401 - RunFailed is part of this API
+from clips4.pipeline.runner import RunFailed, resolve_executor, run_batches  # noqa: F401 - RunFailed is part of this API
 
 console = make_console(stderr=True)
 
@@ -373,12 +373,17 @@ def _run_per_image(cfg: Config, name: str, dataset: Dataset, url: str, fp: str, 
                   + (f" ({len(failed_before)} of them failed)" if failed_before else "") + f", {len(todo)} to process")
     summaries, stats = [], {}
     if todo:
+        executor = resolve_executor(cfg.ray.executor, cfg.ray.address, cfg.ray.num_workers, len(todo), cfg.ray.local_below)
+        if cfg.ray.executor == "auto":
+            console.print(f"  executor auto: {'in this process' if executor == 'local' else f'Ray, {cfg.ray.num_workers} workers'}"
+                          f" ({len(todo)} images; ray.local_below {cfg.ray.local_below}, ray.num_workers "
+                          f"{cfg.ray.num_workers})", markup=False)
         factory = functools.partial(_CheckedProcessor, spec, tuple(cfg.decl(name).outs), name, params,
                                     {"stage_url": url, "deps": deps, "dataset": dataset.describe(),
                                      "memory_budget_mb": cfg.ray.memory_budget_mb,
-                                     "num_workers": 1 if cfg.ray.executor == "local" else cfg.ray.num_workers})
+                                     "num_workers": 1 if executor == "local" else cfg.ray.num_workers})
         summaries = run_batches(
-            factory, todo, url, executor=cfg.ray.executor, address=cfg.ray.address, num_workers=cfg.ray.num_workers,
+            factory, todo, url, executor=executor, address=cfg.ray.address, num_workers=cfg.ray.num_workers,
             batch_size=cfg.ray.batch_size, num_cpus=cfg.ray.num_cpus, num_gpus=cfg.ray.num_gpus,
             description=name, show_progress=show_progress, stats=stats,
             **{k: v for k, v in cfg.ray.model_dump().items() if k in _RUNNER_KNOBS},

@@ -306,7 +306,7 @@ def test_sigterm_under_ray_exits_143_with_the_message_and_keeps_parts(tmp_path):
     cache = tmp_path / "cache"
     ray_tmp = Path("/tmp") / f"c4ray-{os.getpid()}"
     p = subprocess.Popen([sys.executable, "-m", "clips4.cli", "precompute", "segments", "--dataset", "folder", "--root",
-                          str(root), "--cache", str(cache), "--num-workers", "2", "--batch-size", "1", "-q",
+                          str(root), "--cache", str(cache), "--executor", "ray", "--num-workers", "2", "--batch-size", "1", "-q",
                           "--set", "segments.detector=classical", "--set", f"ray.temp_dir={ray_tmp}"],
                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:

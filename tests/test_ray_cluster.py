@@ -214,7 +214,8 @@ def test_two_node_cluster_survives_losing_a_node_and_equals_a_single_node_run(tm
 def test_no_ray_process_outlives_a_killed_driver(tmp_path, short_tmp):
     root = _world(tmp_path / "imgs", 30)
     env = {**os.environ, "RAY_TMPDIR": str(short_tmp), "RAY_USAGE_STATS_ENABLED": "0", "PYTHONUNBUFFERED": "1"}
-    drv = subprocess.Popen(_segments(root, tmp_path / "cache", "--num-workers", "1", "--batch-size", "1", "-q"),
+    drv = subprocess.Popen(_segments(root, tmp_path / "cache", "--executor", "ray", "--num-workers", "1", "--batch-size",
+                                     "1", "-q"),
                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.time() + 150
