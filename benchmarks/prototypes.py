@@ -46,8 +46,8 @@ def main(argv=None) -> int:
     ap.add_argument("--m", type=int, default=32)
     ap.add_argument("--batch", type=int, default=65536)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--target-s", type=float, default=20.0, help="time goal (COCO-Stuff scale, 5M: 45)")
-    ap.add_argument("--target-gib", type=float, default=3.0, help="peak RSS goal (COCO-Stuff scale, 5M: 2)")
+    ap.add_argument("--target-s", type=float, default=5.0, help="wall time goal (COCO-Stuff scale, 5M: 45)")
+    ap.add_argument("--target-gib", type=float, default=1.5, help="peak RSS goal (COCO-Stuff scale, 5M: 2)")
     ap.add_argument("--check", action="store_true", help="also compare with the brute-force reference (small n)")
     ap.add_argument("--write-only", metavar="PATH", help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
@@ -87,20 +87,27 @@ def main(argv=None) -> int:
                 read_cpu += time.process_time() - c
                 yield item
 
+        # one after the other first (decode, then score: the split of the two), then overlapped (the default)
         t0, c0 = time.perf_counter(), time.process_time()
-        protos, support = known_prototypes(timed(iter_embedding_batches(path, batch_size=a.batch)), text, 100.0,
-                                           top_m=a.m)
-        wall = time.perf_counter() - t0
-        compute = wall - read_s
+        serial = known_prototypes(timed(iter_embedding_batches(path, batch_size=a.batch)), text, 100.0, top_m=a.m,
+                                  prefetch_batches=0)
+        serial_wall = time.perf_counter() - t0
+        compute = serial_wall - read_s
         compute_cpu = time.process_time() - c0 - read_cpu
+        t0 = time.perf_counter()
+        protos, support = known_prototypes(iter_embedding_batches(path, batch_size=a.batch), text, 100.0, top_m=a.m)
+        wall = time.perf_counter() - t0
+        assert np.array_equal(serial[1], support) and np.array_equal(serial[0], protos)
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB on Linux
         print(f"known_prototypes: n={a.n:,} dim={a.dim} classes={a.classes} m={a.m}")
-        print(f"  compute {compute:.2f} s (+ {read_s:.2f} s Parquet streaming = {wall:.2f} s wall)")
+        print(f"  one after the other: compute {compute:.2f} s + {read_s:.2f} s Parquet streaming = {serial_wall:.2f} s wall")
+        print(f"  overlapped (the default, decoding one batch ahead): {wall:.2f} s wall "
+              f"({serial_wall / wall:.2f}x; same prototypes)")
         print(f"  compute CPU time {compute_cpu:.2f} s over all threads; load average now "
               f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
         print(f"  peak RSS {peak:.2f} GiB")
-        print(f"  targets: <= {a.target_s:g} s {'OK' if compute <= a.target_s else 'MISSED'} (wall: "
-              f"{'OK' if wall <= a.target_s else 'MISSED'}), <= {a.target_gib:g} GiB {'OK' if peak <= a.target_gib else 'MISSED'}")
+        print(f"  targets: <= {a.target_s:g} s wall {'OK' if wall <= a.target_s else 'MISSED'}, "
+              f"<= {a.target_gib:g} GiB {'OK' if peak <= a.target_gib else 'MISSED'}")
         assert protos.shape == (a.classes, a.dim) and support.shape == (a.classes, a.m)
         if a.check:
             ref_p, ref_s = brute_force_known_prototypes(iter_embedding_batches(path), text, 100.0, top_m=a.m)

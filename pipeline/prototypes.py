@@ -256,15 +256,57 @@ def iter_embedding_batches(
         yield ids, emb
 
 
-def _as_batches(source) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """Accept an iterable of (ids, emb) batches, one (ids, emb) pair, or a bare (N, D) array (ids = row numbers)."""
+def prefetch(iterable, depth: int = 1) -> Iterator:
+    """Iterate ``iterable`` in a background thread, ``depth`` items ahead: decoding the next Parquet batch
+    (pyarrow releases the GIL) overlaps the GEMM on the current one instead of following it. Exceptions reach the
+    consumer; a consumer that stops early stops the thread at its next item."""
+    import queue
+    import threading
+
+    q: "queue.Queue" = queue.Queue(maxsize=max(1, depth))
+    stop = threading.Event()
+    end = object()
+
+    def run() -> None:
+        try:
+            for item in iterable:
+                while not stop.is_set():
+                    try:
+                        q.put((item, None), timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+            q.put((end, None))
+        except BaseException as exc:  # noqa: BLE001 - handed to the consumer, raised there
+            q.put((end, exc))
+
+    t = threading.Thread(target=run, name="clips4-prefetch", daemon=True)
+    t.start()
+    try:
+        while True:
+            item, exc = q.get()
+            if item is end:
+                if exc is not None:
+                    raise exc
+                return
+            yield item
+    finally:
+        stop.set()
+
+
+def _as_batches(source, ahead: int = 1) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Accept an iterable of (ids, emb) batches, one (ids, emb) pair, or a bare (N, D) array (ids = row numbers).
+    A stream is read ``ahead`` batches ahead in a thread (:func:`prefetch`; 0 = in the consumer's thread)."""
     if isinstance(source, np.ndarray):
         yield np.arange(len(source), dtype=np.int64), source
         return
     if isinstance(source, tuple) and len(source) == 2 and isinstance(source[1], np.ndarray) and source[1].ndim == 2:
         yield np.asarray(source[0], np.int64), source[1]
         return
-    for ids, emb in source:
+    it = source if isinstance(source, (list, tuple)) or ahead <= 0 else prefetch(source, ahead)
+    for ids, emb in it:
         yield np.asarray(ids, dtype=np.int64).reshape(-1), np.asarray(emb)
 
 
@@ -342,8 +384,10 @@ def known_prototypes(
     *,
     return_scores: bool = False,
     device: str | None = None,
+    prefetch_batches: int = 1,
 ):
-    """Known-class prototypes ``C_k`` (paper Sec. 3.2, Fig. 3b), streamed.
+    """Known-class prototypes ``C_k`` (paper Sec. 3.2, Fig. 3b), streamed (``prefetch_batches`` read ahead in a
+    thread while the current one is scored; 0 = one after the other).
 
     ``segment_batches``: iterable of ``(ids (N,) int64, emb (N, D) float32 L2-normalised)`` (see module doc);
     ``text_emb``: ``(K, D)`` class text embeddings (:func:`clips4.pipeline.backends.text_embeddings`);
@@ -387,7 +431,7 @@ def known_prototypes(
         return out if return_scores else out[:2]
     tnorm = float(np.linalg.norm(T, axis=1).max())
     eps32 = float(np.finfo(np.float32).eps)
-    for ids, E in _as_batches(segment_batches):
+    for ids, E in _as_batches(segment_batches, prefetch_batches):
         n = len(ids)
         if n == 0:
             continue
