@@ -382,7 +382,8 @@ class PrototypesBuilder:
     kind = "builder"
     #: 2: class prompts use the natural-language names (clips4.data.prompt_names); 3: unknown prototypes drawn from
     #: the segments least explained by the known classes (``unknown_pool``), and ``invariances.json``: the teacher's
-    #: measured photometric invariances (``invariance_images``, read by ``train.augment.photometric: auto``)
-    version = "3"
+    #: measured photometric invariances (``invariance_images``, read by ``train.augment.photometric: auto``); 4: with
+    #: the per-region families (``local_*``, read by ``train.augment.regions: auto``)
+    version = "4"
     Params = PrototypesParams
     build = staticmethod(build_prototypes)

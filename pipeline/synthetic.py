@@ -36,7 +36,7 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["CLASS_SPECS", "WORLDS", "class_family", "world_from_preset", "make_teacher", "SyntheticWorld", "SyntheticTeacher", "class_text_embeddings", "teacher_segmentation", "miou"]
+__all__ = ["CLASS_SPECS", "WORLDS", "class_family", "spurious_specs", "world_from_preset", "make_teacher", "SyntheticWorld", "SyntheticTeacher", "class_text_embeddings", "teacher_segmentation", "miou"]
 
 
 @dataclass(frozen=True)
@@ -72,6 +72,8 @@ def _field(pattern: str, period: float, yy: np.ndarray, xx: np.ndarray, rng: np.
         return (np.sin(2 * np.pi * (xx + ph) / period) > 0).astype(np.float32)
     if pattern == "diag":
         return (np.sin(2 * np.pi * (xx + yy + ph) / (period * 1.414)) > 0).astype(np.float32)
+    if pattern == "adiag":
+        return (np.sin(2 * np.pi * (xx - yy + ph) / (period * 1.414)) > 0).astype(np.float32)
     if pattern == "waves":
         return (np.sin(2 * np.pi * (yy + 2.5 * np.sin(2 * np.pi * xx / (3 * period)) + ph) / period) > 0).astype(np.float32)
     if pattern == "dots":
@@ -105,7 +107,8 @@ class SyntheticWorld:
 
     def __init__(self, n_classes: int = 6, image_size: tuple[int, int] = (96, 128), seed: int = 0,
                  regions: tuple[int, int] = (3, 7), pixel_noise: float = 8.0, *,
-                 specs: list[ClassSpec] | None = None, region_shape: str = "warped", spurious_colour: bool = False):
+                 specs: list[ClassSpec] | None = None, region_shape: str = "warped", spurious_colour: bool = False,
+                 spurious_p: float = 1.0, context_groups: list[list[int]] | None = None):
         if specs is None:
             if not 2 <= n_classes <= len(CLASS_SPECS):
                 raise ValueError(f"n_classes must be in 2..{len(CLASS_SPECS)}, got {n_classes}")
@@ -124,6 +127,16 @@ class SyntheticWorld:
         self.region_shape = region_shape
         #: colour is class-correlated in train but drawn from a random class's palette per region elsewhere
         self.spurious_colour = bool(spurious_colour)
+        #: spurious worlds: the chance that a train region wears its own class's palette (else a random class's)
+        if not 0.0 <= float(spurious_p) <= 1.0:
+            raise ValueError(f"spurious_p must be in 0..1, got {spurious_p}")
+        self.spurious_p = float(spurious_p)
+        #: context worlds: each train image draws its classes from one of these groups (val/test from all classes),
+        #: so in training a class is only ever seen next to the classes of its group
+        self.context_groups = [list(map(int, g)) for g in context_groups] if context_groups else None
+        if self.context_groups and any(len(g) < 2 or min(g) < 0 or max(g) >= self.n_classes
+                                       for g in self.context_groups):
+            raise ValueError(f"context_groups must hold >= 2 class ids in 0..{self.n_classes - 1} each")
 
     @property
     def class_names(self) -> list[str]:
@@ -147,11 +160,14 @@ class SyntheticWorld:
         img = (t * np.array(col.fg, np.float32) + (1 - t) * np.array(col.bg, np.float32)) * gain
         return img
 
-    def region_map(self, rng: np.random.Generator) -> np.ndarray:
-        """``(H,W) int64`` class id per pixel: warped Voronoi cells, each given a random class (>= 2 classes)."""
+    def region_map(self, rng: np.random.Generator, group: list[int] | None = None) -> np.ndarray:
+        """``(H,W) int64`` class id per pixel: warped Voronoi cells, each given a random class (>= 2 classes;
+        ``group``: classes drawn from it only)."""
         H, W = self.image_size
         n = int(rng.integers(self.regions[0], self.regions[1] + 1))
         if self.region_shape == "boxes":
+            if group is not None:
+                raise ValueError("context_groups need Voronoi regions (region_shape warped or voronoi)")
             return self._boxes(n, rng)
         yy, xx = np.mgrid[0:H, 0:W].astype(np.float32)
         wy, wx = yy.copy(), xx.copy()
@@ -167,6 +183,12 @@ class SyntheticWorld:
         classes = rng.integers(0, self.n_classes, n)
         while len(np.unique(classes[np.unique(cell)])) < 2:
             classes = rng.integers(0, self.n_classes, n)
+        if group is not None:  # context worlds, train: the cells take the classes of one group only
+            pick = np.random.default_rng([self.seed, 4242, int(rng.integers(2 ** 31))])
+            while True:
+                classes = np.asarray(group)[pick.integers(0, len(group), n)]
+                if len(np.unique(classes[np.unique(cell)])) >= 2:
+                    break
         return classes[cell].astype(np.int64)
 
     def _boxes(self, n: int, rng: np.random.Generator) -> np.ndarray:
@@ -192,17 +214,35 @@ class SyntheticWorld:
 
     def sample(self, index: int, split: str = "train") -> tuple[np.ndarray, np.ndarray]:
         """Image ``index`` of ``split``: ``(image (H,W,3) uint8, mask (H,W) int64 class ids)``."""
+        img, mask, _ = self.sample_with_cues(index, split)
+        return img, mask
+
+    def sample_with_cues(self, index: int, split: str = "train") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """:meth:`sample` plus ``(H,W) int64`` the class whose colours each pixel wears (its own class's but where a
+        spurious-colour world shuffles them): what a student that reads colour instead of texture would predict."""
         rng = self._rng(split, index)
-        mask = self.region_map(rng)
+        group = None
+        if self.context_groups and split == "train":  # own stream: worlds without groups are unchanged
+            g = np.random.default_rng([self.seed, self.SPLITS[split], int(index), 4241])
+            group = self.context_groups[int(g.integers(0, len(self.context_groups)))]
+        mask = self.region_map(rng, group)
         img = np.zeros(self.image_size + (3,), np.float32)
+        worn = mask.copy()
+        corr = None
+        if self.spurious_colour and split == "train" and self.spurious_p < 1:  # own stream, as above
+            corr = np.random.default_rng([self.seed, self.SPLITS[split], int(index), 4243])
         for c in np.unique(mask):
             palette = None
             if self.spurious_colour and split != "train":  # test: colours no longer tell the class
                 palette = int(rng.integers(0, self.n_classes))
+            elif corr is not None and corr.uniform() >= self.spurious_p:  # train: the cue holds with spurious_p
+                palette = int(corr.integers(0, self.n_classes))
             tex = self.render_texture(int(c), self.image_size, rng, palette)
             img[mask == c] = tex[mask == c]
+            if palette is not None:
+                worn[mask == c] = palette
         img += rng.normal(0, self.pixel_noise, img.shape)
-        return np.clip(img, 0, 255).round().astype(np.uint8), mask
+        return np.clip(img, 0, 255).round().astype(np.uint8), mask, worn
 
     def write(self, root: str | os.PathLike, n_train: int, n_val: int, n_test: int = 0) -> dict:
         """Write ``images/<split>/<id>.png``, ``masks/<split>/<id>.png`` (uint8 class ids) and ``classes.txt``.
@@ -567,6 +607,47 @@ _ORIENTED = [  # texture is the class; each class has its own colours in train o
     ClassSpec("ripples", "waves", (200, 120, 30), (30, 30, 60), 10.0),
 ]
 
+def spurious_specs(cue: str, n_classes: int = 6, contrast: float = 0.3, seed: int = 0) -> list[ClassSpec]:
+    """Texture classes (oriented stripes, waves, checks: the class is the texture) whose colours carry a ``cue`` that
+    a texture-reading teacher ignores: ``hue`` (hues round the wheel at one luminance), ``luminance`` (one hue,
+    class-tied brightness from dark to light), ``hue-luminance`` (both, paired at random), ``none`` (one colour for
+    all). fg / bg = the class colour x (1 +- ``contrast``). With ``SyntheticWorld(spurious_colour=True)`` the cue
+    holds in train (with ``spurious_p``) and is shuffled in val / test."""
+    import colorsys
+
+    if cue not in ("hue", "luminance", "hue-luminance", "none"):
+        raise ValueError(f"cue must be hue, luminance, hue-luminance or none, got {cue!r}")
+    patterns = ["hstripes", "vstripes", "diag", "adiag", "waves", "checker", "dots", "grid"]
+    if not 2 <= n_classes <= len(patterns):
+        raise ValueError(f"n_classes must be in 2..{len(patterns)}, got {n_classes}")
+    rng = np.random.default_rng([seed, 991])
+    h0 = rng.uniform()
+    lumas = np.linspace(40, 130, n_classes)[rng.permutation(n_classes)]
+    out = []
+    for i in range(n_classes):
+        hue = (h0 + i / n_classes) % 1 if cue in ("hue", "hue-luminance") else h0
+        sat = 0.5 if cue in ("hue", "hue-luminance") else (0.35 if cue == "luminance" else 0.0)
+        rgb = np.array(colorsys.hsv_to_rgb(hue, sat, 1.0))
+        luma = lumas[i] if cue in ("luminance", "hue-luminance") else 90.0  # no channel clipped
+        base = rgb * luma / float(rgb @ np.array([0.299, 0.587, 0.114]))
+        fg = tuple(int(v) for v in np.clip(base * (1 + contrast), 0, 255))
+        bg = tuple(int(v) for v in np.clip(base * (1 - contrast), 0, 255))
+        out.append(ClassSpec(f"{patterns[i]}{i}", patterns[i], fg, bg, 6.0 if i < 4 else 9.0))
+    return out
+
+
+#: the trap worlds' teacher: texture only (colour- and contrast-free gradient statistics), moderately noisy
+_TEXTURE_TEACHER = {"cues": "texture", "noise_patch_p": 0.2, "noise_sigma": 0.8}
+#: context: two near-identical textures (horizontal stripes, periods 6 and 8) each seen in train only beside its own
+#: companion (dots / checks), apart at evaluation; colour carries nothing
+_CONTEXT = [
+    ClassSpec("hbars", "hstripes", (150, 150, 150), (80, 80, 80), 6.0),
+    ClassSpec("dots", "dots", (150, 150, 150), (80, 80, 80), 8.0),
+    ClassSpec("wide-hbars", "hstripes", (150, 150, 150), (80, 80, 80), 8.0),
+    ClassSpec("checks", "checker", (150, 150, 150), (80, 80, 80), 8.0),
+    ClassSpec("vbars", "vstripes", (150, 150, 150), (80, 80, 80), 6.0),
+]
+
 #: Named worlds of the sweep (``benchmarks/synthetic_world.py --sweep``): SyntheticWorld kwargs (``world``) and
 #: SyntheticTeacher kwargs (``teacher``). They span class similarity (near-duplicates, one hue, one texture),
 #: region shapes and sizes, and teacher corruptions; none is tuned to the method.
@@ -590,6 +671,14 @@ WORLDS: dict[str, dict] = {
                    "teacher": {"noise_patch_p": 0.3, "noise_sigma": 1.0, "gap": 0.15}},
     "coarse-grid": {"world": {"n_classes": 6, "region_shape": "voronoi"},
                     "teacher": {"patch": 32, "blur": 0.8, "noise_patch_p": 0.3, "colour_blur": 1.5}},
+    # the trap: a texture-reading teacher, a cue it ignores tied to the class in train (100 % / 80 % of the regions)
+    # and shuffled in val / test
+    **{f"spurious-{cue}{'' if p == 1 else '-80'}": {
+        "world": {"specs": spurious_specs(cue, seed=7), "spurious_colour": True, "spurious_p": p},
+        "teacher": dict(_TEXTURE_TEACHER)}
+        for cue in ("hue", "luminance", "hue-luminance") for p in (1.0, 0.8)},
+    "spurious-context": {"world": {"specs": _CONTEXT, "region_shape": "voronoi", "context_groups": [[0, 1], [2, 3, 4]]},
+                         "teacher": dict(_TEXTURE_TEACHER)},
 }
 
 

@@ -14,7 +14,7 @@ from clips4.trainer.augment import (
 H, W = 60, 80
 #: SimCLR's views at native scale, everything imposed (train.augment's defaults are ``auto``, resolved by the trainer)
 SIMCLR = {"photometric": "imposed", "geometric": "imposed", "zoom": (1.0, 1.0), "channel_shuffle_p": 0.0,
-          "invert_p": 0.0}
+          "invert_p": 0.0, "regions": "none"}
 
 
 def _cfg(**kw) -> AugmentConfig:

@@ -48,6 +48,7 @@ import torch.nn.functional as F
 import torchvision.transforms.v2.functional as TF
 
 from clips4.pipeline.photometric import PhotometricConfig, apply_ops, sample_ops
+from clips4.trainer.regions import apply_regions, region_config
 
 __all__ = [
     "AugmentConfig",
@@ -98,8 +99,9 @@ AugmentConfig = make_dataclass("AugmentConfig", _augment_fields(),
                                           "__doc__": "A run's augmentation (see the comment above)."})
 AugmentConfig.__module__ = __name__
 
-#: the views :func:`make_views` makes without a config: every transform imposed at ``train.augment``'s strengths
-IMPOSED = {"photometric": "imposed", "geometric": "imposed"}
+#: the views :func:`make_views` makes without a config: every transform imposed at ``train.augment``'s strengths,
+#: on whole views (SimCLR's; per-region transforms, ``regions``, are :mod:`clips4.trainer.regions`')
+IMPOSED = {"photometric": "imposed", "geometric": "imposed", "regions": "none"}
 
 
 #: AugmentConfig fields each measured teacher invariance (clips4.pipeline.invariances.FAMILIES) unlocks
@@ -147,6 +149,16 @@ def gate_by_teacher(cfg: "AugmentConfig", scores: dict[str, float], threshold: f
         else:
             changes.update(zoom=(1.0, 1.0), scale=None)
         changes["geometric"] = "imposed"
+    if getattr(cfg, "regions", "none") == "auto":  # per-region transforms (clips4.trainer.regions)
+        photometric = changes.get("photometric", cfg.photometric)
+        fams = [f for f in kept if f in _FAMILY_FIELDS] if cfg.photometric == "auto" else list(_FAMILY_FIELDS)
+        # every photometric family in force must hold per region too (family ``local_<name>``; blur is not drawn
+        # per region)
+        on = photometric == "imposed" and bool(set(fams) - {"blur"}) and all(
+            scores.get(f"local_{f}", 0.0) >= threshold for f in fams if f != "blur")
+        if on:
+            kept.append("regions")
+        changes["regions"] = "imposed" if on else "none"
     return AugmentConfig(**{**cfg.__dict__, **changes}), kept
 
 
@@ -314,8 +326,11 @@ def make_views(image: np.ndarray, labels: np.ndarray, clip: np.ndarray | None, *
         crop = TF.resized_crop(src, top, left, h, w, [S, S], antialias=True).float() / 255.0
         if flip:
             crop = crop.flip(-1)
-        if "auto" in (cfg.photometric, cfg.geometric):
-            raise ValueError("photometric/geometric 'auto' must be resolved with gate_by_teacher() before making views")
+        if "auto" in (cfg.photometric, cfg.geometric, cfg.regions):
+            raise ValueError("photometric/geometric/regions 'auto' must be resolved with gate_by_teacher() before "
+                             "making views")
+        if cfg.regions == "imposed" and (rcfg := region_config(cfg)) is not None:  # one draw per superpixel
+            crop = apply_regions(crop, resample_labels(labels, box, (S, S), flip), rcfg, g)
         if cfg.photometric == "imposed":
             crop = _photometric(crop, cfg, g)
         v = {

@@ -251,7 +251,7 @@ def _train(cfg: Config, dataset: Dataset, out: Path, fp: str, resume: bool, rest
     use_amp = p.amp == "on" or (p.amp == "auto" and device.type == "cuda")
 
     augment = AugmentConfig(size=p.crop_size, **p.augment.model_dump())
-    if "auto" in (augment.photometric, augment.geometric):
+    if "auto" in (augment.photometric, augment.geometric, augment.regions):
         augment = _auto_augment(augment, deps["prototypes"], rank)
     ds = CachedViews(deps["segments"], deps["clip_features"], crop_size=p.crop_size, augment=augment,
                      cache_images=p.cache_images, image_ids=selected_ids(dataset))
