@@ -18,8 +18,11 @@ setup: $(STAMP)
 demo: setup
 	$(VENV)/bin/clips4 demo
 
+# test processes (pytest-xdist; each test file runs whole in one of them); TEST_WORKERS=0 runs the suite in one
+TEST_WORKERS ?= 2
+
 test: setup
-	$(VENV)/bin/pytest -q
+	$(VENV)/bin/pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 bench: setup
 	$(PY) benchmarks/segments.py --limit 10 --thresholds 25
