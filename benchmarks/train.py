@@ -11,10 +11,18 @@ RGB->HSV->RGB hue shift) costs ~30-40 ms, so the loader, not the loop, is then t
 
     .venv/bin/python benchmarks/train.py [--iterations 500] [--batch-size 8] [--crop 96] [--workers 2]
         [--n-train 32] [--work DIR]
+
+``--data-only``: the trainer's data path alone (no model): the real CachedViews + DataLoader at the paper's crop
+(321) and batch (8) on 500x375 images, images per second with 0, 1 and 2 loader workers, per worker, and the
+workers one GPU needs for 200 images/s at that rate.
+
+    .venv/bin/python benchmarks/train.py --data-only [--batches 30] [--n-train 32]
 """
 from __future__ import annotations
 
 import argparse
+
+import numpy as np
 import json
 import statistics
 import sys
@@ -36,9 +44,13 @@ def main(argv=None) -> int:
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--n-train", type=int, default=32)
     ap.add_argument("--work", type=Path, default=None)
+    ap.add_argument("--data-only", action="store_true", help="the data path alone, at the paper's crop and batch")
+    ap.add_argument("--batches", type=int, default=30, help="--data-only: batches timed per worker count")
     a = ap.parse_args(argv)
     work = a.work or Path(tempfile.mkdtemp(prefix="clips4-bench-train-"))
     log(f"work folder: {work}")
+    if a.data_only:
+        return data_only(work, a)
     cfg_path = build_world(work, a.n_train, 2)
 
     from clips4.trainer.train import train
@@ -80,6 +92,41 @@ def main(argv=None) -> int:
           f"({100 * (k1 - k0) / max(k0, 1):+.2f} %)")
     print(f"  target within 5 %: {'MET' if abs(drift) <= 0.05 else 'NOT MET'}")
     return 0 if share <= 0.05 and abs(drift) <= 0.05 else 1
+
+
+def data_only(work: Path, a) -> int:
+    """Images/s of the training data path (decode, crop, both views' augmentation, collate) without a model."""
+    import torch
+
+    from clips4.pipeline.stage import dataset_from_config, open_stage
+    from clips4.trainer.data import StepSampler, make_loader
+    from clips4.trainer.train import training_views
+
+    cfg_path = build_world(work, a.n_train, 2, image_size=(375, 500))
+    cfg = load(cfg_path, "train.crop_size=321", "train.batch_size=8")
+    ds = dataset_from_config(cfg)
+    deps = {s: open_stage(cfg, s, ds).url for s in ("segments", "clip_features", "prototypes")}
+    views = training_views(cfg, ds, deps)
+    batch = 8
+    rates = {}
+    for workers in (0, 1, 2):
+        sampler = StepSampler(len(views), batch, 0, 0, a.batches + 2, 0, 1)
+        it = iter(make_loader(views, sampler, workers, pin_memory=False, generator=torch.Generator().manual_seed(0)))
+        next(it), next(it)  # worker start-up and first batches are not the steady rate
+        t0 = time.perf_counter()
+        n = sum(1 for _ in it)
+        rates[workers] = n * batch / (time.perf_counter() - t0)
+        del it
+    per_worker = rates[1]
+    print(f"trainer data path (no model), crop 321, batch {batch}, 500x375 images, two views each:")
+    for w, r in rates.items():
+        print(f"  {w} loader worker{'s' if w != 1 else ''}{' (in the training process)' if w == 0 else ''}: "
+              f"{r:.1f} images/s")
+    print(f"  per worker: {per_worker:.1f} images/s; 2 workers give {rates[2] / per_worker:.2f}x one")
+    need = int(np.ceil(200 / per_worker))
+    print(f"  workers needed to feed 200 images/s (one fast GPU at the paper's batch): {need} "
+          f"(at this machine's per-core speed)")
+    return 0
 
 
 if __name__ == "__main__":

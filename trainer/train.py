@@ -151,6 +151,17 @@ def _auto_augment(augment: AugmentConfig, prototypes_url: str, rank: int) -> Aug
     return out
 
 
+def training_views(cfg: Config, dataset: Dataset, deps: dict, rank: int = 0) -> CachedViews:
+    """The training data: two augmented views per selected image from the cached segments and CLIP features
+    (``augment: auto`` resolved against the prototypes stage's measured teacher invariances)."""
+    p: TrainParams = cfg.params("train")  # type: ignore[assignment]
+    augment = AugmentConfig(size=p.crop_size, **p.augment.model_dump())
+    if "auto" in (augment.photometric, augment.geometric, getattr(augment, "regions", None)):
+        augment = _auto_augment(augment, deps["prototypes"], rank)
+    return CachedViews(deps["segments"], deps["clip_features"], crop_size=p.crop_size, augment=augment,
+                       cache_images=p.cache_images, image_ids=selected_ids(dataset))
+
+
 def _teacher_prior(loss_fn: CLIPS4Loss, clip_url: str, image_ids: list[str], known: torch.Tensor, max_images: int,
                    rank: int) -> torch.Tensor:
     """``train.logit_adjustment`` / ``collapse_guard``: the teacher's known-class marginal over (at most ``max_images``, evenly spaced)
@@ -250,11 +261,7 @@ def _train(cfg: Config, dataset: Dataset, out: Path, fp: str, resume: bool, rest
         torch.cuda.set_device(device)
     use_amp = p.amp == "on" or (p.amp == "auto" and device.type == "cuda")
 
-    augment = AugmentConfig(size=p.crop_size, **p.augment.model_dump())
-    if "auto" in (augment.photometric, augment.geometric, augment.regions):
-        augment = _auto_augment(augment, deps["prototypes"], rank)
-    ds = CachedViews(deps["segments"], deps["clip_features"], crop_size=p.crop_size, augment=augment,
-                     cache_images=p.cache_images, image_ids=selected_ids(dataset))
+    ds = training_views(cfg, dataset, deps, rank)
     names, known, unknown = load_prototypes(deps["prototypes"])
     # what inference needs besides the weights: the class texts the prototypes were built from and the CLIP that
     # embedded them (so Segmenter(final.pt), predict and evaluate need no other flag)
