@@ -96,8 +96,12 @@ def language(
     if pm and pm.get("applied") is False:
         console.print(f"class calibration: not applied ({pm['why']})", markup=False)
     elif pm:
-        what = ("student frequencies matched to the teacher's" if pm.get("mode", "match") == "match" else
-                f"classes predicted at under {pm['collapse_ratio']:g} x the teacher's frequency raised towards it")
+        mode = pm.get("mode", "match")
+        what = ("student frequencies matched to the teacher's" if mode == "match" else
+                f"classes predicted at under {pm['collapse_ratio']:g} x the teacher's frequency raised towards it"
+                if mode == "raise" else
+                f"classes predicted outside {pm['collapse_ratio']:g} .. 1/{pm['collapse_ratio']:g} x the teacher's "
+                "frequency moved towards it")
         where = ("stored in the checkpoint" if pm.get("source") == "checkpoint" else
                  f"fitted on {pm['n_images']} '{pm['split']}' images")
         raised = [f"{n} {b:+.3f}" for n, b in zip(pm["classes"], pm["bias"]) if abs(b) > 1e-6]

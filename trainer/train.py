@@ -540,16 +540,20 @@ def _calibrate(p: TrainParams, model: torch.nn.Module, weights: dict, dataset: D
                     names, text, mode=p.calibration, collapse_ratio=p.calibration_ratio,
                     max_margins=p.calibration_max_margins, max_images=p.calibration_images)
     t, s = np.asarray(cal["teacher_freq"]), np.asarray(cal["student_freq"])
-    moved = [f"{n} {s[i] / max(t[i], 1e-9):.2f} of the teacher's share, {b:+.3f}" for i, (n, b)
-             in enumerate(zip(names, cal["bias"])) if abs(b) > 1e-6]
-    console.print(f"calibration ({p.calibration}, {cal['n_images']} training images): "
-                  + ("; ".join(moved) if moved else f"no class below {p.calibration_ratio:g} x the teacher's share, "
-                     "every bias 0") + " (stored in final.pt)", markup=False)
+    pct = lambda v: f"{100 * v:.1f} %"  # noqa: E731 - shares of pixels, never ratios of a vanishing share
+    moved = [f"{n} {'raised' if b > 0 else 'lowered'} {b:+.3f} (student {pct(s[i])}, teacher {pct(t[i])} of the pixels)"
+             for i, (n, b) in enumerate(zip(names, cal["bias"])) if abs(b) > 1e-6]
+    what = {"raise": f"classes the student predicts at under {p.calibration_ratio:g} x the teacher's share raised",
+            "band": f"classes outside {p.calibration_ratio:g} .. 1/{p.calibration_ratio:g} x the teacher's share moved "
+                    "towards it", "match": "every class's share matched to the teacher's"}.get(p.calibration, p.calibration)
+    console.print(f"calibration ({p.calibration}: {what}; {cal['n_images']} training images): "
+                  + ("; ".join(moved) if moved else "every class within bounds, every bias 0") + " (stored in final.pt)",
+                  markup=False)
     for n in cal["capped"]:
         i = names.index(n)
         console.print(f"warning: calibration: {n} would need a bias above {p.calibration_max_margins:g} median margins "
-                      f"({cal['max_bias']:.4f}) to get its share back; raised by that much only, to "
-                      f"{cal['matched_freq'][i] / max(t[i], 1e-9):.2f} of the teacher's share. The network hardly "
+                      f"({cal['max_bias']:.4f}) to get its share back; moved by that much only, to "
+                      f"{pct(cal['matched_freq'][i])} of the pixels (teacher {pct(t[i])}). The network hardly "
                       "ranks it above its look-alikes: under-trained, or a class its teacher reads in a way the "
                       "student does not learn (train.calibration_max_margins)", markup=False)
     return cal
