@@ -450,13 +450,19 @@ def test_a_waiter_on_a_removed_lock_file_takes_the_lock_at_the_path(tmp_path):
     folder = tmp_path / "new" / "stage"
     first = StageLock(str(folder)).acquire()
     got = []
-    waiter = threading.Thread(target=lambda: got.append(StageLock(str(folder), wait=True, timeout=20,
-                                                                   poll_s=0.01).acquire()))
+
+    def wait_for_it():
+        try:
+            got.append(StageLock(str(folder), wait=True, timeout=20, poll_s=0.01).acquire())
+        except BaseException as exc:  # noqa: BLE001 - reported by the assertion below
+            got.append(exc)
+
+    waiter = threading.Thread(target=wait_for_it)
     waiter.start()
     time.sleep(0.2)
     first.release()  # nothing else in the folder: the file and the folders go
     waiter.join(30)
-    assert got and got[0].held and (folder / ".lock").exists()
+    assert got and isinstance(got[0], StageLock) and got[0].held and (folder / ".lock").exists(), got
     with pytest.raises(Exception, match="being written by"):
         StageLock(str(folder)).acquire()
     got[0].release()
