@@ -113,7 +113,7 @@ def val_avgsim(cfg_path: Path, checkpoint: str | Path) -> float:
     from clips4.trainer.inference import model_embedder
     from clips4.pipeline.images import load_rgb
     from clips4.pipeline.stage import open_stage
-    from clips4.trainer.train import load_trained_model
+    from clips4.trainer.loading import load_trained_model
 
     cfg, ds = val_setup(cfg_path)
     segs, feats = open_stage(cfg, "segments", ds), open_stage(cfg, "clip_features", ds)

@@ -64,7 +64,7 @@ def resolve_checkpoint(path: str | Path, runs_root: str | Path = "runs") -> Path
 def checkpoint_source(path: str | Path, device: str | None = "auto", runs_root: str | Path = "runs") -> EmbeddingSource:
     """A trained checkpoint (a file, a run folder or a run name) as an embedding source (image -> embeddings; no
     cache needed)."""
-    from clips4.trainer.train import load_trained_model
+    from clips4.trainer.loading import load_trained_model
 
     path = resolve_checkpoint(path, runs_root)
     dev = torch_device(device)

@@ -10,7 +10,8 @@ from test_train import load_cfg, tiny_world
 from clips4.trainer.checkpoint import load_checkpoint
 from clips4.trainer.config import TrainParams
 from clips4.trainer.ema import WeightEMA, ema_decay
-from clips4.trainer.train import load_trained_model, train
+from clips4.trainer.loading import load_trained_model
+from clips4.trainer.train import train
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import pyarrow.parquet as pq
 import torch
 import torch.distributed as dist
 from clips4.pipeline.console import make_console
@@ -30,6 +29,7 @@ from clips4.trainer.config import OPERATIONAL, TrainParams
 from clips4.trainer.data import CachedViews, StepSampler, make_loader
 from clips4.trainer.ema import WeightEMA
 from clips4.trainer.losses import CLIPS4Loss, LossConfig, Prototypes
+from clips4.trainer.loading import load_class_texts, load_prototypes, load_trained_model  # noqa: F401 - re-exported
 from clips4.trainer.model import ModelConfig, build_model, model_signature
 
 console = make_console(stderr=True)
@@ -100,17 +100,6 @@ class _StopRequest:
         if self.signum is None and int(flag):
             self.signum = int(flag)
         return bool(int(flag))
-
-
-def load_prototypes(url: str) -> tuple[list[str], torch.Tensor, torch.Tensor]:
-    """(known names, known (K,D), unknown (U,D)) float32 from a prototypes stage output."""
-    t, vecs = _vector_table(url, "prototypes.parquet")
-    d = vecs.shape[1]
-    kinds = t["kind"].to_pylist()
-    known = [i for i, k in enumerate(kinds) if k == "known"]
-    unknown = [i for i, k in enumerate(kinds) if k == "unknown"]
-    names = [t["name"][i].as_py() for i in known]
-    return names, torch.from_numpy(vecs[known]).reshape(-1, d), torch.from_numpy(vecs[unknown]).reshape(-1, d)
 
 
 def _dist_setup() -> tuple[int, int, int]:
@@ -568,25 +557,6 @@ def _clip_spec(clip_url: str) -> dict:
     return {"params": (meta.get("params") or {}).get("clip"), "resolved": meta.get("preflight") or {}}
 
 
-def load_class_texts(url: str) -> tuple[list[str], np.ndarray]:
-    """(known class names, ``(K, D) float32`` text embeddings) from a prototypes stage output (``text.parquet``)."""
-    try:
-        t, vecs = _vector_table(url, "text.parquet")
-    except FileNotFoundError:
-        return [], np.zeros((0, 0), np.float32)
-    return t["name"].to_pylist(), vecs
-
-
-def _vector_table(url: str, name: str):
-    """(pyarrow table, its ``vector`` column as ``(N, D) float32``) of the Parquet file ``name`` in a stage output."""
-    import fsspec
-
-    with fsspec.open(url.rstrip("/") + "/" + name, "rb") as f:
-        t = pq.read_table(f)
-    d = t.schema.field("vector").type.list_size
-    return t, t["vector"].combine_chunks().flatten().to_numpy(zero_copy_only=False).reshape(-1, d).astype(np.float32)
-
-
 def _gather_rank_states(memory: dict, rng: dict, world: int) -> list[dict]:
     """``[{"memory", "rng"}]`` of every rank (rank order); all ranks must call it (a collective under DDP)."""
     state = {"memory": memory, "rng": rng}
@@ -717,24 +687,3 @@ def _tensorboard(out: Path):
                           f"metrics.jsonl holds every step (pip install tensorboard for the tb/ logs)")
         return None
     return SummaryWriter(str(out / "tb"))
-
-
-def load_trained_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, dict]:
-    """A trained model from a checkpoint (weights_only) for evaluation; returns (model in eval mode, checkpoint)."""
-    from clips4.trainer.model import PixelEmbeddingNet, build_backbone
-
-    from clips4.trainer.checkpoint import CheckpointError
-
-    ck = load_checkpoint(path, map_location=device)
-    if not isinstance(ck, dict) or "signature" not in ck or "model" not in ck:
-        raise CheckpointError(f"{path} is not a clips4 train checkpoint (it has no model signature); pass a "
-                              f"final.pt or step-*.pt written by `clips4 train`")
-    sig = json.loads(ck["signature"])
-    mc = ModelConfig(backbone=sig["backbone"], embed_dim=sig["embed_dim"], backbone_weights=None,
-                     head_dim=sig["head_dim"], psp_bins=tuple(sig["psp_bins"]))
-    model = PixelEmbeddingNet(mc, build_backbone(mc.backbone))  # weights come from the checkpoint
-    try:
-        model.load_state_dict(ck["model"])
-    except RuntimeError as exc:
-        raise CheckpointError(f"checkpoint {path} does not fit its declared model {sig}: {str(exc)[:300]}") from None
-    return model.to(device).eval(), ck
