@@ -1,4 +1,6 @@
-"""The training loop: one readable function. Reads the caches, never calls CLIP.
+"""The training loop: one readable function (:func:`_train`: set-up, the step, saving). Reads the caches, never calls
+CLIP. What identifies and publishes a run is :mod:`clips4.trainer.runs`; the distributed side,
+:mod:`clips4.trainer.distributed`; loading a trained model, :mod:`clips4.trainer.loading`.
 
 Launch: ``clips4 train ...`` (one process) or ``torchrun --nproc_per_node N -m clips4.trainer ...`` (DDP: gloo on
 CPU, nccl on GPU; ``batch_size`` is per process; rank 0 writes checkpoints and logs).
@@ -9,7 +11,6 @@ import json
 import math
 import os
 import signal
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,34 +18,24 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
-from clips4.pipeline.console import make_console
 
 from clips4.pipeline.config import Config, resolved_dict
 from clips4.pipeline.datasets import Dataset
-from clips4.pipeline.stage import (code_version, dataset_from_config, describe_input_change, input_digests, input_rows,
-                                   open_stage, read_input_rows, selected_ids, stage_url, write_input_rows)
+from clips4.pipeline.console import make_console
+from clips4.pipeline.stage import code_version, dataset_from_config, input_rows, open_stage, selected_ids
 from clips4.trainer.augment import AugmentConfig
 from clips4.trainer.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
-from clips4.trainer.config import OPERATIONAL, TrainParams
+from clips4.trainer.config import TrainParams
 from clips4.trainer.data import CachedViews, StepSampler, make_loader
 from clips4.trainer.ema import WeightEMA
+from clips4.trainer.distributed import StopRequest, dist_setup, gather_rank_states, mean_over_ranks, rank_state
 from clips4.trainer.losses import CLIPS4Loss, LossConfig, Prototypes
-from clips4.trainer.loading import load_class_texts, load_prototypes, load_trained_model  # noqa: F401 - re-exported
+from clips4.trainer.loading import load_class_texts, load_prototypes
 from clips4.trainer.model import ModelConfig, build_model, model_signature
+from clips4.trainer.runs import (TrainingDiverged, TrainingError, commit_run, finished_step, publish_run,  # noqa: F401
+                                 run_folder, run_meta, same_inputs_or_fail, same_run_or_fail)
 
 console = make_console(stderr=True)
-
-
-class TrainingError(RuntimeError):
-    """Training cannot start as asked (refused checkpoint, an existing run, bad inputs); the message says why."""
-
-    exit_code = 2
-
-
-class TrainingDiverged(TrainingError):
-    """The loss stopped being finite: the run failed (the last good checkpoint is kept)."""
-
-    exit_code = 1
 
 
 @dataclass
@@ -57,57 +48,6 @@ class TrainResult:
     signal: int | None = None
     #: the named run folder a finished run was published to (``runs/<train.name>``), if any
     published: Path | None = None
-
-
-class _StopRequest:
-    """SIGTERM/SIGINT set a flag instead of killing the process: the loop finishes the current step, writes
-    ``last.pt`` and returns (nothing beyond the current step is lost). A second signal stops at once."""
-
-    SIGNALS = (signal.SIGTERM, signal.SIGINT)
-
-    def __init__(self) -> None:
-        self.signum: int | None = None
-        self._previous: dict = {}
-
-    def _handle(self, signum, frame) -> None:
-        if self.signum is not None:  # second signal: the user does not want to wait for the checkpoint
-            signal.signal(signum, signal.SIG_DFL)
-            os.kill(os.getpid(), signum)
-            return
-        self.signum = signum
-        # DataLoader workers killed by the same signal (killpg, Ctrl-C) must not raise from torch's SIGCHLD
-        # handler in the middle of a step or of the checkpoint write; the loop stops before the next fetch
-        if hasattr(signal, "SIGCHLD") and signal.SIGCHLD not in self._previous:
-            self._previous[signal.SIGCHLD] = signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-
-    def __enter__(self) -> "_StopRequest":
-        if threading.current_thread() is threading.main_thread():  # signal handlers only work there
-            for s in self.SIGNALS:
-                self._previous[s] = signal.signal(s, self._handle)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for s, h in self._previous.items():
-            signal.signal(s, h if h is not None else signal.SIG_DFL)
-
-    def requested(self, world: int, device: torch.device) -> bool:
-        """True on every rank once any rank got a signal (a rank stopping alone would hang the others in the
-        next collective)."""
-        if world == 1:
-            return self.signum is not None
-        flag = torch.tensor([0 if self.signum is None else self.signum], device=device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        if self.signum is None and int(flag):
-            self.signum = int(flag)
-        return bool(int(flag))
-
-
-def _dist_setup() -> tuple[int, int, int]:
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
-    if dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0"))
-    return 0, 1, 0
 
 
 def poly_lr(base: float, step: int, total: int, power: float) -> float:
@@ -172,17 +112,6 @@ def _teacher_prior(loss_fn: CLIPS4Loss, clip_url: str, image_ids: list[str], kno
     return prior
 
 
-def run_folder(cfg: Config, dataset: Dataset) -> tuple[Path, str]:
-    """(output folder, fingerprint) of the run ``cfg`` defines: ``train.out``, else the cache folder named by the
-    fingerprint (the :data:`OPERATIONAL` keys left out, so a run can be lengthened or resumed with fewer workers)."""
-    p: TrainParams = cfg.params("train")  # type: ignore[assignment]
-    url, fp, _ = stage_url(_run_identity(cfg), "train", dataset)
-    out = Path(p.out) if p.out else Path(url)
-    if "://" in str(out) and not str(out).startswith("file://"):
-        raise TrainingError(f"training output {out} must be a local folder (set train.out)")
-    return out, fp
-
-
 def train(cfg: Config, *, dataset: Dataset | None = None, resume: bool = False, restart: bool = False,
           max_steps: int | None = None, show_progress: bool = True, wait: bool = False,
           wait_timeout: float | None = None) -> TrainResult:
@@ -206,43 +135,10 @@ def train(cfg: Config, *, dataset: Dataset | None = None, resume: bool = False, 
     return res
 
 
-#: what a published run folder holds (copied from the run's cache folder; ``run.json`` written last)
-PUBLISHED = ("final.pt", "config.json", "meta.json", "metrics.jsonl")
-
-
-def publish_run(run_dir: Path, dest: Path, *, name: str, fingerprint: str) -> Path:
-    """Publish the finished run in ``run_dir`` as the named run ``dest`` (``runs/<name>/``): its files are
-    replaced one by one (hard links where the file system allows, else copies; each by rename, so a reader sees
-    a whole old or a whole new ``final.pt``), then ``run.json`` names the cache folder and fingerprint."""
-    import shutil
-    import uuid
-
-    from clips4.pipeline.lock import StageLock
-
-    dest.mkdir(parents=True, exist_ok=True)
-    with StageLock(str(dest), wait=True, timeout=600):
-        for f in PUBLISHED:
-            src = run_dir / f
-            if not src.exists():
-                continue
-            tmp = dest / f".{f}.tmp-{uuid.uuid4().hex[:8]}"
-            try:
-                os.link(src, tmp)
-            except OSError:
-                shutil.copy2(src, tmp)
-            os.replace(tmp, dest / f)
-        doc = {"name": name, "fingerprint": fingerprint, "cache": str(run_dir.resolve()),
-               "published": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-        tmp = dest / f".run.json.tmp-{uuid.uuid4().hex[:8]}"
-        tmp.write_text(json.dumps(doc, indent=2) + "\n")
-        os.replace(tmp, dest / "run.json")
-    return dest
-
-
 def _train(cfg: Config, dataset: Dataset, out: Path, fp: str, resume: bool, restart: bool, max_steps: int | None,
            show_progress: bool) -> TrainResult:
     p: TrainParams = cfg.params("train")  # type: ignore[assignment]
-    rank, world, local_rank = _dist_setup()
+    rank, world, local_rank = dist_setup()
     deps = {name: open_stage(cfg, name, dataset).url for name in ("segments", "clip_features", "prototypes")}
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if p.device == "auto" else p.device)
     if device.type == "cuda":
@@ -289,10 +185,10 @@ def _train(cfg: Config, dataset: Dataset, out: Path, fp: str, resume: bool, rest
     schedule = [{"from_step": 0, "iterations": p.iterations}]
     last, final = out / "last.pt", out / "final.pt"
     if final.exists() and not restart:
-        meta = _run_meta(out)
-        _same_run_or_fail(out, meta, p, deps)
-        _same_inputs_or_fail(out, meta, input_rows(cfg, "train", dataset))
-        done_at = _finished_step(out, meta)
+        meta = run_meta(out)
+        same_run_or_fail(out, meta, p, deps)
+        same_inputs_or_fail(out, meta, input_rows(cfg, "train", dataset))
+        done_at = finished_step(out, meta)
         if done_at >= p.iterations:
             console.print(f"[green]nothing left to do[/]: {final} exists (finished at step {done_at}, "
                           f"train.iterations={p.iterations})")
@@ -308,7 +204,7 @@ def _train(cfg: Config, dataset: Dataset, out: Path, fp: str, resume: bool, rest
         protos.load_state_dict(ck["prototypes"])
         opt.load_state_dict(ck["optimizer"])
         scaler.load_state_dict(ck["scaler"])
-        mine = _rank_state(ck, rank, world)
+        mine = rank_state(ck, rank, world)
         loss_fn.memory.load_state_dict(mine["memory"])
         loss_fn.load_guard_state(ck.get("guard"))
         if ema is not None:
@@ -362,7 +258,7 @@ def _train(cfg: Config, dataset: Dataset, out: Path, fp: str, resume: bool, rest
 
     def save(step: int, path: Path, evaluated: bool = False, calibration: dict | None = None) -> None:
         # every rank's own memory bank and RNG state (they differ under DDP), so a resumed run continues exactly
-        ranks = _gather_rank_states(loss_fn.memory.state_dict(), rng_state(), world)
+        ranks = gather_rank_states(loss_fn.memory.state_dict(), rng_state(), world)
         if rank == 0:
             weights = raw_model.state_dict()
             extra = {}
@@ -396,7 +292,7 @@ def _train(cfg: Config, dataset: Dataset, out: Path, fp: str, resume: bool, rest
                     disable=not show_progress or rank != 0 or not console.is_terminal)
     # logs that are not a terminal (cron, cluster jobs) get a plain line every log_every steps instead of a bar
     plain_log = show_progress and not console.is_terminal
-    with prog, _StopRequest() as stop_req:
+    with prog, StopRequest() as stop_req:
         task = prog.add_task("train", total=p.iterations, completed=start, rate="-", losses="")
         batches = iter(loader)
         for step in range(start, stop):
@@ -439,7 +335,7 @@ def _train(cfg: Config, dataset: Dataset, out: Path, fp: str, resume: bool, rest
             if ema is not None:
                 ema.update(raw_model)
             t_now = time.perf_counter()
-            logged = _mean_over_ranks({k: float(v) for k, v in parts.items()}, world)
+            logged = mean_over_ranks({k: float(v) for k, v in parts.items()}, world)
             rec = {"step": step, "lr": lr, "iterations": p.iterations, **logged,
                    "data_s": t_batch - t_fetch, "step_s": t_now - t_end}
             t_end = t_now
@@ -487,7 +383,7 @@ def _train(cfg: Config, dataset: Dataset, out: Path, fp: str, resume: bool, rest
             if ema is not None:
                 console.print(f"final.pt holds the weight average (train.ema {p.ema}, {ema.updates} updates) as the "
                               "evaluated model; the last iterate as model_raw", markup=False)
-            _commit(out, cfg, fp, signature, deps, done, dataset)
+            commit_run(out, cfg, fp, signature, deps, done, dataset)
         stopped = "finished"
     else:
         save(done, last)
@@ -555,122 +451,6 @@ def _clip_spec(clip_url: str) -> dict:
 
     meta = StageReader(clip_url).meta
     return {"params": (meta.get("params") or {}).get("clip"), "resolved": meta.get("preflight") or {}}
-
-
-def _gather_rank_states(memory: dict, rng: dict, world: int) -> list[dict]:
-    """``[{"memory", "rng"}]`` of every rank (rank order); all ranks must call it (a collective under DDP)."""
-    state = {"memory": memory, "rng": rng}
-    if world <= 1:
-        return [state]
-    out: list = [None] * world
-    dist.all_gather_object(out, state)
-    return out
-
-
-def _rank_state(ck: dict, rank: int, world: int) -> dict:
-    """This rank's memory bank and RNG state from a checkpoint; rank 0's when it was saved by another world size
-    (or before per-rank states were saved): the run continues, though not bit-identically."""
-    ranks = ck.get("ranks") or []
-    if len(ranks) == world:
-        return ranks[rank]
-    if world > 1 or len(ranks) > 1:
-        console.print(f"[yellow]warning:[/] checkpoint saved by {max(1, len(ranks))} process(es), resumed by {world}: "
-                      "every rank starts from rank 0's memory bank and RNG state")
-    return {"memory": ck["memory"], "rng": ck["rng"]}
-
-
-def _mean_over_ranks(values: dict[str, float], world: int) -> dict[str, float]:
-    """Logged losses: the mean over ranks (each rank's loss covers its own share of the global batch)."""
-    if world <= 1 or not values:
-        return values
-    keys = sorted(values)
-    t = torch.tensor([values[k] for k in keys], dtype=torch.float64)
-    dist.all_reduce(t)
-    return {k: float(v) / world for k, v in zip(keys, t.tolist())}
-
-
-def _run_identity(cfg: Config) -> Config:
-    """``cfg`` without the train keys in :data:`OPERATIONAL` (``iterations``, ``num_workers``, ...): they are not
-    part of what identifies a run (its fingerprint, folder and checkpoint compatibility), so ``--resume`` can
-    lengthen or shorten it, or continue a run killed for its loader's memory with fewer workers. Left at their
-    defaults they change nothing, so the fingerprints of such runs are the ones they always had."""
-    decl = cfg.stages.get("train")
-    if decl is None or not set(decl.params) & set(OPERATIONAL):
-        return cfg
-    c = cfg.model_copy(deep=True)
-    c.stages["train"].params = {k: v for k, v in decl.params.items() if k not in OPERATIONAL}
-    return c
-
-
-def _run_meta(out: Path) -> dict | None:
-    """meta.json of the finished run in ``out`` (written with ``final.pt``); None for older runs without one."""
-    try:
-        meta = json.loads((out / "meta.json").read_text())
-    except (OSError, ValueError):
-        return None
-    return meta if isinstance(meta, dict) else None
-
-
-def _finished_step(out: Path, meta: dict | None) -> int:
-    """Step of ``final.pt``, from its meta.json or, for older runs, the checkpoint itself."""
-    try:
-        return int(meta["step"])  # type: ignore[index]
-    except (KeyError, TypeError, ValueError):
-        return int(load_checkpoint(out / "final.pt")["step"])
-
-
-
-
-def _same_run_or_fail(out: Path, meta: dict | None, p: TrainParams, deps: dict) -> None:
-    """A finished run in ``out`` (its ``meta``) trained with other train params is not this run: say which keys
-    differ instead of "nothing left to do" over a model the config does not describe (other input caches: a
-    warning)."""
-    if meta is None:
-        return  # older runs without meta.json: the checkpoint signature is checked on resume
-    mine, theirs = p.model_dump(mode="json"), meta.get("params") or {}
-    # a key the run does not record is newer than the run (added with a default that keeps the old behaviour)
-    diff = [f"train.{k}: {json.dumps(theirs[k])} there, {json.dumps(mine.get(k))} here"
-            for k in sorted(theirs) if k not in OPERATIONAL and mine.get(k) != theirs[k]]
-    tail = lambda url: str(url).rstrip("/").rsplit("/", 1)[-1]  # noqa: E731 - the cache folders' fingerprints
-    moved = [f"{k} {tail(url)} -> {tail(deps.get(k))}" for k, url in sorted((meta.get("deps") or {}).items())
-             if tail(deps.get(k)) != tail(url)]
-    if moved and not diff:
-        # a warning, not an error: a moved dataset root changes the caches' fingerprints too, and a finished run
-        # must not be thrown away for that
-        console.print(f"warning: {out} was trained on other input caches than this config's ({', '.join(moved)}): "
-                      "a moved dataset root, or changed segments / clip-features / prototypes params; pass --restart "
-                      "to train on these", markup=False)
-    if diff:
-        raise TrainingError(f"{out} holds a finished run of another configuration ({'; '.join(diff)}); set another "
-                            "train.out, or pass --restart to replace it")
-
-
-def _same_inputs_or_fail(out: Path, meta: dict | None, rows: dict) -> None:
-    """A finished run in ``out`` trained on other images (added, removed, changed or recomputed in the upstream
-    caches) is stale: say what changed instead of "nothing left to do" (only a fixed ``train.out`` can hold one:
-    the default folder is named by a fingerprint that digests the inputs)."""
-    if not meta or meta.get("inputs") is None:
-        return
-    before = read_input_rows(str(out))
-    change = describe_input_change(before, rows) if before is not None else []
-    if change:
-        raise TrainingError(f"{out} holds a run trained on other inputs ({'; '.join(change)}); pass --restart to "
-                            "train on the current ones, or leave train.out unset (named runs are retrained by "
-                            "`clips4 repro`)")
-
-
-def _commit(out: Path, cfg: Config, fp: str, signature: dict, deps: dict, step: int, dataset: Dataset) -> None:
-    """meta.json + inputs.parquet + index.parquet (written last) make a finished run visible to ``clips4 cache ls``
-    and ``clips4 status``."""
-    from clips4.pipeline.cache import commit_files
-
-    rows = input_rows(cfg, "train", dataset)
-    write_input_rows(str(out), rows)
-    meta = {"stage": "train", "fingerprint": fp, "params": cfg.params("train").model_dump(mode="json"),
-            "deps": deps, "signature": signature, "step": step, "code": code_version(), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            "dataset": dataset.describe(), "inputs": input_digests(cfg, "train", dataset),
-            "n_images": len(selected_ids(dataset))}
-    commit_files(str(out), list(cfg.decl("train").outs), meta)  # stages.yaml outs: what a finished run holds
 
 
 _TB_WARNED = False
