@@ -99,10 +99,10 @@ def write_parquet_atomic(url: str, table: pa.Table) -> None:
     write_bytes_atomic(url, sink.getvalue().to_pybytes())
 
 
-def read_parquet(url: str, columns: list[str] | None = None) -> pa.Table:
+def read_parquet(url: str, columns: list[str] | None = None, read_dictionary: list[str] | None = None) -> pa.Table:
     fs, path = _fs(url)
     with fs.open(path, "rb") as f:
-        return pq.read_table(f, columns=columns)
+        return pq.read_table(f, columns=columns, read_dictionary=read_dictionary)
 
 
 def commit_files(url: str, names: list[str], meta: dict | None = None) -> None:
@@ -387,7 +387,8 @@ class StageReader:
                 f"{self.url} is not a finished stage output (no {INDEX}); run the stage, or it was interrupted"
             )
         try:
-            self.all_rows = read_parquet(url_join(self.url, INDEX))
+            # the manifests stay dictionary-encoded while read (one text per part, not per row)
+            self.all_rows = read_parquet(url_join(self.url, INDEX), read_dictionary=["part_files"])
         except (pa.ArrowException, OSError, ValueError) as exc:
             raise CacheError(_damaged_message(self.url, f"{self.path}/{INDEX}", [], _short(exc))) from None
         # the part manifests (the same text on every row of a part) once per part; the column itself is dropped,
@@ -669,7 +670,7 @@ def verify_stage(url: str, *, checksums: bool = False, sizes: dict[str, int] | N
             names = pq.ParquetFile(fh).schema_arrow.names
         wanted = ("image_id", "part", "status", "part_files", "sha256", "size")
         cols = [c for c in names if c in wanted or (checksums and c.endswith("__offset"))]
-        index = read_parquet(url_join(url, INDEX), columns=cols)
+        index = read_parquet(url_join(url, INDEX), columns=cols, read_dictionary=["part_files"])
     except (pa.ArrowException, OSError, ValueError) as exc:
         return [CacheProblem(url, f"{path}/{INDEX}", _short(exc))]
     if sizes is None:
