@@ -136,6 +136,9 @@ class Dataset:
         return load_label_png(record.gt_path)
 
     def _problem(self, msg: str) -> None:
+        from clips4.pipeline.names import display
+
+        msg = display(msg)  # a folder name with a newline or undecodable bytes stays on one printable line
         self.problems.append(msg)
         log.warning("%s", msg)
 
