@@ -32,7 +32,9 @@ class CachedViews(Dataset):
             raise ValueError(f"no image is finished in both {segments_url} and {clip_url}")
         self.image_ids = ids
         # from the index columns at once (one row lookup per image would be ~0.1 ms x N at start-up)
-        every = dict(zip(seg.index["image_id"].to_pylist(), seg.index["path"].to_pylist()))
+        from clips4.pipeline.names import from_stored  # ids and paths that are not UTF-8 are stored escaped
+
+        every = dict(zip(map(from_stored, seg.index["image_id"].to_pylist()), map(from_stored, seg.index["path"].to_pylist())))
         self.paths = {i: every[i] for i in ids}
         self.embed_dim = int(clip.get(ids[0], "features").shape[-1])
         self.aug = AugmentConfig(**{**(augment.__dict__ if augment else {}), "size": crop_size, "stride": stride})
