@@ -434,11 +434,16 @@ class StageReader:
         return self.index.num_rows
 
     def __contains__(self, image_id: str) -> bool:
-        return image_id in self._pos
+        from clips4.pipeline.names import from_stored
+
+        return from_stored(image_id) in self._pos
 
     def row(self, image_id: str) -> dict:
+        """The index row of ``image_id`` (its live form, or the stored one a table row carries)."""
+        from clips4.pipeline.names import from_stored
+
         try:
-            i = self._pos[image_id]
+            i = self._pos[from_stored(image_id)]
         except KeyError:
             raise CacheError(f"image {image_id!r} is not in {self.url}") from None
         from clips4.pipeline.names import from_stored

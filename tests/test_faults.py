@@ -119,6 +119,9 @@ def test_a_file_name_that_is_not_utf8_blocks_nothing_and_is_stored_losslessly(tm
     bad_id = bad_name[: -len(".png")]
     assert sorted(r.image_ids) == sorted(["good", bad_id])
     assert r.record(bad_id).path == str(root / bad_name) and r.get(bad_id, "gray").shape == (16, 20)
+    # table rows carry the stored form; the reader takes either
+    table_ids = set(r.read_table("segs", columns=["image_id"])["image_id"].to_pylist())
+    assert len(table_ids) == 2 and all(r.row(i)["image_id"] in ("good", bad_id) for i in table_ids)
     # a rerun finds both finished (the stored id reads back as the very same name)
     assert stage_mod.run_stage(cfg, "toy", show_progress=False).processed == 0
     capsys.readouterr()
