@@ -176,19 +176,28 @@ class StageLock:
                 os.makedirs(self.path, exist_ok=True)  # its holder may have removed the folder with the file
                 return self._try_local()
         except BlockingIOError:
-            try:
-                with open(self.lock_path) as f:
-                    text = f.read()
-                holder = json.loads(text) if text.strip() else {}
-            except (OSError, ValueError):
-                holder = {}
             os.close(fd)
-            return holder
+            return self._read_local_holder()
         os.ftruncate(fd, 0)
         os.pwrite(fd, json.dumps(_holder_info(self.token)).encode(), 0)
         os.fsync(fd)
         self._fd = fd
         return None
+
+    def _read_local_holder(self, patience_s: float = 1.0) -> dict:
+        """The holder's record; the holder writes it just after taking the lock, so an empty file is read again
+        for a moment rather than reported as an unknown holder."""
+        deadline = time.monotonic() + patience_s
+        while True:
+            try:
+                with open(self.lock_path) as f:
+                    text = f.read()
+                holder = json.loads(text) if text.strip() else {}
+            except (OSError, ValueError):  # a half-written record: read it again
+                holder = {}
+            if holder or time.monotonic() >= deadline:
+                return holder
+            time.sleep(0.02)
 
     # -- object stores: heartbeat file ---------------------------------------------------------------------
     def _read_remote(self) -> dict:

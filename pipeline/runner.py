@@ -317,6 +317,21 @@ def _actor_dead(exc: BaseException) -> bool:
                          "NodeDiedError", "LocalRayletDiedError", "ActorUnschedulableError"})
 
 
+def _unmasked(fn, *args, **kwargs):
+    """Call a Ray function; a signal handled while it ran in native code surfaces as ``SystemError(... returned a
+    result with an exception set)`` caused by our :class:`~clips4.pipeline.failures._Signalled`: raise that instead,
+    so SIGTERM/SIGINT end the run as an interruption (143/130), not as a failed batch."""
+    from clips4.pipeline.failures import _Signalled
+
+    try:
+        return fn(*args, **kwargs)
+    except SystemError as exc:
+        cause = exc.__cause__ or exc.__context__
+        if isinstance(cause, (_Signalled, KeyboardInterrupt)):
+            raise cause from None
+        raise
+
+
 def resolve_executor(executor: str, address: str | None, num_workers: int, n_items: int, local_below: int) -> str:
     """``ray`` or ``local`` for a run of ``n_items``: ``auto`` stays in this process when one worker is asked for or
     the work is small on this machine (Ray's start-up, about 10 s, would cost more than the fan-out saves); a
@@ -463,13 +478,13 @@ def run_batches(
                 if not refs:  # only batches waiting out their backoff
                     time.sleep(0.1)
                     continue
-                ready, _ = ray.wait(refs, num_returns=1, timeout=0.5)
+                ready, _ = _unmasked(ray.wait, refs, num_returns=1, timeout=0.5)
                 progress.tick()
                 for ref in ready:
                     if ref in starting:
                         aid, handle = starting.pop(ref)
                         try:
-                            ray.get(ref)
+                            _unmasked(ray.get, ref)
                         except Exception as exc:  # noqa: BLE001
                             if _actor_dead(exc) or is_infra(exc):
                                 log.warning("%s: a worker was lost while starting (%s)", description, plain_reason(exc))
@@ -485,7 +500,7 @@ def run_batches(
                     if aid in load:
                         load[aid] -= 1
                     try:
-                        s = ray.get(ref)
+                        s = _unmasked(ray.get, ref)
                         # what came back through the object store: counts and reasons only, never pixels
                         st["max_result_bytes"] = max(st["max_result_bytes"], len(pickle.dumps(s)))
                         done(s)
