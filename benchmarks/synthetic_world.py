@@ -39,6 +39,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import build_world, language_miou, load, log, read_metrics, val_avgsim  # noqa: E402
+from cues import cue_line, cue_report  # noqa: E402
 
 ABLATION = [  # (name, w_t, w_e, w_s)
     ("L_t", 1, 0, 0),
@@ -63,7 +64,8 @@ def train_run(cfg_path: Path, out: Path, overrides: list[str]) -> tuple[Path, fl
 
 #: the sweep's ablation rows: (name, overrides, teacher variants needed in the cache). ``prototypes.*`` overrides
 #: rebuild that stage for the row; every other override is a training one.
-PAPER_VIEWS = ["train.augment.photometric=imposed", "train.augment.channel_shuffle_p=0", "train.augment.invert_p=0",
+PAPER_VIEWS = ["train.augment.photometric=imposed", "train.augment.regions=none", "train.augment.channel_shuffle_p=0",
+               "train.augment.invert_p=0",
                "train.augment.geometric=imposed", "train.augment.zoom=null", "train.augment.scale=[0.25,1.0]"]
 #: hard pseudo-labels with the one-way collapse guard (``raise``)
 HARD_RAISE = ["train.pseudo_labels=hard", "train.soft_target_temperature=null", "train.calibration=raise"]
@@ -83,6 +85,7 @@ SWEEP_ROWS = [
      False),
     ("imposed photometric", ["train.augment.photometric=imposed"], False),
     ("no photometric", ["train.augment.photometric=none"], False),
+    ("whole-view photometric", ["train.augment.regions=none"], False),
     ("uniform unknowns", ["prototypes.unknown_pool=1.0"], False),
     ("weighted pseudo-labels", ["train.pseudo_labels=weighted"], False),
     ("aligned pseudo-labels", ["train.pseudo_labels=aligned"], False),
@@ -202,6 +205,10 @@ def sweep(a) -> int:
                   + "".join(f"{got[r[0]]:>9.1f}{drops[r[0]][0]:>6.1f} {drops[r[0]][1][:5]:<5}" for r in rows[1:])
                   + f"   ({time.perf_counter() - t0:.0f} s)",
                   flush=True)
+            trap = WORLDS[name]["world"].get("spurious_colour") or WORLDS[name]["world"].get("context_groups")
+            if trap or s0 - t_miou < 5 or d > 5:  # which cue each model reads (benchmarks/cues.py)
+                for who, model in (("teacher", "teacher"), ("student", str(ckpts[rows[0][0]]))):
+                    print(f"    cues, {who:<8}{cue_line(cue_report(cfg, model, name, seed, (64, 96)))}", flush=True)
     print("\nmean +- std over worlds x seeds (student mIoU; gain = student - teacher)")
     teach = np.array([r[2] for r in results])
     print(f"{'teacher':<40}{teach.mean():>7.1f} +- {teach.std():4.1f}")

@@ -12,10 +12,11 @@ compared with the cell's class on the image itself. The same comparison on an im
 (±1 grey level of noise) is the baseline: it is 1 for a deterministic teacher and the teacher's own
 self-consistency for a noisy one. ``score = agreement(family) / agreement(baseline)``, in ``[0, ~1]``.
 
-The ``local_`` families probe the same transforms drawn per region (each cell of a random partition transformed
-on its own or not at all), which changes how the colours and luminances of an image's regions compare: a teacher
-that reads texture keeps its reading, one that reads colour relative to its surroundings does not.
-``train.augment.regions: auto`` (clips4.trainer.regions) imposes per-region transforms only where they pass.
+``local_recolour`` probes a transform per region: each cell of a random partition gets its own random colour,
+brightness and texture gain and polarity (:mod:`clips4.pipeline.regions`), which changes colour and luminance,
+absolute and between regions; only feature cells inside one probe cell are compared. A teacher that reads
+texture keeps its reading, one that reads colour does not. ``train.augment.regions: auto``
+(clips4.trainer.regions) imposes the recolouring on the student's views only where it passes.
 
 numpy in, numpy out; torch only through :mod:`clips4.pipeline.photometric`.
 """
@@ -29,8 +30,8 @@ from clips4.pipeline.photometric import IDENTITY, OPS_FIELDS, apply_ops_uint8
 
 __all__ = ["FAMILIES", "LOCAL", "probe_ops", "local_probe", "measure_invariances", "passes_per_image"]
 
-#: prefix of the per-region families: the global family's probes drawn independently for every cell of a random
-#: partition (``train.augment.regions: auto`` imposes per-region transforms only where these pass too)
+#: prefix of the per-region family: the cells of a random partition transformed each on its own
+#: (``train.augment.regions: auto`` imposes the per-region recolouring only where it passes)
 LOCAL = "local_"
 #: cells of the per-region probes' partition (2 rows of blocks, cut at random)
 LOCAL_CELLS = 6
@@ -44,9 +45,8 @@ FAMILIES = {
     "palette": "RGB channels permuted / inverted (edges and texture kept)",
     "flip": "horizontal flip (features flipped back)",
     "zoom": "image rescaled x0.7 / x1.4 (features resampled back to the grid)",
-    # per region: each cell of a random partition of the image gets its own probe of the family, or none
-    **{f"{LOCAL}{f}": f"{f.replace('_', ' ')} drawn per region" for f in
-       ("brightness_contrast", "saturation", "hue", "grayscale", "palette")},
+    # per region: each cell of a random partition of the image recoloured on its own (clips4.pipeline.regions)
+    f"{LOCAL}recolour": "every region its own random colour, brightness, texture gain and polarity",
 }
 #: the geometric probes' rescale factors (``train.augment.zoom`` under ``geometric: auto`` is used only when the
 #: teacher is invariant at these)
@@ -106,31 +106,24 @@ def _geometric(backend, img: np.ndarray, name: str, hw: tuple[int, int]) -> list
 
 def passes_per_image() -> int:
     """Teacher forward passes the measurement costs per image: the image, its ±1-grey-level twin, every
-    photometric probe, the flip, the zooms and one per-region probe per family."""
-    return 2 + sum(len(ops) for ops in probe_ops().values()) + 1 + len(ZOOM_PROBES) + len(_local_families())
+    photometric probe, the flip, the zooms and the per-region recolouring."""
+    return 2 + sum(len(ops) for ops in probe_ops().values()) + 1 + len(ZOOM_PROBES) + 1
 
 
-def _local_families() -> list[str]:
-    return [k[len(LOCAL):] for k in FAMILIES if k.startswith(LOCAL)]
+def local_probe(img: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """``img`` with every cell of a random partition (:data:`LOCAL_CELLS` axis-aligned blocks) recoloured on its
+    own (:func:`clips4.pipeline.regions.recolour_regions`): colour and luminance, absolute and between regions,
+    change. Returns the image and the ``(H, W)`` cell ids."""
+    from clips4.pipeline.regions import recolour_regions
 
-
-def local_probe(img: np.ndarray, ops: list[np.ndarray], rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """``img`` with every cell of a random partition (:data:`LOCAL_CELLS` axis-aligned blocks) transformed by one
-    of ``ops`` or left as it is, drawn per cell: relative colour and luminance between regions change. Returns
-    the image and the ``(H, W)`` cell ids."""
     H, W = img.shape[:2]
     ny = 2 if LOCAL_CELLS % 2 == 0 else 1
     ys = np.sort(rng.choice(np.arange(1, H), ny - 1, replace=False)) if ny > 1 else np.array([], int)
     xs = np.sort(rng.choice(np.arange(1, W), LOCAL_CELLS // ny - 1, replace=False))
     cells = np.searchsorted(ys, np.arange(H), side="right")[:, None] * (LOCAL_CELLS // ny) \
         + np.searchsorted(xs, np.arange(W), side="right")[None, :]
-    out = img.copy()
-    for c in range(LOCAL_CELLS):
-        k = int(rng.integers(0, len(ops) + 1))
-        if k:
-            m = cells == c
-            out[m] = apply_ops_uint8(img, ops[k - 1])[m]
-    return out, cells
+    out = recolour_regions(img.astype(np.float32) / 255.0, cells, rng)
+    return (out * 255).round().astype(np.uint8), cells
 
 
 def _inside(cells: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
@@ -173,14 +166,13 @@ def measure_invariances(backend, images: list[np.ndarray], protos: np.ndarray, s
         for name in ("flip", "zoom"):
             for f in _geometric(backend, img, name, f0.shape[:2]):
                 agree[name].append(float(np.mean(_classes(f, protos) == ref)))
-        for name in _local_families():
-            probed, cells = local_probe(img, probes[name], local_rng)
-            out = _classes(backend.dense_features([probed])[0], protos)
-            keep = _inside(cells, f0.shape[:2]) if out.shape == ref.shape else np.zeros(0, bool)
-            if keep.any():
-                agree[LOCAL + name].append(float(np.mean(out[keep] == ref[keep])))
-            elif out.shape != ref.shape:
-                agree[LOCAL + name].append(0.0)
+        probed, cells = local_probe(img, local_rng)
+        out = _classes(backend.dense_features([probed])[0], protos)
+        keep = _inside(cells, f0.shape[:2]) if out.shape == ref.shape else np.zeros(0, bool)
+        if keep.any():
+            agree[LOCAL + "recolour"].append(float(np.mean(out[keep] == ref[keep])))
+        elif out.shape != ref.shape:
+            agree[LOCAL + "recolour"].append(0.0)
         if progress is not None:
             progress(done)
     b = max(float(np.mean(base)), 1e-6)

@@ -48,7 +48,7 @@ import torch.nn.functional as F
 import torchvision.transforms.v2.functional as TF
 
 from clips4.pipeline.photometric import PhotometricConfig, apply_ops, sample_ops
-from clips4.trainer.regions import apply_regions, region_config
+from clips4.trainer.regions import apply_regions
 
 __all__ = [
     "AugmentConfig",
@@ -149,13 +149,8 @@ def gate_by_teacher(cfg: "AugmentConfig", scores: dict[str, float], threshold: f
         else:
             changes.update(zoom=(1.0, 1.0), scale=None)
         changes["geometric"] = "imposed"
-    if getattr(cfg, "regions", "none") == "auto":  # per-region transforms (clips4.trainer.regions)
-        photometric = changes.get("photometric", cfg.photometric)
-        fams = [f for f in kept if f in _FAMILY_FIELDS] if cfg.photometric == "auto" else list(_FAMILY_FIELDS)
-        # every photometric family in force must hold per region too (family ``local_<name>``; blur is not drawn
-        # per region)
-        on = photometric == "imposed" and bool(set(fams) - {"blur"}) and all(
-            scores.get(f"local_{f}", 0.0) >= threshold for f in fams if f != "blur")
+    if cfg.regions == "auto":  # per-region recolouring (clips4.trainer.regions), family ``local_recolour``
+        on = scores.get("local_recolour", 0.0) >= threshold
         if on:
             kept.append("regions")
         changes["regions"] = "imposed" if on else "none"
@@ -329,8 +324,8 @@ def make_views(image: np.ndarray, labels: np.ndarray, clip: np.ndarray | None, *
         if "auto" in (cfg.photometric, cfg.geometric, cfg.regions):
             raise ValueError("photometric/geometric/regions 'auto' must be resolved with gate_by_teacher() before "
                              "making views")
-        if cfg.regions == "imposed" and (rcfg := region_config(cfg)) is not None:  # one draw per superpixel
-            crop = apply_regions(crop, resample_labels(labels, box, (S, S), flip), rcfg, g)
+        if cfg.regions == "imposed":  # every superpixel recoloured on its own
+            crop = apply_regions(crop, resample_labels(labels, box, (S, S), flip), g)
         if cfg.photometric == "imposed":
             crop = _photometric(crop, cfg, g)
         v = {

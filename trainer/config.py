@@ -45,11 +45,10 @@ class AugmentParams(PhotometricConfig):
     #: (docs/results.md), and no views let it take colour shortcuts where its teacher
     #: reads texture; imposing what the teacher ignores handles both
     photometric: Literal["auto", "imposed", "teacher", "none"] = "auto"
-    #: photometric transforms drawn independently for every superpixel of a view (clips4.trainer.regions), with the
-    #: families ``photometric`` imposes: no colour or luminance relation between regions is left to read a label
-    #: from. ``auto``: when the teacher is measured to be invariant to them per region too (``invariances.json``
-    #: families ``local_*``); ``imposed``: always; ``none``: never (the paper). Needs ``photometric`` ``auto`` or
-    #: ``imposed``
+    #: every superpixel of a view recoloured on its own (clips4.trainer.regions: random mean colour, texture gain,
+    #: polarity and tint per region, its grey-level texture kept): no colour or luminance, absolute or between
+    #: regions, is left to read a label from. ``auto``: when the teacher is measured to be invariant to it
+    #: (``invariances.json`` family ``local_recolour``); ``imposed``: always; ``none``: never (the paper)
     regions: Literal["auto", "imposed", "none"] = "auto"
 
     @model_validator(mode="after")
