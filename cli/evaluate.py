@@ -62,10 +62,10 @@ def language(
     out: Path = typer.Option(Path("runs/language"), "--out", help="Report folder: results.json, report.md, PNG figures."),
     overlays: int = typer.Option(4, "--overlays", help="Number of image | prediction | GT figures in the report."),
     device: str = DeviceOpt, precompute_: bool = PrecomputeOpt,
-    prior_matching: str = typer.Option("checkpoint", "--prior-matching", help="The checkpoint's class calibration (a per-class bias that keeps a class its teacher mostly confuses from vanishing): 'checkpoint' applies the one `clips4 train` stored in it (train.calibration) when the evaluated classes are the calibrated ones; 'none' = plain arg-max; a split of the dataset (e.g. train) refits it on that split's cached teacher features (no labels)."),
-    prior_images: int = typer.Option(512, "--prior-images", help="With --prior-matching SPLIT: how many of that split's images."),
-    prior_mode: str = typer.Option("band", "--prior-mode", help="With --prior-matching SPLIT (default band, as train.calibration): 'raise' only the classes the checkpoint predicts at under --prior-collapse-ratio x the teacher's frequency (the collapse guard; no class is lowered), 'band' (raise those, and lower the classes it predicts at over the teacher's frequency / --prior-collapse-ratio), or 'match' every class's frequency to the teacher's."),
-    prior_collapse_ratio: Optional[float] = typer.Option(None, "--prior-collapse-ratio", help="With --prior-matching SPLIT --prior-mode raise or band: the trigger, in (0, 1] (default: clips4.trainer.calibration.COLLAPSE_RATIO)."),
+    prior_matching: str = typer.Option("checkpoint", "--calibration", "--prior-matching", help="The class calibration (train.calibration: a per-class bias that keeps a class its teacher mostly confuses from vanishing): 'checkpoint' applies the one `clips4 train` stored in the run when the evaluated classes are the calibrated ones; 'none' = plain arg-max; a split of the dataset (e.g. train) fits it again on that split's cached teacher features (no labels)."),
+    prior_images: int = typer.Option(512, "--calibration-images", "--prior-images", help="With --calibration SPLIT: how many of that split's images (train.calibration_images)."),
+    prior_mode: str = typer.Option("band", "--calibration-mode", "--prior-mode", help="With --calibration SPLIT, as train.calibration (default band): 'raise' only the classes the model predicts at under --calibration-ratio x the teacher's frequency, 'band' (raise those, and lower the classes it predicts at over the teacher's frequency / --calibration-ratio), or 'match' every class's frequency to the teacher's."),
+    prior_collapse_ratio: Optional[float] = typer.Option(None, "--calibration-ratio", "--prior-collapse-ratio", help="With --calibration SPLIT and mode raise or band: the trigger in (0, 1], as train.calibration_ratio (default: its default)."),
 ) -> dict:
     """Language-driven segmentation (paper 4.3): each pixel takes the class whose text embedding is closest.
 
@@ -74,9 +74,9 @@ def language(
     from clips4.trainer.config import FIT_MODES  # torch-free: a usage error does not pay for importing torch
 
     if prior_mode not in FIT_MODES:
-        raise CLIError(f"--prior-mode must be one of {', '.join(FIT_MODES)}, got {prior_mode!r}")
+        raise CLIError(f"--calibration-mode (--prior-mode) must be one of {', '.join(FIT_MODES)}, got {prior_mode!r}")
     if prior_collapse_ratio is not None and not 0 < prior_collapse_ratio <= 1:
-        raise CLIError(f"--prior-collapse-ratio must be in (0, 1], got {prior_collapse_ratio}")
+        raise CLIError(f"--calibration-ratio (--prior-collapse-ratio) must be in (0, 1], got {prior_collapse_ratio}")
     from clips4.evaluate.language import run_language
     from clips4.evaluate.sources import precompute
     from clips4.pipeline.stage import dataset_from_config

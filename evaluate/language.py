@@ -250,7 +250,7 @@ def protocol_line(dataset: Dataset, voc_mode: int, classes: str | None, model: s
 def _prior_matching(cfg: Config, src: EmbeddingSource, text: np.ndarray, split: str, n_images: int,
                     mode: str = "match", collapse_ratio: float | None = None) -> dict:
     """The class-prior correction of ``src`` fitted on ``split``'s cached teacher features (no labels read)."""
-    from clips4.trainer.calibration import COLLAPSE_RATIO, prior_bias, segment_pooled
+    from clips4.trainer.calibration import COLLAPSE_RATIO, cached_teacher, prior_bias
     from clips4.evaluate.sources import with_split
     from clips4.pipeline.stage import dataset_from_config, open_stage
 
@@ -259,9 +259,10 @@ def _prior_matching(cfg: Config, src: EmbeddingSource, text: np.ndarray, split: 
     feats, segs = open_stage(ccfg, "clip_features", cds), open_stage(ccfg, "segments", cds)
     records = list(cds.records())[: max(1, int(n_images))]
 
-    def teacher(r, hw):  # as clips4 train calibrates: the teacher's features pooled over its segments
-        return similarity_logits(segment_pooled(feats.get(r.image_id, "features"), segs.get(r.image_id, "labels")),
-                                 text, hw, layout="hwd")
+    pooled = cached_teacher(feats, segs)  # the teacher exactly as clips4 train calibrates against it
+
+    def teacher(r, hw):
+        return similarity_logits(pooled(r), text, hw, layout="hwd")
 
     with torch.no_grad():
         return prior_bias(

@@ -185,6 +185,12 @@ def segment_pooled(features: np.ndarray, labels: np.ndarray | None) -> np.ndarra
     return out
 
 
+def cached_teacher(features, segments) -> Callable[[object], np.ndarray]:
+    """``record -> (h, w, D)`` the teacher as training and evaluation both calibrate against: its cached CLIP
+    features (a clip_features ``StageReader``) pooled over its cached segments (a segments ``StageReader``)."""
+    return lambda r: segment_pooled(features.get(r.image_id, "features"), segments.get(r.image_id, "labels"))
+
+
 def calibrate(embed: Callable[[object], np.ndarray], records: Sequence, teacher: Callable[[object], np.ndarray],
               names: Sequence[str], text: np.ndarray, *, mode: str = "raise", collapse_ratio: float = COLLAPSE_RATIO,
               max_margins: float | None = MAX_BIAS_MARGINS, max_images: int = 512) -> dict:

@@ -407,7 +407,7 @@ def _calibrate(p: TrainParams, model: torch.nn.Module, weights: dict, dataset: D
 
     from clips4.pipeline.cache import StageReader
     from clips4.pipeline.images import load_rgb
-    from clips4.trainer.calibration import calibrate, segment_pooled
+    from clips4.trainer.calibration import cached_teacher, calibrate
     from clips4.trainer.inference import model_embedder
 
     names, text = load_class_texts(deps["prototypes"])
@@ -420,10 +420,9 @@ def _calibrate(p: TrainParams, model: torch.nn.Module, weights: dict, dataset: D
     reader, segments = StageReader(deps["clip_features"]), StageReader(deps["segments"])
     cached = set(image_ids)
     records = [r for r in dataset.records() if r.image_id in cached]
-    cal = calibrate(lambda r: embed(load_rgb(r.path)), records,
-                    lambda r: segment_pooled(reader.get(r.image_id, "features"), segments.get(r.image_id, "labels")),
-                    names, text, mode=p.calibration, collapse_ratio=p.calibration_ratio,
-                    max_margins=p.calibration_max_margins, max_images=p.calibration_images)
+    cal = calibrate(lambda r: embed(load_rgb(r.path)), records, cached_teacher(reader, segments), names, text,
+                    mode=p.calibration, collapse_ratio=p.calibration_ratio, max_margins=p.calibration_max_margins,
+                    max_images=p.calibration_images)
     t, s = np.asarray(cal["teacher_freq"]), np.asarray(cal["student_freq"])
     pct = lambda v: f"{100 * v:.1f} %"  # noqa: E731 - shares of pixels, never ratios of a vanishing share
     moved = [f"{n} {'raised' if b > 0 else 'lowered'} {b:+.3f} (student {pct(s[i])}, teacher {pct(t[i])} of the pixels)"
