@@ -23,21 +23,21 @@ def _two_regions(H=16, W=16):
     return img, labels
 
 
-def test_every_region_gets_its_own_colour_and_keeps_its_grey_texture():
+def test_regions_trade_colours_and_keep_their_grey_texture():
     img, labels = _two_regions()
     grey = img.mean(-1)
-    means = []
+    own = [img[labels == r].mean(0) for r in (0, 1)]
+    swapped = 0
     for seed in range(12):
         out = recolour_regions(img, labels, np.random.default_rng(seed))
         for r in (0, 1):
             m = labels == r
             a, b = grey[m] - grey[m].mean(), out[m].mean(-1) - out[m].mean(-1).mean()
-            assert abs(np.corrcoef(a, b)[0, 1]) > 0.99  # the same grey pattern, up to gain and polarity
-            means.append(out[m].mean(0))
-    means = np.array(means)
-    assert means.std(0).min() > 0.1  # the mean colours are drawn, not kept
-    left, right = means[0::2], means[1::2]
-    assert np.abs(left - right).sum(1).min() < np.abs(img[:, :8].mean((0, 1)) - img[:, 8:].mean((0, 1))).sum()
+            assert np.corrcoef(a, b)[0, 1] > 0.99  # the same grey pattern
+        left = out[labels == 0].mean(0)
+        assert np.allclose(left, own[0], atol=0.02) or np.allclose(left, own[1], atol=0.02)  # a region's colours
+        swapped += int(np.allclose(left, own[1], atol=0.02))
+    assert 0 < swapped < 12  # drawn at random: the red region is sometimes blue, and the other way round
     with pytest.raises(ValueError, match="do not match"):
         recolour_regions(img, labels[:8], np.random.default_rng(0))
 

@@ -4,10 +4,11 @@ The global photometric views (``train.augment.photometric``) transform a whole v
 colours and luminances of its regions compare: "the darker stripes are this class" or "the bluer region is that
 one" survives every such view. Where colour or luminance is tied to the class in the training images but the
 teacher ignores it (it reads texture), a student can learn that cue instead of the one its teacher reads, and it
-fails wherever the tie breaks. Recolouring every superpixel of the view on its own
-(:func:`clips4.pipeline.regions.recolour_regions`: a random mean colour, texture gain, polarity and tint per
-region; the segments stage's labels carried through the crop) leaves no colour or luminance, absolute or
-relative, that the student could read a label from: the view's target is still the teacher on the untouched image.
+fails wherever the tie breaks. Recolouring the superpixels of the view
+(:func:`clips4.pipeline.regions.recolour_regions`: the regions trade their mean colours and texture contrasts by a
+random permutation, each keeping its grey-level pattern; the segments stage's labels carried through the crop)
+leaves no colour or luminance, absolute or relative, that the student could read a label from: the view's target
+is still the teacher on the untouched image.
 
 ``train.augment.regions``: ``auto`` imposes it when the teacher is measured to be invariant to it
 (``clips4.pipeline.invariances`` family ``local_recolour``: the cells of a random partition recoloured alike), so a
