@@ -1,0 +1,86 @@
+"""The student learns what its teacher reads, not a cue the teacher ignores: a tiny world of three textures
+(horizontal, vertical, diagonal stripes) whose brightness is tied to the class in the training images and shuffled
+in the val images, with a teacher that reads texture only. Views transformed as a whole keep how bright the
+regions of an image are relative to each other, so a student trained with them (``train.augment.regions: none``)
+reads brightness first and falls below its teacher on the val images; recolouring the superpixels of each view
+(``regions: auto``, imposed since the teacher is measured invariant to it) keeps it at its teacher's level."""
+from __future__ import annotations
+
+import json
+import os
+from importlib import resources
+from pathlib import Path
+
+import pytest
+
+def _world() -> dict:
+    from dataclasses import asdict
+
+    from clips4.pipeline.synthetic import spurious_specs
+
+    # three textures (horizontal, vertical, diagonal stripes), each with its own brightness in train
+    return {"world": {"specs": [asdict(s) for s in spurious_specs("luminance", 3, contrast=0.4, seed=7)],
+                      "spurious_colour": True},
+            "teacher": {"cues": "texture", "noise_patch_p": 0.2, "noise_sigma": 0.8}}
+
+
+STAGES = Path(__file__).resolve().parents[1] / "stages.yaml"
+SIZE = (48, 64)
+
+
+def _run(tmp_path, overrides: list[str], iterations: int) -> tuple[float, float]:
+    """(teacher, student) val mIoU after a short training run with ``overrides``."""
+    import torch
+
+    from clips4.cli import main
+    from clips4.evaluate.language import run_language
+    from clips4.pipeline.config import load_config
+    from clips4.pipeline.stage import dataset_from_config
+    from clips4.pipeline.synthetic import world_from_preset
+    from clips4.trainer.train import train
+
+    torch.set_num_threads(1)
+    root = tmp_path / "w"
+    spec = _world()
+    world, _ = world_from_preset(spec, SIZE, 0)
+    world.write(root, n_train=24, n_val=8)
+    cfg = tmp_path / "s.yaml"
+    cfg.write_text(resources.files("clips4.data").joinpath("configs", "synthetic.yaml").read_text())
+    over = tmp_path / "o.yaml"
+    over.write_text(json.dumps({"stages": {
+        "clip_features": {"params": {"n_clusters": world.n_classes, "clip": {"backend_params": {
+            "world": spec, "image_size": list(SIZE), "world_seed": 0, "embed_dim": 32}}}},
+        "prototypes": {"params": {"invariance_images": 16}},
+        "train": {"params": {"iterations": iterations, "batch_size": 4, "crop_size": 48, "num_workers": 0,
+                             "n_segments": 9, "cache_images": 24, "checkpoint_every": 10000}}}}))
+    args = ["--stages", str(STAGES), "--config", str(cfg), "--config", str(over), "--root", str(root),
+            "--cache", str(tmp_path / "c")]
+    for split in ("train", "val"):
+        for stage in ("segments", "clip-features"):
+            assert main(["precompute", stage, *args, "--split", split, "-q", "--executor", "local"]) == 0
+    assert main(["precompute", "prototypes", *args, "-q"]) == 0
+    sets = [f"dataset.root={root}", f"cache_root={tmp_path / 'c'}", *overrides]
+    out = tmp_path / ("run-" + str(abs(hash(tuple(overrides)))))
+    train(load_config(STAGES, [cfg, over], [*sets, f"train.out={out}", "dataset.split=train"]), show_progress=False)
+    vcfg = load_config(STAGES, [cfg, over], [*sets, "dataset.split=val"])
+    ds = dataset_from_config(vcfg)
+    teacher = run_language(vcfg, ds, model="teacher", out=None)["miou"]
+    return 100 * teacher, 100 * run_language(vcfg, ds, model=str(out / "final.pt"), out=None)["miou"]
+
+
+
+#: at 400 iterations (teacher 59.6): regions recoloured 59.1, whole-view transforms 47.0; by 800 both reach the
+#: teacher (61.2 / 61.8): the shortcut is what the student learns first
+ITERATIONS = 400
+
+
+def test_student_reads_texture_not_the_luminance_tied_to_the_class(tmp_path):
+    teacher, student = _run(tmp_path, [], ITERATIONS)
+    assert student >= teacher - 3, (teacher, student)
+
+
+@pytest.mark.skipif(not os.environ.get("CLIPS4_SLOW_TESTS"), reason="whole-view views' failure, ~35 s more: "
+                    "CLIPS4_SLOW_TESTS=1 pytest tests/test_spurious_cue.py")
+def test_whole_view_transforms_let_the_student_read_luminance(tmp_path):
+    teacher, student = _run(tmp_path, ["train.augment.regions=none"], ITERATIONS)
+    assert student < teacher - 8, (teacher, student)
