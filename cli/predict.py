@@ -63,7 +63,7 @@ def search(
     """Find the cached CLIP segments closest to a text (FAISS over all segment embeddings) and draw a contact sheet."""
     from rich.table import Table
 
-    from clips4.pipeline.search import search_segments
+    from clips4.evaluate.search import search_segments
 
     cfg = opts.build_config()
     hits = search_segments(cfg, query, top=top, templates=templates, out=out)

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from clips4.pipeline.search import SegmentIndex, contact_sheet, render_tile, segment_mask
+from clips4.evaluate.search import SegmentIndex, contact_sheet, render_tile, segment_mask
 
 
 def _unit(x):
@@ -130,7 +130,7 @@ def test_segment_mask_from_the_grid_without_a_segments_stage():
 def test_sheet_title_keeps_its_spaces():
     from PIL import ImageDraw
 
-    from clips4.pipeline.search import _font
+    from clips4.evaluate.search import _font
 
     d = ImageDraw.Draw(Image.new("RGB", (10, 10)))
     f = _font(16)
