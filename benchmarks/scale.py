@@ -221,7 +221,7 @@ def run_size(n: int, a, base_root: Path) -> dict:
         from clips4.trainer.train import train
 
         t0 = time.perf_counter()
-        tr = train(cfg, dataset=ds, restart=True, show_progress=False)
+        tr = train(cfg, dataset=ds, restart=True, show_progress=False, publish=False)
         res["train_s"] = time.perf_counter() - t0
         res["train_steps"] = len(tr.losses)
         res["train_data_wait"] = float(np.mean([r["data_s"] for r in tr.losses])) if tr.losses else 0.0

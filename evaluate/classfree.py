@@ -167,10 +167,11 @@ def run_class_free(
             known = [c for c in names if c not in unknown]
             class_file = _known_class_file(out, f, known)
             for s in seeds:
-                upd_train = {"seed": int(s)}
+                upd_train = {"seed": int(s), "name": f"fold{f}-seed{s}"}  # published under <out>/runs
                 if iterations is not None:
                     upd_train["iterations"] = int(iterations)
                 c = with_params(cfg, prototypes={"classes": str(class_file), "seed": int(s)}, train=upd_train)
+                c.runs_root = str(Path(out) / "runs")  # not the project's runs/: these are the evaluation's own
                 say(f"fold {f} seed {s}: {len(known)} known, unknown = {', '.join(unknown)}")
                 run_stage(c, "prototypes", dataset=train_ds, show_progress=False)
                 res = train(c, dataset=train_ds, resume=True, show_progress=False)

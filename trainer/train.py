@@ -114,8 +114,9 @@ def _teacher_prior(loss_fn: CLIPS4Loss, clip_url: str, image_ids: list[str], kno
 
 def train(cfg: Config, *, dataset: Dataset | None = None, resume: bool = False, restart: bool = False,
           max_steps: int | None = None, show_progress: bool = True, wait: bool = False,
-          wait_timeout: float | None = None) -> TrainResult:
-    """Train (or continue) the run defined by ``cfg``. ``max_steps`` stops early (tests; a simulated kill).
+          wait_timeout: float | None = None, publish: bool = True) -> TrainResult:
+    """Train (or continue) the run defined by ``cfg``. ``max_steps`` stops early (tests; a simulated kill). A
+    finished run in the cache is published as ``<runs_root>/<train.name>`` unless ``publish`` is False.
 
     One run per output folder: rank 0 holds ``<out>/.lock`` (the stages' :class:`StageLock`) for the whole run, so
     a second ``clips4 train`` on the same folder exits 3 naming the holder, or waits with ``wait=True``
@@ -129,7 +130,7 @@ def train(cfg: Config, *, dataset: Dataset | None = None, resume: bool = False, 
     with StageLock(str(out), wait=wait, timeout=wait_timeout):
         res = _train(cfg, dataset, out, fp, resume, restart, max_steps, show_progress)
     p: TrainParams = cfg.params("train")  # type: ignore[assignment]
-    if res.stopped in ("finished", "nothing_to_do") and not p.out:
+    if res.stopped in ("finished", "nothing_to_do") and not p.out and publish:
         res.published = publish_run(out, Path(cfg.runs_root) / p.name, name=p.name, fingerprint=fp)
         console.print(f"run '{p.name}': {res.published / 'final.pt'}", markup=False)
     return res
