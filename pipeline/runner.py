@@ -276,11 +276,16 @@ def init_ray(address: str = "local", num_cpus: int | None = None, connect_timeou
              temp_dir: str | None = None) -> None:
     """Start or join Ray. ``local`` starts a private instance (its processes die with this one: Ray ties a
     head it starts to the driver's lifetime) whose session files go under ``temp_dir`` (``ray.temp_dir``; None:
-    Ray's default, ``$RAY_TMPDIR`` or /tmp/ray); anything else is joined after a bounded probe. Python's SIGTERM
+    Ray's default, ``$RAY_TMPDIR`` or /tmp/ray) — or, when ``$RAY_ADDRESS`` names a long-lived instance
+    (``ray start --head``), joins that one; anything else is joined after a bounded probe. Python's SIGTERM
     and SIGINT handlers stay in force (see :class:`_keep_signal_handlers`)."""
     import ray
 
     global _JOINED
+    if address in ("local", "", None) and os.environ.get("RAY_ADDRESS"):
+        # every command joins the long-lived instance instead of paying for a private start-up (ray.init would
+        # refuse num_cpus for an existing instance anyway)
+        address = os.environ["RAY_ADDRESS"]
     if ray.is_initialized():
         if _JOINED == address:
             return
@@ -338,8 +343,8 @@ def resolve_executor(executor: str, address: str | None, num_workers: int, n_ite
     cluster address always fans out."""
     if executor != "auto":
         return executor
-    if address not in ("local", "", None):
-        return "ray"
+    if address not in ("local", "", None) or os.environ.get("RAY_ADDRESS"):
+        return "ray"  # a cluster, or a long-lived instance that is already started
     return "local" if num_workers <= 1 or n_items < local_below else "ray"
 
 

@@ -24,3 +24,14 @@ def test_a_small_stage_run_with_the_default_executor_does_not_start_ray(tmp_path
 
     doc = json.loads(captured.out.strip().splitlines()[-1])
     assert doc["processed"] == 6 and all("/" not in node for node in doc["per_node"])  # Ray nodes are host/<id>
+
+
+def test_a_long_lived_instance_in_ray_address_is_joined_not_started(tmp_path, image_folder, monkeypatch, capsys):
+    """RAY_ADDRESS names an instance started once (`ray start --head`): every command joins it (here: nobody
+    listens there, so the run says it cannot join that address, exit 2) and auto fans out to it."""
+    monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:9")
+    assert resolve_executor("auto", "local", 2, 3, 48) == "ray"
+    args = ["precompute", "segments", "--dataset", "folder", "--root", str(image_folder), "--cache", str(tmp_path / "c"),
+            "--detector", "classical", "--set", "ray.connect_timeout_s=5"]
+    assert main(args) == 2
+    assert "127.0.0.1:9" in " ".join(capsys.readouterr().err.split())
