@@ -85,7 +85,7 @@ SWEEP_ROWS = [
      False),
     ("imposed photometric", ["train.augment.photometric=imposed"], False),
     ("no photometric", ["train.augment.photometric=none"], False),
-    ("whole-view photometric", ["train.augment.regions=none"], False),
+    ("recoloured regions", ["train.augment.regions=auto"], False),
     ("uniform unknowns", ["prototypes.unknown_pool=1.0"], False),
     ("weighted pseudo-labels", ["train.pseudo_labels=weighted"], False),
     ("aligned pseudo-labels", ["train.pseudo_labels=aligned"], False),

@@ -66,4 +66,5 @@ def test_auto_recolours_regions_only_for_a_teacher_that_ignores_it():
     assert gate_by_teacher(cfg, {"palette": 1.0}, 0.9)[0].regions == "none"  # not measured (an older stage)
     img, labels = np.zeros((32, 48, 3), np.uint8), np.zeros((32, 48), np.int64)
     with pytest.raises(ValueError, match="auto"):  # never silently treated as another mode
-        make_views(img, labels, None, cfg=AugmentConfig(size=16, photometric="imposed", geometric="imposed"))
+        make_views(img, labels, None, cfg=AugmentConfig(size=16, photometric="imposed", geometric="imposed",
+                                                        regions="auto"))

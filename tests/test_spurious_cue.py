@@ -3,7 +3,9 @@
 in the val images, with a teacher that reads texture only. Views transformed as a whole keep how bright the
 regions of an image are relative to each other, so a student trained with them (``train.augment.regions: none``)
 reads brightness first and falls below its teacher on the val images; recolouring the superpixels of each view
-(``regions: auto``, imposed since the teacher is measured invariant to it) keeps it at its teacher's level."""
+(``regions: auto``, imposed since the teacher is measured invariant to it) keeps it at its teacher's level.
+``regions`` is an option (default ``none``): on the larger spurious-cue worlds it does not win everywhere
+(docs/results.md, "Spurious cues")."""
 from __future__ import annotations
 
 import json
@@ -75,12 +77,12 @@ ITERATIONS = 400
 
 
 def test_student_reads_texture_not_the_luminance_tied_to_the_class(tmp_path):
-    teacher, student = _run(tmp_path, [], ITERATIONS)
+    teacher, student = _run(tmp_path, ["train.augment.regions=auto"], ITERATIONS)
     assert student >= teacher - 3, (teacher, student)
 
 
 @pytest.mark.skipif(not os.environ.get("CLIPS4_SLOW_TESTS"), reason="whole-view views' failure, ~35 s more: "
                     "CLIPS4_SLOW_TESTS=1 pytest tests/test_spurious_cue.py")
 def test_whole_view_transforms_let_the_student_read_luminance(tmp_path):
-    teacher, student = _run(tmp_path, ["train.augment.regions=none"], ITERATIONS)
+    teacher, student = _run(tmp_path, [], ITERATIONS)  # the defaults: regions none
     assert student < teacher - 8, (teacher, student)

@@ -48,8 +48,10 @@ class AugmentParams(PhotometricConfig):
     #: every superpixel of a view recoloured on its own (clips4.trainer.regions: random mean colour, texture gain,
     #: polarity and tint per region, its grey-level texture kept): no colour or luminance, absolute or between
     #: regions, is left to read a label from. ``auto``: when the teacher is measured to be invariant to it
-    #: (``invariances.json`` family ``local_recolour``); ``imposed``: always; ``none``: never (the paper)
-    regions: Literal["auto", "imposed", "none"] = "auto"
+    #: (``invariances.json`` family ``local_recolour``); ``imposed``: always; ``none``: never (the paper).
+    #: Default ``none``: on the spurious-cue worlds of the sweep it removes the brightness shortcut but slows
+    #: learning texture, and at 800 iterations it lost more worlds than it won (docs/results.md, "Spurious cues")
+    regions: Literal["auto", "imposed", "none"] = "none"
 
     @model_validator(mode="after")
     def _one_crop_rule(self):
