@@ -103,6 +103,9 @@ def cue_line(r: dict) -> str:
     """One line of :func:`cue_report`'s figures."""
     a, b, s = r["confusion"]
     pct = lambda v: "  -  " if v != v else f"{100 * v:5.1f}"  # noqa: E731
+    top = f"top confusion {a[:10]} -> {b[:10]} {100 * s:.0f} %"
+    if r["follows_class"] != r["follows_class"]:  # colours not shuffled in val: only the class probe means anything
+        return f"probe class {pct(r['probe_class'])}; {top}"
     return (f"follows class {pct(r['follows_class'])} / worn colours {pct(r['follows_cue'])}; probe class "
             f"{pct(r['probe_class'])}, worn colours {pct(r['probe_cue'])}, luminance {pct(r['probe_luminance'])}; "
-            f"top confusion {a[:10]} -> {b[:10]} {100 * s:.0f} %")
+            f"{top}")
