@@ -142,3 +142,29 @@ def test_teacher_confusions_are_consistent_within_an_image():
             moved += int(np.unique(b[a == c])[0] != c)
         assert np.array_equal(b, (conf.dense_features([img])[0] @ conf.class_embeddings.T).argmax(-1))
     assert moved > 0
+
+
+def test_spurious_cue_worlds_tie_the_cue_in_train_only_and_context_worlds_group_classes():
+    from clips4.pipeline.synthetic import WORLDS, world_from_preset
+
+    def worn_off(name, split):  # share of regions that wear another class's colours
+        w, _ = world_from_preset(name, (48, 64), 0)
+        off = tot = 0
+        for i in range(12):
+            img, mask, worn = w.sample_with_cues(i, split)
+            same_img, same_mask = w.sample(i, split)
+            assert np.array_equal(img, same_img) and np.array_equal(mask, same_mask)
+            for c in np.unique(mask):
+                tot += 1
+                off += int(worn[mask == c][0] != c)
+        return off / tot
+
+    for cue in ("hue", "luminance", "hue-luminance"):
+        assert worn_off(f"spurious-{cue}", "train") == 0.0 and worn_off(f"spurious-{cue}", "val") > 0.5
+        assert 0.05 < worn_off(f"spurious-{cue}-80", "train") < 0.35  # 20 % redrawn (some redraws hit their own)
+    w, _ = world_from_preset("spurious-context", (48, 64), 0)
+    groups = [set(g) for g in WORLDS["spurious-context"]["world"]["context_groups"]]
+    train = [set(np.unique(w.sample(i, "train")[1]).tolist()) for i in range(12)]
+    assert all(any(s <= g for g in groups) for s in train)
+    val = [set(np.unique(w.sample(i, "val")[1]).tolist()) for i in range(24)]
+    assert any(not any(s <= g for g in groups) for s in val)  # apart at evaluation
