@@ -120,6 +120,10 @@ class Dataset:
 
     def records(self) -> list[ImageRecord]:
         if self._records is None:
+            try:  # object stores' clients cache listings per process: a folder that grew must be listed anew
+                self.fs.invalidate_cache()
+            except (AttributeError, NotImplementedError, OSError):
+                pass
             recs = sorted(self._list(), key=lambda r: r.image_id)
             if self.limit is not None:
                 recs = recs[: self.limit]

@@ -239,3 +239,23 @@ def test_storage_section_is_validated_and_applied(tmp_path, monkeypatch):
     finally:
         storage.configure(None)
     assert "s3" not in fsspec.config.conf
+
+
+def test_status_reads_an_s3_project(runs, capsys):
+    """`clips4 status` on a dataset and cache in S3: up to date after the stages ran, and a new image uploaded to the
+    bucket makes the per-image stages stale (1 new image) and prototypes stale after them."""
+    capsys.readouterr()
+    common = ["--stages", str(STAGES), "--config", str(runs["s3"]), "--until", "prototypes", "--json"]
+    assert main(["status", *common]) == 0, capsys.readouterr().err
+    doc = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert doc["up_to_date"] and all(s["url"].startswith(f"s3://{BUCKET}/cache/") for s in doc["stages"])
+    fs = runs["fs"]
+    src = sorted(fs.ls(f"{BUCKET}/data/w/images/train"))[0]
+    fs.copy(src, f"{BUCKET}/data/w/images/train/zz-new.png")
+    try:
+        assert main(["status", *common]) == 1
+        by = {s["stage"]: s for s in json.loads(capsys.readouterr().out.strip().splitlines()[-1])["stages"]}
+        assert by["segments"]["todo"] == 1 and "1 new image" in by["segments"]["reasons"][0]
+        assert by["prototypes"]["state"] == "stale"
+    finally:
+        fs.rm(f"{BUCKET}/data/w/images/train/zz-new.png")
