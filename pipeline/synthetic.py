@@ -21,8 +21,10 @@ but only ~0.25. Teacher dense mIoU on the default world: about 50 % (see ``tests
 
 A family of worlds (``WORLDS``, ``world_from_preset``, ``class_family``): explicit or generated class lists
 (colour and texture similarity, near-duplicates), region shapes (``warped`` default, ``voronoi``, ``boxes``) and
-counts, and ``spurious_colour`` (each class's own colours in train, a random class's palette per region in
-val/test). Teacher corruptions beyond the default ones: ``cues`` (``all``, ``colour``, ``texture`` — colour-free
+counts, and ``spurious_colour`` (each class's own colours in train — in a share ``spurious_p`` of the regions —
+a random class's palette per region in val/test; ``spurious_specs``: texture classes whose hue, luminance or both
+are the spurious cue), ``context_groups`` (each train image draws its classes from one group, val/test from all);
+``sample_with_cues`` also gives the class whose colours each pixel wears. Teacher corruptions beyond the default ones: ``cues`` (``all``, ``colour``, ``texture`` — colour-free
 gradient statistics), ``colour_blur`` (Gaussian blur before the statistics), ``nuisance`` (a per-image random
 direction), ``confusion_p`` (per image, a class consistently read as another), ``patch`` (grid size), ``gap``.
 Every added corruption draws from its own seeded stream, so the default world and teacher are unchanged.
