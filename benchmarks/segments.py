@@ -38,7 +38,7 @@ from clips4.pipeline.segments import cut_ucm, owt_ucm  # noqa: E402
 BSDS = Path(__file__).resolve().parents[2] / "shared" / "data" / "BSDS500"
 
 
-# ---- reusable by the lead (Ray two-worker speed-up part) ---------------------------------------
+# ---- speed: seconds per image on one thread, and the Ray two-worker speed-up -----------------------
 def per_image_seconds(
     images: Iterable[np.ndarray],
     detector: str = "classical",

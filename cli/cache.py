@@ -16,16 +16,6 @@ def _human(n: float) -> str:
     return f"{n:.1f} PiB"
 
 
-def _flatten(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict) and v:
-            out.update(_flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
 @app.command("ls")
 @common_options("cache ls", dataset=False)
 def ls(
@@ -36,6 +26,7 @@ def ls(
     from rich.table import Table
 
     from clips4.pipeline.cache import list_stage_outputs
+    from clips4.pipeline.config import flat_params
 
     cfg = opts.build_config()
     rows = list_stage_outputs(cfg.cache_root)
@@ -50,7 +41,7 @@ def ls(
                       _human(r["bytes"]), r["created"][:16].replace("T", " "))
     console.print(table)
     for r in rows:
-        text = ", ".join(f"{k}={v}" for k, v in _flatten(r["params"]).items())
+        text = ", ".join(f"{k}={v}" for k, v in flat_params(r["params"]).items())
         if not params and len(text) > 200:
             text = text[:197] + "..."
         console.print(f"{r['stage']} {r['fingerprint']}: {text}\n  {r['url']}", markup=False)

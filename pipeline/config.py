@@ -652,17 +652,13 @@ def _apply_storage(cfg: Config) -> None:
     (in this process and the processes it starts; see ``clips4.pipeline.storage``)."""
     from clips4.pipeline import storage
 
+    urls = [(cfg.cache_root, "cache_root")] + ([(cfg.dataset.root, "dataset.root")] if cfg.dataset.root else [])
     try:
-        storage.check_url(cfg.cache_root, "cache_root")
-        if cfg.dataset.root:
-            storage.check_url(cfg.dataset.root, "dataset.root")
-    except storage.StorageError as exc:
-        raise ConfigError(str(exc)) from None
-    storage.configure(cfg.storage)
-    try:
-        storage.check_bucket(cfg.cache_root, "cache_root")
-        if cfg.dataset.root:
-            storage.check_bucket(cfg.dataset.root, "dataset.root")
+        for url, key in urls:
+            storage.check_url(url, key)
+        storage.configure(cfg.storage)  # the buckets are checked with the configured endpoint and credentials
+        for url, key in urls:
+            storage.check_bucket(url, key)
     except storage.StorageError as exc:
         raise ConfigError(str(exc)) from None
 
@@ -678,6 +674,17 @@ def _resolve_dataset_classes(cfg: Config) -> None:
         raise ConfigError(f"prototypes.classes: {classes!r} needs a dataset root (set dataset.root or --root)")
     rel = classes[len("dataset/"):] if classes.startswith("dataset/") else "classes.txt"
     decl.params["classes"] = cfg.dataset.root.rstrip("/") + "/" + rel
+
+
+def flat_params(d: dict, prefix: str = "") -> dict:
+    """``{"clip": {"model": "x"}}`` -> ``{"clip.model": "x"}`` (dotted keys, as ``--set`` spells them)."""
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and v:
+            out.update(flat_params(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
 
 
 def resolved_dict(cfg: Config) -> dict:

@@ -22,7 +22,7 @@ from pathlib import Path
 from clips4.pipeline.cache import (INDEX, META, StageReader, StageWriter, UndeclaredOutputError, commit_files,
                                    quarantine_damaged, url_join, verify_stage)
 from clips4.pipeline.names import display, from_stored
-from clips4.pipeline.config import Config, resolved_dict, stage_object
+from clips4.pipeline.config import Config, flat_params, resolved_dict, stage_object
 from clips4.pipeline.datasets import Dataset, open_dataset, source_signature
 from clips4.pipeline.failures import StageInterrupted, _Signalled, signal_name, signals_as_exceptions
 from clips4.pipeline.lock import StageLock, StageLocked  # noqa: F401 - StageLocked is part of this API
@@ -156,9 +156,11 @@ def _digest(rows: list[InputRow]) -> str:
     return hashlib.sha256(json.dumps(rows, separators=(",", ":")).encode()).hexdigest()[:16]
 
 
-def input_digests(cfg: Config, name: str, dataset: Dataset) -> dict[str, str]:
-    """``{"images": digest of the selected ids, <upstream>: digest of its rows}`` (see :func:`input_rows`)."""
-    rows = input_rows(cfg, name, dataset)
+def input_digests(cfg: Config, name: str, dataset: Dataset,
+                  rows: dict[str, list[InputRow]] | None = None) -> dict[str, str]:
+    """``{"images": digest of the selected ids, <upstream>: digest of its rows}`` (see :func:`input_rows`; ``rows``:
+    what it returned, when the caller has it already)."""
+    rows = input_rows(cfg, name, dataset) if rows is None else rows
     return {"images": _digest([(i, "", "") for i in selected_ids(dataset)]), **{d: _digest(r) for d, r in rows.items()}}
 
 
@@ -187,19 +189,9 @@ def open_stage(cfg: Config, name: str, dataset: Dataset) -> StageReader:
     return reader.restrict(selected_ids(dataset))
 
 
-def _flat(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict) and v:
-            out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
 def param_diff(stage: str, there: dict, here: dict) -> list[str]:
     """``['clip_features.clip.pretrained: "local-dir:X" there, "openai" here', ...]`` between two params dicts."""
-    a, b = _flat(there), _flat(here)
+    a, b = flat_params(there), flat_params(here)
     return [f"{stage}.{k}: {json.dumps(a.get(k), default=str)} there, {json.dumps(b.get(k), default=str)} here"
             for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
 
@@ -426,13 +418,11 @@ def _run_global(cfg: Config, name: str, dataset: Dataset, url: str, fp: str, dep
     for f, reason in quarantine_damaged(url, damaged):
         console.print(f"  [yellow]damaged output moved aside[/] {_esc(f)} ({_esc(reason)}); built again")
     t0 = time.perf_counter()
-    rows = input_rows(cfg, name, dataset)
-    inputs = {"images": _digest([(i, "", "") for i in selected_ids(dataset)]), **{d: _digest(r) for d, r in rows.items()}}
-    writer.write_meta({**_meta(cfg, name, dataset, fp, dep_fps, deps), "inputs": inputs,
-                       "n_images": len(selected_ids(dataset))})
+    rows, ids = input_rows(cfg, name, dataset), selected_ids(dataset)
+    writer.write_meta({**_meta(cfg, name, dataset, fp, dep_fps, deps), "inputs": input_digests(cfg, name, dataset, rows),
+                       "n_images": len(ids)})
     write_input_rows(url, rows)
     build = stage_def(cfg, name).build
-    ids = selected_ids(dataset)
     try:
         takes_ids = "image_ids" in inspect.signature(build).parameters
     except (TypeError, ValueError):

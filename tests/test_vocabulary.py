@@ -1,6 +1,6 @@
-"""The repository speaks about the software only: no labels of work steps used as names ("stop 24", "stop-24
-defaults"), no issue or defect numbers ("issue 12", "defect 4", "(#12)"), no machine loans or reviewers. Every
-tracked text file is scanned; a hit is reported as file:line."""
+"""The repository speaks about the software only: names of configurations, comments and docs say what things are,
+never when or by whom they were made (the categories are in PATTERNS). Every tracked text file is scanned; a hit
+is reported as file:line."""
 from __future__ import annotations
 
 import re
@@ -63,11 +63,10 @@ def tracked_text_files() -> list[Path]:
     return files
 
 
+#: one bare token per pattern category (this file is the only one the scan skips)
 @pytest.mark.parametrize("sample", [
-    "the stop-24 defaults", "since stop 25", "trained in stops 24-25", "STOP24 = [...]", "(issue 12)",
-    "Issue 9, defect 8: an unreadable folder", "the pre-issue-12 defaults", "fixed in (#12)", "on a lent H200 GPU",
-    "the 15 minutes of GPU time went to the contour detector", "a reviewer asked", "scored over three sessions",
-    "the old defaults", "the previous card's protocol",
+    "stop-24", "stop 25", "stops 24-25", "STOP24", "(issue 12)", "defect 8", "pre-issue", "(#12)", "lent",
+    "minutes of GPU time", "reviewer", "three sessions", "old defaults", "previous card",
 ])
 def test_the_patterns_catch_development_words(sample):
     assert findings(sample), sample

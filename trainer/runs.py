@@ -125,7 +125,7 @@ def commit_run(out: Path, cfg: Config, fp: str, signature: dict, deps: dict, ste
     write_input_rows(str(out), rows)
     meta = {"stage": "train", "fingerprint": fp, "params": cfg.params("train").model_dump(mode="json"),
             "deps": deps, "signature": signature, "step": step, "code": code_version(), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            "dataset": dataset.describe(), "inputs": input_digests(cfg, "train", dataset),
+            "dataset": dataset.describe(), "inputs": input_digests(cfg, "train", dataset, rows),
             "n_images": len(selected_ids(dataset))}
     commit_files(str(out), list(cfg.decl("train").outs), meta)  # stages.yaml outs: what a finished run holds
 
