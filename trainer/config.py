@@ -33,6 +33,10 @@ class AugmentParams(PhotometricConfig):
     #: aspect-ratio range of the crop box (the view itself is square)
     ratio: FloatPair = (3 / 4, 4 / 3)
     flip_p: float = Field(default=0.5, ge=0, le=1)
+    #: probability that a training image gets about half of the superpixels of another training image pasted
+    #: over it (resized to it) with their teacher features (clips4.trainer.regions.paste_regions): classes then
+    #: meet neighbours they never meet in the data, so which classes surround a region stops telling what it is
+    paste_p: float = Field(default=0.0, ge=0, le=1)
     # jitter, jitter_p, gray_p, blur_p, blur_sigma, channel_shuffle_p, invert_p: PhotometricConfig's
     #: ``auto`` (photometric / geometric): a family is imposed when the teacher's invariance score reaches this
     auto_threshold: float = Field(default=0.9, gt=0)
@@ -73,6 +77,12 @@ class TrainParams(Strict):
     #: ``random`` (explicit random init; logged loudly)
     backbone_weights: str = "imagenet"
     head_dim: int = Field(default=512, ge=8)
+    #: what the network sees (clips4.trainer.model.ModelConfig.input): ``rgb``, the image; ``local-contrast``,
+    #: its grey-level pattern with the local brightness and contrast divided out, so no colour and no brightness,
+    #: absolute or between regions, can stand in for what the teacher reads; ``auto``: ``local-contrast`` when the
+    #: teacher is measured to ignore both (``invariances.json`` family ``local_recolour`` >= ``augment.auto_threshold``:
+    #: each region of an image recoloured on its own leaves its features unchanged), otherwise ``rgb``.
+    input: Literal["auto", "rgb", "local-contrast"] = "rgb"
     # --- optimisation
     #: iterations (paper: 20k VOC/Context, 80k COCO-Stuff)
     iterations: int = Field(default=20000, ge=1)

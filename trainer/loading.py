@@ -55,7 +55,7 @@ def load_trained_model(path: str | Path, device: str | torch.device = "cpu") -> 
                               f"final.pt or step-*.pt written by `clips4 train`")
     sig = json.loads(ck["signature"])
     mc = ModelConfig(backbone=sig["backbone"], embed_dim=sig["embed_dim"], backbone_weights=None,
-                     head_dim=sig["head_dim"], psp_bins=tuple(sig["psp_bins"]))
+                     head_dim=sig["head_dim"], psp_bins=tuple(sig["psp_bins"]), input=sig.get("input", "rgb"))
     model = PixelEmbeddingNet(mc, build_backbone(mc.backbone))  # weights come from the checkpoint
     try:
         model.load_state_dict(ck["model"])

@@ -69,6 +69,10 @@ class ModelConfig:
     psp_bins: pyramid pooling bin sizes.
     head_dim: width of the PSP fusion conv.
     dropout: dropout before the final 1x1 projection.
+    input: what the backbone sees. ``rgb``: the image. ``local-contrast``: its grey level with the local mean
+        removed and the local contrast divided out (:class:`LocalContrast`): no colour, and no brightness,
+        absolute or relative between regions, reaches the network. Part of the signature (it changes what the
+        weights mean).
     """
 
     backbone: str = "resnet50"
@@ -78,6 +82,37 @@ class ModelConfig:
     head_dim: int = 512
     dropout: float = 0.1
     arch: str = field(default="pspnet")
+    input: str = "rgb"
+
+
+#: ``ModelConfig.input`` values
+INPUTS = ("rgb", "local-contrast")
+
+
+class LocalContrast(nn.Module):
+    """``(B,3,H,W)`` -> ``(B,3,H,W)``: the grey level (channel mean) minus its Gaussian-weighted local mean,
+    divided by the local standard deviation (floor ``eps`` in the input's units), repeated on three channels.
+    Parameter-free. Colour and any brightness or contrast that is constant over a region are gone; the pattern
+    (edges, stripes, texture) stays. ``sigma`` in input pixels: the neighbourhood over which brightness is
+    removed; a few pixels, so a region's own brightness never survives at its centre."""
+
+    def __init__(self, sigma: float = 4.0, eps: float = 0.1):
+        super().__init__()
+        self.eps = eps
+        r = int(math.ceil(3 * sigma))
+        k = torch.exp(-0.5 * (torch.arange(-r, r + 1, dtype=torch.float32) / sigma) ** 2)
+        self.register_buffer("kernel", (k / k.sum()).view(1, 1, 1, -1), persistent=False)
+
+    def _blur(self, g: torch.Tensor) -> torch.Tensor:
+        r = self.kernel.shape[-1] // 2
+        g = F.conv2d(F.pad(g, (r, r, 0, 0), mode="replicate"), self.kernel)
+        return F.conv2d(F.pad(g, (0, 0, r, r), mode="replicate"), self.kernel.transpose(-1, -2))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        g = x.float().mean(1, keepdim=True)
+        d = g - self._blur(g)
+        out = d / torch.sqrt(self._blur(d * d) + self.eps ** 2)
+        return out.expand(-1, 3, -1, -1).to(x.dtype)
 
 
 # --------------------------------------------------------------------------------------------- backbones
@@ -318,6 +353,9 @@ class PixelEmbeddingNet(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.backbone = backbone
+        if cfg.input not in INPUTS:
+            raise ValueError(f"unknown model input {cfg.input!r}; valid: {', '.join(INPUTS)}")
+        self.input = LocalContrast() if cfg.input == "local-contrast" else nn.Identity()
         self.head = PSPHead(backbone.out_channels, cfg.embed_dim, tuple(cfg.psp_bins), cfg.head_dim, cfg.dropout)
         self.weights_source = "random"
 
@@ -326,7 +364,7 @@ class PixelEmbeddingNet(nn.Module):
         return self.cfg.embed_dim
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        z = self.head(self.backbone(x))
+        z = self.head(self.backbone(self.input(x)))
         return F.normalize(z.float(), dim=1)
 
     def signature(self) -> dict:
@@ -354,22 +392,27 @@ def build_model(cfg: ModelConfig | None = None, *, allow_download: bool = True, 
 
 # -------------------------------------------------------------------------------------------- signatures
 def model_signature(model_cfg: ModelConfig | dict) -> dict:
-    """What makes two checkpoints interchangeable: ``{arch, backbone, embed_dim, psp_bins, head_dim}``."""
+    """What makes two checkpoints interchangeable: ``{arch, backbone, embed_dim, psp_bins, head_dim}``, and
+    ``input`` where it is not ``rgb`` (so signatures written before it existed still match)."""
     c = asdict(model_cfg) if isinstance(model_cfg, ModelConfig) else dict(model_cfg)
     base = asdict(ModelConfig())
+    extra = {"input": c["input"]} if c.get("input", "rgb") != "rgb" else {}
     return {
         "arch": c.get("arch", base["arch"]),
         "backbone": c.get("backbone", base["backbone"]),
         "embed_dim": int(c.get("embed_dim", base["embed_dim"])),
         "psp_bins": [int(b) for b in c.get("psp_bins", base["psp_bins"])],
         "head_dim": int(c.get("head_dim", base["head_dim"])),
+        **extra,
     }
 
 
 def check_signature(saved: dict, model_cfg: ModelConfig | dict, *, what: str = "checkpoint") -> None:
     """Raise ``ValueError`` listing the differing fields when ``saved`` (a ``model_signature``) doesn't match."""
     cur = model_signature(model_cfg)
-    diffs = [f"{k}: {what} has {saved.get(k)!r}, model has {v!r}" for k, v in cur.items() if saved.get(k) != v]
+    keys = [*cur, *(k for k in saved if k not in cur)]
+    get = lambda d, k: d.get(k, "rgb" if k == "input" else None)  # noqa: E731  (absent input = rgb)
+    diffs = [f"{k}: {what} has {get(saved, k)!r}, model has {get(cur, k)!r}" for k in keys if get(saved, k) != get(cur, k)]
     if diffs:
         raise ValueError(f"{what} was made for another model ({'; '.join(diffs)})")
 

@@ -22,7 +22,7 @@ import torch
 
 from clips4.pipeline.regions import recolour_regions
 
-__all__ = ["apply_regions"]
+__all__ = ["apply_regions", "paste_regions"]
 
 
 def apply_regions(img: torch.Tensor, labels, g: torch.Generator) -> torch.Tensor:
@@ -34,3 +34,37 @@ def apply_regions(img: torch.Tensor, labels, g: torch.Generator) -> torch.Tensor
     rng = np.random.default_rng(int(torch.randint(0, 2 ** 31 - 1, (1,), generator=g).item()))
     out = recolour_regions(img.permute(1, 2, 0).numpy(), lab, rng)
     return torch.from_numpy(out).permute(2, 0, 1).contiguous()
+
+
+def paste_regions(a: tuple, b: tuple, rng: np.random.Generator, share: float = 0.5) -> tuple:
+    """Superpixels of image ``b`` pasted over image ``a`` (ClassMix-style, on the segments stage's regions).
+
+    ``a``, ``b``: ``(image (H,W,3) uint8, labels (H,W) int, feats (h,w,D))`` — ``b`` of any size, resized to
+    ``a``'s (nearest for labels, so no new ids). Each region of ``b`` is taken with probability ``share``; its
+    pixels replace ``a``'s, its ids are offset past ``a``'s (negative ids stay negative: ignored), and the
+    teacher features of the feature cells it covers (more than half) become ``b``'s there — the target of a
+    pasted region is what the teacher saw in its own image. Returns the same triple for the composite.
+    """
+    import cv2
+
+    img_a, lab_a, feat_a = a
+    img_b, lab_b, feat_b = b
+    H, W = lab_a.shape
+    h, w = feat_a.shape[:2]
+    img_b = cv2.resize(np.ascontiguousarray(img_b), (W, H), interpolation=cv2.INTER_LINEAR)
+    lab_b = cv2.resize(np.ascontiguousarray(lab_b, np.int32), (W, H), interpolation=cv2.INTER_NEAREST)
+    feat_b = np.asarray(feat_b)
+    rows = np.minimum((np.arange(h) + 0.5) * feat_b.shape[0] / h, feat_b.shape[0] - 1).astype(int)
+    cols = np.minimum((np.arange(w) + 0.5) * feat_b.shape[1] / w, feat_b.shape[1] - 1).astype(int)
+    feat_b = feat_b[rows][:, cols]
+    ids = np.unique(lab_b[lab_b >= 0])
+    take = ids[rng.random(len(ids)) < share]
+    if not len(take):
+        return a
+    mask = np.isin(lab_b, take)
+    offset = int(max(lab_a.max(), -1)) + 1
+    image = np.where(mask[..., None], img_b, img_a)
+    labels = np.where(mask, lab_b.astype(np.int64) + offset, lab_a)
+    cover = cv2.resize(mask.astype(np.float32), (w, h), interpolation=cv2.INTER_AREA) > 0.5
+    feats = np.where(cover[..., None], feat_b, feat_a).astype(feat_a.dtype)
+    return image, labels.astype(lab_a.dtype if lab_a.dtype.kind == "i" else np.int64), feats

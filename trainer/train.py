@@ -54,24 +54,43 @@ def poly_lr(base: float, step: int, total: int, power: float) -> float:
     return base * (1.0 - step / total) ** power
 
 
-def build_for_training(p: TrainParams, embed_dim: int) -> torch.nn.Module:
+def build_for_training(p: TrainParams, embed_dim: int, input: str = "rgb") -> torch.nn.Module:
     # backbone_weights=random is logged loudly by build_model itself
     return build_model(ModelConfig(backbone=p.backbone, embed_dim=embed_dim, backbone_weights=p.backbone_weights,
-                                   head_dim=p.head_dim))
+                                   head_dim=p.head_dim, input=input))
+
+
+def _teacher_invariances(prototypes_url: str) -> dict[str, float]:
+    """``{family: score}`` measured by the prototypes stage (``invariances.json``; ``{}`` when not measured)."""
+    import fsspec
+
+    try:
+        with fsspec.open(prototypes_url.rstrip("/") + "/invariances.json", "rb") as f:
+            return json.loads(f.read()).get("families", {})
+    except FileNotFoundError:
+        return {}
+
+
+def model_input(p: TrainParams, prototypes_url: str, rank: int = 0) -> str:
+    """``train.input`` resolved: ``auto`` -> ``local-contrast`` where the teacher ignores colour and brightness
+    region by region (family ``local_recolour``), else ``rgb``; said in one plain line."""
+    if p.input != "auto":
+        return p.input
+    score = _teacher_invariances(prototypes_url).get("local_recolour")
+    out = "local-contrast" if score is not None and score >= p.augment.auto_threshold else "rgb"
+    if rank == 0:
+        shown = "not measured" if score is None else f"{score:.2f}"
+        console.print(f"input: auto -> {out} (teacher invariance to recolouring each region: {shown}; threshold "
+                      f"{p.augment.auto_threshold})", markup=False)
+    return out
 
 
 def _auto_augment(augment: AugmentConfig, prototypes_url: str, rank: int) -> AugmentConfig:
     """``photometric`` / ``geometric: auto``: impose only what the teacher is invariant to (``invariances.json`` of
     the prototypes stage); said in one plain line, since it decides what the student learns."""
-    import fsspec
-
     from clips4.trainer.augment import gate_by_teacher
 
-    try:
-        with fsspec.open(prototypes_url.rstrip("/") + "/invariances.json", "rb") as f:
-            scores = json.loads(f.read()).get("families", {})
-    except FileNotFoundError:
-        scores = {}
+    scores = _teacher_invariances(prototypes_url)
     out, kept = gate_by_teacher(augment, scores, augment.auto_threshold)
     if rank == 0:
         shown = ", ".join(f"{k} {v:.2f}" for k, v in scores.items()) or "not measured (prototypes.invariance_images: 0)"
@@ -157,7 +176,7 @@ def _train(cfg: Config, dataset: Dataset, out: Path, fp: str, resume: bool, rest
         raise TrainingError(f"prototypes in {deps['prototypes']} do not match the CLIP feature width {ds.embed_dim}")
     torch.manual_seed(p.seed)
     np.random.seed(p.seed)
-    model = build_for_training(p, ds.embed_dim).to(device)
+    model = build_for_training(p, ds.embed_dim, model_input(p, deps["prototypes"], rank)).to(device)
     protos = Prototypes(known, unknown if unknown.numel() else None).to(device)
     loss_cfg, text = LossConfig.from_params(p), None
     if p.w_x > 0:  # L_x distils the teacher's distribution over the known classes' texts
