@@ -26,7 +26,7 @@ def build_world(base: Path, n_train: int, n_val: int, *, seed: int = 0, quiet: b
                 segments_params: dict | None = None) -> Path:
     """World + caches (train: segments, clip_features, prototypes; val: segments, clip_features) under ``base``.
 
-    ``world``: a name of ``clips4.pipeline.synthetic.WORLDS`` (None = the original world). ``variants``: teacher
+    ``world``: a name of ``clips4.synthetic.WORLDS`` (None = the original world). ``variants``: teacher
     photometric variants cached for the train split (``clip_features.photometric_variants``). ``teacher_params``:
     SyntheticTeacher kwargs over the world's own (e.g. ``{"noise_sigma": 0}``). ``segments_params``: segments-stage
     params over the config's (e.g. ``{"ucm_threshold": 0.1}``), written into the world's overlay so that every
@@ -35,7 +35,7 @@ def build_world(base: Path, n_train: int, n_val: int, *, seed: int = 0, quiet: b
     overlay for a named world). Idempotent: finished stages are skipped by the pipeline itself.
     """
     from clips4.cli import main
-    from clips4.pipeline.synthetic import SyntheticWorld, world_from_preset
+    from clips4.synthetic import SyntheticWorld, world_from_preset
 
     base.mkdir(parents=True, exist_ok=True)
     root = base / "world"

@@ -1,6 +1,6 @@
 """Which cue a model reads on a synthetic world's val images: its class (texture) or the colours it wears.
 
-In a spurious-colour world (``clips4.pipeline.synthetic``, ``spurious_colour``) every val region wears the colours
+In a spurious-colour world (``clips4.synthetic``, ``spurious_colour``) every val region wears the colours
 (hue, luminance, or both) of a random class, so a model that learned colour instead of texture predicts the worn
 class. Per model (``teacher`` or a checkpoint) on the cached val images:
 
@@ -47,7 +47,7 @@ def cue_report(cfg_path: Path, model: str, world: str, seed: int, image_size=(64
     from clips4.evaluate.language import predict_labels
     from clips4.evaluate.sources import embedding_source, resolve_classes, source_text_embeddings
     from clips4.evaluate.sources import text_embeddings_for
-    from clips4.pipeline.synthetic import world_from_preset
+    from clips4.synthetic import world_from_preset
 
     from common import val_setup
 

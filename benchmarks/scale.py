@@ -91,7 +91,7 @@ def _write_range(args) -> int:
     root, lo, hi, hw = args
     from PIL import Image
 
-    from clips4.pipeline.synthetic import SyntheticWorld
+    from clips4.synthetic import SyntheticWorld
 
     w = SyntheticWorld(image_size=hw)
     d = Path(root) / "images" / "train"
@@ -109,7 +109,7 @@ def write_world(root: Path, n: int, hw: tuple[int, int], procs: int, unique: int
     marker = root / (f".written-{n}-{hw[0]}x{hw[1]}" + (f"-u{unique}" if 0 < unique < n else ""))
     if marker.exists():
         return 0.0
-    from clips4.pipeline.synthetic import SyntheticWorld
+    from clips4.synthetic import SyntheticWorld
 
     t0 = time.perf_counter()
     for k in range((n + 999) // 1000):

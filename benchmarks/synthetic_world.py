@@ -12,7 +12,7 @@ segment embedding)). L_t alone has no link to CLIP's space: its language mIoU is
     .venv/bin/python benchmarks/synthetic_world.py [--iterations N] [--n-train N] [--n-val N] [--quick]
         [--no-ablation] [--ablation-iterations N] [--work DIR] [--set train.KEY=VALUE ...]
 
-``--sweep``: every world of ``clips4.pipeline.synthetic.WORLDS`` (class near-duplicates, one hue, one texture,
+``--sweep``: every world of ``clips4.synthetic.WORLDS`` (class near-duplicates, one hue, one texture,
 spurious colour, Voronoi/boxes/many small regions, teachers with random-class patches, Gaussian noise, a
 per-image nuisance direction, per-image class confusions, a coarse grid, modality gaps) x ``--seeds``, small
 images (64 x 96; 512 train / 240 val), each world trained (``SWEEP_TRAIN``: 3000 iterations, batch 4, crop 64) with
@@ -147,7 +147,7 @@ def sweep(a) -> int:
     import numpy as np
     import torch
 
-    from clips4.pipeline.synthetic import WORLDS
+    from clips4.synthetic import WORLDS
 
     torch.set_num_threads(1)
     worlds = a.worlds.split(",") if a.worlds else list(WORLDS)

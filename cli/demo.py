@@ -112,7 +112,7 @@ def _synthetic_world(root: Path, iterations: int) -> int:
     from clips4.evaluate.language import run_language
     from clips4.pipeline.config import load_config
     from clips4.pipeline.stage import dataset_from_config, print_summary, run_stage
-    from clips4.pipeline.synthetic import SyntheticWorld
+    from clips4.synthetic import SyntheticWorld
     from clips4.trainer.train import train
 
     spec = yaml.safe_load(resources.files("clips4.data").joinpath("configs", "synthetic.yaml").read_text())

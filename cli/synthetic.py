@@ -24,7 +24,7 @@ def make(
     seed: int = typer.Option(0, help="World seed (the teacher's backend_params.world_seed must match)."),
 ) -> dict:
     """Write a synthetic world (images/<split>, masks/<split>, classes.txt) for the folder dataset reader."""
-    from clips4.pipeline.synthetic import SyntheticWorld
+    from clips4.synthetic import SyntheticWorld
 
     info = SyntheticWorld(n_classes=n_classes, image_size=(height, width), seed=seed).write(root, n_train, n_val)
     console.print(f"synthetic world: {info.get('train', 0)} train + {info.get('val', 0)} val images, "

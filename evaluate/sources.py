@@ -111,10 +111,18 @@ def embedding_source(cfg: Config, dataset: Dataset, model: str, device: str = "a
 CLIP_IDENTITY = ("backend", "backend_params", "model", "pretrained", "checkpoint", "variant")
 
 
+def _trained_clip(src: EmbeddingSource) -> dict | None:
+    """The CLIP params a checkpoint records, a moved backend's old spelling read as the current one."""
+    from clips4.pipeline.config import current_backend_spec
+
+    trained = src.info.get("clip")
+    return {**trained, "backend": current_backend_spec(trained.get("backend"))} if trained else trained
+
+
 def clip_config(cfg: Config, src: EmbeddingSource) -> Config:
     """``cfg`` with the CLIP a checkpoint was trained against (its text space), this machine's other CLIP settings
     kept; ``cfg`` itself for the teacher or a checkpoint that does not record one."""
-    trained = src.info.get("clip")
+    trained = _trained_clip(src)
     if not trained:
         return cfg
     now = cfg.params("clip_features").clip.model_dump(mode="json")  # type: ignore[attr-defined]
@@ -144,7 +152,7 @@ def source_text_embeddings(cfg: Config, src: EmbeddingSource, names: list[str]) 
 
 def warn_clip_mismatch(cfg: Config, src: EmbeddingSource, why: str = "") -> None:
     """A checkpoint is only meaningful against the CLIP text space it was trained in: say so when they differ."""
-    trained = src.info.get("clip")
+    trained = _trained_clip(src)
     if not trained:
         return
     now = cfg.params("clip_features").clip.model_dump(mode="json")  # type: ignore[attr-defined]

@@ -120,6 +120,9 @@ def load_backend(spec: str | None = None, **params) -> VisionLanguageBackend:
         from clips4.pipeline.clip.backend import OpenClipBackend
 
         return OpenClipBackend(**params)
+    from clips4.pipeline.config import current_backend_spec
+
+    spec = current_backend_spec(spec)  # a moved backend's old spelling names the code where it is now
     if ":" not in spec:
         raise ValueError(
             f"backend spec {spec!r} is neither 'open_clip' nor of the form 'package.module:Factory'"

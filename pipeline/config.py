@@ -131,9 +131,31 @@ class SegmentsParams(Strict):
     item_timeout_s: float = Field(default=600.0, ge=0)
 
 
+#: backend specs whose code has moved: the old spelling -> the current one. A config, a cache's meta.json or a
+#: checkpoint that names the old one keeps working: it is read as the current one (:func:`current_backend_spec`).
+MOVED_BACKENDS: dict[str, str] = {"clips4.pipeline.synthetic:make_teacher": "clips4.synthetic:make_teacher"}
+
+
+def current_backend_spec(spec: Any) -> Any:
+    """``spec`` with a moved backend's old spelling replaced by where its code is now (anything else unchanged)."""
+    return MOVED_BACKENDS.get(spec, spec) if isinstance(spec, str) else spec
+
+
+def fingerprinted_backend_spec(spec: Any) -> Any:
+    """The spelling a stage fingerprint hashes for ``spec``: a moved backend's *old* one.
+
+    Moving a backend's code changes its name, not what it computes. Hashing the current spelling would give every
+    output made before the move a new fingerprint, so they would be computed again (and a config still naming the
+    old spelling, which is read as the current one, would no longer find them either). Hashing the old spelling for
+    both keeps every existing output where it is and gives both spellings the same one."""
+    old = {new: old for old, new in MOVED_BACKENDS.items()}
+    return old.get(spec, spec) if isinstance(spec, str) else spec
+
+
 class ClipParams(Strict):
-    #: ``None``/``open_clip`` for open_clip, or ``package.module:Factory`` for any vision-language backend
-    backend: str | None = None
+    #: ``None``/``open_clip`` for open_clip, or ``package.module:Factory`` for any vision-language backend (a moved
+    #: backend's old spelling, :data:`MOVED_BACKENDS`, is read as the current one)
+    backend: Annotated[str | None, BeforeValidator(current_backend_spec)] = None
     #: keyword arguments of a custom backend factory
     backend_params: dict[str, Any] = Field(default_factory=dict)
     #: open_clip model name (``ViT-B-16``, ``RN50``, ...) or a model-config JSON file (custom architectures)

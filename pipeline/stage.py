@@ -22,7 +22,8 @@ from pathlib import Path
 from clips4.pipeline.cache import (INDEX, META, StageReader, StageWriter, UndeclaredOutputError, commit_files,
                                    quarantine_damaged, url_join, verify_stage)
 from clips4.pipeline.names import display, from_stored
-from clips4.pipeline.config import Config, flat_params, resolved_dict, stage_object
+from clips4.pipeline.config import (Config, current_backend_spec, fingerprinted_backend_spec, flat_params, resolved_dict,
+                                    stage_object)
 from clips4.pipeline.datasets import Dataset, open_dataset, source_signature
 from clips4.pipeline.failures import StageInterrupted, _Signalled, signal_name, signals_as_exceptions
 from clips4.pipeline.lock import StageLock, StageLocked  # noqa: F401 - StageLocked is part of this API
@@ -110,13 +111,19 @@ def stage_url(cfg: Config, name: str, dataset: Dataset) -> tuple[str, str, dict[
 
 def identity_params(cfg: Config, name: str) -> dict:
     """The params that identify a stage's output: all of them, with the keys its stage object declares
-    ``operational`` (how a run is carried out, not what it computes; e.g. train's iterations) at their defaults."""
+    ``operational`` (how a run is carried out, not what it computes; e.g. train's iterations) at their defaults, and a
+    moved backend under the spelling it was first fingerprinted with."""
     obj = stage_def(cfg, name)
     params = cfg.params(name).model_dump(mode="json")
     op = getattr(obj, "operational", ())
     if op:
         defaults = obj.Params().model_dump(mode="json")
         params.update({k: defaults[k] for k in op if k in defaults})
+    clip = params.get("clip")
+    if isinstance(clip, dict) and "backend" in clip:
+        # a moved backend is hashed under its old spelling, so the move leaves existing outputs' fingerprints as
+        # they were (see fingerprinted_backend_spec)
+        params["clip"] = {**clip, "backend": fingerprinted_backend_spec(clip["backend"])}
     return params
 
 
@@ -192,6 +199,9 @@ def open_stage(cfg: Config, name: str, dataset: Dataset) -> StageReader:
 def param_diff(stage: str, there: dict, here: dict) -> list[str]:
     """``['clip_features.clip.pretrained: "local-dir:X" there, "openai" here', ...]`` between two params dicts."""
     a, b = flat_params(there), flat_params(here)
+    for d in (a, b):  # a moved backend's two spellings (meta.json from before the move, identity params) are one
+        if "clip.backend" in d:
+            d["clip.backend"] = current_backend_spec(d["clip.backend"])
     return [f"{stage}.{k}: {json.dumps(a.get(k), default=str)} there, {json.dumps(b.get(k), default=str)} here"
             for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
 

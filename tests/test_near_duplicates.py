@@ -32,7 +32,7 @@ def _run(tmp_path, overrides: list[str]) -> dict:
     from clips4.cli import main
     from clips4.pipeline.config import load_config
     from clips4.pipeline.stage import dataset_from_config
-    from clips4.pipeline.synthetic import world_from_preset
+    from clips4.synthetic import world_from_preset
     from clips4.trainer.train import train
 
     torch.set_num_threads(1)

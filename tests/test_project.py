@@ -24,7 +24,7 @@ stages:
   clip_features:
     params:
       clip:
-        backend: clips4.pipeline.synthetic:make_teacher
+        backend: clips4.synthetic:make_teacher
         backend_params: {{n_classes: 6, image_size: [96, 128], world_seed: 0, embed_dim: 64}}
       n_clusters: 6
   prototypes: {{params: {{classes: dataset, top_m: 8, n_unknown: 4, invariance_images: 0}}}}
@@ -41,7 +41,7 @@ def _json_out(capsys) -> dict:
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory) -> Path:
-    from clips4.pipeline.synthetic import SyntheticWorld
+    from clips4.synthetic import SyntheticWorld
 
     base = tmp_path_factory.mktemp("project-world")
     SyntheticWorld().write(base / "w", n_train=12, n_val=2)
@@ -184,7 +184,7 @@ def test_a_run_is_self_sufficient_and_evaluations_find_it_by_folder_or_name(proj
 
     ck = torch.load(project / "runs" / "train" / "final.pt", weights_only=True)
     spec = json.loads(ck["clip"])
-    assert spec["params"]["backend"] == "clips4.pipeline.synthetic:make_teacher"
+    assert spec["params"]["backend"] == "clips4.synthetic:make_teacher"
     names = (world / "classes.txt").read_text().split()
     assert ck["class_text"]["names"] == names and ck["class_text"]["vectors"].shape == (len(names), 64)
 

@@ -68,7 +68,7 @@ def runs(s3, tmp_path_factory):
     """The same tiny world run twice: dataset + caches on S3, and dataset + caches on local disk."""
     import fsspec
 
-    from clips4.pipeline.synthetic import SyntheticWorld
+    from clips4.synthetic import SyntheticWorld
 
     base = tmp_path_factory.mktemp("s3world")
     SyntheticWorld(image_size=(48, 64)).write(base / "w", n_train=6, n_val=0)

@@ -18,7 +18,7 @@ import pytest
 def _world() -> dict:
     from dataclasses import asdict
 
-    from clips4.pipeline.synthetic import spurious_specs
+    from clips4.synthetic import spurious_specs
 
     # three textures (horizontal, vertical, diagonal stripes), each with its own brightness in train
     return {"world": {"specs": [asdict(s) for s in spurious_specs("luminance", 3, contrast=0.4, seed=7)],
@@ -38,7 +38,7 @@ def _run(tmp_path, overrides: list[str], iterations: int) -> tuple[float, float]
     from clips4.evaluate.language import run_language
     from clips4.pipeline.config import load_config
     from clips4.pipeline.stage import dataset_from_config
-    from clips4.pipeline.synthetic import world_from_preset
+    from clips4.synthetic import world_from_preset
     from clips4.trainer.train import train
 
     torch.set_num_threads(1)

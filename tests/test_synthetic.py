@@ -3,7 +3,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from clips4.pipeline.synthetic import (
+from clips4.synthetic import (
     SyntheticWorld,
     class_text_embeddings,
     miou,
@@ -94,7 +94,7 @@ def test_teacher_miou_imperfect_but_fixable(world, teacher):
 
 
 def test_world_family_presets_build_and_differ():
-    from clips4.pipeline.synthetic import WORLDS, world_from_preset
+    from clips4.synthetic import WORLDS, world_from_preset
 
     for name in WORLDS:
         w, tp = world_from_preset(name, (64, 96), 0)
@@ -107,7 +107,7 @@ def test_world_family_presets_build_and_differ():
 
 
 def test_spurious_colour_shuffles_palettes_outside_train():
-    from clips4.pipeline.synthetic import world_from_preset
+    from clips4.synthetic import world_from_preset
 
     w, _ = world_from_preset("spurious-colour", (64, 96), 0)
     rng = np.random.default_rng(0)
@@ -127,7 +127,7 @@ def test_spurious_colour_shuffles_palettes_outside_train():
 
 
 def test_teacher_confusions_are_consistent_within_an_image():
-    from clips4.pipeline.synthetic import SyntheticWorld
+    from clips4.synthetic import SyntheticWorld
 
     w = SyntheticWorld(n_classes=4, image_size=(64, 96), seed=0)
     clean = w.teacher(embed_dim=32, noise_patch_p=0, noise_sigma=0, blur=0)
@@ -145,7 +145,7 @@ def test_teacher_confusions_are_consistent_within_an_image():
 
 
 def test_spurious_cue_worlds_tie_the_cue_in_train_only_and_context_worlds_group_classes():
-    from clips4.pipeline.synthetic import WORLDS, world_from_preset
+    from clips4.synthetic import WORLDS, world_from_preset
 
     def worn_off(name, split):  # share of regions that wear another class's colours
         w, _ = world_from_preset(name, (48, 64), 0)
@@ -168,3 +168,29 @@ def test_spurious_cue_worlds_tie_the_cue_in_train_only_and_context_worlds_group_
     assert all(any(s <= g for g in groups) for s in train)
     val = [set(np.unique(w.sample(i, "val")[1]).tolist()) for i in range(24)]
     assert any(not any(s <= g for g in groups) for s in val)  # apart at evaluation
+
+
+def test_the_teachers_old_backend_spelling_still_loads_and_finds_the_same_outputs(tmp_path):
+    """Configs, caches and checkpoints written when the teacher lived in ``clips4.pipeline`` name it
+    ``clips4.pipeline.synthetic:make_teacher``: that spelling is read as the current one, and both hash to the
+    fingerprint the old one always had, so outputs made before the move are found by either."""
+    from clips4.pipeline.backends import load_backend
+    from clips4.pipeline.config import bundled_configs, load_config
+    from clips4.pipeline.datasets import open_dataset
+    from clips4.pipeline.stage import identity_params, param_diff, stage_url
+    from clips4.synthetic import SyntheticTeacher, SyntheticWorld
+
+    old, new = "clips4.pipeline.synthetic:make_teacher", "clips4.synthetic:make_teacher"
+    assert isinstance(load_backend(old, n_classes=3, image_size=(32, 32), embed_dim=8), SyntheticTeacher)
+    SyntheticWorld(n_classes=3, image_size=(32, 32)).write(tmp_path / "w", n_train=2, n_val=0)
+    fps, params = {}, {}
+    for spec in (old, new):
+        cfg = load_config(None, [bundled_configs()["synthetic"]], [f"dataset.root={tmp_path / 'w'}",
+                          f"cache_root={tmp_path / 'cache'}", f"clip_features.clip.backend={spec}"], search=False)
+        assert cfg.params("clip_features").clip.backend == new  # what runs, is recorded and is compared
+        ds = open_dataset(cfg.dataset.kind, cfg.dataset.root, cfg.dataset.split)
+        fps[spec] = stage_url(cfg, "clip_features", ds)[1]
+        params[spec] = identity_params(cfg, "clip_features")
+    assert fps[old] == fps[new] and params[new]["clip"]["backend"] == old  # hashed under the old spelling
+    there = {**params[new], "clip": {**params[new]["clip"], "backend": new}}  # a meta.json written after the move
+    assert param_diff("clip_features", there, params[new]) == []

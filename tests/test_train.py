@@ -27,7 +27,7 @@ TINY = ["train.iterations=6", "train.num_workers=0", "train.checkpoint_every=3",
 
 
 def _build_world(base: Path) -> Path:
-    from clips4.pipeline.synthetic import SyntheticWorld
+    from clips4.synthetic import SyntheticWorld
 
     root = base / "world"
     SyntheticWorld().write(root, n_train=8, n_val=4)
