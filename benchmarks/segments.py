@@ -161,14 +161,27 @@ def eval_ray_speedup(root: Path, split: str, n_images: int, thresholds: int) -> 
 
 def compare_detectors(root: Path, split: str, limit: int | None, thresholds: int, workers: int, out: Path | None,
                       detectors: list[str]) -> dict:
-    """Contour ODS/OIS/AP (both APs) and UCM ODS/OIS/covering per detector on the same images (counts cached
-    under ``out/<detector>`` when ``out`` is given)."""
+    """Contour ODS/OIS/AP (both APs) and UCM ODS/OIS/covering per detector on the same images: the segments stage
+    run with each detector (``workers`` workers; its cache under ``out/<detector>/cache``), then its output scored
+    (counts cached under ``out/<detector>``), as ``clips4 evaluate boundaries`` does."""
+    import tempfile
+
+    from clips4.evaluate.boundaries import segments_predictions
+    from clips4.pipeline.config import load_config
+    from clips4.pipeline.stage import run_stage
+
     print(f"== quality: BSDS500 {split}, {limit or 'all'} images, {thresholds} thresholds")
     res = {}
     for det in detectors:
         t0 = time.perf_counter()
-        r = evaluate_boundaries(root, split=split, thresholds=thresholds, detector=det, limit=limit, workers=workers,
-                                out_dir=(out / det) if out else None, quiet=True)
+        with tempfile.TemporaryDirectory() as tmp:
+            cfg = load_config(None, None, [f"cache_root={(out / det / 'cache') if out else tmp}", "dataset.kind=bsds",
+                                           f"dataset.root={root}", f"dataset.split={split}", f"segments.detector={det}",
+                                           f"ray.num_workers={workers}"]
+                              + ([f"dataset.limit={limit}"] if limit else []), search=False)
+            predictions, ids = segments_predictions(run_stage(cfg, "segments", show_progress=False).url)
+            r = evaluate_boundaries(root, predictions, split=split, thresholds=thresholds, detector=det, workers=workers,
+                                    image_ids=ids, out_dir=(out / det) if out else None, quiet=True)
         res[det] = r
         c, u = r["contours"], r["ucm"]
         print(f"  {det:9s} contours(NMS): ODS {c['ODS']['f']:.3f}  OIS {c['OIS']['f']:.3f}  "

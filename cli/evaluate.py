@@ -276,8 +276,7 @@ def boundaries(
     """Score the segments stage on BSDS500 (--root, --split test|val|train; default test): contour map (after NMS)
     and UCM boundary P/R/F at ODS and OIS, AP, and segmentation covering. Runs the segments stage there first, or
     reuses its cache."""
-    from clips4.evaluate.boundaries import evaluate_boundaries
-    from clips4.pipeline.cache import StageReader
+    from clips4.evaluate.boundaries import evaluate_boundaries, segments_predictions
     from clips4.pipeline.stage import print_summary, run_stage
 
     if not opts.root:
@@ -287,14 +286,11 @@ def boundaries(
     run = run_stage(cfg, "segments", show_progress=not opts.quiet)
     if print_summary(run, max_failures=-1):
         return {"exit_code": 1}
-    reader = StageReader(run.url)
-
-    def predictions(image_id: str) -> dict:
-        return {k: reader.get(image_id, k) for k in ("contours", "orientation", "ucm")}
-
-    summary = evaluate_boundaries(cfg.dataset.root, split=split, thresholds=thresholds, limit=opts.limit,
-                                  workers=workers, out_dir=out, predictions=predictions, image_ids=reader.image_ids,
-                                  quiet=opts.quiet, executor="ray" if cfg.ray.executor == "ray" else "process",
+    predictions, image_ids = segments_predictions(run.url)
+    summary = evaluate_boundaries(cfg.dataset.root, predictions, split=split, thresholds=thresholds, limit=opts.limit,
+                                  detector=cfg.params("segments").detector, workers=workers, out_dir=out,
+                                  image_ids=image_ids, quiet=opts.quiet,
+                                  executor="ray" if cfg.ray.executor == "ray" else "process",
                                   ray_address=cfg.ray.address)
     return {"out": str(out) if out else None, "segments": run.url,
             **{k: {"ODS": v["ODS"]["f"], "OIS": v["OIS"]["f"], "AP": v["AP"]} for k, v in summary.items()

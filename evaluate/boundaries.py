@@ -19,12 +19,15 @@ Two APs are reported, labelled: ``AP`` (pyEdgeEval's figure: the mean over recal
 ``collect_eval_bdry`` figure: the PR curve linearly interpolated at recall 0, 0.01, ..., 1 within the
 recall range the curve covers, summed and divided by 100, i.e. the area under the interpolated curve).
 
+What is scored is what the segments stage wrote: ``predictions`` maps an image id to its arrays
+(:func:`segments_predictions` reads them from the stage's output; ``clips4 evaluate boundaries`` runs the stage, or
+reuses its cache, first). This module computes no contours of its own.
+
 Scaling: the per-image matching runs on the stages' executor (``executor='ray'``: one Ray task per image,
 one CPU each, so a Ray cluster speeds it up), or a local process pool.  With ``out_dir`` the per-image
-counts are cached in ``out_dir/counts/<image_id>-<key>.npz``, the key hashing the prediction arrays (or
-the detector, its parameters and the image file's content), the ground truth's content, the thresholds, the
-tolerance and the scored maps: a rerun scores only the images whose counts are missing, also after the dataset
-was copied again (file contents, not modification times, name an image).
+counts are cached in ``out_dir/counts/<image_id>-<key>.npz``, the key hashing the prediction arrays, the ground
+truth's content, the thresholds, the tolerance and the scored maps: a rerun scores only the images whose counts are
+missing, also after the dataset was copied again (file contents, not modification times, name an image).
 
 Matcher randomness: pyEdgeEval's ``correspond_pixels`` (the BSDS CSA matcher) draws from a C++ generator
 seeded from the clock when the library loads, and exposes no seed, so it cannot be pinned from Python.
@@ -54,6 +57,7 @@ __all__ = [
     "summarize_boundaries",
     "summarize_covering",
     "evaluate_boundaries",
+    "segments_predictions",
     "MAX_DIST",
 ]
 
@@ -296,64 +300,52 @@ def summarize_covering(counts: list[np.ndarray], thresholds: np.ndarray) -> dict
 # driver
 # ------------------------------------------------------------------------------------------------
 
-_WORKER_DETECTOR: Any = None
-_WORKER_SEG_KW: dict = {}
+def segments_predictions(stage_url: str) -> tuple[Callable[[str], dict], list[str]]:
+    """``(predictions, image ids)`` of a finished segments stage output (``run_stage(cfg, "segments").url``):
+    ``predictions(image_id)`` reads the maps that are scored: the image's ``contours``, ``orientation`` and ``ucm``
+    (so its counts' cache key is those arrays' bytes)."""
+    from clips4.pipeline.cache import StageReader
+
+    reader = StageReader(stage_url)
+
+    def predictions(image_id: str) -> dict:
+        return {k: reader.get(image_id, k) for k in ("contours", "orientation", "ucm")}
+
+    return predictions, list(reader.image_ids)
 
 
-def _worker_init(detector: Optional[str], detector_params: dict, seg_kw: dict) -> None:
+def _worker_init() -> None:
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     import cv2
 
     cv2.setNumThreads(1)
-    global _WORKER_DETECTOR, _WORKER_SEG_KW
-    from clips4.pipeline.contours import build_detector
-
-    _WORKER_DETECTOR = build_detector(detector, **detector_params) if detector is not None else None
-    _WORKER_SEG_KW = dict(seg_kw)
-
-
-def _predict(image_path: Path) -> dict:
-    from clips4.pipeline.segments import compute_segments
-
-    import cv2
-
-    bgr = cv2.imread(str(image_path), cv2.IMREAD_COLOR)
-    if bgr is None:
-        raise ValueError(f"cannot read image {image_path}")
-    rgb = np.ascontiguousarray(bgr[:, :, ::-1])
-    return compute_segments(rgb, _WORKER_DETECTOR, **_WORKER_SEG_KW)
 
 
 def _task(args: tuple) -> tuple[str, dict, float]:
-    image_id, image_path, gt_path, pred, thresholds, which = args
+    image_id, gt_path, pred, thresholds, which = args
     t0 = time.perf_counter()
-    if pred is None:
-        pred = _predict(image_path)
-    t1 = time.perf_counter()
-    predict_seconds = t1 - t0
     res = evaluate_image(pred, gt_path, thresholds, which=which)
-    res["n_segments"] = int(np.asarray(pred["labels"]).max()) + 1 if "labels" in pred else -1
-    res["predict_seconds"] = predict_seconds
+    res["n_segments"] = int(np.asarray(pred["labels"]).max()) + 1 if pred.get("labels") is not None else -1
     return image_id, res, time.perf_counter() - t0
 
 
-_RAY_INIT: Any = None
+_RAY_READY = False
 
 
-def _ray_task(init_args: tuple, args: tuple) -> tuple[str, dict, float]:
-    """Body of one Ray task: the worker process builds the detector once, then scores images."""
-    global _RAY_INIT
-    if _RAY_INIT != init_args:
-        _worker_init(*init_args)
-        _RAY_INIT = init_args
+def _ray_task(args: tuple) -> tuple[str, dict, float]:
+    """Body of one Ray task: the worker process is set to one thread once, then scores images."""
+    global _RAY_READY
+    if not _RAY_READY:
+        _worker_init()
+        _RAY_READY = True
     return _task(args)
 
 
-def _count_key(image_id: str, image_path: Path, pred: Optional[dict], init_args: tuple, levels: np.ndarray,
-               which: tuple[str, ...], gt_path: Optional[Path] = None) -> str:
-    """Cache key of one image's counts: what was scored (prediction bytes, or detector + the image file's
-    content) against which human boundaries (the ground-truth file's content), and how. Contents, not size and
-    mtime: a dataset copied again (rsync without -t, a fresh checkout, an object-store sync) keeps its counts."""
+def _count_key(image_id: str, pred: dict, levels: np.ndarray, which: tuple[str, ...],
+               gt_path: Optional[Path] = None) -> str:
+    """Cache key of one image's counts: what was scored (the prediction's bytes) against which human boundaries
+    (the ground-truth file's content), and how. Contents, not size and mtime: a dataset copied again (rsync
+    without -t, a fresh checkout, an object-store sync) keeps its counts."""
     from clips4.pipeline.io import file_sha256
 
     h = hashlib.sha256()
@@ -361,15 +353,11 @@ def _count_key(image_id: str, image_path: Path, pred: Optional[dict], init_args:
                          "which": list(which), "v": 2}, sort_keys=True).encode())
     if gt_path is not None:
         h.update(f"gt:{file_sha256(gt_path)}".encode())
-    if pred is not None:
-        for k in ("contours", "orientation", "ucm", "labels"):
-            if pred.get(k) is not None:
-                a = np.ascontiguousarray(pred[k])
-                h.update(f"{k}:{a.dtype}:{a.shape}".encode())
-                h.update(a.tobytes())
-    else:
-        h.update(json.dumps({"detector": init_args[0], "params": init_args[1], "segments": init_args[2],
-                             "image": file_sha256(image_path)}, sort_keys=True, default=str).encode())
+    for k in ("contours", "orientation", "ucm", "labels"):
+        if pred.get(k) is not None:
+            a = np.ascontiguousarray(pred[k])
+            h.update(f"{k}:{a.dtype}:{a.shape}".encode())
+            h.update(a.tobytes())
     return h.hexdigest()[:20]
 
 
@@ -396,16 +384,14 @@ def _load_counts(path: Path) -> tuple[dict, float] | None:
 
 def evaluate_boundaries(
     root: str | Path,
+    predictions: Optional[Callable[[str], dict]] = None,
+    *,
     split: str = "test",
     thresholds: int = 99,
-    detector: str = "classical",
+    detector: str = "segments stage",
     limit: Optional[int] = None,
     workers: int = 2,
     out_dir: str | Path | None = None,
-    predictions: Optional[Callable[[str], dict]] = None,
-    *,
-    detector_params: Optional[dict] = None,
-    segments_params: Optional[dict] = None,
     which: tuple[str, ...] = ("contours", "ucm"),
     image_ids: Optional[Iterable[str]] = None,
     quiet: bool = False,
@@ -413,21 +399,20 @@ def evaluate_boundaries(
     ray_address: str = "local",
     cache_counts: bool = True,
 ) -> dict:
-    """Score contour maps (NMS) and UCMs on a BSDS500-layout folder.
+    """Score the segments stage's contour maps (NMS) and UCMs on a BSDS500-layout folder.
 
     Args:
         root: folder with ``images/<split>/*.jpg`` and ``groundTruth/<split>/*.mat``.
+        predictions: ``image_id -> dict(contours=..., orientation=..., ucm=...)`` (``labels`` optional: the
+            per-image segment count): the segments stage's arrays (:func:`segments_predictions`; uint8 quantised or
+            float); called in this process. Required: without it a :class:`ValueError` names the stage to run.
         split: 'test', 'val' or 'train'.
         thresholds: number of evenly spaced thresholds (BSDS: 99).
-        detector: contour detector name (``clips4.pipeline.contours.CONTOUR_DETECTORS``), with
-            ``detector_params``; ignored when ``predictions`` is given.
+        detector: what made the predictions, for the report (e.g. the stage's ``segments.detector``).
         limit: only the first ``limit`` images (sorted by id).
         workers: parallel workers (Ray tasks in flight, or spawned processes); <= 1 runs inline.
         out_dir: if given, writes ``boundaries.json``, ``boundaries_pr.png`` and the per-image count cache
             ``counts/`` there.
-        predictions: ``image_id -> dict(contours=..., orientation=..., ucm=...)`` with precomputed
-            arrays (e.g. from the segments cache; uint8 quantised or float); called in this process.
-        segments_params: keyword arguments of ``compute_segments`` (ucm_threshold, oriented, ...).
         which: subset of ('contours', 'ucm') to score.
         image_ids: restrict to these ids.
         quiet: no table printing.
@@ -441,6 +426,11 @@ def evaluate_boundaries(
         ``per_image`` rows and run info (``n_scored``: images matched in this run, ``n_cached``: reused).
     """
     root = Path(root)
+    if predictions is None:
+        raise ValueError(
+            f"evaluate_boundaries scores the segments stage's output and computes none itself: pass predictions "
+            f"(segments_predictions(run_stage(cfg, 'segments').url)), after `clips4 precompute segments --dataset "
+            f"bsds --root {root} --split {split}` (`clips4 evaluate boundaries` runs it, or reuses its cache, first)")
     items = _list_images(root, split)
     if image_ids is not None:
         wanted = set(image_ids)
@@ -450,10 +440,7 @@ def evaluate_boundaries(
     if executor not in ("ray", "process", "local"):
         raise ValueError(f"executor must be 'ray', 'process' or 'local', got {executor!r}")
     levels = threshold_levels(int(thresholds))
-    seg_kw = dict(segments_params or {})
-    det_params = dict(detector_params or {})
     t0 = time.perf_counter()
-    init_args = (detector if predictions is None else None, det_params, seg_kw)
     counts_dir = Path(out_dir) / "counts" if (out_dir is not None and cache_counts) else None
     if counts_dir is not None:
         counts_dir.mkdir(parents=True, exist_ok=True)
@@ -462,16 +449,16 @@ def evaluate_boundaries(
     seconds: dict[str, float] = {}
     todo: list[tuple] = []
     cache_paths: dict[str, Path] = {}
-    for image_id, img, gt in items:
-        pred = predictions(image_id) if predictions is not None else None
+    for image_id, _img, gt in items:
+        pred = predictions(image_id)
         if counts_dir is not None:
-            cp = counts_dir / f"{image_id}-{_count_key(image_id, img, pred, init_args, levels, tuple(which), gt)}.npz"
+            cp = counts_dir / f"{image_id}-{_count_key(image_id, pred, levels, tuple(which), gt)}.npz"
             cache_paths[image_id] = cp
             got = _load_counts(cp) if cp.is_file() else None
             if got is not None:
                 results[image_id], seconds[image_id] = got
                 continue
-        todo.append((image_id, img, gt, pred, levels, tuple(which)))
+        todo.append((image_id, gt, pred, levels, tuple(which)))
     n_cached = len(results)
 
     def done(image_id: str, res: dict, sec: float) -> None:
@@ -484,7 +471,6 @@ def evaluate_boundaries(
 
     t_match = time.perf_counter()
     if executor == "local" or workers <= 1 or len(todo) <= 1:
-        _worker_init(*init_args)
         for args in todo:
             done(*_task(args))
     elif executor == "ray":
@@ -494,18 +480,17 @@ def evaluate_boundaries(
 
         init_ray(ray_address)
         remote = ray.remote(num_cpus=1)(_ray_task)
-        init_ref = ray.put(init_args)
         queue = list(todo)
         pending: list = []
         # at most `workers` tasks in flight: the worker count is the knob, as for the stages
         while queue or pending:
             while queue and len(pending) < int(workers):
-                pending.append(remote.remote(init_ref, queue.pop(0)))
+                pending.append(remote.remote(queue.pop(0)))
             ready, pending = ray.wait(pending, num_returns=1)
             done(*ray.get(ready[0]))
     else:
         ctx = mp.get_context("spawn")
-        with ctx.Pool(processes=int(workers), initializer=_worker_init, initargs=init_args) as pool:
+        with ctx.Pool(processes=int(workers), initializer=_worker_init) as pool:
             for image_id, res, sec in pool.imap_unordered(_task, todo):
                 done(image_id, res, sec)
     match_seconds = time.perf_counter() - t_match
@@ -513,9 +498,7 @@ def evaluate_boundaries(
     summary: dict[str, Any] = {
         "root": str(root),
         "split": split,
-        "detector": detector if predictions is None else "predictions",
-        "detector_params": det_params,
-        "segments_params": seg_kw,
+        "detector": detector,
         "thresholds": int(thresholds),
         "max_dist": MAX_DIST,
         "n_images": len(ids),

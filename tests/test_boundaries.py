@@ -111,17 +111,28 @@ def test_predictions_callable_and_outputs(tmp_path):
     assert saved["n_images"] == 1 and "curve" in saved["ucm"]
     assert (tmp_path / "out" / "boundaries_pr.png").stat().st_size > 1000
 
-    # the detector path (computed in the evaluation itself) agrees on this easy image
-    res2 = evaluate_boundaries(root, thresholds=5, workers=1, quiet=True)
-    assert res2["ucm"]["ODS"]["f"] > 0.85
+
+def test_without_the_stages_predictions_the_error_names_the_stage_to_run(tmp_path):
+    """The evaluation scores what the segments stage wrote and computes no contours of its own."""
+    root = _fake_bsds(tmp_path / "bsds", n=1)
+    with pytest.raises(ValueError, match=r"clips4 precompute segments --dataset bsds --root .*bsds --split test"):
+        evaluate_boundaries(root, thresholds=5, workers=1, quiet=True)
 
 
 @pytest.mark.slow
-def test_real_bsds_image():
+def test_real_bsds_image(tmp_path):
     if not (BSDS / "groundTruth" / "test").is_dir():
         pytest.skip(f"BSDS500 not available at {BSDS}")
-    res = evaluate_boundaries(BSDS, split="test", thresholds=5, limit=1, workers=1, quiet=True)
-    assert res["n_images"] == 1
+    from clips4.evaluate.boundaries import segments_predictions
+    from clips4.pipeline.config import load_config
+    from clips4.pipeline.stage import run_stage
+
+    cfg = load_config(None, None, [f"cache_root={tmp_path / 'cache'}", "dataset.kind=bsds", f"dataset.root={BSDS}",
+                                   "dataset.split=test", "dataset.limit=1", "ray.executor=local",
+                                   "segments.detector=classical"], search=False)
+    predictions, ids = segments_predictions(run_stage(cfg, "segments", show_progress=False).url)
+    res = evaluate_boundaries(BSDS, predictions, thresholds=5, image_ids=ids, workers=1, quiet=True)
+    assert res["n_images"] == 1 and res["detector"] == "segments stage"
     for key in ("contours", "ucm"):
         assert 0.3 < res[key]["ODS"]["f"] <= 1.0
         assert 0.0 < res[key]["AP"] <= 1.0
@@ -144,20 +155,34 @@ def _fake_bsds(root, n=2):
     return root
 
 
+def _predictions(root, split="test"):
+    """What the segments stage computes for each image (the classical detector), by image id."""
+    import cv2
+
+    from clips4.pipeline.contours import build_detector
+    from clips4.pipeline.segments import compute_segments
+
+    det = build_detector("classical")
+    preds = {p.stem: compute_segments(np.ascontiguousarray(cv2.imread(str(p))[:, :, ::-1]), det)
+             for p in sorted((Path(root) / "images" / split).glob("*.jpg"))}
+    return preds.__getitem__
+
+
 def test_counts_cached_rerun_scores_only_missing(tmp_path):
     root = _fake_bsds(tmp_path / "bsds", n=2)
+    preds = _predictions(root)
     out = tmp_path / "out"
-    first = evaluate_boundaries(root, thresholds=5, workers=1, out_dir=out, quiet=True, which=("contours",))
+    first = evaluate_boundaries(root, preds, thresholds=5, workers=1, out_dir=out, quiet=True, which=("contours",))
     assert (first["n_scored"], first["n_cached"]) == (2, 0)
-    again = evaluate_boundaries(root, thresholds=5, workers=1, out_dir=out, quiet=True, which=("contours",))
+    again = evaluate_boundaries(root, preds, thresholds=5, workers=1, out_dir=out, quiet=True, which=("contours",))
     assert (again["n_scored"], again["n_cached"]) == (0, 2)
     assert again["contours"]["ODS"] == first["contours"]["ODS"]
     # one image's counts gone: only that image is matched again
     next(iter((out / "counts").glob("1-*.npz"))).unlink()
-    third = evaluate_boundaries(root, thresholds=5, workers=1, out_dir=out, quiet=True, which=("contours",))
+    third = evaluate_boundaries(root, preds, thresholds=5, workers=1, out_dir=out, quiet=True, which=("contours",))
     assert (third["n_scored"], third["n_cached"]) == (1, 1)
     # other settings (thresholds) are other counts, not a stale reuse
-    other = evaluate_boundaries(root, thresholds=7, workers=1, out_dir=out, quiet=True, which=("contours",))
+    other = evaluate_boundaries(root, preds, thresholds=7, workers=1, out_dir=out, quiet=True, which=("contours",))
     assert other["n_scored"] == 2
     # the dataset copied again (new modification times, same bytes): every count is still found
     import os
@@ -166,7 +191,7 @@ def test_counts_cached_rerun_scores_only_missing(tmp_path):
     copy = shutil.copytree(root, tmp_path / "bsds-copy", copy_function=shutil.copyfile)
     for f in Path(copy).rglob("*.*"):
         os.utime(f, (1_000_000_000, 1_000_000_000))
-    moved = evaluate_boundaries(copy, thresholds=5, workers=1, out_dir=out, quiet=True, which=("contours",))
+    moved = evaluate_boundaries(copy, preds, thresholds=5, workers=1, out_dir=out, quiet=True, which=("contours",))
     assert (moved["n_scored"], moved["n_cached"]) == (0, 2)
     # ... but a ground truth whose content changed is scored again
     gt0 = Path(copy) / "groundTruth" / "test" / "0.mat"
@@ -175,7 +200,7 @@ def test_counts_cached_rerun_scores_only_missing(tmp_path):
     m = sio.loadmat(str(gt0))
     m["groundTruth"][0, 0]["Boundaries"][0, 0][:] = 0
     sio.savemat(str(gt0), {"groundTruth": m["groundTruth"]})
-    changed = evaluate_boundaries(copy, thresholds=5, workers=1, out_dir=out, quiet=True, which=("contours",))
+    changed = evaluate_boundaries(copy, preds, thresholds=5, workers=1, out_dir=out, quiet=True, which=("contours",))
     assert (changed["n_scored"], changed["n_cached"]) == (1, 1)
 
 
@@ -194,7 +219,8 @@ def test_bsds_ap_is_area_under_interpolated_curve():
 def test_ray_executor_matches_inline(tmp_path):
     pytest.importorskip("ray")
     root = _fake_bsds(tmp_path / "bsds", n=2)
-    inline = evaluate_boundaries(root, thresholds=5, workers=1, quiet=True, which=("contours",))
-    dist = evaluate_boundaries(root, thresholds=5, workers=2, quiet=True, which=("contours",), executor="ray")
+    preds = _predictions(root)
+    inline = evaluate_boundaries(root, preds, thresholds=5, workers=1, quiet=True, which=("contours",))
+    dist = evaluate_boundaries(root, preds, thresholds=5, workers=2, quiet=True, which=("contours",), executor="ray")
     assert dist["n_scored"] == 2 and dist["executor"] == "ray"
     assert abs(dist["contours"]["ODS"]["f"] - inline["contours"]["ODS"]["f"]) < 0.02
