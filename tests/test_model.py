@@ -107,3 +107,44 @@ def test_signature():
     with pytest.raises(ValueError, match="embed_dim"):
         check_signature(sig, ModelConfig(backbone="tiny", embed_dim=32))
     assert model_signature(sig) == sig  # a saved dict round-trips
+
+
+def test_local_contrast_input_ignores_region_colour_and_brightness():
+    """``input: local-contrast``: two images whose regions wear other colours and brightnesses (the same stripes)
+    give the same input away from the region border; the stripes themselves survive."""
+    lc = M.LocalContrast()
+    H, W = 48, 64
+    y = torch.arange(H).view(H, 1).expand(H, W)
+    stripes = ((y % 6) < 3).float()
+    left = torch.arange(W).view(1, W).expand(H, W) < W // 2
+
+    def paint(colours):
+        img = torch.zeros(3, H, W)
+        for side, (c, gain) in zip((left, ~left), colours):
+            for k in range(3):
+                img[k][side] = (c[k] * (1 + gain * (stripes[side] - 0.5)))
+        return img[None]
+
+    a = lc(paint([((0.9, 0.2, 0.2), 0.4), ((0.1, 0.1, 0.6), 0.6)]) / 0.225)  # about ImageNet-normalised units
+    b = lc(paint([((0.2, 0.3, 0.1), 0.8), ((0.8, 0.8, 0.8), 0.3)]) / 0.225)
+    inner = torch.zeros(H, W, dtype=torch.bool)
+    inner[14:-14, 14:W // 2 - 14] = True
+    inner[14:-14, W // 2 + 14:-14] = True
+    assert torch.allclose(a[0, :, inner], b[0, :, inner], atol=0.08)  # colour, brightness, contrast: gone
+    assert a[0, 0, inner].std() > 0.5  # the pattern stays
+    assert torch.equal(a[0, 0], a[0, 2])  # one grey channel, repeated
+
+
+def test_input_is_part_of_the_signature_and_runs():
+    rgb = ModelConfig(backbone="tiny", embed_dim=16, backbone_weights="random")
+    lc = ModelConfig(backbone="tiny", embed_dim=16, backbone_weights="random", input="local-contrast")
+    assert "input" not in model_signature(rgb)  # signatures written before the field still match
+    assert model_signature(lc)["input"] == "local-contrast"
+    with pytest.raises(ValueError, match="input"):
+        check_signature(model_signature(lc), rgb)
+    with pytest.raises(ValueError, match="input"):
+        check_signature(model_signature(rgb), lc)
+    z = build_model(lc).eval()(torch.rand(2, 3, 32, 32))
+    assert z.shape == (2, 16, 4, 4) and torch.allclose(z.norm(dim=1), torch.ones(2, 4, 4), atol=1e-4)
+    with pytest.raises(ValueError, match="valid: rgb, local-contrast"):
+        build_model(ModelConfig(backbone="tiny", embed_dim=16, backbone_weights="random", input="hsv"))

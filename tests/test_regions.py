@@ -68,3 +68,23 @@ def test_auto_recolours_regions_only_for_a_teacher_that_ignores_it():
     with pytest.raises(ValueError, match="auto"):  # never silently treated as another mode
         make_views(img, labels, None, cfg=AugmentConfig(size=16, photometric="imposed", geometric="imposed",
                                                         regions="auto"))
+
+
+def test_pasted_regions_bring_their_pixels_ids_and_teacher_features():
+    from clips4.trainer.regions import paste_regions
+
+    H, W = 32, 48
+    a = (np.zeros((H, W, 3), np.uint8), (np.arange(W)[None].repeat(H, 0) // 12).astype(np.int32),
+         np.zeros((4, 6, 5), np.float16))
+    b_lab = (np.arange(40)[:, None] // 10 * 4 + np.arange(60)[None] // 15).astype(np.int32)  # 16 blocks, 40x60
+    b = (np.full((40, 60, 3), 200, np.uint8), b_lab, np.ones((5, 8, 5), np.float16))
+    image, labels, feats = paste_regions(a, b, np.random.default_rng(3))
+    pasted = image[..., 0] == 200
+    assert 0.2 < pasted.mean() < 0.8  # about half of b's regions
+    assert labels[pasted].min() >= 4 and labels[~pasted].max() <= 3  # b's ids after a's, a's kept
+    assert set(np.unique(labels[pasted])) <= set(range(4, 20))
+    assert feats.dtype == np.float16 and feats.shape == (4, 6, 5)
+    cells = pasted.reshape(4, 8, 6, 8).mean((1, 3)) > 0.5
+    assert np.array_equal(feats[..., 0] == 1, cells)  # the teacher of a pasted cell is b's
+    same = paste_regions(a, b, np.random.default_rng(3))
+    assert np.array_equal(same[1], labels)  # a function of the generator

@@ -82,7 +82,10 @@ class TrainParams(Strict):
     #: absolute or between regions, can stand in for what the teacher reads; ``auto``: ``local-contrast`` when the
     #: teacher is measured to ignore both (``invariances.json`` family ``local_recolour`` >= ``augment.auto_threshold``:
     #: each region of an image recoloured on its own leaves its features unchanged), otherwise ``rgb``.
-    input: Literal["auto", "rgb", "local-contrast"] = "rgb"
+    #: Default ``auto``: where colour or brightness is tied to the class in the training images but the teacher
+    #: reads texture, a student that sees colour learns that cue first and fails where the tie breaks; a teacher
+    #: that reads colour keeps an ``rgb`` student (docs/results.md, "Spurious cues")
+    input: Literal["auto", "rgb", "local-contrast"] = "auto"
     # --- optimisation
     #: iterations (paper: 20k VOC/Context, 80k COCO-Stuff)
     iterations: int = Field(default=20000, ge=1)

@@ -94,7 +94,9 @@ class LocalContrast(nn.Module):
     divided by the local standard deviation (floor ``eps`` in the input's units), repeated on three channels.
     Parameter-free. Colour and any brightness or contrast that is constant over a region are gone; the pattern
     (edges, stripes, texture) stays. ``sigma`` in input pixels: the neighbourhood over which brightness is
-    removed; a few pixels, so a region's own brightness never survives at its centre."""
+    removed; a few pixels, so a region's own brightness never survives at its centre. ``eps`` (in the network's
+    ImageNet-normalised units, about 6 grey levels): contrast well above it is divided out, flat areas keep their
+    small noise small instead of having it raised to full contrast."""
 
     def __init__(self, sigma: float = 4.0, eps: float = 0.1):
         super().__init__()
