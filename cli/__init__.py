@@ -1,7 +1,9 @@
 """``clips4.cli``: the command line. One module per command group (:mod:`.precompute`, :mod:`.train`,
 :mod:`.evaluate`, :mod:`.predict` (predict + search), :mod:`.cache`, :mod:`.synthetic`, :mod:`.demo`,
-:mod:`.report`), shared options in :mod:`.common`, the app and ``main`` in :mod:`.app`. Heavy packages (torch,
-ray, the evaluations) are imported inside command bodies, so ``clips4 --help`` starts fast."""
+:mod:`.report`): each command a function made one by :func:`.common.common_options`; every option that several
+commands share declared once in :data:`.common.OPTIONS`; every command registered from :data:`.app.COMMANDS`, and
+``main`` in :mod:`.app`. Heavy packages (torch, ray, the evaluations) are imported inside command bodies, so
+``clips4 --help`` starts fast."""
 
 
 def main(argv: list[str] | None = None) -> int:

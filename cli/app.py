@@ -43,18 +43,36 @@ def _root(version: bool = typer.Option(False, "--version", callback=_version, is
     """CLIP-S4: language-guided self-supervised semantic segmentation — offline pipeline and trainer."""
 
 
-app.add_typer(precompute.app, name="precompute")
-app.add_typer(evaluate.app, name="evaluate")
-app.add_typer(cache.app, name="cache")
-app.add_typer(synthetic.app, name="synthetic")
-app.command("status")(project.status)
-app.command("repro")(project.repro)
-app.command("train")(train.train)
-app.command("train-contours")(train.train_contours)
-app.command("predict")(predict.predict)
-app.command("search")(predict.search)
-app.command("report")(report.report)
-app.command("demo")(demo.demo)
+#: the command groups and their help
+GROUPS = {
+    "precompute": "Run the offline pipeline stages into the cache.",
+    "evaluate": "Evaluate contours, segments and embeddings.",
+    "cache": "Inspect the stage caches.",
+    "synthetic": "The synthetic world: textured classes with known masks and a CLIP-like teacher.",
+}
+#: every command, in --help order: functions made commands by ``common_options(name, ...)``, registered under that
+#: name (``"precompute segments"``: the group, then the command). The one place a command is registered.
+COMMANDS = (
+    project.status, project.repro, train.train, train.train_contours, predict.predict, predict.search, report.report,
+    demo.demo,
+    precompute.segments, precompute.clip_features, precompute.prototypes,
+    evaluate.language, evaluate.unsupervised, evaluate.avgsim, evaluate.class_free, evaluate.davis, evaluate.boundaries,
+    cache.ls, cache.verify, cache.gc,
+    synthetic.make, synthetic.config,
+)
+
+
+def _register(commands=COMMANDS, groups=GROUPS) -> None:
+    subapps = {}
+    for group, text in groups.items():
+        subapps[group] = typer.Typer(help=text, no_args_is_help=True)
+        app.add_typer(subapps[group], name=group)
+    for fn in commands:
+        *group, name = fn.command_name.split(" ")
+        (subapps[group[0]] if group else app).command(name)(fn)
+
+
+_register()
 
 
 class _Terminated(Exception):

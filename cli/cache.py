@@ -3,9 +3,7 @@ from __future__ import annotations
 
 import typer
 
-from clips4.cli.common import Common, common_options, console
-
-app = typer.Typer(help="Inspect the stage caches.", no_args_is_help=True)
+from clips4.cli.common import Common, common_options, console, option
 
 
 def _human(n: float) -> str:
@@ -16,7 +14,6 @@ def _human(n: float) -> str:
     return f"{n:.1f} PiB"
 
 
-@app.command("ls")
 @common_options("cache ls", dataset=False)
 def ls(
     opts: Common,
@@ -48,7 +45,6 @@ def ls(
     return {"cache_root": cfg.cache_root, "outputs": rows}
 
 
-@app.command("verify")
 @common_options("cache verify", dataset=False)
 def verify(
     opts: Common,
@@ -125,11 +121,10 @@ def _repair(cfg, row: dict, problems) -> str:
     return f"recomputed {run.processed}"
 
 
-@app.command("gc")
 @common_options("cache gc", stage="train")
 def gc(
     opts: Common,
-    dry_run: bool = typer.Option(False, "--dry-run", help="Only list what would be removed."),
+    dry_run: bool = option("dry_run", help="Only list what would be removed."),
 ) -> dict:
     """Remove the stage outputs of this dataset that neither the current configuration nor a named run
     (runs/*/run.json) refers to: outputs of old params, prototypes and runs built from older image sets. Other

@@ -8,9 +8,7 @@ import time
 from pathlib import Path
 from typing import Optional
 
-import typer
-
-from clips4.cli.common import Common, common_options, console
+from clips4.cli.common import Common, common_options, console, option
 
 #: scikit-image sample images used by the demo (all ship with the wheel; no download)
 SAMPLES = ("astronaut", "chelsea", "coffee", "rocket", "camera", "coins", "immunohistochemistry", "motorcycle_left")
@@ -169,11 +167,11 @@ def _save_segment_previews(stage_url: str, folder: Path) -> None:
 @common_options("demo", dataset=None)
 def demo(
     opts: Common,
-    out: Path = typer.Option(Path("outputs/demo"), "--out", help="Folder for the demo's images, caches and pictures."),
-    num_workers: int = typer.Option(2, "--num-workers", "-j", help="Ray workers."),
-    executor: str = typer.Option("auto", "--executor", help="'auto' (this process for the few sample images), 'ray' or 'local'."),
-    iterations: int = typer.Option(300, "--iterations", help="Training iterations of the synthetic-world run."),
-    clip_checkpoint: Optional[str] = typer.Option(None, help="Real CLIP weights (ViT-B-16) to run the CLIP stages on the samples."),
+    out: Path = option("out", Path("outputs/demo"), help="Folder for the demo's images, caches and pictures."),
+    num_workers: int = option("num_workers", 2, help="Ray workers."),
+    executor: str = option("executor", "auto", help="'auto' (this process for the few sample images), 'ray' or 'local'."),
+    iterations: int = option("iterations", 300, help="Training iterations of the synthetic-world run."),
+    clip_checkpoint: Optional[str] = option("clip_checkpoint", help="Real CLIP weights (ViT-B-16) to run the CLIP stages on the samples."),
 ) -> dict:
     """Run every stage on sample images and a synthetic world, offline, and print where outputs are."""
     code = run_demo(out, num_workers=num_workers, executor=executor, iterations=iterations, clip_checkpoint=clip_checkpoint)

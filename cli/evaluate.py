@@ -6,13 +6,8 @@ from typing import List, Optional
 
 import typer
 
-from clips4.cli.common import CLIError, Common, DeviceOpt, common_options, console
+from clips4.cli.common import CLIError, Common, common_options, console, option
 
-app = typer.Typer(help="Evaluate contours, segments and embeddings.", no_args_is_help=True)
-
-PrecomputeOpt = typer.Option(False, "--precompute", help="First run the stages this needs (cached images are skipped).")
-ModelOpt = typer.Option("teacher", "--model", help="'teacher' (cached CLIP dense features: the MaskCLIP baseline), or a trained run: its folder (runs/NAME), its name or a final.pt.")
-CheckpointOpt = typer.Option(None, "--checkpoint", help="A trained run: its folder (runs/NAME), its name or a final.pt; overrides --model.")
 VOC_MODE_HELP = ("VOC convention (only for --dataset voc without --classes): 21 = background + 20 objects, a "
                  "'background' prompt competes like any class (MaskCLIP/mmseg); 20 = the 20 object classes only, GT "
                  "background pixels are ignored and saved predictions keep VOC ids 1..20.")
@@ -51,17 +46,16 @@ def _value_errors(fn, *args, **kwargs):
         raise CLIError(str(exc)) from None
 
 
-@app.command("language")
 @common_options("evaluate language", stage="clip_features")
 def language(
     opts: Common,
-    model: str = ModelOpt, checkpoint: Optional[Path] = CheckpointOpt,
-    classes: Optional[str] = typer.Option(None, "--classes", help="Class names in GT id order: voc21, context59, a file or 'a,b,c' (default: the dataset's)."),
+    model: str = option("model"), checkpoint: Optional[Path] = option("checkpoint"),
+    classes: Optional[str] = option("classes", help="Class names in GT id order: voc21, context59, a file or 'a,b,c' (default: the dataset's)."),
     voc_mode: int = typer.Option(21, "--voc-mode", help=VOC_MODE_HELP),
     save_predictions: Optional[Path] = typer.Option(None, "--save-predictions", help="Write predicted label PNGs (dataset ids) into this folder."),
-    out: Path = typer.Option(Path("runs/language"), "--out", help="Report folder: results.json, report.md, PNG figures."),
+    out: Path = option("out", Path("runs/language"), help="Report folder: results.json, report.md, PNG figures."),
     overlays: int = typer.Option(4, "--overlays", help="Number of image | prediction | GT figures in the report."),
-    device: str = DeviceOpt, precompute_: bool = PrecomputeOpt,
+    device: str = option("device"), precompute_: bool = option("precompute"),
     prior_matching: str = typer.Option("checkpoint", "--calibration", "--prior-matching", help="The class calibration (train.calibration: a per-class bias that keeps a class its teacher mostly confuses from vanishing): 'checkpoint' applies the one `clips4 train` stored in the run when the evaluated classes are the calibrated ones; 'none' = plain arg-max; a split of the dataset (e.g. train) fits it again on that split's cached teacher features (no labels)."),
     prior_images: int = typer.Option(512, "--calibration-images", "--prior-images", help="With --calibration SPLIT: how many of that split's images (train.calibration_images)."),
     prior_mode: str = typer.Option("band", "--calibration-mode", "--prior-mode", help="With --calibration SPLIT, as train.calibration (default band): 'raise' only the classes the model predicts at under --calibration-ratio x the teacher's frequency, 'band' (raise those, and lower the classes it predicts at over the teacher's frequency / --calibration-ratio), or 'match' every class's frequency to the teacher's."),
@@ -120,21 +114,20 @@ def language(
             "prior_matching": res.get("prior_matching")}
 
 
-@app.command("unsupervised")
 @common_options("evaluate unsupervised", stage="clip_features")
 def unsupervised(
     opts: Common,
-    train_split: str = typer.Option("train", "--train-split", help="Split whose GT labels the k-NN database and trains the linear classifier."),
-    model: str = ModelOpt, checkpoint: Optional[Path] = CheckpointOpt,
-    segments: str = typer.Option("ucm", "--segments", help="Segments for k-NN: 'ucm' (the cached superpixels of the segments stage) or 'kmeans' (per-image k-means over the embeddings)."),
+    train_split: str = option("train_split", "train", help="Split whose GT labels the k-NN database and trains the linear classifier."),
+    model: str = option("model"), checkpoint: Optional[Path] = option("checkpoint"),
+    segments: str = option("segments", "ucm", help="Segments for k-NN: 'ucm' (the cached superpixels of the segments stage) or 'kmeans' (per-image k-means over the embeddings)."),
     n_clusters: Optional[int] = typer.Option(None, "--n-clusters", help="k-means segments per image (default: clip_features.n_clusters)."),
     k: int = typer.Option(10, "-k", "--k", help="Nearest training segments that vote."),
     pixels_per_image: int = typer.Option(2000, "--pixels-per-image", help="Labelled pixels sampled per training image for the linear classifier."),
     epochs: int = typer.Option(10, "--epochs", help="Linear classifier epochs."),
-    lr: float = typer.Option(0.1, "--lr", help="Linear classifier learning rate (AdamW)."),
-    seed: int = typer.Option(0, "--seed", help="Seed of the pixel sampling and the classifier."),
-    out: Path = typer.Option(Path("runs/unsupervised"), "--out", help="Report folder."),
-    device: str = DeviceOpt, precompute_: bool = PrecomputeOpt,
+    lr: float = option("lr", 0.1, help="Linear classifier learning rate (AdamW)."),
+    seed: int = option("seed", 0, help="Seed of the pixel sampling and the classifier."),
+    out: Path = option("out", Path("runs/unsupervised"), help="Report folder."),
+    device: str = option("device"), precompute_: bool = option("precompute"),
 ) -> dict:
     """Unsupervised segmentation read-outs (paper 4.4): k-NN segment classification and a linear classifier on
     frozen pixel embeddings; mIoU for both. --split is the evaluation split."""
@@ -168,14 +161,13 @@ def unsupervised(
     return {"out": str(out), "knn_miou": res["knn_miou"], "linear_miou": res["linear_miou"], "model": res["model"]}
 
 
-@app.command("avgsim")
 @common_options("evaluate avgsim", stage="clip_features")
 def avgsim(
     opts: Common,
-    checkpoint: Path = typer.Option(..., "--checkpoint", help="The trained model (final.pt) to compare with CLIP."),
-    segments: str = typer.Option("clip", "--segments", help="'clip': the cached CLIP segments of clip_features; 'ucm': the cached superpixels."),
-    out: Path = typer.Option(Path("runs/avgsim"), "--out", help="Report folder."),
-    device: str = DeviceOpt,
+    checkpoint: Path = option("checkpoint", ..., help="The trained model (final.pt) to compare with CLIP."),
+    segments: str = option("segments", "clip", help="'clip': the cached CLIP segments of clip_features; 'ucm': the cached superpixels."),
+    out: Path = option("out", Path("runs/avgsim"), help="Report folder."),
+    device: str = option("device"),
 ) -> dict:
     """avgsim (paper 4.6, Tab. 6): mean cosine similarity between the model's and CLIP's segment embeddings over
     the cached segments, with the number of segments."""
@@ -190,23 +182,22 @@ def avgsim(
     return {k: res[k] for k in ("avgsim", "avgsim_std", "n_segments", "n_images", "model")} | {"out": str(out)}
 
 
-@app.command("class-free")
 @common_options("evaluate class-free", stage="clip_features")
 def class_free(
     opts: Common,
-    train_split: Optional[str] = typer.Option(None, "--train-split", help="Split the prototypes and models are trained on (default: the config's dataset.split); --split is the evaluated split (default val)."),
+    train_split: Optional[str] = option("train_split", help="Split the prototypes and models are trained on (default: the config's dataset.split); --split is the evaluated split (default val)."),
     folds: int = typer.Option(4, "--folds", help="Number of folds (paper: 4 over the 59 Pascal-Context classes, stored split)."),
     fold: Optional[List[int]] = typer.Option(None, "--fold", help="Only run these folds (repeatable; default all)."),
     fold_seed: int = typer.Option(0, "--fold-seed", help="Seed of the fold split for class sets other than the stored Context-59 one."),
     seeds: int = typer.Option(5, "--seeds", help="Training runs per fold (seeds first-seed..first-seed+N-1; paper: 5)."),
     first_seed: int = typer.Option(0, "--first-seed", help="First seed (prototypes.seed = train.seed = seed)."),
-    iterations: Optional[int] = typer.Option(None, "--iterations", help="Training iterations per run (default: train.iterations)."),
+    iterations: Optional[int] = option("iterations", help="Training iterations per run (default: train.iterations)."),
     checkpoints: Optional[List[Path]] = typer.Option(None, "--checkpoints", help="Evaluate these trained checkpoints instead of training (repeatable); each one's known classes pick its fold."),
-    classes: Optional[str] = typer.Option(None, "--classes", help="All classes in GT id order (default: the dataset's class names)."),
+    classes: Optional[str] = option("classes", help="All classes in GT id order (default: the dataset's class names)."),
     baseline: bool = typer.Option(True, "--baseline/--no-baseline", help="Also evaluate the teacher (cached CLIP features) on the same folds."),
-    precompute_: bool = typer.Option(True, "--precompute/--no-precompute", help="Run the segments/clip_features stages first (cached images are skipped)."),
-    out: Path = typer.Option(Path("runs/class-free"), "--out", help="Report folder (and the known-class files)."),
-    device: str = DeviceOpt,
+    precompute_: bool = option("precompute", True, help="Run the segments/clip_features stages first (cached images are skipped)."),
+    out: Path = option("out", Path("runs/class-free"), help="Report folder (and the known-class files)."),
+    device: str = option("device"),
 ) -> dict:
     """Class-free segmentation (paper Tab. 3): per fold, its classes are unknown (left out of the known
     prototypes); train with several seeds, evaluate on all classes: mIoU_u, mIoU_k and hIoU, mean ± std."""
@@ -223,20 +214,19 @@ def class_free(
     return {"out": str(out), **{k: res.get(k) for k in ("miou_unknown", "miou_known", "hiou")}}
 
 
-@app.command("davis")
 @common_options("evaluate davis")
 def davis(
     opts: Common,
     embedding: str = typer.Option("color", help="Embedding source: 'color' (Lab + xy baseline) or 'checkpoint' (a trained model; needs --checkpoint)."),
-    checkpoint: Optional[Path] = typer.Option(None, help="Model checkpoint for --embedding checkpoint."),
-    out: Path = typer.Option(Path("runs/davis"), help="Output folder: <out>/<sequence>/<frame>.png palette masks, per-sequence JSON and davis_results.json."),
+    checkpoint: Optional[Path] = option("checkpoint", help="Model checkpoint for --embedding checkpoint."),
+    out: Path = option("out", Path("runs/davis"), help="Output folder: <out>/<sequence>/<frame>.png palette masks, per-sequence JSON and davis_results.json."),
     context: int = typer.Option(20, help="Number of preceding frames used as context (the first frame is always added)."),
     radius: float = typer.Option(12.0, help="Spatial radius on the feature grid for preceding-frame neighbours (distance < radius)."),
     topk: int = typer.Option(10, help="Number of most similar context nodes whose labels are averaged."),
     temperature: float = typer.Option(0.07, help="Softmax temperature applied to the cosine affinities."),
     sequences: Optional[List[str]] = typer.Option(None, help="Sequences to run (repeat or comma-separate); default: ImageSets/2017/<split>.txt."),
     limit_frames: Optional[int] = typer.Option(None, help="Only propagate/score the first N frames of each sequence (quick checks; N >= 3)."),
-    device: Optional[str] = typer.Option(None, help="Torch device (default: cuda if available, else cpu)."),
+    device: Optional[str] = option("device", None, help="Torch device (default: cuda if available, else cpu)."),
 ) -> dict:
     """Propagate DAVIS 2017 first-frame masks with pixel embeddings and report J, F and J&F (paper 4.5).
     Sequences finished by an earlier run with the same settings are not redone."""
@@ -265,13 +255,12 @@ def davis(
             "frames_without_annotation": res["frames_without_annotation"]}
 
 
-@app.command("boundaries")
 @common_options("evaluate boundaries", stage="segments")
 def boundaries(
     opts: Common,
     thresholds: int = typer.Option(99, help="Number of evenly spaced thresholds (BSDS uses 99; fewer for a quick look)."),
-    workers: int = typer.Option(2, help="Workers for the boundary matching (~0.1 s per threshold per annotator): Ray workers with --executor ray (default), processes with --executor local."),
-    out: Optional[Path] = typer.Option(None, help="Folder for boundaries.json, the PR-curve PNG and the per-image counts (reruns score only missing images)."),
+    workers: int = option("workers", 2, help="Workers for the boundary matching (~0.1 s per threshold per annotator): Ray workers with --executor ray (default), processes with --executor local."),
+    out: Optional[Path] = option("out", help="Folder for boundaries.json, the PR-curve PNG and the per-image counts (reruns score only missing images)."),
 ) -> dict:
     """Score the segments stage on BSDS500 (--root, --split test|val|train; default test): contour map (after NMS)
     and UCM boundary P/R/F at ODS and OIS, AP, and segmentation covering. Runs the segments stage there first, or

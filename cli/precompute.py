@@ -3,12 +3,10 @@ from __future__ import annotations
 
 from typing import Optional
 
-import typer
+from clips4.cli.common import Common, common_options, option
 
-from clips4.cli.common import (AddressOpt, BatchOpt, Common, MaxFailOpt, RetryOpt, WaitOpt, WaitTimeoutOpt,
-                               common_options, sets)
-
-app = typer.Typer(help="Run the offline pipeline stages into the cache.", no_args_is_help=True)
+#: how the per-image stages fan out: options that set a ray key
+RUNNER = {"ray.address": "address", "ray.batch_size": "batch_size"}
 
 
 def run_stage_command(name: str, cfg, opts: Common, *, max_failures: int = 0, retry_failed: bool = False,
@@ -22,43 +20,37 @@ def run_stage_command(name: str, cfg, opts: Common, *, max_failures: int = 0, re
     return {**run.to_dict(), "exit_code": code}
 
 
-@app.command("segments")
-@common_options("precompute segments", stage="segments")
+@common_options("precompute segments", stage="segments", settings=RUNNER)
 def segments(
     opts: Common,
-    address: Optional[str] = AddressOpt, batch_size: Optional[int] = BatchOpt,
-    max_failures: int = MaxFailOpt, retry_failed: bool = RetryOpt,
-    wait: bool = WaitOpt, wait_timeout: Optional[float] = WaitTimeoutOpt,
+    max_failures: int = option("max_failures"), retry_failed: bool = option("retry_failed"),
+    wait: bool = option("wait"), wait_timeout: Optional[float] = option("wait_timeout"),
 ) -> dict:
     """Contours → oriented watershed → UCM → superpixels for every image, into the segments cache."""
-    cfg = opts.build_config(address=address, batch_size=batch_size)
+    cfg = opts.build_config()
     return run_stage_command("segments", cfg, opts, max_failures=max_failures, retry_failed=retry_failed, wait=wait,
                              wait_timeout=wait_timeout)
 
 
-@app.command("clip-features")
-@common_options("precompute clip-features", stage="clip_features")
+@common_options("precompute clip-features", stage="clip_features", settings={**RUNNER, "ray.num_gpus": "num_gpus"})
 def clip_features(
     opts: Common,
-    address: Optional[str] = AddressOpt, batch_size: Optional[int] = BatchOpt,
-    max_failures: int = MaxFailOpt, retry_failed: bool = RetryOpt,
-    wait: bool = WaitOpt, wait_timeout: Optional[float] = WaitTimeoutOpt,
-    num_gpus: Optional[float] = typer.Option(None, help="GPUs per actor where CUDA exists."),
+    max_failures: int = option("max_failures"), retry_failed: bool = option("retry_failed"),
+    wait: bool = option("wait"), wait_timeout: Optional[float] = option("wait_timeout"),
 ) -> dict:
     """CLIP dense pixel embeddings (clip-i) and CLIP segment embeddings for every image, into the cache."""
-    cfg = opts.build_config(address=address, batch_size=batch_size, extra=sets("ray", {"num_gpus": num_gpus}))
+    cfg = opts.build_config()
     return run_stage_command("clip_features", cfg, opts, max_failures=max_failures, retry_failed=retry_failed,
                              wait=wait, wait_timeout=wait_timeout)
 
 
-@app.command("prototypes")
-@common_options("precompute prototypes", stage="prototypes")
+@common_options("precompute prototypes", stage="prototypes",
+                settings={"prototypes.seed": option("seed", None, help="Seed of the unknown prototypes' sampling.")})
 def prototypes(
     opts: Common,
-    seed: Optional[int] = typer.Option(None, help="Seed of the unknown prototypes' sampling."),
-    wait: bool = WaitOpt, wait_timeout: Optional[float] = WaitTimeoutOpt,
+    wait: bool = option("wait"), wait_timeout: Optional[float] = option("wait_timeout"),
 ) -> dict:
     """Known-class prototypes (top-m CLIP segments per class text, FAISS) and unknown prototypes, from the images
     the config selects (rebuilt when their upstream content changes)."""
-    cfg = opts.build_config(extra=sets("prototypes", {"seed": seed}))
+    cfg = opts.build_config()
     return run_stage_command("prototypes", cfg, opts, wait=wait, wait_timeout=wait_timeout)

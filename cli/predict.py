@@ -6,19 +6,19 @@ from typing import List, Optional
 
 import typer
 
-from clips4.cli.common import CLIError, Common, DeviceOpt, common_options, console, err_console
+from clips4.cli.common import CLIError, Common, common_options, console, err_console, option
 
 
 @common_options("predict", stage="clip_features")
 def predict(
     opts: Common,
     images: Optional[List[Path]] = typer.Argument(None, help="Image files (any format the segments stage reads); with --root, the dataset's images are added."),
-    classes: str = typer.Option(..., "--classes", help="Class names: 'sky,tree,moon', a bundled list (voc21, context59, cocostuff171) or a text file."),
-    model: str = typer.Option("teacher", "--model", help="'teacher': the configured CLIP backend run on each image; or a trained run: its folder (runs/NAME), its name or a final.pt."),
-    checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="A trained run (runs/NAME, its name or a final.pt); overrides --model."),
-    out: Path = typer.Option(Path("predictions"), "--out", help="Folder for <stem>_labels.png, <stem>_overlay.png, <stem>_areas.json."),
+    classes: str = option("classes", ..., help="Class names: 'sky,tree,moon', a bundled list (voc21, context59, cocostuff171) or a text file."),
+    model: str = option("model", help="'teacher': the configured CLIP backend run on each image; or a trained run: its folder (runs/NAME), its name or a final.pt."),
+    checkpoint: Optional[Path] = option("checkpoint"),
+    out: Path = option("out", Path("predictions"), help="Folder for <stem>_labels.png, <stem>_overlay.png, <stem>_areas.json."),
     alpha: float = typer.Option(0.5, "--alpha", help="Opacity of the class colours in the overlay."),
-    device: str = DeviceOpt,
+    device: str = option("device"),
 ) -> dict:
     """Segment images with free-form class names: label PNG, colour overlay with a legend, class areas (JSON).
 
@@ -57,7 +57,7 @@ def search(
     opts: Common,
     query: str = typer.Argument(..., help="Text to look for, e.g. 'a photo of the moon'."),
     top: int = typer.Option(16, "--top", help="Number of segments to return."),
-    out: Path = typer.Option(Path("search.png"), "--out", help="Contact sheet PNG to write."),
+    out: Path = option("out", Path("search.png"), help="Contact sheet PNG to write."),
     templates: bool = typer.Option(False, "--templates", help="Average the query over the 85 prompt templates (for bare class names)."),
 ) -> dict:
     """Find the cached CLIP segments closest to a text (FAISS over all segment embeddings) and draw a contact sheet."""

@@ -11,10 +11,7 @@ import json
 from pathlib import Path
 from typing import Optional
 
-import typer
-
-from clips4.cli.common import (EXIT_FAILED, EXIT_LOCKED, EXIT_OK, CLIError, Common, MaxFailOpt, RetryOpt, WaitOpt,
-                               WaitTimeoutOpt, common_options, console)
+from clips4.cli.common import EXIT_FAILED, EXIT_LOCKED, EXIT_OK, CLIError, Common, common_options, console, option
 
 STATE_STYLE = {"up-to-date": "green", "stale": "yellow", "missing": "yellow", "running": "cyan"}
 
@@ -147,7 +144,7 @@ def _until(cfg, until: Optional[str]) -> Optional[str]:
 @common_options("status", stage="train")
 def status(
     opts: Common,
-    until: Optional[str] = typer.Option(None, "--until", help="Only this stage and the stages it needs."),
+    until: Optional[str] = option("until"),
 ) -> dict:
     """Every stage of the project with its state: up to date, stale (and why: which params, which images, which
     upstream), missing, or running (and who holds it). Exit 0 up to date, 1 stale or missing, 3 running."""
@@ -169,10 +166,10 @@ def status(
 @common_options("repro", stage="train")
 def repro(
     opts: Common,
-    until: Optional[str] = typer.Option(None, "--until", help="Stop after this stage (it and the stages it needs)."),
-    dry_run: bool = typer.Option(False, "--dry-run", help="Only say which stages would run, and why."),
-    max_failures: int = MaxFailOpt, retry_failed: bool = RetryOpt,
-    wait: bool = WaitOpt, wait_timeout: Optional[float] = WaitTimeoutOpt,
+    until: Optional[str] = option("until", help="Stop after this stage (it and the stages it needs)."),
+    dry_run: bool = option("dry_run", help="Only say which stages would run, and why."),
+    max_failures: int = option("max_failures"), retry_failed: bool = option("retry_failed"),
+    wait: bool = option("wait"), wait_timeout: Optional[float] = option("wait_timeout"),
 ) -> dict:
     """Run every stale stage in graph order (segments, clip-features, prototypes, train, then the config's
     evaluations), each exactly as its own command would: per-image stages process only new or changed images,

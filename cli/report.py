@@ -6,14 +6,14 @@ from typing import List, Optional
 
 import typer
 
-from clips4.cli.common import Common, common_options, console
+from clips4.cli.common import Common, common_options, console, option
 
 
 @common_options("report", dataset=None)
 def report(
     opts: Common,
     runs: List[Path] = typer.Argument(..., help="Run folders (or results.json files) to compare."),
-    out: Optional[Path] = typer.Option(None, "--out", help="Also write the Markdown table to this file."),
+    out: Optional[Path] = option("out", help="Also write the Markdown table to this file."),
 ) -> dict:
     """Show the results of several runs side by side (Markdown table); optionally write it to ``--out``."""
     from rich.markdown import Markdown

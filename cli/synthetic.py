@@ -5,23 +5,19 @@ from pathlib import Path
 
 import typer
 
-from clips4.cli.common import Common, common_options, console
-
-app = typer.Typer(help="The synthetic world: textured classes with known masks and a CLIP-like teacher.",
-                  no_args_is_help=True)
+from clips4.cli.common import Common, common_options, console, option
 
 
-@app.command("make")
 @common_options("synthetic make", dataset=None)
 def make(
     opts: Common,
-    root: Path = typer.Option(Path("outputs/synthetic-world"), "--root", help="Folder to write the world into."),
+    root: Path = option("root", Path("outputs/synthetic-world"), help="Folder to write the world into."),
     n_train: int = typer.Option(64, help="Training images."),
     n_val: int = typer.Option(16, help="Held-out validation images."),
     n_classes: int = typer.Option(6, help="Number of textured classes (2..10)."),
     height: int = typer.Option(96, help="Image height."),
-    width: int = typer.Option(128, help="Image width."),
-    seed: int = typer.Option(0, help="World seed (the teacher's backend_params.world_seed must match)."),
+    width: int = option("width", 128, help="Image width."),
+    seed: int = option("seed", 0, help="World seed (the teacher's backend_params.world_seed must match)."),
 ) -> dict:
     """Write a synthetic world (images/<split>, masks/<split>, classes.txt) for the folder dataset reader."""
     from clips4.synthetic import SyntheticWorld
@@ -32,9 +28,13 @@ def make(
     return {"root": str(root), **info}
 
 
-@app.command("config")
-def config() -> None:
+@common_options("synthetic config", dataset=None)
+def config(opts: Common) -> dict:
     """Print the bundled synthetic-world config (save it and pass it with --config)."""
     from importlib import resources
 
-    print(resources.files("clips4.data").joinpath("configs", "synthetic.yaml").read_text(), end="")
+    name = resources.files("clips4.data").joinpath("configs", "synthetic.yaml")
+    text = name.read_text()
+    if not opts.json:  # with --json, stdout carries only the summary
+        print(text, end="")
+    return {"config": str(name), "text": text}

@@ -6,23 +6,22 @@ from typing import Optional
 
 import typer
 
-from clips4.cli.common import CLIError, Common, WaitOpt, WaitTimeoutOpt, common_options, console, sets
+from clips4.cli.common import CLIError, Common, common_options, console, option
 
 
-@common_options("train", stage="train")
+@common_options("train", stage="train", settings={"train.out": option("out", help="Train in this folder as it is (nothing is published); default: the cache, named by fingerprint, published as runs/NAME.")})
 def train(
     opts: Common,
     resume: bool = typer.Option(False, "--resume", help="Continue a run from its last checkpoint; with --iterations N also lengthen or shorten a finished or unfinished run (the LR schedule follows the new length)."),
-    restart: bool = typer.Option(False, "--restart", help="Start over, ignoring (and later replacing) checkpoints."),
-    out: Optional[str] = typer.Option(None, help="Train in this folder as it is (nothing is published); default: the cache, named by fingerprint, published as runs/NAME."),
+    restart: bool = option("restart"),
     max_steps: Optional[int] = typer.Option(None, help="Stop after this step (the run can be resumed)."),
-    wait: bool = WaitOpt, wait_timeout: Optional[float] = WaitTimeoutOpt,
+    wait: bool = option("wait"), wait_timeout: Optional[float] = option("wait_timeout"),
 ) -> dict:
     """Train the pixel embedding network from the cached segments, CLIP features and prototypes of the images the
     config selects; a finished run is published as runs/NAME (train.name)."""
     from clips4.trainer.train import train as run_training
 
-    cfg = opts.build_config(extra=sets("train", {"out": out}))
+    cfg = opts.build_config()
     res = run_training(cfg, resume=resume, restart=restart, max_steps=max_steps, show_progress=not opts.quiet,
                        wait=wait, wait_timeout=wait_timeout)
     summary = {"out": str(res.out), "run": str(res.published) if res.published else None, "step": res.step,
@@ -35,25 +34,25 @@ def train(
 @common_options("train-contours", dataset=None)
 def train_contours(
     opts: Common,
-    root: str = typer.Option(..., "--root", "-r", help="BSDS500-layout folder (images/<split>, groundTruth/<split>)."),
+    root: str = option("root", ..., help="BSDS500-layout folder (images/<split>, groundTruth/<split>)."),
     splits: str = typer.Option("train", help="Comma-separated splits to train on (BSDS convention: train, or train,val for the test figure)."),
-    out: str = typer.Option("runs/contours", "--out", help="Output folder: checkpoint.pt, log.jsonl, edges.pt, edges.onnx."),
-    iterations: int = typer.Option(3000, help="Training iterations."),
+    out: str = option("out", "runs/contours", help="Output folder: checkpoint.pt, log.jsonl, edges.pt, edges.onnx."),
+    iterations: int = option("iterations", 3000, help="Training iterations."),
     batch: int = typer.Option(8, help="Crops per iteration."),
     crop: int = typer.Option(160, help="Crop size in pixels."),
-    lr: float = typer.Option(3e-3, help="Peak learning rate (AdamW, warm-up then cosine)."),
-    width: int = typer.Option(8, help="Channels of the first stage (model size)."),
-    seed: int = typer.Option(0, help="Seed: the sample of iteration i depends only on (seed, i)."),
+    lr: float = option("lr", 3e-3, help="Peak learning rate (AdamW, warm-up then cosine)."),
+    width: int = option("width", 8, help="Channels of the first stage (model size)."),
+    seed: int = option("seed", 0, help="Seed: the sample of iteration i depends only on (seed, i)."),
     threads: int = typer.Option(1, help="torch CPU threads."),
-    workers: int = typer.Option(0, help="Data-loader processes drawing the crops (0: in the training process; the samples are the same for any number)."),
-    device: str = typer.Option("auto", help="auto (CUDA when available), cpu or cuda."),
+    workers: int = option("workers", 0, help="Data-loader processes drawing the crops (0: in the training process; the samples are the same for any number)."),
+    device: str = option("device", "auto", help="auto (CUDA when available), cpu or cuda."),
     checkpoint_every: int = typer.Option(100, help="Iterations between (atomic) checkpoints."),
     snapshot_every: int = typer.Option(0, help="Keep the weights every N iterations (training curve); 0 = none."),
     time_limit: float = typer.Option(0.0, help="Stop after this many seconds (checkpointed, resumable); 0 = none."),
     limit_images: int = typer.Option(0, help="Use only the first N images per split (quick runs); 0 = all."),
-    restart: bool = typer.Option(False, "--restart", help="Ignore an existing checkpoint in --out."),
+    restart: bool = option("restart", help="Ignore an existing checkpoint in --out."),
     init: Optional[str] = typer.Option(None, "--init", help="Start from these EdgeNet weights (edges.pt of the same --width) instead of a random initialisation: fine-tuning. Ignored when resuming."),
-    wait: bool = WaitOpt, wait_timeout: Optional[float] = WaitTimeoutOpt,
+    wait: bool = option("wait"), wait_timeout: Optional[float] = option("wait_timeout"),
 ) -> dict:
     """Train the learned contour detector (EdgeNet) from scratch on BSDS; resumes from --out by default. Writes
     --out/edges.onnx, which the segments stage uses with ``segments.detector_params: {path: FILE}``."""
