@@ -78,14 +78,16 @@ def _resize(img: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
 
 
 class SyntheticTeacher:
-    """CLIP-like backend over a :class:`SyntheticWorld` (structural implementation of the backend protocol).
+    """CLIP-like backend over a :class:`~clips4.synthetic.world.SyntheticWorld` (structural implementation of the
+    backend protocol).
 
-    embed_dim: D (>= n_classes + 2). noise_patch_p: fraction of patches replaced by a random class.
+    world: the world it reads, through ``n_classes``, ``class_names``, ``render_texture``, ``pixel_noise``, ``seed``
+    and ``image_size`` only. embed_dim: D (>= n_classes + 2). noise_patch_p: fraction of patches replaced by a random class.
     noise_sigma: std of the Gaussian noise per embedding coordinate, relative to 1/sqrt(D) (i.e. noise vector norm
     ~ noise_sigma). blur: weight of the 4 neighbours in the grid blur (centre keeps 1 - 4·blur... normalised).
     """
 
-    def __init__(self, world: SyntheticWorld, embed_dim: int = 512, seed: int = 0, noise_patch_p: float = 0.4,
+    def __init__(self, world, embed_dim: int = 512, seed: int = 0, noise_patch_p: float = 0.4,
                  noise_sigma: float = 1.0, blur: float = 0.6, nb_temperature: float = 1.0, gap: float = 0.35,
                  logit_scale: float = 100.0, *, patch: int = 16, cues: str = "all", colour_blur: float = 0.0,
                  nuisance: float = 0.0, confusion_p: float = 0.0):

@@ -17,6 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
+from clips4.synthetic.teacher import SyntheticTeacher
+
 __all__ = ["ClassSpec", "CLASS_SPECS", "SyntheticWorld"]
 
 
@@ -247,8 +249,6 @@ class SyntheticWorld:
         (root / "classes.txt").write_text("\n".join(self.class_names) + "\n")
         return out
 
-    def teacher(self, **kwargs) -> "SyntheticTeacher":
-        """This world's CLIP-like teacher (:class:`clips4.synthetic.teacher.SyntheticTeacher`) with ``kwargs``."""
-        from clips4.synthetic.teacher import SyntheticTeacher
-
+    def teacher(self, **kwargs) -> SyntheticTeacher:
+        """This world's CLIP-like teacher with ``kwargs``."""
         return SyntheticTeacher(self, **kwargs)
