@@ -64,7 +64,7 @@ def train_run(cfg_path: Path, out: Path, overrides: list[str]) -> tuple[Path, fl
 
 #: the sweep's ablation rows: (name, overrides, teacher variants needed in the cache). ``prototypes.*`` overrides
 #: rebuild that stage for the row; every other override is a training one.
-PAPER_VIEWS = ["train.augment.photometric=imposed", "train.augment.regions=none", "train.augment.channel_shuffle_p=0",
+PAPER_VIEWS = ["train.input=rgb", "train.augment.photometric=imposed", "train.augment.regions=none", "train.augment.channel_shuffle_p=0",
                "train.augment.invert_p=0",
                "train.augment.geometric=imposed", "train.augment.zoom=null", "train.augment.scale=[0.25,1.0]"]
 #: hard pseudo-labels with the one-way collapse guard (``raise``)
@@ -85,7 +85,10 @@ SWEEP_ROWS = [
      False),
     ("imposed photometric", ["train.augment.photometric=imposed"], False),
     ("no photometric", ["train.augment.photometric=none"], False),
-    ("recoloured regions", ["train.augment.regions=auto"], False),
+    ("recoloured regions", ["train.input=rgb", "train.augment.regions=auto"], False),
+    #: the defaults before ``train.input: auto``: the network sees RGB in every world
+    ("rgb input", ["train.input=rgb"], False),
+    ("pasted regions", ["train.augment.paste_p=1.0"], False),
     ("uniform unknowns", ["prototypes.unknown_pool=1.0"], False),
     ("weighted pseudo-labels", ["train.pseudo_labels=weighted"], False),
     ("aligned pseudo-labels", ["train.pseudo_labels=aligned"], False),
@@ -184,7 +187,11 @@ def sweep(a) -> int:
             for rname, ov, _ in rows:
                 tag = rname.replace(" ", "_").replace("(", "").replace(")", "").replace(",", "")
                 prototypes_for(cfg, ov)
-                ckpt, _, _ = train_run(cfg, base / "runs" / tag, [*train, *ov])
+                if ov == ["train.input=rgb"] and rname != rows[0][0] and rows[0][0] in ckpts and "input" not in \
+                        json.loads(torch.load(ckpts[rows[0][0]], weights_only=True)["signature"]):
+                    ckpt = ckpts[rows[0][0]]  # the defaults chose rgb here (train.input auto): the same run
+                else:
+                    ckpt, _, _ = train_run(cfg, base / "runs" / tag, [*train, *ov])
                 ckpts[rname] = ckpt
                 for key, pmode in ((rname, "checkpoint"), (rname + UNCAL, "none")):
                     m, cls = per_class(cfg, str(ckpt), prior_matching=pmode)
