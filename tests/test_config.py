@@ -188,6 +188,7 @@ def test_the_papers_configuration_is_a_bundled_layer(tmp_path, monkeypatch):
     assert (t.augment.photometric, t.augment.geometric, t.augment.zoom, tuple(t.augment.scale)) == \
         ("imposed", "imposed", None, (0.25, 1.0))
     assert t.augment.regions == "none"  # whole-view transforms only
+    assert (t.input, d.input) == ("rgb", "auto")  # the network sees the image
     assert paper.params("prototypes").unknown_pool == 1.0
     assert (d.pseudo_labels, d.semantic_temperature, d.calibration, d.augment.photometric) != \
         (t.pseudo_labels, t.semantic_temperature, t.calibration, t.augment.photometric)
