@@ -86,7 +86,7 @@ SWEEP_ROWS = [
     ("imposed photometric", ["train.augment.photometric=imposed"], False),
     ("no photometric", ["train.augment.photometric=none"], False),
     ("recoloured regions", ["train.input=rgb", "train.augment.regions=auto"], False),
-    #: the defaults before ``train.input: auto``: the network sees RGB in every world
+    #: the network sees RGB in every world (``train.input: rgb``, also the paper's)
     ("rgb input", ["train.input=rgb"], False),
     ("pasted regions", ["train.augment.paste_p=1.0"], False),
     ("uniform unknowns", ["prototypes.unknown_pool=1.0"], False),

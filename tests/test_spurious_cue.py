@@ -74,8 +74,8 @@ ITERATIONS = 400
 
 def test_student_reads_texture_not_the_luminance_tied_to_the_class(tmp_path):
     """The defaults (``train.input: auto``, resolved to ``local-contrast`` since the teacher is measured to ignore
-    each region's colour and brightness) put the student above its teacher; the previous defaults (the network
-    sees RGB, every view transformed as a whole) leave it below: it reads the brightness."""
+    each region's colour and brightness) put the student above its teacher; a student that
+    sees RGB (every view transformed as a whole) stays below: it reads the brightness."""
     import torch
 
     teacher, student = _run(tmp_path, [], ITERATIONS)
