@@ -22,25 +22,40 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.mark.slow  # ~20 s for torchrun on 2 busy cores (plus the shared world build when run alone)
-@pytest.mark.skipif(not TORCHRUN.exists(), reason="torchrun not installed beside this python")
-def test_torchrun_two_processes_on_cpu(tmp_path_factory, tmp_path):
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+SETS = ("train.device=cpu", "train.iterations=8", "train.checkpoint_every=2")
+needs_torchrun = pytest.mark.skipif(not TORCHRUN.exists(), reason="torchrun not installed beside this python")
+
+
+def _torchrun(world: Path, out: Path, *extra: str) -> list[str]:
+    args = train_args(world, out, *extra, sets=SETS)[1:]  # drop the "train" verb
+    return [str(TORCHRUN), "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
+            "-m", "clips4.cli", "train", *args]
+
+
+@pytest.fixture(scope="module")
+def ddp_run(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
+    """One uninterrupted 8-step DDP run (two ranks, checkpoints every 2 steps): checked on its own below and the
+    reference a resumed run must equal (~20 s for torchrun on 2 busy cores)."""
     world = tiny_world(tmp_path_factory)
-    out = tmp_path / "ddp"
-    args = train_args(world, out, "--iterations", "2", sets=("train.device=cpu",))[1:]  # drop the "train" verb
-    cmd = [str(TORCHRUN), "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
-           "-m", "clips4.cli", "train", *args]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=180, env=env)
+    out = tmp_path_factory.mktemp("ddp") / "ref"
+    proc = subprocess.run(_torchrun(world, out), capture_output=True, text=True, timeout=300, env=ENV)
+    return out, proc
+
+
+@pytest.mark.slow
+@needs_torchrun
+def test_torchrun_two_processes_on_cpu(ddp_run):
+    out, proc = ddp_run
     assert proc.returncode == 0, proc.stderr[-4000:]
 
     ck = load_checkpoint(out / "final.pt")
-    assert ck["step"] == 2
+    assert ck["step"] == 8
     assert not any(k.startswith("module.") for k in ck["model"])  # the unwrapped model is saved
     rows = metrics(out)
-    assert [r["step"] for r in rows] == [0, 1], "rank 0 alone logs (one line per step)"
+    assert [r["step"] for r in rows] == list(range(8)), "rank 0 alone logs (one line per step)"
     assert all(torch.isfinite(torch.tensor(r["total"])) for r in rows)
-    assert proc.stderr.count("finished at step 2") == 1  # only rank 0 reports
+    assert proc.stderr.count("finished at step 8") == 1  # only rank 0 reports
     assert not list(out.glob(".*.tmp-*"))
 
 
@@ -83,26 +98,21 @@ def _rank_pid(parent: int, rank: int) -> int | None:
     return None
 
 
-@pytest.mark.slow  # three torchrun launches (~1 min on 2 busy cores)
-@pytest.mark.skipif(not TORCHRUN.exists(), reason="torchrun not installed beside this python")
-def test_ddp_resume_after_one_rank_is_killed(tmp_path_factory, tmp_path):
+@pytest.mark.slow  # two torchrun launches besides the reference run (~1 min on 2 busy cores)
+@needs_torchrun
+def test_ddp_resume_after_one_rank_is_killed(tmp_path_factory, tmp_path, ddp_run):
     """Kill rank 1 mid-run: the job dies; --resume from the last checkpoint continues exactly as an uninterrupted
     DDP run (same logged losses at every step), because every rank's memory bank and RNG state were saved."""
     import signal
     import time
 
     world = tiny_world(tmp_path_factory)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
-    sets = ("train.device=cpu", "train.iterations=8", "train.checkpoint_every=2")
+    env = ENV
+    ref, ref_proc = ddp_run
+    assert ref_proc.returncode == 0, ref_proc.stderr[-4000:]
 
     def cmd(out, *extra):
-        args = train_args(world, out, *extra, sets=sets)[1:]
-        return [str(TORCHRUN), "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port",
-                str(_free_port()), "-m", "clips4.cli", "train", *args]
-
-    ref = tmp_path / "ref"
-    proc = subprocess.run(cmd(ref), capture_output=True, text=True, timeout=300, env=env)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+        return _torchrun(world, out, *extra)
 
     out = tmp_path / "killed"
     p = subprocess.Popen(cmd(out), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
