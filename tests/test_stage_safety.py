@@ -321,14 +321,22 @@ def test_progress_lines_when_output_is_a_file_and_long_paths_unbroken(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("signum,code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
-def test_signal_keeps_finished_parts_and_rerun_resumes(tmp_path, signum, code):
+def test_signal_keeps_finished_parts_and_rerun_resumes(tmp_path, signum, code, capsys):
+    from clips4.cli import main
+
     root = _many_images(tmp_path / "imgs", 16)
     cache = tmp_path / "cache"
     p = subprocess.Popen(_segments_cmd(cache, root, "--batch-size", "1", "-q"), stdout=subprocess.DEVNULL,
                          stderr=subprocess.PIPE, text=True)
     try:
-        _wait_for(lambda: len(list(cache.glob("*/segments/*/parts/*.parquet"))) >= 3, what="three parts")
+        parts = lambda: list(cache.glob("*/segments/*/parts/*.parquet"))  # noqa: E731
+        _wait_for(lambda: len(parts()) >= 3, what="three parts")
+        # the run is paused the moment three parts are seen, so it is still going when the signal comes (it is
+        # delivered on resuming): however busy the machine, the run cannot finish first
+        p.send_signal(signal.SIGSTOP)
+        assert len(parts()) < 16 and p.poll() is None, "the run must still be going when the signal is sent"
         p.send_signal(signum)
+        p.send_signal(signal.SIGCONT)
         assert p.wait(timeout=60) == code
         err = p.stderr.read()
         assert "interrupted" in err and "Traceback" not in err
@@ -338,9 +346,9 @@ def test_signal_keeps_finished_parts_and_rerun_resumes(tmp_path, signum, code):
     (stage,) = cache.glob("*/segments/*")
     kept = len(list((stage / "parts").glob("*.parquet")))
     assert 3 <= kept < 16 and not (stage / "index.parquet").exists()
-    again = subprocess.run(_segments_cmd(cache, root, "-q"), capture_output=True, text=True, timeout=300)
-    assert again.returncode == 0, again.stderr
-    assert f"{kept} already done" in again.stderr
+    capsys.readouterr()
+    assert main(_segments_cmd(cache, root, "-q")[3:]) == 0  # the rerun, in this process (no second start-up)
+    assert f"{kept} already done" in " ".join(capsys.readouterr().err.split())
     assert len(StageReader(str(stage))) == 16
 
 
