@@ -19,9 +19,9 @@ def train(
 ) -> dict:
     """Train the pixel embedding network from the cached segments, CLIP features and prototypes of the images the
     config selects; a finished run is published as runs/NAME (train.name)."""
+    cfg = opts.build_config()  # first: a usage error does not pay for importing torch
     from clips4.trainer.train import train as run_training
 
-    cfg = opts.build_config()
     res = run_training(cfg, resume=resume, restart=restart, max_steps=max_steps, show_progress=not opts.quiet,
                        wait=wait, wait_timeout=wait_timeout)
     summary = {"out": str(res.out), "run": str(res.published) if res.published else None, "step": res.step,
