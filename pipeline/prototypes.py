@@ -365,6 +365,44 @@ def _torch_log_probs(E: np.ndarray, T: np.ndarray, logit_scale: float, device: s
         torch.backends.cuda.matmul.allow_tf32 = allow
 
 
+def _bounded_candidates(lg: np.ndarray, thr: np.ndarray, delta: float) -> np.ndarray | None:
+    """The rows of a batch that may still enter some class's top-m, by a bound that needs only each row's two
+    largest logits: a sorted index array (every other row provably enters no class), or ``None`` where too many
+    classes are weak for the bound to pay off (then every row goes through the float32 softmax test).
+
+    ``lg`` ``(n, K)``: the batch's float32 logits, each within ``delta`` of the exact ones that
+    :func:`_canonical_log_probs` ranks by; ``thr`` ``(K,)``: every class's exact m-th best log-probability so far
+    (finite: all classes hold m segments). A row enters class ``k`` only with an exact ``log p_k >= thr_k``. Any
+    two classes bound the log-sum-exp from below, so ``log p_k <= -softplus(l_j - l_k)`` for every ``j != k``;
+    with ``j`` the best other class, the row can enter ``k`` only if ``l_j - l_k <= G_k = log(expm1(-thr_k))``:
+
+    * ``k`` the row's (approximate) arg-max: its lead over the runner-up must be at least ``-G_k``. Once a class
+      holds confident segments (``p`` near 1, ``G_k`` very negative), few rows have that lead.
+    * any other class: it must come within ``G_k`` of the row's maximum, possible only where ``G_k >= 0``
+      (``thr_k <= -log 2``: "weak" classes, whose m-th best segment has ``p <= 1/2``).
+
+    The test is loosened by ``2 * delta`` (the two logits' errors) and by far more than the float64 rounding of
+    ``G`` and of the exact scores (``thr`` scaled by ``1 + 1e-9``), so ties with ``thr`` stay in."""
+    n, K = lg.shape
+    thr = np.asarray(thr, np.float64) * (1.0 + 1e-9) - 1e-300  # < 0 even where thr = 0 (p = 1 exactly)
+    G = np.log(np.expm1(-thr))
+    slack = G + 2.0 * delta + 1e-9 * (1.0 + np.abs(G))  # keep (k, row) where best other logit - l_k <= slack_k
+    weak = np.flatnonzero(~(slack < 0))  # NaN counts as weak
+    if len(weak) > max(1, K // 8):
+        return None
+    rows = np.arange(n)
+    am = lg.argmax(axis=1)
+    mx = lg[rows, am]
+    lg[rows, am] = -np.inf
+    s2 = lg.max(axis=1)  # the runner-up (-inf when K = 1: every row is kept)
+    lg[rows, am] = mx
+    mx64 = mx.astype(np.float64)
+    keep = mx64 - s2 >= -slack[am]
+    for k in weak:
+        keep |= lg[:, k] >= mx64 - slack[k]
+    return np.flatnonzero(keep)
+
+
 def _finish(score: np.ndarray, ids: np.ndarray, embs: np.ndarray):
     K, m = ids.shape
     D = embs.shape[-1]
@@ -385,6 +423,7 @@ def known_prototypes(
     return_scores: bool = False,
     device: str | None = None,
     prefetch_batches: int = 1,
+    bound: bool = True,
 ):
     """Known-class prototypes ``C_k`` (paper Sec. 3.2, Fig. 3b), streamed (``prefetch_batches`` read ahead in a
     thread while the current one is scored; 0 = one after the other).
@@ -403,15 +442,19 @@ def known_prototypes(
     How (why not a FAISS index here): the ranking key is a softmax *over classes*, which depends on all K
     similarities of a segment, so it is not an inner-product search that an index over segments could answer;
     what is needed is every segment-class similarity once, i.e. a dense ``(N, D) x (D, K)`` GEMM per batch – the
-    same BLAS kernel FAISS's flat search runs, minus its per-query heap. Per batch: float32 GEMM + log-softmax
-    give approximate log-probabilities; a per-class running threshold (the current m-th best) discards almost
-    every row with one vectorised comparison; the few candidates within a safe (relative) error margin of the
-    threshold are re-scored exactly (:func:`_canonical_log_probs`) and merged into a per-class top-m (score, id, embedding)
-    buffer. Memory is O(batch x K + K x m x D); the result equals :func:`brute_force_known_prototypes`.
+    same BLAS kernel FAISS's flat search runs, minus its per-query heap. Per batch: a float32 GEMM gives
+    approximate logits; once every class holds m segments, a bound on each row's two largest logits against the
+    per-class running threshold (the current m-th best; :func:`_bounded_candidates`) discards almost every row
+    without a softmax; the rows left (all rows while a class holds fewer than m, or with ``bound=False``) get
+    approximate float32 log-probabilities, and the candidates within a safe (relative) error margin of the
+    threshold are re-scored exactly (:func:`_canonical_log_probs`) and merged into a per-class top-m (score, id,
+    embedding) buffer. Both tests only discard rows that provably cannot enter, so the result is the same with
+    or without the bound, and equals :func:`brute_force_known_prototypes`. Memory is O(batch x K + K x m x D).
 
     ``device`` (e.g. ``"cuda"``): the per-batch GEMM and approximate log-softmax run in torch on that device
     (float32, TF32 off, so the error margin above still holds); only the ``(n, K)`` scores come back, and the
     threshold, exact re-scoring and merge stay on the CPU, so the result is the same. ``None``: numpy only.
+    ``bound=False``: every row of every batch goes through the float32 softmax test (slower, same result).
     """
     T = np.ascontiguousarray(text_emb, dtype=np.float32)
     if T.ndim != 2:
@@ -431,27 +474,35 @@ def known_prototypes(
         return out if return_scores else out[:2]
     tnorm = float(np.linalg.norm(T, axis=1).max())
     eps32 = float(np.finfo(np.float32).eps)
+    # (D, K) contiguous, the logit scale folded in (one pass less; its rounding is within ``delta`` below)
+    TT = np.ascontiguousarray(T.T * np.float32(ls))
+    lg_buf = np.empty((0, K), np.float32)  # reused: a fresh (n, K) result each batch costs page faults
     for ids, E in _as_batches(segment_batches, prefetch_batches):
-        n = len(ids)
-        if n == 0:
+        if len(ids) == 0:
             continue
         E = np.ascontiguousarray(E, dtype=np.float32)
         if E.shape[1] != D:
             raise ValueError(f"segment embeddings have dimension {E.shape[1]}, text embeddings {D}")
-        # approximate log-probabilities, float32, (n, K): rows contiguous, so the per-segment max / argmax /
-        # sum over classes are fast
-        if device is None:
-            lg = E @ T.T
-            lg *= np.float32(ls)
-            lp = _approx_log_probs_(lg)
-        else:
-            lp = _torch_log_probs(E, T, ls, device)
+        n = len(E)
         # Error of the float32 path against the exact one: a GEMM similarity is off by <= D*eps*|e||t|, a logit
-        # by ls times that; a log-probability by about twice that in absolute terms, which is <= 3x that
-        # *relative* to |log p| (non-top classes have |log p| >= log 2; the top class's -log1p(rest) carries the
-        # relative error of ``rest``). Relative, so that confident classes (log p ~ -1e-20) keep a tight margin.
+        # by ls times that (``delta`` below covers that, the scaling and the rounding of the exact similarity to
+        # float32); a log-probability by about twice that in absolute terms, which is <= 3x that *relative* to
+        # |log p| (non-top classes have |log p| >= log 2; the top class's -log1p(rest) carries the relative error
+        # of ``rest``). Relative, so that confident classes (log p ~ -1e-20) keep a tight margin.
         enorm = float(np.sqrt(np.einsum("ij,ij->i", E, E).max()))
-        rel = 8.0 * ls * (D + 4) * eps32 * enorm * tnorm
+        delta = abs(ls) * (D + 4) * eps32 * enorm * tnorm
+        rel = 8.0 * delta
+        full = bool(best_id[:, m - 1].min() >= 0)  # every class holds m segments: its threshold is exact
+        if device is None:
+            if len(lg_buf) < n:
+                lg_buf = np.empty((n, K), np.float32)
+            # float32 logits, (n, K): rows contiguous, so the per-segment max / argmax / sum over classes are fast
+            lg = np.matmul(E, TT, out=lg_buf[:n])
+        urows = _bounded_candidates(lg, best_s[:, m - 1], delta) if bound and device is None and full else None
+        if urows is not None:  # only the rows the bound keeps get the softmax test
+            lp = _approx_log_probs_(lg[urows])
+        else:
+            lp = _approx_log_probs_(lg) if device is None else _torch_log_probs(E, T, ls, device)
         thr = best_s[:, m - 1].copy()  # exact m-th best so far; -inf while fewer than m
         notfull = np.flatnonzero(best_id[:, m - 1] < 0)
         if len(notfull):
@@ -463,6 +514,8 @@ def known_prototypes(
                 thr[notfull] = -np.inf
         thr = thr - rel * np.abs(thr) - 1e-30  # -inf stays -inf
         rr, kk = np.nonzero(lp >= thr.astype(np.float32)[None, :])
+        if urows is not None:
+            rr = urows[rr]
         if len(rr) == 0:
             continue
         order = np.argsort(kk, kind="stable")

@@ -265,3 +265,92 @@ def test_torch_path_gives_the_same_prototypes():
     p_t, s_t = known_prototypes(batches, T, 100.0, top_m=16, device="cpu")
     np.testing.assert_array_equal(s_t, s_np)
     np.testing.assert_array_equal(p_t, p_np)
+
+
+def _near_tie_data(seed=11, n=6000, d=48, k=32, m=16):
+    """Segments around the class texts from confident (p ~ 1 - 1e-30) to ambiguous, three classes whose texts nearly
+    coincide (their best segments have p < 1/2), a class between two others with no segment of its own, and
+    copies of the best and of the m-th best segments of some classes, exact and one float32 step apart, in other
+    batches: ties and near-ties at the top and at the threshold."""
+    from clips4.pipeline.prototypes import _canonical_log_probs
+
+    rng = np.random.default_rng(seed)
+    T = _unit(rng.standard_normal((k, d)))
+    T[1:3] = _unit(T[0] + 1e-3 * rng.standard_normal((2, d)))
+    T[5] = _unit(T[3] + T[4])  # no segment of its own: its m-th best is a segment of class 3 or 4, p_5 < 1/2
+    noise = np.repeat([0.02, 0.2, 1.0], n // 3 + 1)[:n, None]
+    centre = rng.choice(np.delete(np.arange(k), 5), n)
+    E = _unit(T[centre] + noise * rng.standard_normal((n, d)) / np.sqrt(d)).astype(np.float32)
+    lp = _canonical_log_probs(E, T, 100.0)
+    free = iter(rng.permutation(n))
+    for c in (0, 3, 4):
+        ranked = np.argsort(-lp[c], kind="stable")
+        for src in (ranked[0], ranked[m - 1]):
+            for _ in range(2):
+                E[next(free)] = E[src]  # exact ties
+            near = E[src].copy()
+            j = rng.integers(d)
+            near[j] = np.nextafter(near[j], np.float32(2))
+            E[next(free)] = near
+    ids = rng.permutation(n).astype(np.int64) * 3 + 7
+    return ids, E, T
+
+
+@pytest.mark.parametrize("data", ["near ties", "two classes"])
+def test_bound_keeps_every_row_that_can_enter(data):
+    """The cheap bound (two largest logits per row) never discards a row whose exact score reaches a class's
+    threshold, ties included, and does discard most rows once thresholds are confident. With two classes the
+    bound is the exact score itself, so only its error margin keeps the rows that score the threshold exactly."""
+    from clips4.pipeline.prototypes import _bounded_candidates, _canonical_log_probs
+
+    if data == "near ties":
+        ids, E, T = _near_tie_data()
+    else:
+        rng = np.random.default_rng(4)
+        E, T = _unit(rng.standard_normal((4000, 32))), _unit(rng.standard_normal((2, 32)))
+    ls = 100.0
+    exact = _canonical_log_probs(E, T, ls)  # (K, n)
+    lg = E @ np.ascontiguousarray(T.T * np.float32(ls))
+    eps = float(np.finfo(np.float32).eps)
+    delta = ls * (E.shape[1] + 4) * eps * float(np.linalg.norm(E, axis=1).max()) * float(
+        np.linalg.norm(T, axis=1).max())
+    pruned = 0
+    for rank in (0, 3, 15, 31, 300, 1000):
+        thr = -np.sort(-exact, axis=1)[:, rank]  # some row scores exactly the threshold: a tie that must be kept
+        rows = _bounded_candidates(lg.copy(), thr, delta)
+        if rows is None:  # too many weak classes: the caller tests every row
+            continue
+        need = np.flatnonzero((exact >= thr[:, None]).any(axis=0))
+        assert np.isin(need, rows).all(), rank
+        pruned += len(rows) < len(E) // 2
+    assert pruned >= 3  # the bound leaves most rows out
+    thr = -np.sort(-exact, axis=1)[:, 31]
+    tight, loose = _bounded_candidates(lg.copy(), thr, delta), _bounded_candidates(lg.copy(), thr, 10 * delta)
+    assert set(tight) <= set(loose)  # a looser margin keeps a superset
+
+
+@pytest.mark.parametrize("batch", [97, 1000, 6000])
+def test_bounded_search_equals_softmax_test_and_brute_force(batch, monkeypatch):
+    """Streaming with the bound, without it (every row through the float32 softmax test) and the brute-force
+    reference select the same segments in the same order, with the same scores, on near-ties and duplicates."""
+    import clips4.pipeline.prototypes as P
+
+    ids, E, T = _near_tie_data()
+    calls = []
+    real = P._bounded_candidates
+    monkeypatch.setattr(P, "_bounded_candidates", lambda *a: calls.append(r := real(*a)) or r)
+    want = brute_force_known_prototypes((ids, E), T, 100.0, top_m=16, return_scores=True)
+    got = known_prototypes(_batches(ids, E, batch), T, 100.0, top_m=16, return_scores=True)
+    plain = known_prototypes(_batches(ids, E, batch), T, 100.0, top_m=16, return_scores=True, bound=False)
+    for g, p, w in zip(got, plain, want):
+        np.testing.assert_array_equal(g, w)
+        np.testing.assert_array_equal(p, w)
+    if batch < len(ids):
+        assert any(r is not None and len(r) < batch // 2 for r in calls)  # the bound did the work
+    # the near-identical texts 0-2 and the class in between (p < 1/2: the bound's "weak" classes) and confident
+    # ones; copies tie
+    assert np.all(want[2][[0, 1, 2, 5], -1] < 0.5) and np.all(want[2][3:5] > 0.99)
+    row = {int(s): j for j, s in enumerate(ids)}
+    for c in (0, 3, 4):
+        sup = E[[row[int(s)] for s in want[1][c]]]
+        assert len(np.unique(sup, axis=0)) < len(sup)
