@@ -65,3 +65,24 @@ def make_synthetic(world: Path, n_train: int = 6, n_val: int = 3) -> list[str]:
         assert main(["precompute", "segments", *a, "--split", split, "-q"]) == 0
         assert main(["precompute", "clip-features", *a, "--split", split, "-q"]) == 0
     return a
+
+
+# Files whose tests take longest (Ray start-ups, torchrun, training runs, subprocess runs), longest first. With
+# `--dist loadfile` each file runs whole in one test process, and a process asks for the next file when it is
+# almost done; xdist would hand out the files with the most tests first, which leaves these few-test, long files
+# for the end, run by one process while the other has nothing left. They go first instead; every other file
+# keeps its place after them (a file not listed only runs later).
+LONG_FILES = ("test_faults.py", "test_ddp.py", "test_ray_cluster.py", "test_stage_safety.py", "test_spurious_cue.py",
+              "test_train_signals.py", "test_train_resume.py", "test_project.py", "test_davis.py", "test_s3.py",
+              "test_segments_stage.py", "test_train.py", "test_near_duplicates.py", "test_clip.py")
+
+
+def pytest_configure(config):
+    if hasattr(config.option, "loadscopereorder"):  # pytest-xdist: keep the order set below
+        config.option.loadscopereorder = False
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(LONG_FILES)}
+    # stable: the tests of a file stay together and in their order
+    items.sort(key=lambda item: rank.get(item.path.name, len(LONG_FILES)))
