@@ -246,6 +246,8 @@ def _probe_cluster(address: str, timeout_s: float) -> None:
 
 #: the address this process joined with :func:`init_ray` (None: Ray was started by someone else, or not at all)
 _JOINED: str | None = None
+#: the guard of the private instance this process started (:mod:`clips4.pipeline.rayguard`), if any
+_GUARD: subprocess.Popen | None = None
 
 
 class _keep_signal_handlers:
@@ -274,14 +276,17 @@ class _keep_signal_handlers:
 
 def init_ray(address: str = "local", num_cpus: int | None = None, connect_timeout_s: float = 60.0,
              temp_dir: str | None = None) -> None:
-    """Start or join Ray. ``local`` starts a private instance (its processes die with this one: Ray ties a
-    head it starts to the driver's lifetime) whose session files go under ``temp_dir`` (``ray.temp_dir``; None:
+    """Start or join Ray. ``local`` starts a private instance (its processes die with this one: Ray ties the
+    head's raylet and GCS to the driver, and a guard process, :mod:`clips4.pipeline.rayguard`, stops the rest when
+    the driver ends, even by SIGKILL) whose session files go under ``temp_dir`` (``ray.temp_dir``; None:
     Ray's default, ``$RAY_TMPDIR`` or /tmp/ray) — or, when ``$RAY_ADDRESS`` names a long-lived instance
     (``ray start --head``), joins that one; anything else is joined after a bounded probe. Python's SIGTERM
     and SIGINT handlers stay in force (see :class:`_keep_signal_handlers`)."""
     import ray
 
-    global _JOINED
+    global _JOINED, _GUARD
+    from clips4.pipeline import rayguard
+
     if address in ("local", "", None) and os.environ.get("RAY_ADDRESS"):
         # every command joins the long-lived instance instead of paying for a private start-up (ray.init would
         # refuse num_cpus for an existing instance anyway)
@@ -290,7 +295,8 @@ def init_ray(address: str = "local", num_cpus: int | None = None, connect_timeou
         if _JOINED == address:
             return
         ray.shutdown()  # joined elsewhere earlier in this process (tests, notebooks): join what is asked now
-    _JOINED = None
+    rayguard.stop(_GUARD)  # an instance started earlier is shut down by now: its guard sweeps what is left
+    _GUARD, _JOINED = None, None
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     os.environ.setdefault("RAY_DEDUP_LOGS", "1")
     kwargs: dict[str, Any] = {"include_dashboard": False, "logging_level": logging.WARNING, "log_to_driver": True}
@@ -304,7 +310,9 @@ def init_ray(address: str = "local", num_cpus: int | None = None, connect_timeou
             kwargs["_temp_dir"] = os.path.abspath(os.path.expanduser(temp_dir))
             os.makedirs(kwargs["_temp_dir"], exist_ok=True)
         with _keep_signal_handlers():
-            ray.init(num_cpus=num_cpus, **kwargs)
+            ctx = ray.init(num_cpus=num_cpus, **kwargs)
+        # only an instance this process started (not one ray.init found running) gets a guard
+        _GUARD = rayguard.start(getattr(ctx, "address_info", {}).get("session_dir"))
         _JOINED = address
     else:
         _probe_cluster(address, connect_timeout_s)

@@ -41,25 +41,51 @@ def _world(folder: Path, n: int, hw: tuple[int, int] = (72, 96)) -> Path:
     return folder
 
 
+def _start_time(pid: int) -> int | None:
+    """The process's start time in clock ticks since boot (with the pid, it names one process even if the pid is
+    reused), or None when it is gone or a zombie."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    return None if fields[0] in ("Z", "X") else int(fields[19])
+
+
 def _procs_under(marker: str) -> set[int]:
-    """Pids whose command line mentions ``marker`` (our temp dir), plus all their descendants (Ray renames its
-    workers' titles, so they are found through their parents)."""
+    """Pids whose command line, environment or open files mention ``marker`` (our temp dir), plus all their
+    descendants. Ray renames its processes (which also overwrites what /proc shows of their environment), and its
+    helpers outlive their parent when it is killed: a renamed orphan is found by the log files it keeps open."""
     cmd, parent = {}, {}
     for d in Path("/proc").iterdir():
         if not d.name.isdigit():
             continue
         try:
-            cmd[int(d.name)] = (d / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            text = (d / "cmdline").read_bytes()
+            try:
+                text += b"\0" + (d / "environ").read_bytes()
+                for f in (d / "fd").iterdir():
+                    try:
+                        text += b"\0" + os.readlink(f).encode()
+                    except OSError:  # closed meanwhile
+                        continue
+            except OSError:  # another user's process, or gone: its command line still counts
+                pass
+            cmd[int(d.name)] = text.replace(b"\0", b" ").decode(errors="replace")
             parent[int(d.name)] = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
         except (OSError, ValueError, IndexError):
             continue
-    found = {p for p, c in cmd.items() if marker in c and p != os.getpid()}
+    found = {p for p, c in cmd.items() if marker in c and p != os.getpid() and _start_time(p) is not None}
     grew = True
     while grew:
         kids = {p for p, pp in parent.items() if pp in found} - found
         grew = bool(kids)
         found |= kids
     return found
+
+
+def _alive(started: dict[int, int]) -> set[int]:
+    """Which of ``started`` (pid: start time) still run (same pid, same start time, not a zombie)."""
+    return {p for p, t in started.items() if _start_time(p) == t}
 
 
 def _kill_all(pids: set[int]) -> None:
@@ -83,7 +109,11 @@ def short_tmp():
     # Ray's unix socket paths live under its temp dir and must stay below ~107 bytes: pytest's tmp_path is too long
     d = Path(tempfile.mkdtemp(prefix="c4r", dir="/tmp"))
     yield d
-    _kill_all(_procs_under(str(d)))
+    for _ in range(3):  # a process forked while the first sweep ran is found by the next
+        left = _procs_under(str(d))
+        if not left:
+            break
+        _kill_all(left)
     shutil.rmtree(d, ignore_errors=True)
 
 
@@ -227,19 +257,31 @@ def test_no_ray_process_outlives_a_killed_driver(tmp_path, short_tmp):
                                      "1", "-q"),
                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
+        # every process seen while the driver runs is remembered (pid and start time): one that loses its parent
+        # and renames itself is still checked by pid afterwards
+        started: dict[int, int] = {}
         deadline = time.time() + 150
         while time.time() < deadline and not list((tmp_path / "cache").glob("*/segments/*/parts/*.parquet")):
             assert drv.poll() is None
+            for p in _procs_under(str(short_tmp)):
+                started.setdefault(p, _start_time(p))
             time.sleep(0.05)
-        started = _procs_under(str(short_tmp))
-        assert started, "the driver's Ray processes were not found"
+        for p in _procs_under(str(short_tmp)):
+            started.setdefault(p, _start_time(p))
+        started = {p: t for p, t in started.items() if t is not None}
+        names = {Path(f"/proc/{p}/comm").read_text().strip() for p in _alive(started)}
+        assert "raylet" in names, ("the driver's Ray processes were not found", names)
         drv.kill()
         drv.wait()
+
+        def left() -> set[int]:
+            return _alive(started) | _procs_under(str(short_tmp))
+
         deadline = time.time() + 10
-        while time.time() < deadline and (_procs_under(str(short_tmp)) & started):
+        while time.time() < deadline and left():
             time.sleep(0.2)
-        left = _procs_under(str(short_tmp)) & started
-        assert not left, [Path(f"/proc/{p}/cmdline").read_text()[:100] for p in left if Path(f"/proc/{p}").exists()]
+        still = left()
+        assert not still, [Path(f"/proc/{p}/cmdline").read_bytes()[:100] for p in still if Path(f"/proc/{p}").exists()]
     finally:
         if drv.poll() is None:
             drv.kill()
