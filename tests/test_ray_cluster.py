@@ -51,10 +51,12 @@ def _start_time(pid: int) -> int | None:
     return None if fields[0] in ("Z", "X") else int(fields[19])
 
 
-def _procs_under(marker: str) -> set[int]:
+def _procs_under(marker: str, *, files: bool = True) -> set[int]:
     """Pids whose command line, environment or open files mention ``marker`` (our temp dir), plus all their
     descendants. Ray renames its processes (which also overwrites what /proc shows of their environment), and its
-    helpers outlive their parent when it is killed: a renamed orphan is found by the log files it keeps open."""
+    helpers outlive their parent when it is killed: a renamed orphan is found by the log files it keeps open.
+    ``files=False``: command lines and descendants only (the processes of one node of a cluster: a worker of
+    another node may hold files of the head's session open)."""
     cmd, parent = {}, {}
     for d in Path("/proc").iterdir():
         if not d.name.isdigit():
@@ -62,6 +64,8 @@ def _procs_under(marker: str) -> set[int]:
         try:
             text = (d / "cmdline").read_bytes()
             try:
+                if not files:
+                    raise OSError
                 text += b"\0" + (d / "environ").read_bytes()
                 for f in (d / "fd").iterdir():
                     try:
@@ -179,7 +183,7 @@ def test_two_node_cluster_survives_losing_a_node_and_equals_a_single_node_run(tm
 
     def workers(marker: Path) -> list[int]:  # a node's actor processes (Ray titles them ray::_Worker...)
         out = []
-        for pid in _procs_under(str(marker)):
+        for pid in _procs_under(str(marker), files=False):
             try:
                 if b"_Worker" in Path(f"/proc/{pid}/cmdline").read_bytes():
                     out.append(pid)
