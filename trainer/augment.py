@@ -59,6 +59,7 @@ __all__ = [
     "sample_box",
     "sample_zoom_box",
     "gate_by_teacher",
+    "ignores_region_colour",
     "resample_labels",
     "resample_clip",
     "make_views",
@@ -115,6 +116,13 @@ _FAMILY_FIELDS = {
 }
 
 
+def ignores_region_colour(scores: dict[str, float], threshold: float) -> bool:
+    """Whether the teacher is measured to ignore each region's colour and brightness (family ``local_recolour`` of
+    ``invariances.json`` at least ``threshold``): what ``train.augment.regions: auto`` and ``train.input: auto``
+    (clips4.trainer.train.model_input) decide on."""
+    return scores.get("local_recolour", 0.0) >= threshold
+
+
 def gate_by_teacher(cfg: "AugmentConfig", scores: dict[str, float], threshold: float) -> tuple["AugmentConfig", list[str]]:
     """``photometric='auto'`` / ``geometric='auto'``: the imposed views with every transform family the teacher is
     not invariant to switched off.
@@ -150,7 +158,7 @@ def gate_by_teacher(cfg: "AugmentConfig", scores: dict[str, float], threshold: f
             changes.update(zoom=(1.0, 1.0), scale=None)
         changes["geometric"] = "imposed"
     if cfg.regions == "auto":  # per-region recolouring (clips4.trainer.regions), family ``local_recolour``
-        on = scores.get("local_recolour", 0.0) >= threshold
+        on = ignores_region_colour(scores, threshold)
         if on:
             kept.append("regions")
         changes["regions"] = "imposed" if on else "none"

@@ -74,10 +74,13 @@ def _teacher_invariances(prototypes_url: str) -> dict[str, float]:
 def model_input(p: TrainParams, prototypes_url: str, rank: int = 0) -> str:
     """``train.input`` resolved: ``auto`` -> ``local-contrast`` where the teacher ignores colour and brightness
     region by region (family ``local_recolour``), else ``rgb``; said in one plain line."""
+    from clips4.trainer.augment import ignores_region_colour
+
     if p.input != "auto":
         return p.input
-    score = _teacher_invariances(prototypes_url).get("local_recolour")
-    out = "local-contrast" if score is not None and score >= p.augment.auto_threshold else "rgb"
+    scores = _teacher_invariances(prototypes_url)
+    score = scores.get("local_recolour")
+    out = "local-contrast" if ignores_region_colour(scores, p.augment.auto_threshold) else "rgb"
     if rank == 0:
         shown = "not measured" if score is None else f"{score:.2f}"
         console.print(f"input: auto -> {out} (teacher invariance to recolouring each region: {shown}; threshold "
