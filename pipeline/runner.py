@@ -74,12 +74,11 @@ def _limit_threads(num_cpus: float) -> None:
         cv2.setNumThreads(n)
     except ImportError:
         pass
-    try:
-        import torch
-
+    # torch reads OMP_NUM_THREADS when it is imported; importing it here only to set it would cost a processor
+    # that never needs torch (the classical detector) about 2 s per process
+    torch = sys.modules.get("torch")
+    if torch is not None:
         torch.set_num_threads(n)
-    except ImportError:
-        pass
 
 
 def _run_processor(processor: Callable, records: list[ImageRecord]) -> list[ItemResult]:

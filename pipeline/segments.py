@@ -35,10 +35,29 @@ from functools import lru_cache
 from typing import Callable
 
 import cv2
-import higra as hg
 import numpy as np
 
 from clips4.pipeline.contours import ContourMap
+
+
+def _import_higra():
+    """higra without its plotting helpers: its ``__init__`` imports ``higra.plot`` and with it matplotlib.pyplot and
+    scipy.cluster, about 1.5 s in every process that segments (each Ray worker too); clips4 never plots with higra.
+    A later ``import higra.plot`` still loads the real module."""
+    import sys
+    import types
+
+    if "higra" in sys.modules:
+        return sys.modules["higra"]
+    sys.modules["higra.plot"] = types.ModuleType("higra.plot")
+    try:
+        import higra
+    finally:
+        del sys.modules["higra.plot"]
+    return higra
+
+
+hg = _import_higra()
 
 __all__ = [
     "Ucm",
