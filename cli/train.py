@@ -19,11 +19,16 @@ def train(
 ) -> dict:
     """Train the pixel embedding network from the cached segments, CLIP features and prototypes of the images the
     config selects; a finished run is published as runs/NAME (train.name)."""
-    cfg = opts.build_config()  # first: a usage error does not pay for importing torch
+    cfg = opts.build_config()  # first: a usage error does not pay for importing torch (seconds)
+    from clips4.pipeline.stage import dataset_from_config, open_stage
+
+    dataset = dataset_from_config(cfg)
+    for name in cfg.stage_deps("train"):  # a missing input is one too
+        open_stage(cfg, name, dataset)
     from clips4.trainer.train import train as run_training
 
-    res = run_training(cfg, resume=resume, restart=restart, max_steps=max_steps, show_progress=not opts.quiet,
-                       wait=wait, wait_timeout=wait_timeout)
+    res = run_training(cfg, dataset=dataset, resume=resume, restart=restart, max_steps=max_steps,
+                       show_progress=not opts.quiet, wait=wait, wait_timeout=wait_timeout)
     summary = {"out": str(res.out), "run": str(res.published) if res.published else None, "step": res.step,
                "stopped": res.stopped, "last_loss": res.losses[-1] if getattr(res, "losses", None) else None}
     if res.stopped == "interrupted":  # last.pt holds the current step; 143 (SIGTERM) / 130 (SIGINT)

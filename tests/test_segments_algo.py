@@ -1,12 +1,12 @@
 import math
 
-import higra as hg
 import numpy as np
 import pytest
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
 from clips4.pipeline.contours import ContourMap, build_detector
+from clips4.pipeline.segments import hg  # higra as the stage imports it (without its plotting helpers)
 from clips4.pipeline.segments import (
     Ucm,
     compute_segments,
