@@ -65,7 +65,7 @@ def train_run(cfg_path: Path, out: Path, overrides: list[str]) -> tuple[Path, fl
 #: the sweep's ablation rows: (name, overrides, teacher variants needed in the cache). ``prototypes.*`` overrides
 #: rebuild that stage for the row; every other override is a training one.
 PAPER_VIEWS = ["train.input=rgb", "train.augment.photometric=imposed", "train.augment.regions=none", "train.augment.channel_shuffle_p=0",
-               "train.augment.invert_p=0",
+               "train.augment.invert_p=0", "train.augment.cutmix_p=0",
                "train.augment.geometric=imposed", "train.augment.zoom=null", "train.augment.scale=[0.25,1.0]"]
 #: hard pseudo-labels with the one-way collapse guard (``raise``)
 HARD_RAISE = ["train.pseudo_labels=hard", "train.soft_target_temperature=null", "train.calibration=raise"]

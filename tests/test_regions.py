@@ -88,3 +88,45 @@ def test_pasted_regions_bring_their_pixels_ids_and_teacher_features():
     assert np.array_equal(feats[..., 0] == 1, cells)  # the teacher of a pasted cell is b's
     same = paste_regions(a, b, np.random.default_rng(3))
     assert np.array_equal(same[1], labels)  # a function of the generator
+
+
+def test_pasted_box_covers_its_area_with_its_pixels_ids_and_teacher_features():
+    from clips4.trainer.regions import paste_box
+
+    H, W = 32, 48
+    a = (np.zeros((H, W, 3), np.uint8), np.zeros((H, W), np.int32), np.zeros((4, 6, 5), np.float16))
+    b = (np.full((40, 60, 3), 200, np.uint8), np.zeros((40, 60), np.int32), np.ones((5, 8, 5), np.float16))
+    for seed in range(20):
+        image, labels, feats = paste_box(a, b, np.random.default_rng(seed), area=0.5)
+        box = image[..., 0] == 200
+        ys, xs = np.nonzero(box)
+        assert box.sum() == (ys.max() - ys.min() + 1) * (xs.max() - xs.min() + 1)  # one axis-aligned box
+        assert 0.4 < box.mean() < 0.6
+        assert np.all(labels[box] == 1) and np.all(labels[~box] == 0)  # one segment (a single-region image) each
+        cells = box.reshape(4, 8, 6, 8).mean((1, 3)) > 0.5
+        assert np.array_equal(feats[..., 0] == 1, cells)
+    assert np.array_equal(paste_box(a, b, np.random.default_rng(1))[0], paste_box(a, b, np.random.default_rng(1))[0])
+
+
+def test_cutmix_views_are_a_function_of_the_view_seed(tmp_path):
+    """``train.augment.cutmix_p``: every view mixes another training image in, the same one for the same seed
+    (a resumed run sees the batches an uninterrupted one saw); cutmix_p 0 leaves the image alone."""
+    from clips4.trainer.data import CachedViews
+
+    class Fake(CachedViews):
+        def __init__(self, p):  # three single-colour images, no caches
+            self.image_ids = ["a", "b", "c"]
+            self.aug = AugmentConfig(size=16, photometric="none", geometric="imposed", zoom=None, scale=(1.0, 1.0),
+                                     flip_p=0.0, cutmix_p=p)
+            self.cache_images, self._memo, self._readers = 0, {}, None
+
+        def _read(self, image_id):
+            v = {"a": 10, "b": 120, "c": 240}[image_id]
+            return (np.full((16, 16, 3), v, np.uint8), np.zeros((16, 16), np.int32),
+                    np.full((2, 2, 4), v, np.float16), None, None)
+
+    mixed, plain = Fake(1.0), Fake(0.0)
+    v1, v2 = mixed[(0, 5)], mixed[(0, 5)]
+    assert torch.equal(v1[0]["image"], v2[0]["image"])
+    assert len(torch.unique(v1[0]["image"][0])) == 2  # a and one other image
+    assert len(torch.unique(plain[(0, 5)][0]["image"][0])) == 1

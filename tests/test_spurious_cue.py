@@ -1,10 +1,11 @@
 """The student learns what its teacher reads, not a cue the teacher ignores: a tiny world of three textures
 (horizontal, vertical, diagonal stripes) whose brightness is tied to the class in the training images and shuffled
 in the val images, with a teacher that reads texture only. Views transformed as a whole keep how bright the
-regions of an image are relative to each other, so a student that sees RGB reads brightness first and falls below
-its teacher on the val images; a student that sees the grey-level pattern with the local brightness and contrast
-divided out (``train.input: local-contrast``, chosen by ``auto`` since the teacher is measured to ignore each
-region's colour and brightness) cannot, and passes its teacher (docs/results.md, "Spurious cues")."""
+regions of an image are relative to each other, so a student that sees RGB of one image at a time reads brightness
+first and falls below its teacher on the val images; the defaults — the grey-level pattern with the local
+brightness and contrast divided out (``train.input: local-contrast``, chosen by ``auto`` since the teacher is
+measured to ignore each region's colour and brightness), and a box of another image pasted into each
+(``train.augment.cutmix_p``) — pass it (docs/results.md, "Spurious cues")."""
 from __future__ import annotations
 
 import json
@@ -67,20 +68,20 @@ def _run(tmp_path, overrides: list[str], iterations: int) -> tuple[float, float]
     return 100 * teacher, 100 * run_language(vcfg, ds, model=str(out / "final.pt"), out=None)["miou"]
 
 
-#: at 400 iterations: teacher 59.6, the defaults 64.7, an RGB student 47.0 (by 800 iterations the RGB student
-#: reaches its teacher too: the shortcut is what it learns first)
+#: at 400 iterations: teacher 59.6, the defaults 67.6, an RGB student of unmixed images 47.0 (53.6 with the
+#: boxes pasted; by 800 iterations the RGB student reaches its teacher too: the shortcut is what it learns first)
 ITERATIONS = 400
 
 
 def test_student_reads_texture_not_the_luminance_tied_to_the_class(tmp_path):
     """The defaults (``train.input: auto``, resolved to ``local-contrast`` since the teacher is measured to ignore
-    each region's colour and brightness) put the student above its teacher; a student that
-    sees RGB (every view transformed as a whole) stays below: it reads the brightness."""
+    each region's colour and brightness; ``cutmix_p`` 1) put the student above its teacher; a student that
+    sees RGB, one image at a time (every view transformed as a whole), stays below: it reads the brightness."""
     import torch
 
     teacher, student = _run(tmp_path, [], ITERATIONS)
-    assert student >= teacher + 2, (teacher, student)
+    assert student >= teacher + 5, (teacher, student)
     ck = torch.load(next(tmp_path.glob("run-*/final.pt")), weights_only=True)
     assert json.loads(ck["signature"])["input"] == "local-contrast"
-    _, rgb = _run(tmp_path, ["train.input=rgb"], ITERATIONS)
+    _, rgb = _run(tmp_path, ["train.input=rgb", "train.augment.cutmix_p=0"], ITERATIONS)
     assert rgb < teacher - 8, (teacher, rgb)

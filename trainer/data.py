@@ -13,7 +13,7 @@ from torch.utils.data import Dataset, Sampler
 from clips4.pipeline.cache import StageReader
 from clips4.pipeline.images import load_rgb
 from clips4.trainer.augment import AugmentConfig, collate_views, make_views
-from clips4.trainer.regions import paste_regions
+from clips4.trainer.regions import paste_box, paste_regions
 
 
 class CachedViews(Dataset):
@@ -63,12 +63,16 @@ class CachedViews(Dataset):
         if self.cache_images and len(self._memo) < self.cache_images:
             self._memo[image_id] = inputs
         image, labels, feats, var, ops = inputs
-        if self.aug.paste_p > 0 and var is None and len(self.image_ids) > 1:
-            rng = np.random.default_rng([seed, 7])  # a function of the view seed: resumed runs see the same
-            if rng.random() < self.aug.paste_p:
-                j = (index + 1 + int(rng.integers(len(self.image_ids) - 1))) % len(self.image_ids)
-                other = self._memo.get(self.image_ids[j]) or self._read(self.image_ids[j])
-                image, labels, feats = paste_regions((image, labels, feats), other[:3], rng)
+        # mixing (a function of the view seed: resumed runs see the same); not with the teacher's variants, whose
+        # target is the teacher on the whole variant image
+        if var is None and len(self.image_ids) > 1:
+            for p, key, paste in ((self.aug.paste_p, 7, lambda a, b, r: paste_regions(a, b, r)),
+                                  (self.aug.cutmix_p, 13, lambda a, b, r: paste_box(a, b, r, self.aug.cutmix_area))):
+                rng = np.random.default_rng([seed, key])
+                if p > 0 and rng.random() < p:
+                    j = (index + 1 + int(rng.integers(len(self.image_ids) - 1))) % len(self.image_ids)
+                    other = self._memo.get(self.image_ids[j]) or self._read(self.image_ids[j])
+                    image, labels, feats = paste((image, labels, feats), other[:3], rng)
         return make_views(image, labels, feats, rng=seed, cfg=self.aug, variants=var, variant_ops=ops)
 
     def _read(self, image_id: str) -> tuple:

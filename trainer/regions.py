@@ -22,7 +22,7 @@ import torch
 
 from clips4.pipeline.regions import recolour_regions
 
-__all__ = ["apply_regions", "paste_regions"]
+__all__ = ["apply_regions", "paste_box", "paste_regions"]
 
 
 def apply_regions(img: torch.Tensor, labels, g: torch.Generator) -> torch.Tensor:
@@ -36,18 +36,12 @@ def apply_regions(img: torch.Tensor, labels, g: torch.Generator) -> torch.Tensor
     return torch.from_numpy(out).permute(2, 0, 1).contiguous()
 
 
-def paste_regions(a: tuple, b: tuple, rng: np.random.Generator, share: float = 0.5) -> tuple:
-    """Superpixels of image ``b`` pasted over image ``a`` (ClassMix-style, on the segments stage's regions).
-
-    ``a``, ``b``: ``(image (H,W,3) uint8, labels (H,W) int, feats (h,w,D))`` — ``b`` of any size, resized to
-    ``a``'s (nearest for labels, so no new ids). Each region of ``b`` is taken with probability ``share``; its
-    pixels replace ``a``'s, its ids are offset past ``a``'s (negative ids stay negative: ignored), and the
-    teacher features of the feature cells it covers (more than half) become ``b``'s there — the target of a
-    pasted region is what the teacher saw in its own image. Returns the same triple for the composite.
-    """
+def _fit(a: tuple, b: tuple) -> tuple:
+    """``b``'s image, labels and features resized to ``a``'s (bilinear image, nearest labels so no new ids, the
+    feature cell nearest each of ``a``'s cell centres)."""
     import cv2
 
-    img_a, lab_a, feat_a = a
+    lab_a, feat_a = a[1], a[2]
     img_b, lab_b, feat_b = b
     H, W = lab_a.shape
     h, w = feat_a.shape[:2]
@@ -56,15 +50,54 @@ def paste_regions(a: tuple, b: tuple, rng: np.random.Generator, share: float = 0
     feat_b = np.asarray(feat_b)
     rows = np.minimum((np.arange(h) + 0.5) * feat_b.shape[0] / h, feat_b.shape[0] - 1).astype(int)
     cols = np.minimum((np.arange(w) + 0.5) * feat_b.shape[1] / w, feat_b.shape[1] - 1).astype(int)
-    feat_b = feat_b[rows][:, cols]
-    ids = np.unique(lab_b[lab_b >= 0])
-    take = ids[rng.random(len(ids)) < share]
-    if not len(take):
-        return a
-    mask = np.isin(lab_b, take)
+    return img_b, lab_b, feat_b[rows][:, cols]
+
+
+def _composite(a: tuple, b: tuple, mask: np.ndarray) -> tuple:
+    """``a`` with ``b`` (already fitted to it) where ``mask (H,W)`` is set: ``b``'s pixels, its segment ids offset
+    past ``a``'s (negative ids stay negative: ignored), and ``b``'s teacher features on the feature cells the mask
+    covers more than half of — the target of a pasted pixel is what the teacher saw in its own image."""
+    import cv2
+
+    img_a, lab_a, feat_a = a
+    img_b, lab_b, feat_b = b
+    h, w = feat_a.shape[:2]
     offset = int(max(lab_a.max(), -1)) + 1
     image = np.where(mask[..., None], img_b, img_a)
-    labels = np.where(mask, lab_b.astype(np.int64) + offset, lab_a)
+    labels = np.where(mask, np.where(lab_b >= 0, lab_b.astype(np.int64) + offset, lab_b), lab_a)
     cover = cv2.resize(mask.astype(np.float32), (w, h), interpolation=cv2.INTER_AREA) > 0.5
     feats = np.where(cover[..., None], feat_b, feat_a).astype(feat_a.dtype)
     return image, labels.astype(lab_a.dtype if lab_a.dtype.kind == "i" else np.int64), feats
+
+
+def paste_regions(a: tuple, b: tuple, rng: np.random.Generator, share: float = 0.5) -> tuple:
+    """Superpixels of image ``b`` pasted over image ``a`` (ClassMix-style, on the segments stage's regions).
+
+    ``a``, ``b``: ``(image (H,W,3) uint8, labels (H,W) int, feats (h,w,D))`` — ``b`` of any size, resized to
+    ``a``'s. Each region of ``b`` is taken with probability ``share``. Returns the same triple for the composite.
+    """
+    b = _fit(a, b)
+    ids = np.unique(b[1][b[1] >= 0])
+    take = ids[rng.random(len(ids)) < share]
+    if not len(take):
+        return a
+    return _composite(a, b, np.isin(b[1], take))
+
+
+def paste_box(a: tuple, b: tuple, rng: np.random.Generator, area: float = 0.5) -> tuple:
+    """A box of image ``b`` pasted over image ``a`` (CutMix with the teacher's features as the targets).
+
+    Unlike :func:`paste_regions` it needs no segments (where the segments stage finds one region per image, a
+    box still puts classes beside neighbours they never meet in the data). The box covers ``area`` of the image,
+    its aspect drawn log-uniformly in 1/2 .. 2, its place uniformly; ``b`` is resized to ``a`` first, so the box
+    shows the same part of ``b``. Triples as in :func:`paste_regions`.
+    """
+    b = _fit(a, b)
+    H, W = a[1].shape
+    aspect = float(np.exp(rng.uniform(-np.log(2), np.log(2))))
+    bh = int(np.clip(round(np.sqrt(area * H * W * aspect)), 1, H))
+    bw = int(np.clip(round(area * H * W / bh), 1, W))
+    y0, x0 = int(rng.integers(0, H - bh + 1)), int(rng.integers(0, W - bw + 1))
+    mask = np.zeros((H, W), bool)
+    mask[y0:y0 + bh, x0:x0 + bw] = True
+    return _composite(a, b, mask)
