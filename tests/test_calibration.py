@@ -179,3 +179,16 @@ def test_segment_pooled_averages_the_teachers_noise_over_each_segment():
     assert np.allclose(np.linalg.norm(out[:, :2], axis=-1), 1.0, atol=1e-5)
     assert np.array_equal(out[2:, 2:], feats[2:, 2:])  # no segment: unchanged
     assert np.array_equal(segment_pooled(feats, None), feats)
+
+
+def test_match_never_ends_further_from_the_target_than_no_bias():
+    """A student that ranks one class first on every pixel by the same margin: any bias hands all pixels from class
+    to class, so the updates oscillate; the fit returns the iterate nearest the target, no bias included."""
+    from clips4.trainer.calibration import class_frequencies, fit_prior_bias
+
+    scores = torch.zeros(600, 4)
+    scores[:, 1] = 0.05
+    target = torch.tensor([0.1, 0.5, 0.2, 0.2])  # no bias is the best there is: any flip is further
+    gap = lambda b: float((class_frequencies((scores + b).argmax(1), 4) - target).abs().sum())  # noqa: E731
+    for iters in (100, 200, 300):  # wherever the oscillation stands when the updates stop
+        assert gap(fit_prior_bias(scores, target, mode="match", iters=iters)) <= gap(torch.zeros(4)) + 1e-9, iters

@@ -93,7 +93,8 @@ def fit_prior_bias(scores: torch.Tensor, target: torch.Tensor, *, iters: int = 3
     ``argmax(scores + bias)`` approach ``target (K,)``: damped multiplicative updates in log-frequency
     (``bias += rate * (log t - log s)``).
 
-    ``mode``: ``match`` (every class, bias kept zero-mean; a class absent from ``target`` is pushed down),
+    ``mode``: ``match`` (every class, bias kept zero-mean; a class absent from ``target`` is pushed down; the
+    iterate nearest the target is returned, so never one further from it than no bias),
     ``raise`` (the collapse guard: only the classes whose frequency is below ``collapse_ratio`` x their target
     get a bias, >= 0, raising them towards their target; every other class keeps 0, so a student whose
     frequencies are near the teacher's is left as it is and no class is ever lowered on its own) or ``band``
@@ -114,14 +115,25 @@ def fit_prior_bias(scores: torch.Tensor, target: torch.Tensor, *, iters: int = 3
     # raise / band: a triggered class moves within [0, cap] (raised) or [-cap, 0] (lowered), every other one stays 0
     cap = torch.tensor(float("inf") if max_bias is None else float(max_bias))
     upper, lower = torch.where(low, cap, 0.0), torch.where(high, -cap, 0.0)
+    # match: the iterate closest to the target (L1 over the frequencies), no bias included — a student that ranks
+    # one class first everywhere makes the updates hand the whole image from class to class, and the last
+    # iterate can then be further from the target than no bias at all
+    best, best_gap = b, float("inf")
     for _ in range(iters):
         s = class_frequencies((scores + b).argmax(1), k) + floor
+        if mode == "match":
+            gap = float((s - t).abs().sum())
+            if gap < best_gap:
+                best, best_gap = b, gap
         step = (rate * (t.log() - s.log())).float()
         if mode == "match":
             b = b + step
             b = b - b.mean()
         else:
             b = torch.clamp(b + step, lower, upper)
+    if mode == "match":
+        s = class_frequencies((scores + b).argmax(1), k) + floor
+        return b if float((s - t).abs().sum()) < best_gap else best
     return b
 
 
