@@ -7,6 +7,7 @@ import numpy as np
 
 from clips4.evaluate.compat import check_width
 from clips4.evaluate.sources import checkpoint_source, config_summary, warn_clip_mismatch
+from clips4.pipeline.cache import float_rows_numpy
 from clips4.pipeline.config import Config
 from clips4.pipeline.datasets import Dataset
 from clips4.pipeline.grid import resize_nearest
@@ -34,8 +35,7 @@ def run_avgsim(cfg: Config, dataset: Dataset, checkpoint: str | Path, *, segment
     cached: dict[str, dict[int, np.ndarray]] = {}
     if segments == "clip":
         for b in feats.iter_table("segments", columns=["image_id", "segment_id", "embedding"]):
-            d = b.schema.field("embedding").type.list_size
-            vec = b.column("embedding").flatten().to_numpy(zero_copy_only=False).reshape(-1, d)
+            vec = float_rows_numpy(b.column("embedding"))
             for img, sid, v in zip(b.column("image_id").to_pylist(), b.column("segment_id").to_pylist(), vec):
                 cached.setdefault(img, {})[int(sid)] = v.astype(np.float32)
     sims, per_image = [], {}

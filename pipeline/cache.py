@@ -93,9 +93,37 @@ def write_bytes_atomic(url: str, data: bytes) -> None:
             f.write(data)
 
 
+def float_rows(x: np.ndarray) -> pa.FixedSizeBinaryArray:
+    """``(N, D)`` floats -> a column of ``fixed_size_binary(4*D)``: each row's raw little-endian float32 bytes.
+    Parquet decodes it with a copy (a ``fixed_size_list<float>`` column is decoded value by value: about 10x
+    slower, which the prototypes stage's stream over every segment pays); :func:`float_rows_numpy` reads both."""
+    x = np.ascontiguousarray(x, dtype="<f4")
+    if x.ndim != 2:
+        raise ValueError(f"float rows need an (N, D) array, got shape {x.shape}")
+    return pa.FixedSizeBinaryArray.from_buffers(pa.binary(4 * x.shape[1]), x.shape[0], [None, pa.py_buffer(x.tobytes())])
+
+
+def float_rows_numpy(col) -> np.ndarray:
+    """``(N, D) float32`` from a column written by :func:`float_rows`, or a ``fixed_size_list`` / ``list`` of floats
+    (caches written before); a chunked column is concatenated."""
+    if isinstance(col, pa.ChunkedArray):
+        col = col.combine_chunks() if col.num_chunks != 1 else col.chunk(0)
+    if pa.types.is_fixed_size_binary(col.type):
+        d = col.type.byte_width // 4
+        return np.frombuffer(col.buffers()[1], "<f4", count=len(col) * d, offset=col.offset * d * 4).reshape(-1, d)
+    if pa.types.is_fixed_size_list(col.type):
+        d = col.type.list_size
+    else:
+        offs = col.offsets.to_numpy()
+        d = int(offs[1] - offs[0]) if len(col) else 0
+    return col.flatten().to_numpy(zero_copy_only=False).reshape(-1, d).astype(np.float32, copy=False)
+
+
 def write_parquet_atomic(url: str, table: pa.Table) -> None:
     sink = pa.BufferOutputStream()
-    pq.write_table(table, sink, compression="zstd")
+    # raw float rows do not compress (zstd would only triple their decoding time); everything else does
+    comp = {f.name: "none" if pa.types.is_fixed_size_binary(f.type) else "zstd" for f in table.schema}
+    pq.write_table(table, sink, compression=comp or "zstd")
     write_bytes_atomic(url, sink.getvalue().to_pybytes())
 
 
@@ -350,7 +378,9 @@ class StageWriter:
 def _table_from_columns(cols: dict[str, Any]) -> pa.Table:
     arrays = {}
     for k, v in cols.items():
-        if isinstance(v, np.ndarray) and v.ndim == 2:
+        if isinstance(v, pa.Array):
+            arrays[k] = v
+        elif isinstance(v, np.ndarray) and v.ndim == 2:
             # embeddings as fixed-size lists: (N, D) float32 -> fixed_size_list<float32>[D]
             flat = pa.array(np.ascontiguousarray(v).reshape(-1))
             arrays[k] = pa.FixedSizeListArray.from_arrays(flat, v.shape[1])

@@ -10,7 +10,7 @@ import time
 
 import numpy as np
 
-from clips4.pipeline.cache import ItemResult
+from clips4.pipeline.cache import ItemResult, float_rows
 from clips4.pipeline.config import ClipFeaturesParams, ClipParams, PrototypesParams, SegmentsParams
 from clips4.pipeline.datasets import ImageRecord
 from clips4.pipeline.images import ImageError, load_rgb
@@ -189,14 +189,15 @@ class ClipFeaturesProcessor:
     Arrays: ``features`` (h, w, D) float16, L2-normalised, at the backend's patch grid (cell (i, j) covers
     image rows [i*H/h, (i+1)*H/h) and columns [j*W/w, (j+1)*W/w)); ``segment_labels`` (h, w) int32, the
     segments Ŝ at the feature grid. Table ``segments``: one row per segment with ``segment_id``,
-    ``embedding`` (D float32, normalised mean CLIP embedding), ``area`` (grid cells) and ``bbox``
+    ``embedding`` (D float32, normalised mean CLIP embedding; raw float32 rows, :func:`clips4.pipeline.cache.float_rows_numpy` reads them), ``area`` (grid cells) and ``bbox``
     (y0, x0, y1, x1 in image pixels). Decoding runs in a thread pool, overlapping the model's forward passes.
     """
 
     kind = "per_image"
     #: 2: image-resolution labels map to grid cells by pixel centres (clips4.pipeline.grid); 3: variant transforms
-    #: carry a channel permutation and an inversion (``variant_ops`` (V, 13))
-    version = "3"
+    #: carry a channel permutation and an inversion (``variant_ops`` (V, 13)); 4: ``embedding`` stored as raw float32
+    #: rows (``fixed_size_binary``, clips4.pipeline.cache.float_rows)
+    version = "4"
     Params = ClipFeaturesParams
 
     preflight = staticmethod(clip_features_preflight)
@@ -263,6 +264,7 @@ class ClipFeaturesProcessor:
                 labels = self._segments_for(rec, feat, image.shape[:2])
                 seg = dict(segment_embeddings(feat, labels, image_hw=image.shape[:2]))
                 seg["row_id"] = segment_row_ids(rec.image_id, seg["segment_id"])
+                seg["embedding"] = float_rows(seg["embedding"])
                 arrays = {"features": feat.astype(np.float16), "segment_labels": labels.astype(np.int32)}
                 if self.params.photometric_variants:
                     from clips4.pipeline.photometric import teacher_variants

@@ -219,6 +219,8 @@ def iter_embedding_batches(
 
     import pyarrow.parquet as pq
 
+    from clips4.pipeline.cache import float_rows_numpy
+
     cols = [emb_column] + ([id_column] if id_column else [])
     if isinstance(source, pa.Table):
         it = source.to_batches(max_chunksize=batch_size)
@@ -236,18 +238,7 @@ def iter_embedding_batches(
     for b in it:
         if b.num_rows == 0:
             continue
-        col = b.column(b.schema.get_field_index(emb_column))
-        if pa.types.is_fixed_size_binary(col.type):  # raw little-endian float32 bytes: a memcpy to read
-            d = col.type.byte_width // 4
-            emb = np.frombuffer(col.buffers()[1], np.float32, count=len(col) * d, offset=col.offset * d * 4)
-            emb = emb.reshape(-1, d)
-        elif pa.types.is_fixed_size_list(col.type):
-            d = col.type.list_size
-        else:
-            offs = col.offsets.to_numpy()
-            d = int(offs[1] - offs[0])
-        if not pa.types.is_fixed_size_binary(col.type):
-            emb = col.flatten().to_numpy(zero_copy_only=False).reshape(-1, d).astype(np.float32, copy=False)
+        emb = float_rows_numpy(b.column(b.schema.get_field_index(emb_column)))
         if id_column:
             ids = b.column(b.schema.get_field_index(id_column)).to_numpy(zero_copy_only=False).astype(np.int64)
         else:
