@@ -66,7 +66,7 @@ class CachedViews(Dataset):
         # mixing (a function of the view seed: resumed runs see the same); not with the teacher's variants, whose
         # target is the teacher on the whole variant image
         if var is None and len(self.image_ids) > 1:
-            for p, key, paste in ((self.aug.paste_p, 7, lambda a, b, r: paste_regions(a, b, r)),
+            for p, key, paste in ((self.aug.paste_p, 7, paste_regions),
                                   (self.aug.cutmix_p, 13, lambda a, b, r: paste_box(a, b, r, self.aug.cutmix_area))):
                 rng = np.random.default_rng([seed, key])
                 if p > 0 and rng.random() < p:

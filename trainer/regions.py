@@ -20,6 +20,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from clips4.pipeline.grid import resize_nearest
 from clips4.pipeline.regions import recolour_regions
 
 __all__ = ["apply_regions", "paste_box", "paste_regions"]
@@ -47,10 +48,7 @@ def _fit(a: tuple, b: tuple) -> tuple:
     h, w = feat_a.shape[:2]
     img_b = cv2.resize(np.ascontiguousarray(img_b), (W, H), interpolation=cv2.INTER_LINEAR)
     lab_b = cv2.resize(np.ascontiguousarray(lab_b, np.int32), (W, H), interpolation=cv2.INTER_NEAREST)
-    feat_b = np.asarray(feat_b)
-    rows = np.minimum((np.arange(h) + 0.5) * feat_b.shape[0] / h, feat_b.shape[0] - 1).astype(int)
-    cols = np.minimum((np.arange(w) + 0.5) * feat_b.shape[1] / w, feat_b.shape[1] - 1).astype(int)
-    return img_b, lab_b, feat_b[rows][:, cols]
+    return img_b, lab_b, resize_nearest(feat_b, (h, w))
 
 
 def _composite(a: tuple, b: tuple, mask: np.ndarray) -> tuple:
