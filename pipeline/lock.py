@@ -62,6 +62,19 @@ def _holder_info(token: str) -> dict:
     }
 
 
+def _make_local_folders(path: str) -> None:
+    """``os.makedirs(path, exist_ok=True)`` that outlasts a releasing holder removing the same (empty) folders
+    while they are being made (os.makedirs then raises FileNotFoundError or FileExistsError)."""
+    for _ in range(1000):
+        try:
+            os.makedirs(path, exist_ok=True)
+            return
+        except (FileNotFoundError, FileExistsError):
+            if os.path.isdir(path):
+                return
+    os.makedirs(path, exist_ok=True)
+
+
 class StageLock:
     """Context manager: ``with StageLock(url, wait=True, timeout=600): ...``.
 
@@ -98,7 +111,10 @@ class StageLock:
             while not os.path.exists(p) and os.path.dirname(p) != p:
                 self._created.append(p)
                 p = os.path.dirname(p)
-        makedirs(self.fs, self.path)
+        if self.exclusive:
+            _make_local_folders(self.path)
+        else:
+            makedirs(self.fs, self.path)
         while True:
             holder = self._try_local() if self.exclusive else self._try_remote()
             if holder is None:
@@ -160,11 +176,7 @@ class StageLock:
     def _try_local(self) -> dict | None:
         import fcntl
 
-        try:
-            fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o644)
-        except FileNotFoundError:  # the previous holder removed the folder it had created (release)
-            os.makedirs(self.path, exist_ok=True)
-            fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = self._open_local()
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             try:  # the holder may have removed the file before unlocking it (release): lock the one at the path
@@ -173,7 +185,6 @@ class StageLock:
                 same = False
             if not same:
                 os.close(fd)
-                os.makedirs(self.path, exist_ok=True)  # its holder may have removed the folder with the file
                 return self._try_local()
         except BlockingIOError:
             os.close(fd)
@@ -183,6 +194,17 @@ class StageLock:
         os.fsync(fd)
         self._fd = fd
         return None
+
+    def _open_local(self) -> int:
+        """The lock file, opened (created if absent). A holder that releases removes the folders it created
+        (release) and may do so between any two of our steps, so the folders are made again until the open
+        succeeds."""
+        for _ in range(1000):
+            try:
+                return os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+            except FileNotFoundError:
+                _make_local_folders(self.path)
+        return os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o644)
 
     def _read_local_holder(self, patience_s: float = 1.0) -> dict:
         """The holder's record; the holder writes it just after taking the lock, so an empty file is read again

@@ -476,3 +476,30 @@ def test_a_waiter_on_a_removed_lock_file_takes_the_lock_at_the_path(tmp_path):
     with pytest.raises(Exception, match="being written by"):
         StageLock(str(folder)).acquire()
     got[0].release()
+
+
+def test_waiters_polling_without_pause_survive_the_folders_going_at_any_moment(tmp_path):
+    """The releasing holder removes the lock file and the folders it made while a waiter is between its steps
+    (making the folders, opening the file): the waiter makes them again and takes the lock, every time."""
+    import threading
+
+    from clips4.pipeline.lock import StageLock
+
+    for i in range(150):
+        folder = tmp_path / f"run{i}" / "new" / "stage"
+        first = StageLock(str(folder)).acquire()
+        got = []
+
+        def wait_for_it():
+            try:
+                got.append(StageLock(str(folder), wait=True, timeout=20, poll_s=0.0).acquire())
+            except BaseException as exc:  # noqa: BLE001 - reported by the assertion below
+                got.append(exc)
+
+        waiter = threading.Thread(target=wait_for_it)
+        waiter.start()
+        time.sleep(0.001 * (i % 7))
+        first.release()
+        waiter.join(30)
+        assert got and isinstance(got[0], StageLock) and got[0].held, (i, got)
+        got[0].release()
