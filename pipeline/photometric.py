@@ -10,7 +10,10 @@ colour, does when colours change (off in the SimCLR set). The vector, not a seed
 clip_features cache stores next to each variant's features, so the trainer replays exactly the transform the
 teacher saw, whatever its own settings.
 
-torch/torchvision are imported inside the functions (the pipeline imports torch only when needed).
+torch is imported inside the functions (the pipeline imports torch only when needed). The colour operations are
+torchvision's tensor kernels (``transforms.v2.functional``: the same formulas, the same float operations, tests
+check equality), written with torch alone: importing torchvision imports ``torch._dynamo`` (through
+``torchvision.ops``), about 3 s of every training process's 6 s start-up, for five small functions.
 """
 from __future__ import annotations
 
@@ -96,31 +99,127 @@ def sample_ops(cfg: PhotometricConfig, g) -> np.ndarray:
     return ops
 
 
+def _luma(img):
+    """``(..., 3, H, W)`` float -> ``(..., 1, H, W)``: ITU-R 601 luma, torchvision's grayscale weights."""
+    r, g, b = img.unbind(dim=-3)
+    return r.mul(0.2989).add_(g, alpha=0.587).add_(b, alpha=0.114).unsqueeze(-3)
+
+
+def _blend(img, other, ratio: float):
+    return img.mul(ratio).add_(other, alpha=1.0 - ratio).clamp_(0, 1)
+
+
+def adjust_brightness(img, factor: float):
+    """``(..., 3, H, W)`` float in [0, 1] scaled by ``factor`` (torchvision's ``adjust_brightness``)."""
+    return img.mul(factor).clamp_(0, 1)
+
+
+def adjust_contrast(img, factor: float):
+    """Blend with the image's mean luma (torchvision's ``adjust_contrast``)."""
+    import torch
+
+    return _blend(img, torch.mean(_luma(img), dim=(-3, -2, -1), keepdim=True), factor)
+
+
+def adjust_saturation(img, factor: float):
+    """Blend with the image's luma per pixel (torchvision's ``adjust_saturation``)."""
+    return _blend(img, _luma(img), factor)
+
+
+def _rgb_to_hsv(img):
+    import torch
+
+    r, g, _ = img.unbind(dim=-3)
+    minc, maxc = torch.aminmax(img, dim=-3)
+    eqc = maxc == minc  # grey pixels: hue and saturation 0 without a division by zero
+    rng = maxc - minc
+    ones = torch.ones_like(maxc)
+    s = rng / torch.where(eqc, ones, maxc)
+    rc, gc, bc = ((maxc.unsqueeze(-3) - img) / torch.where(eqc, ones, rng).unsqueeze(-3)).unbind(dim=-3)
+    not_r = maxc != r
+    is_g = maxc == g
+    hg = rc.add(2.0).sub_(bc).mul_(is_g & not_r)
+    hr = bc.sub_(gc).mul_(~not_r)
+    hb = gc.add_(4.0).sub_(rc).mul_(not_r.logical_and_(is_g.logical_not_()))
+    h = hr.add_(hg).add_(hb).mul_(1.0 / 6.0).add_(1.0).fmod_(1.0)
+    return torch.stack((h, s, maxc), dim=-3)
+
+
+def _hsv_to_rgb(img):
+    import torch
+
+    h, s, v = img.unbind(dim=-3)
+    h6 = h.mul(6)
+    i = torch.floor(h6)
+    f = h6.sub_(i)
+    i = i.to(dtype=torch.int32).remainder_(6)
+    sxf = s * f
+    one_minus_s = 1.0 - s
+    q = (1.0 - sxf).mul_(v).clamp_(0.0, 1.0)
+    t = sxf.add_(one_minus_s).mul_(v).clamp_(0.0, 1.0)
+    p = one_minus_s.mul_(v).clamp_(0.0, 1.0)
+    vpqt = torch.stack((v, p, q, t), dim=-3)
+    select = torch.tensor([[0, 2, 1, 1, 3, 0], [3, 0, 0, 2, 1, 1], [1, 1, 3, 0, 0, 2]], dtype=torch.long,
+                          device=img.device)[:, i]
+    if select.ndim > 3:
+        select = select.moveaxis(0, -3)
+    return vpqt.gather(-3, select)
+
+
+def adjust_hue(img, factor: float):
+    """Rotate the hue by ``factor`` turns, ``factor`` in [-0.5, 0.5] (torchvision's ``adjust_hue``)."""
+    import torch
+
+    h, s, v = _rgb_to_hsv(img).unbind(dim=-3)
+    h.add_(factor).remainder_(1.0)
+    return _hsv_to_rgb(torch.stack((h, s, v), dim=-3))
+
+
+def rgb_to_grayscale(img):
+    """Luma in all three channels (torchvision's ``rgb_to_grayscale(num_output_channels=3)``)."""
+    return _luma(img).expand(img.shape)
+
+
+def gaussian_blur(img, kernel: int, sigma: float):
+    """``(3, H, W)`` float blurred by a ``kernel x kernel`` Gaussian, reflect padding (torchvision's
+    ``gaussian_blur``, including its kernel: samples at ``linspace(-lim, lim)``, ``lim = (k-1) / (2 sqrt 2)``)."""
+    import math
+
+    import torch
+    import torch.nn.functional as F
+
+    lim = (kernel - 1) / (2.0 * math.sqrt(2.0))
+    k1 = torch.softmax(torch.linspace(-lim, lim, steps=kernel, dtype=img.dtype, device=img.device)
+                       .div(sigma).pow(2).neg(), dim=0)
+    k2 = (k1.unsqueeze(-1) * k1).expand(img.shape[-3], 1, kernel, kernel)
+    pad = kernel // 2
+    out = F.pad(img.unsqueeze(0), [pad, pad, pad, pad], mode="reflect")
+    return F.conv2d(out, k2, groups=img.shape[-3])[0]
+
+
 def apply_ops(img, ops: np.ndarray, blur_kernel: int | None = None):
     """``img (3,H,W) float tensor in [0,1]`` -> same, transformed by ``ops``. ``blur_kernel``: odd kernel side
     (default ``2*ceil(3*sigma)+1``)."""
-    import torchvision.transforms.v2.functional as TF
-
     if ops[0] > 0:
         for op in ops[5:9].astype(int).tolist():
             if op == 0 and ops[1] != 1:
-                img = TF.adjust_brightness(img, float(ops[1]))
+                img = adjust_brightness(img, float(ops[1]))
             elif op == 1 and ops[2] != 1:
-                img = TF.adjust_contrast(img, float(ops[2]))
+                img = adjust_contrast(img, float(ops[2]))
             elif op == 2 and ops[3] != 1:
-                img = TF.adjust_saturation(img, float(ops[3]))
+                img = adjust_saturation(img, float(ops[3]))
             elif op == 3 and ops[4] != 0:
-                img = TF.adjust_hue(img, float(ops[4]))
+                img = adjust_hue(img, float(ops[4]))
     if len(ops) > 11 and ops[11] > 0:
         img = img[list(CHANNEL_PERMS[int(ops[11])])]
     if len(ops) > 12 and ops[12] > 0:
         img = 1.0 - img
     if ops[9] > 0:
-        img = TF.rgb_to_grayscale(img, num_output_channels=3)
+        img = rgb_to_grayscale(img)
     if ops[10] > 0:
         sigma = float(ops[10])
         k = blur_kernel or 2 * int(np.ceil(3 * sigma)) + 1
-        img = TF.gaussian_blur(img, [k, k], [sigma, sigma])
+        img = gaussian_blur(img, k, sigma)
     return img.clamp(0, 1)
 
 

@@ -127,6 +127,16 @@ def test_cli_and_config_import_without_torch(code):
     assert out.stdout.split() == ["False", "False"], f"{code} imported torch/ray"
 
 
+def test_training_and_evaluation_import_no_torchvision():
+    """torchvision imports torch._dynamo (through torchvision.ops): about half of a training process's start-up.
+    Only an ImageNet backbone needs it, and loads it when built."""
+    code = ("import clips4.trainer.train, clips4.trainer.augment, clips4.evaluate.language, "
+            "clips4.pipeline.invariances, sys; print(sorted(m for m in sys.modules if m.startswith('torchvision'))[:3])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"
+
+
 #: stages.yaml's ``run:`` names code by string, which the import graph above cannot see. The pipeline loads these by
 #: name; a module outside clips4.pipeline is allowed here only explicitly, and only if it imports no torch.
 RUN_OUTSIDE_PIPELINE = {

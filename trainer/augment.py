@@ -40,12 +40,12 @@ All randomness comes from the ``torch.Generator`` (or int seed) given, so views 
 from __future__ import annotations
 
 import math
+import platform
 from dataclasses import make_dataclass
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-import torchvision.transforms.v2.functional as TF
 
 from clips4.pipeline.photometric import PhotometricConfig, apply_ops, sample_ops
 from clips4.trainer.regions import apply_regions
@@ -57,6 +57,7 @@ __all__ = [
     "normalize_image",
     "denormalize_image",
     "sample_box",
+    "resized_crop",
     "sample_zoom_box",
     "gate_by_teacher",
     "ignores_region_colour",
@@ -218,6 +219,21 @@ def sample_box(height: int, width: int, g: torch.Generator, scale=(0.25, 1.0), r
     return (height - h) // 2, (width - w) // 2, h, w
 
 
+def resized_crop(img: torch.Tensor, top: int, left: int, h: int, w: int, size: int) -> torch.Tensor:
+    """``(C, H, W) uint8`` -> ``(C, size, size) uint8``: the box (inside the image) resized bilinearly with
+    antialiasing, ``align_corners=False``. torchvision's ``resized_crop(..., antialias=True)``: the native uint8
+    kernel where torchvision uses it (CPU with AVX2/AVX-512, ARM), else float32 then rounded."""
+    crop = img[..., top:top + h, left:left + w]
+    if crop.shape[-2:] == (size, size):
+        return crop
+    native = img.device.type == "cpu" and (
+        torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
+        or platform.machine() in ("aarch64", "arm64"))
+    x = crop.unsqueeze(0) if native else crop.unsqueeze(0).float()
+    out = F.interpolate(x, size=[size, size], mode="bilinear", align_corners=False, antialias=True)[0]
+    return out if native else out.round_().to(torch.uint8)
+
+
 def sample_zoom_box(height: int, width: int, size: int, g: torch.Generator, zoom=(1.0, 1.0), ratio=(3 / 4, 4 / 3)):
     """Crop box ``(top, left, h, w)`` whose resize to ``size x size`` magnifies the image by a factor drawn
     log-uniformly from ``zoom`` (aspect jitter from ``ratio``, log-uniform); a box larger than the image is clipped
@@ -326,7 +342,7 @@ def make_views(image: np.ndarray, labels: np.ndarray, clip: np.ndarray | None, *
     views = []
     for box, flip in geo:
         top, left, h, w = box
-        crop = TF.resized_crop(src, top, left, h, w, [S, S], antialias=True).float() / 255.0
+        crop = resized_crop(src, top, left, h, w, S).float() / 255.0
         if flip:
             crop = crop.flip(-1)
         if "auto" in (cfg.photometric, cfg.geometric, cfg.regions):
