@@ -122,6 +122,42 @@ def ray_speedup(root: Path, split: str, n_images: int) -> float:
     return ratio
 
 
+def _ceiling_worker(images, detector, barrier, out):
+    from clips4.pipeline.segments import compute_segments
+
+    cv2.setNumThreads(1)
+    det = build_detector(detector)
+    compute_segments(images[0], det)  # warm: the first call loads and initialises the model
+    barrier.wait()
+    t0 = time.perf_counter()
+    for img in images:
+        compute_segments(img, det)
+    out.put((t0, time.perf_counter(), len(images)))
+
+
+def process_ceiling(images: list[np.ndarray], detector: str = "learned") -> float:
+    """The machine's own ceiling for 2 workers: the same per-image compute in two plain processes (half the images
+    each, started together after the model is loaded) against one process doing them all. On two vCPUs that are
+    hyperthreads of one core this is well under 2x, and no executor can beat it."""
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    rates = {}
+    for n in (1, 2):
+        barrier, out = ctx.Barrier(n), ctx.Queue()
+        procs = [ctx.Process(target=_ceiling_worker, args=(images[i::n], detector, barrier, out)) for i in range(n)]
+        for p in procs:
+            p.start()
+        res = [out.get() for _ in procs]
+        for p in procs:
+            p.join()
+        rates[n] = sum(r[2] for r in res) / (max(r[1] for r in res) - min(r[0] for r in res))
+    ratio = rates[2] / rates[1]
+    print(f"== machine ceiling: {detector} segments compute in plain processes on {len(images)} images: "
+          f"1 process {rates[1]:.2f} img/s, 2 processes {rates[2]:.2f} img/s: {ratio:.2f}x")
+    return ratio
+
+
 def _steady_rate(url: str) -> float:
     """Images/s between the first and the last part written (start-up left out)."""
     import pyarrow.parquet as pq
@@ -251,6 +287,7 @@ def main() -> None:
             print(f"  321x481 images: {statistics.mean(full):.3f} s/image (target <= 0.5)")
         print(f"  segments per image (t=0.25, max 48): mean {statistics.mean(r['n_segments'] for r in rows):.1f}")
     if not args.skip_ray:
+        process_ceiling(_load_images(args.root, "train", min(args.ray_images, 32)))
         ray_speedup(args.root, "train", args.ray_images)  # train has 200 images: enough to amortise actor start-up
         eval_ray_speedup(args.root, args.split, args.eval_ray_images, min(args.thresholds, 25))
     res: dict = {}
