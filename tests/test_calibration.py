@@ -192,3 +192,48 @@ def test_match_never_ends_further_from_the_target_than_no_bias():
     gap = lambda b: float((class_frequencies((scores + b).argmax(1), 4) - target).abs().sum())  # noqa: E731
     for iters in (100, 200, 300):  # wherever the oscillation stands when the updates stop
         assert gap(fit_prior_bias(scores, target, mode="match", iters=iters)) <= gap(torch.zeros(4)) + 1e-9, iters
+
+
+def _unrecognised_class(seed=0):
+    """Scores of a student that recognises classes 0 and 1 (right on their pixels) but not class 2: it reads class
+    2's pixels as 0 or 1 and ranks 2 last there, while on 0's and 1's pixels 2 is a close second. The teacher labels
+    every pixel right, so class 2 is under-predicted and a raise fills it with 0's and 1's pixels."""
+    g = torch.Generator().manual_seed(seed)
+    n = 300
+    truth = torch.cat([torch.zeros(n), torch.ones(n), torch.full((n,), 2)]).long()
+    s = 0.02 * torch.randn(3 * n, 3, generator=g)
+    s[:n, 0] += 0.6
+    s[:n, 2] += 0.55  # 2 a close second on 0's pixels
+    s[n:2 * n, 1] += 0.6
+    s[n:2 * n, 2] += 0.55
+    s[2 * n:2 * n + n // 2, 0] += 0.6  # its own pixels read as 0 or 1, 2 ranked last
+    s[2 * n + n // 2:, 1] += 0.6
+    s[2 * n:, 2] += 0.4
+    return s, truth
+
+
+def test_guard_keeps_no_raise_that_takes_other_classes_pixels():
+    scores, truth = _unrecognised_class()
+    target = class_frequencies(truth, 3)
+    pred0 = scores.argmax(1)
+    full = fit_prior_bias(scores, target, mode="band", max_bias=1.0)
+    assert float(full[2]) > 0  # the frequencies ask for class 2 to be raised
+    hurt = (scores + full).argmax(1)
+    assert float((hurt[:600] == truth[:600]).float().mean()) < float((pred0[:600] == truth[:600]).float().mean()) - 0.2
+    student = [scores.t().reshape(3, 30, 30)]
+    teacher = [torch.nn.functional.one_hot(truth, 3).float().t().reshape(3, 30, 30)]
+    out = prior_bias([0], lambda r: student[r], lambda r, hw: teacher[r], mode="band", max_margins=None)
+    assert out["scale"] < 1 and out["agreement"]["0.0"] > out["agreement"]["1.0"]
+    kept = (scores + torch.as_tensor(out["bias"])).argmax(1)
+    assert float((kept == truth).float().mean()) >= float((pred0 == truth).float().mean())
+    off = prior_bias([0], lambda r: student[r], lambda r, hw: teacher[r], mode="band", max_margins=None, guard=False)
+    assert off["scale"] == 1.0 and np.allclose(off["bias"], full.numpy(), atol=1e-6)
+
+
+def test_guard_keeps_the_whole_raise_that_gives_a_collapsed_class_its_pixels_back():
+    scores, truth = _collapsed()
+    student = [scores.t().reshape(2, 40, 25)]
+    teacher = [torch.nn.functional.one_hot(truth, 2).float().t().reshape(2, 40, 25)]
+    out = prior_bias([0], lambda r: student[r], lambda r, hw: teacher[r], mode="band", max_margins=None)
+    assert out["scale"] == 1.0 and out["bias"][0] > 0
+    assert out["agreement"]["1.0"] > out["agreement"]["0.0"] + 0.3

@@ -32,7 +32,7 @@ import torch
 from clips4.trainer.config import FIT_MODES, CalibrationMode, TrainParams
 
 __all__ = ["fit_prior_bias", "prior_bias", "class_frequencies", "median_margin", "calibrate", "stored_bias",
-           "segment_pooled", "COLLAPSE_RATIO", "MAX_BIAS_MARGINS", "MODES", "FIT_MODES"]
+           "segment_pooled", "agreement_miou", "agreement_scale", "GUARD_SCALES", "COLLAPSE_RATIO", "MAX_BIAS_MARGINS", "MODES", "FIT_MODES"]
 
 #: a class text embedding counts as the calibrated one at this cosine or more (float16 storage, another device)
 TEXT_MATCH = 0.995
@@ -137,40 +137,74 @@ def fit_prior_bias(scores: torch.Tensor, target: torch.Tensor, *, iters: int = 3
     return b
 
 
+#: the fractions of a fitted bias the agreement guard tries (see :func:`agreement_scale`)
+GUARD_SCALES = (0.0, 0.25, 0.5, 0.75, 1.0)
+
+
+def agreement_miou(pred: torch.Tensor, ref: torch.Tensor, k: int) -> float:
+    """Mean IoU over the classes present in either of two ``(P,)`` int64 label vectors."""
+    inter = torch.bincount(ref[pred == ref], minlength=k).double()
+    union = torch.bincount(pred, minlength=k).double() + torch.bincount(ref, minlength=k).double() - inter
+    ok = union > 0
+    return float((inter[ok] / union[ok]).mean()) if bool(ok.any()) else 0.0
+
+
+def agreement_scale(scores: torch.Tensor, bias: torch.Tensor, teacher_labels: torch.Tensor,
+                    scales: Sequence[float] = GUARD_SCALES) -> tuple[float, dict]:
+    """The fraction of ``bias`` to keep: the one whose arg-max agrees best (mean IoU) with the teacher's labels on
+    the fitted pixels, ``(scale, {scale: agreement})``. Why: frequencies are a proxy. A class the student does not
+    recognise yet, raised to its share, takes the pixels it ranks second on — another class's, which the teacher
+    labels right — so the shares match and both classes are lost (a 300-step student: one class raised from 0.9 %
+    to the teacher's 9 % took two others from IoU 49 and 48 to 0 and 1). A raise that gives a collapsed class its
+    own pixels back agrees better with the teacher and is kept whole."""
+    k = scores.shape[1]
+    got = {float(a): agreement_miou((scores + a * bias).argmax(1), teacher_labels, k) for a in scales}
+    best = max(got.values())
+    return max(a for a, v in got.items() if v >= best - 1e-12), got
+
+
 def prior_bias(records: Sequence, student: Callable, teacher: Callable, *, max_pixels: int = 400_000,
                seed: int = 0, mode: str = "match", collapse_ratio: float = COLLAPSE_RATIO,
-               max_margins: float | None = MAX_BIAS_MARGINS) -> dict:
+               max_margins: float | None = MAX_BIAS_MARGINS, guard: bool = True) -> dict:
     """Bias of the student so its class frequencies over ``records`` equal the teacher's.
 
     ``student(record) -> (K, h, w)`` its class scores (cosines to the class text embeddings);
     ``teacher(record, (h, w)) -> (K, h, w)`` the teacher's (cached dense CLIP features) resized onto the student's
     grid, so both are counted on the same cells. At most ``max_pixels`` student score rows are kept (a seeded
     random subset) for the fit. ``mode``, ``collapse_ratio``: see :func:`fit_prior_bias`; ``max_margins``: with
-    ``mode="raise"`` / ``"band"``, the cap on a bias in median margins (:func:`median_margin`; ``None`` = none). Returns
-    ``{"bias": (K,) float32 ndarray, "teacher_freq", "student_freq", "matched_freq": (K,) lists, "n_images",
-    "max_bias": the cap in score units or None, "capped": [class indices held at the cap]}``."""
-    rows, t_count = [], None
+    ``mode="raise"`` / ``"band"``, the cap on a bias in median margins (:func:`median_margin`; ``None`` = none).
+    ``guard``: keep only the fraction of the fitted bias that agrees best with the teacher's labels
+    (:func:`agreement_scale`). Returns ``{"bias": (K,) float32 ndarray, "teacher_freq", "student_freq",
+    "matched_freq": (K,) lists, "n_images", "max_bias": the cap in score units or None, "capped": [class indices
+    held at the cap], "scale": the fraction kept, "agreement": {fraction: mean IoU with the teacher}}``."""
+    rows, t_rows, t_count = [], [], None
     for rec in records:
         s = torch.as_tensor(student(rec)).float()
         k = s.shape[0]
-        t = torch.as_tensor(teacher(rec, tuple(s.shape[1:])))
-        c = torch.bincount(t.argmax(0).flatten(), minlength=k).double()
+        t = torch.as_tensor(teacher(rec, tuple(s.shape[1:]))).argmax(0).flatten()
+        c = torch.bincount(t, minlength=k).double()
         t_count = c if t_count is None else t_count + c
         rows.append(s.flatten(1).t())
+        t_rows.append(t)
     if not rows:
         raise ValueError("prior matching needs at least one training image")
-    scores = torch.cat(rows)
+    scores, labels = torch.cat(rows), torch.cat(t_rows)
     if scores.shape[0] > max_pixels:
         g = torch.Generator().manual_seed(seed)
-        scores = scores[torch.randperm(scores.shape[0], generator=g)[:max_pixels]]
+        keep = torch.randperm(scores.shape[0], generator=g)[:max_pixels]
+        scores, labels = scores[keep], labels[keep]
     target = t_count / t_count.sum().clamp_min(1)
     cap = None if mode == "match" or max_margins is None else float(max_margins) * median_margin(scores)
     bias = fit_prior_bias(scores, target, mode=mode, collapse_ratio=collapse_ratio, max_bias=cap)
+    scale, agreement = 1.0, {}
+    if guard and bool((bias != 0).any()):
+        scale, agreement = agreement_scale(scores, bias, labels)
+        bias = bias * scale
     student_freq = class_frequencies(scores.argmax(1), k)
     # a class raised to the cap (the warning is about classes the network cannot give back; a lowered one is not)
     capped = [] if cap is None else [c for c in range(k) if float(bias[c]) >= cap * (1 - 1e-6)]
     return {"bias": bias.numpy(), "mode": mode, "collapse_ratio": float(collapse_ratio), "max_bias": cap,
-            "capped": capped, "teacher_freq": target.tolist(),
+            "capped": capped, "scale": float(scale), "agreement": {str(a): v for a, v in agreement.items()}, "teacher_freq": target.tolist(),
             "student_freq": student_freq.tolist(),
             "matched_freq": class_frequencies((scores + bias).argmax(1), k).tolist(), "n_images": len(rows)}
 
@@ -205,7 +239,7 @@ def cached_teacher(features, segments) -> Callable[[object], np.ndarray]:
 
 def calibrate(embed: Callable[[object], np.ndarray], records: Sequence, teacher: Callable[[object], np.ndarray],
               names: Sequence[str], text: np.ndarray, *, mode: str = "raise", collapse_ratio: float = COLLAPSE_RATIO,
-              max_margins: float | None = MAX_BIAS_MARGINS, max_images: int = 512) -> dict:
+              max_margins: float | None = MAX_BIAS_MARGINS, max_images: int = 512, guard: bool = True) -> dict:
     """The class calibration of a student, as ``final.pt`` stores it under ``calibration``.
 
     ``embed(record) -> (h, w, D)`` the student's pixel embeddings of a training image (e.g.
@@ -227,7 +261,7 @@ def calibrate(embed: Callable[[object], np.ndarray], records: Sequence, teacher:
     with torch.no_grad():
         r = prior_bias(picked, lambda rec: similarity_logits(embed(rec), text, layout="hwd"),
                        lambda rec, hw: similarity_logits(np.asarray(teacher(rec), np.float32), text, hw, layout="hwd"),
-                       mode=mode, collapse_ratio=collapse_ratio, max_margins=max_margins)
+                       mode=mode, collapse_ratio=collapse_ratio, max_margins=max_margins, guard=guard)
     return {**r, "bias": [float(b) for b in r["bias"]], "classes": list(names), "capped": [names[i] for i in r["capped"]],
             "text": torch.from_numpy(text).half()}
 

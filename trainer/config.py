@@ -178,6 +178,10 @@ class TrainParams(Strict):
     #: top-2): past that, a bias overrides the network instead of correcting its threshold (a 30-step student got
     #: +21 on cosines). 2, not 1: helpful raises measured on the sweep used up to 0.88 (docs/results.md)
     calibration_max_margins: float = Field(default=2.0, gt=0)
+    #: keep only the fraction of the fitted bias (0, 1/4, 1/2, 3/4 or all) whose arg-max agrees best (mean IoU)
+    #: with the teacher's labels on the calibration images: a class the student does not recognise yet, raised to
+    #: its share, takes another class's pixels (clips4.trainer.calibration.agreement_scale)
+    calibration_guard: bool = True
     n_segments: int = Field(default=36, ge=2)
     kmeans_iters: int = Field(default=10, ge=1)
     memory_batches: int = Field(default=2, ge=0)

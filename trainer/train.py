@@ -445,7 +445,7 @@ def _calibrate(p: TrainParams, model: torch.nn.Module, weights: dict, dataset: D
     records = [r for r in dataset.records() if r.image_id in cached]
     cal = calibrate(lambda r: embed(load_rgb(r.path)), records, cached_teacher(reader, segments), names, text,
                     mode=p.calibration, collapse_ratio=p.calibration_ratio, max_margins=p.calibration_max_margins,
-                    max_images=p.calibration_images)
+                    max_images=p.calibration_images, guard=p.calibration_guard)
     t, s = np.asarray(cal["teacher_freq"]), np.asarray(cal["student_freq"])
     pct = lambda v: f"{100 * v:.1f} %"  # noqa: E731 - shares of pixels, never ratios of a vanishing share
     moved = [f"{n} {'raised' if b > 0 else 'lowered'} {b:+.3f} (student {pct(s[i])}, teacher {pct(t[i])} of the pixels)"
@@ -453,9 +453,15 @@ def _calibrate(p: TrainParams, model: torch.nn.Module, weights: dict, dataset: D
     what = {"raise": f"classes the student predicts at under {p.calibration_ratio:g} x the teacher's share raised",
             "band": f"classes outside {p.calibration_ratio:g} .. 1/{p.calibration_ratio:g} x the teacher's share moved "
                     "towards it", "match": "every class's share matched to the teacher's"}.get(p.calibration, p.calibration)
+    kept = ""
+    if cal.get("agreement"):
+        ag = cal["agreement"]
+        kept = (f"; {cal['scale']:g} of the fitted bias kept (mean IoU with the teacher's labels: "
+                f"{100 * ag['0.0']:.1f} with none, {100 * ag['1.0']:.1f} with all, "
+                f"{100 * ag[str(float(cal['scale']))]:.1f} kept)")
     console.print(f"calibration ({p.calibration}: {what}; {cal['n_images']} training images): "
-                  + ("; ".join(moved) if moved else "every class within bounds, every bias 0") + " (stored in final.pt)",
-                  markup=False)
+                  + ("; ".join(moved) if moved else "every class within bounds, every bias 0") + kept
+                  + " (stored in final.pt)", markup=False)
     for n in cal["capped"]:
         i = names.index(n)
         console.print(f"warning: calibration: {n} would need a bias above {p.calibration_max_margins:g} median margins "
