@@ -452,23 +452,31 @@ def test_whole_output_files_are_checked_by_size_and_checksum(tmp_path):
     assert not (out / "index.parquet").exists(), "the output is rebuilt whole"
 
 
-def test_a_waiter_on_a_removed_lock_file_takes_the_lock_at_the_path(tmp_path):
+def _waiter(folder, poll_s: float):
+    """A thread waiting for the lock of ``folder`` (started), and the list that gets its lock or its exception."""
     import threading
 
     from clips4.pipeline.lock import StageLock
 
-    folder = tmp_path / "new" / "stage"
-    first = StageLock(str(folder)).acquire()
     got = []
 
     def wait_for_it():
         try:
-            got.append(StageLock(str(folder), wait=True, timeout=20, poll_s=0.01).acquire())
-        except BaseException as exc:  # noqa: BLE001 - reported by the assertion below
+            got.append(StageLock(str(folder), wait=True, timeout=20, poll_s=poll_s).acquire())
+        except BaseException as exc:  # noqa: BLE001 - reported by the callers' assertions
             got.append(exc)
 
     waiter = threading.Thread(target=wait_for_it)
     waiter.start()
+    return waiter, got
+
+
+def test_a_waiter_on_a_removed_lock_file_takes_the_lock_at_the_path(tmp_path):
+    from clips4.pipeline.lock import StageLock
+
+    folder = tmp_path / "new" / "stage"
+    first = StageLock(str(folder)).acquire()
+    waiter, got = _waiter(folder, poll_s=0.01)
     time.sleep(0.2)
     first.release()  # nothing else in the folder: the file and the folders go
     waiter.join(30)
@@ -481,23 +489,12 @@ def test_a_waiter_on_a_removed_lock_file_takes_the_lock_at_the_path(tmp_path):
 def test_waiters_polling_without_pause_survive_the_folders_going_at_any_moment(tmp_path):
     """The releasing holder removes the lock file and the folders it made while a waiter is between its steps
     (making the folders, opening the file): the waiter makes them again and takes the lock, every time."""
-    import threading
-
     from clips4.pipeline.lock import StageLock
 
     for i in range(150):
         folder = tmp_path / f"run{i}" / "new" / "stage"
         first = StageLock(str(folder)).acquire()
-        got = []
-
-        def wait_for_it():
-            try:
-                got.append(StageLock(str(folder), wait=True, timeout=20, poll_s=0.0).acquire())
-            except BaseException as exc:  # noqa: BLE001 - reported by the assertion below
-                got.append(exc)
-
-        waiter = threading.Thread(target=wait_for_it)
-        waiter.start()
+        waiter, got = _waiter(folder, poll_s=0.0)
         time.sleep(0.001 * (i % 7))
         first.release()
         waiter.join(30)

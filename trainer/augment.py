@@ -39,6 +39,7 @@ All randomness comes from the ``torch.Generator`` (or int seed) given, so views 
 """
 from __future__ import annotations
 
+import functools
 import math
 import platform
 from dataclasses import make_dataclass
@@ -219,6 +220,13 @@ def sample_box(height: int, width: int, g: torch.Generator, scale=(0.25, 1.0), r
     return (height - h) // 2, (width - w) // 2, h, w
 
 
+@functools.cache
+def _native_uint8_resize_on_cpu() -> bool:
+    """Whether this CPU has torch's native uint8 antialiased bilinear kernel (AVX2/AVX-512, ARM), asked once: it
+    is the same for every view."""
+    return torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512") or platform.machine() in ("aarch64", "arm64")
+
+
 def resized_crop(img: torch.Tensor, top: int, left: int, h: int, w: int, size: int) -> torch.Tensor:
     """``(C, H, W) uint8`` -> ``(C, size, size) uint8``: the box (inside the image) resized bilinearly with
     antialiasing, ``align_corners=False``. torchvision's ``resized_crop(..., antialias=True)``: the native uint8
@@ -226,9 +234,7 @@ def resized_crop(img: torch.Tensor, top: int, left: int, h: int, w: int, size: i
     crop = img[..., top:top + h, left:left + w]
     if crop.shape[-2:] == (size, size):
         return crop
-    native = img.device.type == "cpu" and (
-        torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
-        or platform.machine() in ("aarch64", "arm64"))
+    native = img.device.type == "cpu" and _native_uint8_resize_on_cpu()
     x = crop.unsqueeze(0) if native else crop.unsqueeze(0).float()
     out = F.interpolate(x, size=[size, size], mode="bilinear", align_corners=False, antialias=True)[0]
     return out if native else out.round_().to(torch.uint8)
