@@ -453,15 +453,16 @@ def _calibrate(p: TrainParams, model: torch.nn.Module, weights: dict, dataset: D
     what = {"raise": f"classes the student predicts at under {p.calibration_ratio:g} x the teacher's share raised",
             "band": f"classes outside {p.calibration_ratio:g} .. 1/{p.calibration_ratio:g} x the teacher's share moved "
                     "towards it", "match": "every class's share matched to the teacher's"}.get(p.calibration, p.calibration)
-    kept = ""
+    # a bias was fitted but the guard kept none of it: say so, not "within bounds"
+    body = "; ".join(moved) if moved else ("every bias 0" if cal.get("agreement") else
+                                           "every class within bounds, every bias 0")
     if cal.get("agreement"):
         ag = cal["agreement"]
-        kept = (f"; {cal['scale']:g} of the fitted bias kept (mean IoU with the teacher's labels: "
-                f"{100 * ag['0.0']:.1f} with none, {100 * ag['1.0']:.1f} with all, "
-                f"{100 * ag[str(float(cal['scale']))]:.1f} kept)")
-    console.print(f"calibration ({p.calibration}: {what}; {cal['n_images']} training images): "
-                  + ("; ".join(moved) if moved else "every class within bounds, every bias 0") + kept
-                  + " (stored in final.pt)", markup=False)
+        body += (f"; {cal['scale']:g} of the fitted bias kept (mean IoU with the teacher's labels: "
+                 f"{100 * ag['0.0']:.1f} with none, {100 * ag['1.0']:.1f} with all, "
+                 f"{100 * ag[str(float(cal['scale']))]:.1f} kept)")
+    console.print(f"calibration ({p.calibration}: {what}; {cal['n_images']} training images): {body} "
+                  "(stored in final.pt)", markup=False)
     for n in cal["capped"]:
         i = names.index(n)
         console.print(f"warning: calibration: {n} would need a bias above {p.calibration_max_margins:g} median margins "
