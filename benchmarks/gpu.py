@@ -200,6 +200,7 @@ def main(argv=None) -> int:
     device = "cpu" if dry else "cuda"
     name = "CPU (dry run: figures mean nothing)" if dry else torch.cuda.get_device_name(0)
     work = a.work or Path(tempfile.mkdtemp(prefix="clips4-bench-gpu-"))
+    work.mkdir(parents=True, exist_ok=True)
     log(f"device: {name}; work folder: {work}")
     t_all = time.perf_counter()
     rows = []

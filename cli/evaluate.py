@@ -60,6 +60,7 @@ def language(
     prior_images: int = typer.Option(512, "--calibration-images", "--prior-images", help="With --calibration SPLIT: how many of that split's images (train.calibration_images)."),
     prior_mode: str = typer.Option("band", "--calibration-mode", "--prior-mode", help="With --calibration SPLIT, as train.calibration (default band): 'raise' only the classes the model predicts at under --calibration-ratio x the teacher's frequency, 'band' (raise those, and lower the classes it predicts at over the teacher's frequency / --calibration-ratio), or 'match' every class's frequency to the teacher's."),
     prior_collapse_ratio: Optional[float] = typer.Option(None, "--calibration-ratio", "--prior-collapse-ratio", help="With --calibration SPLIT and mode raise or band: the trigger in (0, 1], as train.calibration_ratio (default: its default)."),
+    prior_guard: bool = typer.Option(True, "--calibration-guard/--no-calibration-guard", help="With --calibration SPLIT, as train.calibration_guard: keep only the fraction (0, 1/4 .. 1) of the refitted bias that agrees best with the teacher's labels on those images."),
 ) -> dict:
     """Language-driven segmentation (paper 4.3): each pixel takes the class whose text embedding is closest.
 
@@ -83,7 +84,7 @@ def language(
     res = _value_errors(run_language, cfg, ds, model=m, classes=classes, voc_mode=voc_mode,
                         save_predictions=save_predictions, out=out, device=device, overlays=overlays,
                         prior_matching=prior_matching, prior_images=prior_images, prior_mode=prior_mode,
-                        prior_collapse_ratio=prior_collapse_ratio)
+                        prior_collapse_ratio=prior_collapse_ratio, prior_guard=prior_guard)
     print_metrics(res, f"language-driven segmentation — {res['model']} on {ds.key}"
                   + (f" (VOC {voc_mode})" if ds.kind == "voc" and not classes else ""))
     pm = res.get("prior_matching")

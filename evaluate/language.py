@@ -159,7 +159,8 @@ def language_confusion(src: EmbeddingSource, dataset: Dataset, names: list[str],
 def run_language(cfg: Config, dataset: Dataset, *, model: str = "teacher", classes: str | None = None,
                  voc_mode: int = 21, save_predictions: Path | None = None, out: Path | None = None,
                  device: str = "auto", overlays: int = 4, prior_matching: str | None = "checkpoint",
-                 prior_images: int = 512, prior_mode: str = "band", prior_collapse_ratio: float | None = None) -> dict:
+                 prior_images: int = 512, prior_mode: str = "band", prior_collapse_ratio: float | None = None,
+                 prior_guard: bool = True) -> dict:
     """Language-driven segmentation over ``dataset``: mIoU, per-class IoU, pixel accuracy; report in ``out``.
 
     ``prior_matching``: the class calibration of a checkpoint (:mod:`clips4.trainer.calibration`): ``checkpoint``
@@ -169,7 +170,8 @@ def run_language(cfg: Config, dataset: Dataset, *, model: str = "teacher", class
     no labels) with ``prior_mode`` (``band``, as ``train.calibration`` by default). Recorded under
     ``prior_matching`` in the results. Not applied to the teacher, which is the reference it matches.
     ``prior_collapse_ratio``: the collapse guard's trigger (``prior_mode`` ``raise`` or ``band``; default
-    :data:`clips4.trainer.calibration.COLLAPSE_RATIO`)."""
+    :data:`clips4.trainer.calibration.COLLAPSE_RATIO`). ``prior_guard``: keep only the fraction of a refitted bias
+    that agrees best with the teacher's labels, as ``train.calibration_guard`` (on by default)."""
     from clips4.evaluate.report import write_report
 
     if int(voc_mode) not in (20, 21):
@@ -200,7 +202,8 @@ def run_language(cfg: Config, dataset: Dataset, *, model: str = "teacher", class
                   "capped": [n for n in cal.get("capped", []) if n in names]}
                  if bias is not None else {"source": "checkpoint", "applied": False, "why": why})
     elif prior_matching not in (None, "none", "checkpoint") and model != "teacher":
-        prior = _prior_matching(cfg, src, text, prior_matching, prior_images, prior_mode, prior_collapse_ratio)
+        prior = _prior_matching(cfg, src, text, prior_matching, prior_images, prior_mode, prior_collapse_ratio,
+                                guard=prior_guard)
         bias = np.asarray(prior["bias"], np.float32)
         prior = {**prior, "bias": [float(b) for b in bias], "split": prior_matching, "source": "split",
                  "classes": names, "capped": [names[i] for i in prior["capped"]]}
@@ -248,7 +251,7 @@ def protocol_line(dataset: Dataset, voc_mode: int, classes: str | None, model: s
 
 
 def _prior_matching(cfg: Config, src: EmbeddingSource, text: np.ndarray, split: str, n_images: int,
-                    mode: str = "match", collapse_ratio: float | None = None) -> dict:
+                    mode: str = "match", collapse_ratio: float | None = None, guard: bool = True) -> dict:
     """The class-prior correction of ``src`` fitted on ``split``'s cached teacher features (no labels read)."""
     from clips4.trainer.calibration import COLLAPSE_RATIO, cached_teacher, prior_bias
     from clips4.evaluate.sources import with_split
@@ -267,4 +270,4 @@ def _prior_matching(cfg: Config, src: EmbeddingSource, text: np.ndarray, split: 
     with torch.no_grad():
         return prior_bias(
             records, lambda r: similarity_logits(src.embed(r), text, layout="hwd"), teacher,
-            mode=mode, collapse_ratio=COLLAPSE_RATIO if collapse_ratio is None else collapse_ratio)
+            mode=mode, collapse_ratio=COLLAPSE_RATIO if collapse_ratio is None else collapse_ratio, guard=guard)
