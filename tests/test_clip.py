@@ -6,7 +6,6 @@ import socket
 import time
 
 import numpy as np
-import open_clip  # noqa: F401  - imported up front: the fail-fast timings measure weight resolution, not imports
 import pytest
 import torch
 import torch.nn.functional as F
@@ -20,6 +19,13 @@ from clips4.pipeline.clip import (
     WeightsNotFoundError,
     window_starts,
 )
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _open_clip_imported():
+    """open_clip imported before the first test here: the fail-fast timings measure weight resolution, not imports
+    (a fixture, not a module import, so a test process that runs none of these does not import it collecting)."""
+    import open_clip  # noqa: F401
 
 
 def _img(h, w, seed=0):

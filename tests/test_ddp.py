@@ -23,7 +23,7 @@ def _free_port() -> int:
 
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
-SETS = ("train.device=cpu", "train.iterations=8", "train.checkpoint_every=2")
+SETS = ("train.device=cpu", "train.iterations=8", "train.checkpoint_every=2", "train.calibration=none")
 needs_torchrun = pytest.mark.skipif(not TORCHRUN.exists(), reason="torchrun not installed beside this python")
 
 
