@@ -72,9 +72,11 @@ def make_synthetic(world: Path, n_train: int = 6, n_val: int = 3) -> list[str]:
 # almost done; xdist would hand out the files with the most tests first, which leaves these few-test, long files
 # for the end, run by one process while the other has nothing left. They go first instead; every other file
 # keeps its place after them (a file not listed only runs later).
-LONG_FILES = ("test_faults.py", "test_ddp.py", "test_ray_cluster.py", "test_stage_safety.py", "test_spurious_cue.py",
-              "test_train_signals.py", "test_train_resume.py", "test_project.py", "test_davis.py", "test_s3.py",
-              "test_segments_stage.py", "test_train.py", "test_near_duplicates.py", "test_clip.py")
+LONG_FILES = ("test_spurious_cue.py", "test_faults.py", "test_ray_cluster.py", "test_ddp.py", "test_train.py",
+              "test_project.py", "test_train_signals.py", "test_s3.py", "test_boundaries.py", "test_evaluate_cli.py",
+              "test_sweep_smoke.py", "test_train_resume.py", "test_segments_stage.py", "test_stage_safety.py",
+              "test_layout.py", "test_davis.py", "test_near_duplicates.py", "test_classfree.py", "test_invariances.py",
+              "test_cli_errors.py", "test_clip.py")
 
 
 def pytest_configure(config):
