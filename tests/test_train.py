@@ -21,9 +21,13 @@ from clips4.pipeline.config import load_config
 
 REPO = Path(__file__).resolve().parents[1]
 STAGES = REPO / "stages.yaml"
-#: the overrides every test run uses: 6 tiny steps, checkpoint every 3, two images (four views) per step
+#: the overrides every test run uses: 6 tiny steps, checkpoint every 3, two images (four views) per step, and no
+#: class calibration (a second pass over the images after training, about as long as the 6 steps; the tests of the
+#: calibration ask for it with CALIBRATED)
 TINY = ["train.iterations=6", "train.num_workers=0", "train.checkpoint_every=3", "train.batch_size=2",
-        "train.crop_size=64"]
+        "train.crop_size=64", "train.calibration=none"]
+#: the calibration at its default, after TINY
+CALIBRATED = ("train.calibration=band",)
 
 
 def _build_world(base: Path) -> Path:
@@ -335,7 +339,8 @@ def test_class_calibration_is_stored_said_and_never_costs_the_run(world, tmp_pat
     warning and final.pt is still written and committed, without it."""
     import clips4.trainer.train as tr
 
-    assert main([a for a in train_args(world, tmp_path / "cal", sets=("train.calibration_images=3",))
+    assert load_config(STAGES, None, [], search=False).params("train").calibration == "band"  # the default
+    assert main([a for a in train_args(world, tmp_path / "cal", sets=(*CALIBRATED, "train.calibration_images=3"))
                  if a != "--quiet"]) == 0
     cal = torch.load(tmp_path / "cal" / "final.pt", weights_only=True)["calibration"]
     assert cal["n_images"] == 3 and cal["mode"] == "band" and len(cal["bias"]) == len(cal["classes"])
@@ -357,7 +362,7 @@ def test_class_calibration_is_stored_said_and_never_costs_the_run(world, tmp_pat
         return {**r, "capped": [r["classes"][0]], "max_bias": 0.01}
 
     monkeypatch.setattr(cal_mod, "calibrate", capped)
-    assert main([a for a in train_args(world, tmp_path / "cap", sets=("train.calibration_images=3",
+    assert main([a for a in train_args(world, tmp_path / "cap", sets=(*CALIBRATED, "train.calibration_images=3",
                                                                     "train.calibration_max_margins=0.5"))
                  if a != "--quiet"]) == 0
     err = stderr(capsys)[0]
@@ -369,7 +374,7 @@ def test_class_calibration_is_stored_said_and_never_costs_the_run(world, tmp_pat
         raise OSError("image train_0003.png vanished")
 
     monkeypatch.setattr(tr, "_calibrate", broken)
-    assert main([a for a in train_args(world, tmp_path / "broken") if a != "--quiet"]) == 0
+    assert main([a for a in train_args(world, tmp_path / "broken", sets=CALIBRATED) if a != "--quiet"]) == 0
     assert "class calibration failed (OSError: image train_0003.png vanished)" in stderr(capsys)[0]
     assert "calibration" not in torch.load(tmp_path / "broken" / "final.pt", weights_only=True)
     assert (tmp_path / "broken" / "index.parquet").is_file()
