@@ -12,7 +12,8 @@ BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 def test_gpu_benchmark_dry_run_exercises_every_path(tmp_path, capsys, monkeypatch):
     # in this process (its main(argv), as `python benchmarks/gpu.py --dry-run` runs it): no second torch start-up
     monkeypatch.syspath_prepend(str(BENCH))
-    monkeypatch.setenv("MASTER_PORT", "0")  # the DDP step's single-rank group takes any free port
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")  # the DDP step's single-rank group, on any free port; both
+    monkeypatch.setenv("MASTER_PORT", "0")  # variables are put back afterwards for the tests after this one
     import gpu
 
     code = gpu.main(["--dry-run", "--work", str(tmp_path / "work")])
