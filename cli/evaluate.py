@@ -99,9 +99,11 @@ def language(
                 "frequency moved towards it")
         where = ("stored in the checkpoint" if pm.get("source") == "checkpoint" else
                  f"fitted on {pm['n_images']} '{pm['split']}' images")
+        from clips4.trainer.calibration import guard_summary  # torch is loaded by now (the evaluation ran)
+
         raised = [f"{n} {b:+.3f}" for n, b in zip(pm["classes"], pm["bias"]) if abs(b) > 1e-6]
-        console.print(f"class calibration {where} ({what}): {', '.join(raised) or 'every bias 0'}; in results.json",
-                      markup=False)
+        console.print(f"class calibration {where} ({what}): {', '.join(raised) or 'every bias 0'}{guard_summary(pm)}; "
+                      "in results.json", markup=False)
         if pm.get("capped"):
             console.print(f"warning: class calibration: {', '.join(pm['capped'])} held at the cap "
                           "(train.calibration_max_margins): the network hardly ranks them above their look-alikes",

@@ -203,8 +203,10 @@ def test_language_prior_matching_fits_on_train_and_is_recorded(synthetic, tmp_pa
     assert gap(pm["matched_freq"]) <= gap(pm["student_freq"]) + 1e-9  # (a 4-step student ranks too little to match)
     # the agreement guard (train.calibration_guard) is on for a refit as in training; the flag turns it off
     assert pm["agreement"] and pm["scale"] in (0.0, 0.25, 0.5, 0.75, 1.0)
+    assert "of the fitted bias kept (mean IoU with the teacher's labels" in capsys.readouterr().out  # as training says
     assert main([*base, "--prior-matching", "train", "--prior-mode", "match", "--no-calibration-guard", "--out",
                  str(tmp_path / "unguarded")]) == 0
+    assert "of the fitted bias kept" not in capsys.readouterr().out
     un = json.loads((tmp_path / "unguarded" / "results.json").read_text())["prior_matching"]
     assert un["scale"] == 1.0 and un["agreement"] == {}
     assert un["bias"] == pytest.approx([b / pm["scale"] for b in pm["bias"]] if pm["scale"] else un["bias"])

@@ -32,7 +32,8 @@ import torch
 from clips4.trainer.config import FIT_MODES, CalibrationMode, TrainParams
 
 __all__ = ["fit_prior_bias", "prior_bias", "class_frequencies", "median_margin", "calibrate", "stored_bias",
-           "segment_pooled", "agreement_miou", "agreement_scale", "GUARD_SCALES", "COLLAPSE_RATIO", "MAX_BIAS_MARGINS", "MODES", "FIT_MODES"]
+           "segment_pooled", "agreement_miou", "agreement_scale", "guard_summary", "GUARD_SCALES", "COLLAPSE_RATIO",
+           "MAX_BIAS_MARGINS", "MODES", "FIT_MODES"]
 
 #: a class text embedding counts as the calibrated one at this cosine or more (float16 storage, another device)
 TEXT_MATCH = 0.995
@@ -163,6 +164,17 @@ def agreement_scale(scores: torch.Tensor, bias: torch.Tensor, teacher_labels: to
     return max(a for a, v in got.items() if v >= best - 1e-12), got
 
 
+def guard_summary(record: dict) -> str:
+    """How much of a fitted bias the agreement guard kept, for a log line: ``"; 0.5 of the fitted bias kept (mean IoU
+    with the teacher's labels: ...)"``, or ``""`` where the guard did not run (off, or nothing fitted)."""
+    ag = record.get("agreement")
+    if not ag:
+        return ""
+    scale = float(record["scale"])
+    return (f"; {scale:g} of the fitted bias kept (mean IoU with the teacher's labels: {100 * ag['0.0']:.1f} with "
+            f"none, {100 * ag['1.0']:.1f} with all, {100 * ag[str(scale)]:.1f} kept)")
+
+
 def prior_bias(records: Sequence, student: Callable, teacher: Callable, *, max_pixels: int = 400_000,
                seed: int = 0, mode: str = "match", collapse_ratio: float = COLLAPSE_RATIO,
                max_margins: float | None = MAX_BIAS_MARGINS, guard: bool = True) -> dict:
@@ -204,8 +216,8 @@ def prior_bias(records: Sequence, student: Callable, teacher: Callable, *, max_p
     # a class raised to the cap (the warning is about classes the network cannot give back; a lowered one is not)
     capped = [] if cap is None else [c for c in range(k) if float(bias[c]) >= cap * (1 - 1e-6)]
     return {"bias": bias.numpy(), "mode": mode, "collapse_ratio": float(collapse_ratio), "max_bias": cap,
-            "capped": capped, "scale": float(scale), "agreement": {str(a): v for a, v in agreement.items()}, "teacher_freq": target.tolist(),
-            "student_freq": student_freq.tolist(),
+            "capped": capped, "scale": float(scale), "agreement": {str(a): v for a, v in agreement.items()},
+            "teacher_freq": target.tolist(), "student_freq": student_freq.tolist(),
             "matched_freq": class_frequencies((scores + bias).argmax(1), k).tolist(), "n_images": len(rows)}
 
 

@@ -430,7 +430,7 @@ def _calibrate(p: TrainParams, model: torch.nn.Module, weights: dict, dataset: D
 
     from clips4.pipeline.cache import StageReader
     from clips4.pipeline.images import load_rgb
-    from clips4.trainer.calibration import cached_teacher, calibrate
+    from clips4.trainer.calibration import cached_teacher, calibrate, guard_summary
     from clips4.trainer.inference import model_embedder
 
     names, text = load_class_texts(deps["prototypes"])
@@ -456,12 +456,7 @@ def _calibrate(p: TrainParams, model: torch.nn.Module, weights: dict, dataset: D
     # a bias was fitted but the guard kept none of it: say so, not "within bounds"
     body = "; ".join(moved) if moved else ("every bias 0" if cal.get("agreement") else
                                            "every class within bounds, every bias 0")
-    if cal.get("agreement"):
-        ag = cal["agreement"]
-        body += (f"; {cal['scale']:g} of the fitted bias kept (mean IoU with the teacher's labels: "
-                 f"{100 * ag['0.0']:.1f} with none, {100 * ag['1.0']:.1f} with all, "
-                 f"{100 * ag[str(float(cal['scale']))]:.1f} kept)")
-    console.print(f"calibration ({p.calibration}: {what}; {cal['n_images']} training images): {body} "
+    console.print(f"calibration ({p.calibration}: {what}; {cal['n_images']} training images): {body}{guard_summary(cal)} "
                   "(stored in final.pt)", markup=False)
     for n in cal["capped"]:
         i = names.index(n)
