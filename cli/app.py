@@ -162,8 +162,9 @@ def main(argv: list[str] | None = None) -> int:
         err_console.print("aborted")
         return EXIT_SIGINT
     except Exception as exc:  # noqa: BLE001 - typer's bundled click raises its own copies of click's exceptions
-        if isinstance(exc, click.ClickException) or type(exc).__name__ in ("UsageError", "NoSuchOption", "BadParameter",
-                                                                            "MissingParameter", "NoArgsIsHelpError"):
+        # every usage error of either copy (no such option, a bad value, a flag given a value, ...) by its ancestry
+        if isinstance(exc, click.ClickException) or {c.__name__ for c in type(exc).__mro__} & {"ClickException",
+                                                                                                 "NoArgsIsHelpError"}:
             if type(exc).__name__ == "NoArgsIsHelpError":
                 return 0
             exc.show()

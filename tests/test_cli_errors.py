@@ -42,6 +42,7 @@ CASES = {
     "bool_for_int": (lambda w: ["precompute", "segments", "--root", str(w / "imgs"), "--set", "segments.max_segments=true"], 2, "valid integer"),
     "unknown_key": (lambda w: ["precompute", "segments", "--root", str(w / "imgs"), "--set", "segments.ucm_treshold=0.3"], 2, "did you mean 'ucm_threshold'"),
     "unknown_option": (lambda w: ["precompute", "segments", "--bogus"], 2, "No such option"),
+    "value_for_a_flag": (lambda w: ["evaluate", "language", "--calibration-guard=maybe"], 2, "does not take a value"),
     "missing_config": (lambda w: ["precompute", "segments", "--root", str(w / "imgs"), "--config", str(w / "nope.yaml")], 2, "not found"),
     "missing_root": (lambda w: ["precompute", "segments", "--root", str(w / "nope")], 2, "does not exist"),
     "no_root": (lambda w: ["precompute", "segments", "--cache", str(w / "c")], 2, "--root"),
