@@ -12,6 +12,10 @@ SHARED = REPO.parent / "shared" / "data"
 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("MPLBACKEND", "Agg")
+# Two test processes share the machine's cores: one thread each (and in every process they start), so that
+# torch's OpenMP threads do not spin against the other process's work
+for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+    os.environ.setdefault(_var, "1")
 
 
 def shared_path(*parts: str) -> Path:

@@ -188,7 +188,6 @@ def test_layout_reader():
 @needs_davis
 @pytest.mark.slow
 def test_color_baseline_on_real_sequences(tmp_path):
-    torch.set_num_threads(2)
     n = 7  # frames 1..5 scored (first and last dropped); keeps the CPU test short
     res = dv.run_davis(DAVIS_ROOT, tmp_path, embedding="color", limit_frames=n, device="cpu")
     g = res["global"]

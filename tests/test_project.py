@@ -307,7 +307,8 @@ def test_evaluate_language_on_voc_applies_the_stored_calibration_by_default(tmp_
     cal = torch.load(tmp_path / "runs" / "train" / "final.pt", weights_only=True)["calibration"]
     assert cal and len(cal["classes"]) == 20 and "background" not in cal["classes"]
 
-    assert main(["evaluate", "language", "--split", "val", "--checkpoint", "runs/train", "--out", "rep", "--json"]) == 0
+    assert main(["evaluate", "language", "--split", "val", "--checkpoint", "runs/train", "--out", "rep", "--json",
+                 "--overlays", "1"]) == 0
     doc = _json_out(capsys)
     pm = doc["prior_matching"]
     assert pm["applied"] is True and pm["source"] == "checkpoint"
@@ -317,7 +318,7 @@ def test_evaluate_language_on_voc_applies_the_stored_calibration_by_default(tmp_
     assert "VOC-21" in (tmp_path / "rep" / "report.md").read_text()
     # the 20-class protocol by its list name, the same name prototypes takes
     assert main(["evaluate", "language", "--split", "val", "--checkpoint", "runs/train", "--classes", "voc20",
-                 "--out", "rep20", "--json"]) == 0
+                 "--out", "rep20", "--json", "--overlays", "0"]) == 0
     doc = _json_out(capsys)
     assert doc["prior_matching"]["applied"] is True and len(doc["prior_matching"]["bias"]) == 20
     res = json.loads((tmp_path / "rep20" / "results.json").read_text())

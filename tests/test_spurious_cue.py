@@ -28,16 +28,12 @@ STAGES = Path(__file__).resolve().parents[1] / "stages.yaml"
 SIZE = (48, 64)
 
 
-def _run(tmp_path, overrides: list[str], iterations: int) -> tuple[float, float]:
-    """(teacher, student) val mIoU after a short training run with ``overrides``."""
+def _precompute(tmp_path) -> tuple[list[Path], list[str]]:
+    """The world's images, segments, CLIP features and prototypes under ``tmp_path``: (config files, --set lines)."""
     import torch
 
     from clips4.cli import main
-    from clips4.evaluate.language import run_language
-    from clips4.pipeline.config import load_config
-    from clips4.pipeline.stage import dataset_from_config
     from clips4.synthetic import world_from_preset
-    from clips4.trainer.train import train
 
     torch.set_num_threads(1)
     root = tmp_path / "w"
@@ -51,7 +47,7 @@ def _run(tmp_path, overrides: list[str], iterations: int) -> tuple[float, float]
         "clip_features": {"params": {"n_clusters": world.n_classes, "clip": {"backend_params": {
             "world": spec, "image_size": list(SIZE), "world_seed": 0, "embed_dim": 32}}}},
         "prototypes": {"params": {"invariance_images": 16}},
-        "train": {"params": {"iterations": iterations, "batch_size": 4, "crop_size": 48, "num_workers": 0,
+        "train": {"params": {"iterations": ITERATIONS, "batch_size": 4, "crop_size": 48, "num_workers": 0,
                              "n_segments": 9, "cache_images": 24, "checkpoint_every": 10000}}}}))
     args = ["--stages", str(STAGES), "--config", str(cfg), "--config", str(over), "--root", str(root),
             "--cache", str(tmp_path / "c")]
@@ -59,10 +55,21 @@ def _run(tmp_path, overrides: list[str], iterations: int) -> tuple[float, float]
         for stage in ("segments", "clip-features"):
             assert main(["precompute", stage, *args, "--split", split, "-q", "--executor", "local"]) == 0
     assert main(["precompute", "prototypes", *args, "-q"]) == 0
-    sets = [f"dataset.root={root}", f"cache_root={tmp_path / 'c'}", *overrides]
+    return [cfg, over], [f"dataset.root={root}", f"cache_root={tmp_path / 'c'}"]
+
+
+def _run(tmp_path, world: tuple[list[Path], list[str]], overrides: list[str]) -> tuple[float, float]:
+    """(teacher, student) val mIoU after a short training run on ``world`` (:func:`_precompute`) with ``overrides``."""
+    from clips4.evaluate.language import run_language
+    from clips4.pipeline.config import load_config
+    from clips4.pipeline.stage import dataset_from_config
+    from clips4.trainer.train import train
+
+    configs, sets = world
+    sets = [*sets, *overrides]
     out = tmp_path / ("run-" + "-".join(o.replace("=", "_").replace(".", "_") for o in overrides))
-    train(load_config(STAGES, [cfg, over], [*sets, f"train.out={out}", "dataset.split=train"]), show_progress=False)
-    vcfg = load_config(STAGES, [cfg, over], [*sets, "dataset.split=val"])
+    train(load_config(STAGES, configs, [*sets, f"train.out={out}", "dataset.split=train"]), show_progress=False)
+    vcfg = load_config(STAGES, configs, [*sets, "dataset.split=val"])
     ds = dataset_from_config(vcfg)
     teacher = run_language(vcfg, ds, model="teacher", out=None)["miou"]
     return 100 * teacher, 100 * run_language(vcfg, ds, model=str(out / "final.pt"), out=None)["miou"]
@@ -80,9 +87,10 @@ def test_student_reads_texture_not_the_luminance_tied_to_the_class(tmp_path):
     sees RGB, one image at a time (every view transformed as a whole), stays below: it reads the brightness."""
     import torch
 
-    teacher, student = _run(tmp_path, [], ITERATIONS)
+    world = _precompute(tmp_path)
+    teacher, student = _run(tmp_path, world, [])
     assert student >= teacher + 5, (teacher, student)
     ck = torch.load(next(tmp_path.glob("run-*/final.pt")), weights_only=True)
     assert json.loads(ck["signature"])["input"] == "local-contrast"
-    _, rgb = _run(tmp_path, ["train.input=rgb", "train.augment.cutmix_p=0"], ITERATIONS)
+    _, rgb = _run(tmp_path, world, ["train.input=rgb", "train.augment.cutmix_p=0"])
     assert rgb < teacher and student >= rgb + 10, (teacher, student, rgb)

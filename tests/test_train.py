@@ -251,18 +251,17 @@ def test_missing_backbone_weights_fail_fast(world, tmp_path, monkeypatch, capsys
     assert time.perf_counter() - t0 < 20
 
 
-def test_log_file_gets_plain_progress_lines_every_log_every_steps(world, tmp_path):
-    """Cron: stderr to a file gets one plain line per log_every steps (losses, rate, ETA), no bar, no colour."""
-    import subprocess
-    import sys
-
+def test_log_file_gets_plain_progress_lines_every_log_every_steps(world, tmp_path, capfd):
+    """Cron: stderr to a file gets one plain line per log_every steps (losses, rate, ETA), no bar, no colour
+    (``capfd``: file descriptor 2 is a file, as under cron)."""
     args = [a for a in train_args(world, tmp_path / "run", sets=("train.log_every=2",)) if a != "--quiet"]
-    proc = subprocess.run([sys.executable, "-m", "clips4.cli", *args], capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr
-    lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("train step ")]
+    capfd.readouterr()
+    assert main(args) == 0
+    err = capfd.readouterr().err
+    lines = [ln for ln in err.splitlines() if ln.startswith("train step ")]
     steps = [int(ln.split()[2].split("/")[0]) for ln in lines]
     assert steps and steps == sorted(steps) and all(s % 2 == 0 or s == steps[-1] for s in steps)
-    assert all("total=" in ln and "ETA" in ln for ln in lines) and "\x1b[" not in proc.stderr
+    assert all("total=" in ln and "ETA" in ln for ln in lines) and "\x1b[" not in err
 
 
 def test_second_training_on_the_same_folder_exits_3_and_leaves_the_first_alone(world, tmp_path, capsys):
