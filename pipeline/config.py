@@ -360,6 +360,11 @@ class _LineLoader(yaml.SafeLoader):
     """Safe loader that remembers the line of every mapping key (for error messages)."""
 
 
+#: libyaml's safe loader where PyYAML was built with it: ~8x faster (every command reads stages.yaml and its
+#: overlays); a document it refuses is read again by the pure-Python one, whose message shows the line and a caret
+_FastLoader = getattr(yaml, "CSafeLoader", _LineLoader)
+
+
 #: a config file larger than this is refused before it is parsed (stages.yaml is a few KiB)
 MAX_CONFIG_BYTES = 1 << 20
 #: at most this many YAML nodes after alias expansion (a real config has hundreds; a "billion laughs" file of
@@ -405,15 +410,19 @@ def _safe_yaml(text: str, source: str) -> tuple[Any, Any]:
     """(node, data) of one YAML document, safely: size and alias expansion are bounded before anything is built."""
     if len(text) > MAX_CONFIG_BYTES:
         raise ConfigError(f"{source}: {len(text)} bytes, above the limit of {MAX_CONFIG_BYTES} for a config; refused")
-    loader = _LineLoader(text)
-    try:
-        node = loader.get_single_node()
-        if node is None:
-            return None, None
-        _check_expansion(node, source)
-        return node, loader.construct_document(node)
-    finally:
-        loader.dispose()
+    for cls in dict.fromkeys((_FastLoader, _LineLoader)):
+        loader = cls(text)
+        try:
+            node = loader.get_single_node()
+            if node is None:
+                return None, None
+            _check_expansion(node, source)
+            return node, loader.construct_document(node)
+        except yaml.YAMLError:
+            if cls is _LineLoader:
+                raise
+        finally:
+            loader.dispose()
 
 
 def _load_with_lines(text: str, source: str) -> tuple[Any, dict[tuple, str]]:

@@ -26,6 +26,25 @@ def _cli(*args, env=None, timeout=120, **kw):
                           timeout=timeout, env={**os.environ, **(env or {})}, **kw)
 
 
+def _main(capfd, *args, env=None) -> tuple[int, str]:
+    """``clips4 ARGS`` in this process (what ``python -m clips4.cli`` runs, without another interpreter start-up)
+    with ``env`` added to the environment: (exit code, what it wrote to stderr)."""
+    from clips4.cli import main
+
+    saved = {k: os.environ.get(k) for k in env or {}}
+    os.environ.update(env or {})
+    capfd.readouterr()
+    try:
+        code = main(list(args))
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    return code, capfd.readouterr().err
+
+
 # ------------------------------------------------------------------------------ damaged finished caches
 def _shard(url: str, field: str = "gray") -> Path:
     """The first shard file (not metadata) of ``field``."""
@@ -85,7 +104,7 @@ def test_truncated_table_names_its_file_and_checksums_catch_same_size_damage(tmp
     assert Path(p.file) == table and "sha256" in p.reason
 
 
-def test_cache_verify_cli_reports_and_repairs(tmp_path, image_folder, toy_stage):
+def test_cache_verify_cli_reports_and_repairs(tmp_path, image_folder, toy_stage, capfd):
     from test_stage_framework import TOY
 
     cfg = _cfg(tmp_path, image_folder)
@@ -94,13 +113,12 @@ def test_cache_verify_cli_reports_and_repairs(tmp_path, image_folder, toy_stage)
     shard.write_bytes(b"")
     cache = str(tmp_path / "cache")
     args = ["cache", "verify", "--cache", cache, *sum((["--set", s] for s in TOY), [])]
-    env = {"PYTHONPATH": str(REPO / "tests") + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    p = _cli(*args, env=env)
-    assert p.returncode == 1 and str(shard) in p.stderr and "--repair" in p.stderr and "Traceback" not in p.stderr
-    p = _cli(*args, "--repair", "--set", "ray.executor=local", env=env)
-    assert p.returncode == 0, p.stderr
+    code, err = _main(capfd, *args)
+    assert code == 1 and str(shard) in err and "--repair" in err and "Traceback" not in err
+    code, err = _main(capfd, *args, "--repair", "--set", "ray.executor=local")
+    assert code == 0, err
     assert verify_stage(run.url, checksums=True) == [] and len(StageReader(run.url)) == 6
-    assert _cli(*args, "--checksums", env=env).returncode == 0
+    assert _main(capfd, *args, "--checksums")[0] == 0
 
 
 # ------------------------------------------------------------------------------------------ file names
@@ -162,13 +180,13 @@ def test_nested_aliases_and_oversized_configs_are_refused_at_once(tmp_path):
     assert load_config(None, [ok], search=False).cache_root == str(tmp_path)
 
 
-def test_config_that_is_a_folder_or_empty_says_so_and_cli_exits_2(tmp_path):
+def test_config_that_is_a_folder_or_empty_says_so_and_cli_exits_2(tmp_path, capfd):
     evil = tmp_path / "evil.yaml"
     evil.write_text(BILLION_LAUGHS)
     for cfg, said in ((tmp_path, "is a folder"), ("/dev/null", "is empty"), (evil, "aliases expand")):
         t0 = time.perf_counter()
-        p = _cli("cache", "ls", "--config", str(cfg), "--cache", str(tmp_path / "c"))
-        assert p.returncode == 2 and said in p.stderr and "Traceback" not in p.stderr, p.stderr
+        code, err = _main(capfd, "cache", "ls", "--config", str(cfg), "--cache", str(tmp_path / "c"))
+        assert code == 2 and said in err and "Traceback" not in err, err
         assert time.perf_counter() - t0 < 10
 
 
@@ -255,7 +273,7 @@ def test_default_budget_follows_ulimit_v_and_the_run_is_not_killed(tmp_path):
 
 # ------------------------------------------------------------------------------------------ object storage
 @pytest.mark.slow
-def test_missing_bucket_is_named_and_never_created(tmp_path, image_folder):
+def test_missing_bucket_is_named_and_never_created(tmp_path, image_folder, capfd):
     pytest.importorskip("s3fs")
     pytest.importorskip("moto")
     from s3server import S3Server
@@ -268,15 +286,15 @@ def test_missing_bucket_is_named_and_never_created(tmp_path, image_folder):
         for args in (["cache", "ls", "--cache", "s3://nobucket/cache"],
                      ["precompute", "segments", "--dataset", "folder", "--root", str(image_folder), "--cache",
                       "s3://nobucket/cache", "--executor", "local", "--set", "segments.detector=classical"]):
-            p = _cli(*args, env=env)
-            assert p.returncode == 2, p.stderr
-            assert "bucket 'nobucket' does not exist" in p.stderr and "Traceback" not in p.stderr
+            code, err = _main(capfd, *args, env=env)
+            assert code == 2, err
+            assert "bucket 'nobucket' does not exist" in err and "Traceback" not in err
         client = boto3.client("s3", endpoint_url=srv.endpoint, aws_access_key_id="testing",
                               aws_secret_access_key="testing", region_name="us-east-1")
         assert client.list_buckets()["Buckets"] == []
     # the store gone altogether: one line naming it
-    p = _cli("cache", "ls", "--cache", "s3://nobucket/cache", env=env)
-    assert p.returncode == 2 and "cannot reach the object store" in p.stderr and "Traceback" not in p.stderr
+    code, err = _main(capfd, "cache", "ls", "--cache", "s3://nobucket/cache", env=env)
+    assert code == 2 and "cannot reach the object store" in err and "Traceback" not in err
 
 
 def test_lock_heartbeat_survives_a_store_that_went_away(monkeypatch):
@@ -357,14 +375,14 @@ def test_a_reader_that_goes_away_does_not_stop_the_run(tmp_path):
     assert len(StageReader(str(stage))) == 8
 
 
-def test_refused_commands_leave_no_folder_or_lock_behind(tmp_path, image_folder):
+def test_refused_commands_leave_no_folder_or_lock_behind(tmp_path, image_folder, capfd):
     out = tmp_path / "new" / "run"
-    p = _cli("train", "--dataset", "folder", "--root", str(image_folder), "--cache", str(tmp_path / "c"), "--out",
-             str(out), "-q")
-    assert p.returncode == 2, p.stderr
+    code, err = _main(capfd, "train", "--dataset", "folder", "--root", str(image_folder), "--cache",
+                      str(tmp_path / "c"), "--out", str(out), "-q")
+    assert code == 2, err
     assert not (tmp_path / "new").exists()
-    p = _cli("train-contours", "--root", str(image_folder), "--out", str(out))
-    assert p.returncode == 2, p.stderr
+    code, err = _main(capfd, "train-contours", "--root", str(image_folder), "--out", str(out))
+    assert code == 2, err
     assert not (tmp_path / "new").exists()
     # a folder that holds work keeps its lock file (waiters lock the same inode)
     from clips4.pipeline.lock import StageLock
