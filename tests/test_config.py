@@ -198,3 +198,13 @@ def test_the_papers_configuration_is_a_bundled_layer(tmp_path, monkeypatch):
     assert load_config(REPO / "stages.yaml", ["paper"]).params("train").pseudo_labels == "soft"  # the file wins
     with pytest.raises(ConfigError, match="not a bundled config: paper, synthetic"):
         load_config(REPO / "stages.yaml", ["papr"])
+
+
+def test_a_config_that_is_not_yaml_is_named_with_its_line_and_a_caret(tmp_path):
+    """The fast (libyaml) parser's refusal is read again by the pure-Python one: the message quotes the line."""
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("stages:\n  segments:\n    params: {ucm_threshold: [0.1, 0.2}\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(REPO / "stages.yaml", [bad])
+    msg = str(e.value)
+    assert str(bad) in msg and "line 3" in msg and "params: {ucm_threshold: [0.1, 0.2}" in msg and "^" in msg
