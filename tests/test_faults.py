@@ -336,26 +336,28 @@ def test_sigterm_under_ray_exits_143_with_the_message_and_keeps_parts(tmp_path):
                           str(root), "--cache", str(cache), "--executor", "ray", "--num-workers", "2", "--batch-size", "1", "-q",
                           "--set", "segments.detector=classical", "--set", f"ray.temp_dir={ray_tmp}"],
                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    try:
-        deadline = time.time() + 300  # Ray's start-up on a loaded machine can take minutes
-        while not list(cache.glob("*/segments/*/parts/*.parquet")) and time.time() < deadline and p.poll() is None:
-            time.sleep(0.05)
-        assert p.poll() is None, p.stderr.read()
-        assert list(cache.glob("*/segments/*/parts/*.parquet")), "no part written before the deadline"
-        p.send_signal(signal.SIGTERM)
-        code = p.wait(timeout=60)
-        err = p.stderr.read()
-    finally:
-        p.kill()
-        p.wait()
-    assert code == 143, err
-    assert "interrupted by SIGTERM" in err and "SIGTERM received" not in err and "Traceback" not in err
-    (stage,) = cache.glob("*/segments/*")
-    assert list((stage / "parts").glob("*.parquet")) and not (stage / "index.parquet").exists()
-    assert any(ray_tmp.glob("session_*")), "Ray's session files go under ray.temp_dir"
     import shutil
 
-    shutil.rmtree(ray_tmp, ignore_errors=True)
+    try:
+        try:
+            deadline = time.time() + 300  # Ray's start-up on a loaded machine can take minutes
+            while not list(cache.glob("*/segments/*/parts/*.parquet")) and time.time() < deadline and p.poll() is None:
+                time.sleep(0.05)
+            assert p.poll() is None, p.stderr.read()
+            assert list(cache.glob("*/segments/*/parts/*.parquet")), "no part written before the deadline"
+            p.send_signal(signal.SIGTERM)
+            code = p.wait(timeout=60)
+            err = p.stderr.read()
+        finally:
+            p.kill()
+            p.wait()
+        assert code == 143, err
+        assert "interrupted by SIGTERM" in err and "SIGTERM received" not in err and "Traceback" not in err
+        (stage,) = cache.glob("*/segments/*")
+        assert list((stage / "parts").glob("*.parquet")) and not (stage / "index.parquet").exists()
+        assert any(ray_tmp.glob("session_*")), "Ray's session files go under ray.temp_dir"
+    finally:  # /tmp, not tmp_path (Ray's socket paths must be short): removed whatever the outcome
+        shutil.rmtree(ray_tmp, ignore_errors=True)
 
 
 # ------------------------------------------------------------------------------------------ closed output, leftovers
