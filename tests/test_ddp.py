@@ -42,7 +42,13 @@ def _ranks(world: Path, out: Path, *extra: str) -> tuple[int, str]:
                               env={**ENV, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port, "WORLD_SIZE": "2",
                                    "RANK": str(r), "LOCAL_RANK": str(r), "LOCAL_WORLD_SIZE": "2"})
              for r in range(2)]
-    errs = [p.communicate(timeout=300)[1] for p in procs]
+    try:
+        errs = [p.communicate(timeout=300)[1] for p in procs]
+    finally:  # a rank left waiting for its peer would otherwise outlive the test
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
     return max(p.returncode for p in procs), errs[0]
 
 
