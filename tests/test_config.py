@@ -25,12 +25,17 @@ def test_overrides_layer_in_order(tmp_path):
     assert cfg.params("segments").ucm_threshold == 0.3
 
 
-def test_typo_reports_path_line_and_valid_keys(tmp_path):
+def _refused(tmp_path, text: str) -> tuple[Path, str]:
+    """(the file, load_config's message) for a --config file holding ``text``, which must be refused."""
     bad = tmp_path / "bad.yaml"
-    bad.write_text("stages:\n  segments:\n    params:\n      ucm_treshold: 0.4\n")
+    bad.write_text(text)
     with pytest.raises(ConfigError) as e:
         load_config(REPO / "stages.yaml", [bad])
-    msg = str(e.value)
+    return bad, str(e.value)
+
+
+def test_typo_reports_path_line_and_valid_keys(tmp_path):
+    bad, msg = _refused(tmp_path, "stages:\n  segments:\n    params:\n      ucm_treshold: 0.4\n")
     assert "stages.segments.params.ucm_treshold" in msg and f"{bad}:4" in msg
     assert "did you mean 'ucm_threshold'" in msg and "max_segments" in msg
 
@@ -202,9 +207,5 @@ def test_the_papers_configuration_is_a_bundled_layer(tmp_path, monkeypatch):
 
 def test_a_config_that_is_not_yaml_is_named_with_its_line_and_a_caret(tmp_path):
     """The fast (libyaml) parser's refusal is read again by the pure-Python one: the message quotes the line."""
-    bad = tmp_path / "bad.yaml"
-    bad.write_text("stages:\n  segments:\n    params: {ucm_threshold: [0.1, 0.2}\n")
-    with pytest.raises(ConfigError) as e:
-        load_config(REPO / "stages.yaml", [bad])
-    msg = str(e.value)
+    bad, msg = _refused(tmp_path, "stages:\n  segments:\n    params: {ucm_threshold: [0.1, 0.2}\n")
     assert str(bad) in msg and "line 3" in msg and "params: {ucm_threshold: [0.1, 0.2}" in msg and "^" in msg

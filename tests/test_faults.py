@@ -18,30 +18,17 @@ from clips4.pipeline import stage as stage_mod
 from clips4.pipeline.cache import CacheError, StageReader, list_stage_outputs, verify_stage
 from test_stage_framework import _cfg, toy_stage  # noqa: F401 - fixture
 
-REPO = Path(__file__).resolve().parents[1]
-
-
-def _cli(*args, env=None, timeout=120, **kw):
-    return subprocess.run([sys.executable, "-m", "clips4.cli", *args], capture_output=True, text=True,
-                          timeout=timeout, env={**os.environ, **(env or {})}, **kw)
-
 
 def _main(capfd, *args, env=None) -> tuple[int, str]:
     """``clips4 ARGS`` in this process (what ``python -m clips4.cli`` runs, without another interpreter start-up)
     with ``env`` added to the environment: (exit code, what it wrote to stderr)."""
     from clips4.cli import main
 
-    saved = {k: os.environ.get(k) for k in env or {}}
-    os.environ.update(env or {})
     capfd.readouterr()
-    try:
+    with pytest.MonkeyPatch.context() as mp:
+        for k, v in (env or {}).items():
+            mp.setenv(k, v)
         code = main(list(args))
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
     return code, capfd.readouterr().err
 
 
