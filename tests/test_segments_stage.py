@@ -117,7 +117,7 @@ def test_evaluate_boundaries_reuses_the_segments_cache(tmp_path, capsys):
     from conftest import shared_path
 
     bsds = shared_path("BSDS500")
-    args = ["evaluate", "boundaries", "--root", str(bsds), "--limit", "1", "--thresholds", "3", "--workers", "1",
+    args = ["evaluate", "boundaries", "--root", str(bsds), "--limit", "1", "--thresholds", "1", "--workers", "1",
             "--cache", str(tmp_path / "cache"), "--executor", "local", "--out", str(tmp_path / "out"), "--quiet"]
     assert main(args) == 0
     import json
