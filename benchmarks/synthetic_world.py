@@ -19,11 +19,11 @@ images (64 x 96; 512 train / 240 val), each world trained (``SWEEP_TRAIN``: 3000
 the defaults and with each ablation row (``SWEEP_ROWS``; ``--rows`` picks some). Prints per world the teacher and
 student val mIoU, the largest per-class IoU drop student vs teacher, and the ablation (each row's mIoU and
 worst class drop). Every checkpoint is evaluated as ``clips4 evaluate language`` does by default, with the class
-calibration ``clips4 train`` stored in it (``train.calibration: raise``, clips4.trainer.calibration), and once more
-without it (``uncalibrated``: plain arg-max, the trained network alone); the defaults' checkpoint also with every
-class's frequency matched to the teacher's on the train images (``+ prior``); then every row's mean +- std over
-worlds. Targets: student >= teacher + 5 in every world, >= +10 on average, no class more than 5 points below the
-teacher.
+calibration ``clips4 train`` stored in it (``train.calibration``, ``band`` by default;
+clips4.trainer.calibration), and once more without it (``uncalibrated``: plain arg-max, the trained network
+alone); the defaults' checkpoint also with every class's frequency matched to the teacher's on the train images
+(``+ prior``); then every row's mean +- std over worlds. Targets: student >= teacher + 5 in every world, >= +10
+on average, no class more than 5 points below the teacher.
 
     .venv/bin/python benchmarks/synthetic_world.py --sweep [--worlds a,b] [--seeds 0,1] [--no-ablation]
         [--rows a,b] [--row "NAME: KEY=VALUE ..."] [--n-train 64 --iterations 600 (a smaller budget)]
