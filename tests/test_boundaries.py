@@ -217,10 +217,14 @@ def test_bsds_ap_is_area_under_interpolated_curve():
 
 @pytest.mark.ray
 def test_ray_executor_matches_inline(tmp_path):
-    pytest.importorskip("ray")
+    ray = pytest.importorskip("ray")
     root = _fake_bsds(tmp_path / "bsds", n=2)
     preds = _predictions(root)
     inline = evaluate_boundaries(root, preds, thresholds=5, workers=1, quiet=True, which=("contours",))
-    dist = evaluate_boundaries(root, preds, thresholds=5, workers=2, quiet=True, which=("contours",), executor="ray")
+    try:
+        dist = evaluate_boundaries(root, preds, thresholds=5, workers=2, quiet=True, which=("contours",),
+                                   executor="ray")
+    finally:  # the private instance would otherwise idle beside the rest of this test process's tests
+        ray.shutdown()
     assert dist["n_scored"] == 2 and dist["executor"] == "ray"
     assert abs(dist["contours"]["ODS"]["f"] - inline["contours"]["ODS"]["f"]) < 0.02
