@@ -71,6 +71,37 @@ def make_synthetic(world: Path, n_train: int = 6, n_val: int = 3) -> list[str]:
     return a
 
 
+def spec_world(tmp_path: Path, spec: dict, size: tuple[int, int], n_train: int, n_val: int, params: dict,
+               prototypes_sets: tuple[str, ...] = ()) -> tuple[list[Path], list[str]]:
+    """A world built from ``spec`` (``{"world": SyntheticWorld kwargs, "teacher": SyntheticTeacher kwargs}``) with its
+    segments and CLIP features (train and val) and prototypes under ``tmp_path``: (config files, --set lines that
+    point at them). ``params``: stage params over the bundled synthetic.yaml (e.g. ``{"train": {...}}``; the
+    teacher of ``clip_features`` is set here); ``prototypes_sets``: ``--set`` values for the prototypes stage."""
+    import json
+    from importlib import resources
+
+    from clips4.cli import main
+    from clips4.synthetic import world_from_preset
+
+    root = tmp_path / "w"
+    world, _ = world_from_preset(spec, size, 0)
+    world.write(root, n_train=n_train, n_val=n_val)
+    cfg = tmp_path / "s.yaml"
+    cfg.write_text(resources.files("clips4.data").joinpath("configs", "synthetic.yaml").read_text())
+    over = tmp_path / "o.yaml"
+    stages = {name: {"params": p} for name, p in params.items()}
+    stages["clip_features"] = {"params": {"n_clusters": world.n_classes, "clip": {"backend_params": {
+        "world": spec, "image_size": list(size), "world_seed": 0, "embed_dim": 32}}}}
+    over.write_text(json.dumps({"stages": stages}))
+    args = ["--stages", str(REPO / "stages.yaml"), "--config", str(cfg), "--config", str(over), "--root", str(root),
+            "--cache", str(tmp_path / "c")]
+    for split in ("train", "val"):
+        for stage in ("segments", "clip-features"):
+            assert main(["precompute", stage, *args, "--split", split, "-q", "--executor", "local"]) == 0
+    assert main(["precompute", "prototypes", *args, "-q", *(x for v in prototypes_sets for x in ("--set", v))]) == 0
+    return [cfg, over], [f"dataset.root={root}", f"cache_root={tmp_path / 'c'}"]
+
+
 # Files whose tests take longest (Ray start-ups, torchrun, training runs, subprocess runs), longest first. With
 # `--dist loadfile` each file runs whole in one test process, and a process asks for the next file when it is
 # almost done; xdist would hand out the files with the most tests first, which leaves these few-test, long files

@@ -6,9 +6,7 @@ teach invariance to the very cues that separate the twins (colour levels, stripe
 defaults of before collapse one of them."""
 from __future__ import annotations
 
-import json
 import os
-from importlib import resources
 from pathlib import Path
 
 import pytest
@@ -27,35 +25,21 @@ FLOOR = 0.30  # per-class IoU each twin must keep (paper views with hard targets
 
 def _run(tmp_path, overrides: list[str]) -> dict:
     import torch
+    from conftest import spec_world
 
     from clips4.evaluate.language import run_language
-    from clips4.cli import main
     from clips4.pipeline.config import load_config
     from clips4.pipeline.stage import dataset_from_config
-    from clips4.synthetic import world_from_preset
     from clips4.trainer.train import train
 
     torch.set_num_threads(1)
-    root = tmp_path / "w"
-    world, _ = world_from_preset(TWINS, (48, 64), 0)
-    world.write(root, n_train=16, n_val=6)
-    cfg = tmp_path / "s.yaml"
-    cfg.write_text(resources.files("clips4.data").joinpath("configs", "synthetic.yaml").read_text())
-    over = tmp_path / "o.yaml"
-    over.write_text(json.dumps({"stages": {
-        "clip_features": {"params": {"n_clusters": 3, "clip": {"backend_params": {
-            "world": TWINS, "image_size": [48, 64], "world_seed": 0, "embed_dim": 32}}}},
-        "train": {"params": {"iterations": 150, "batch_size": 4, "crop_size": 48, "num_workers": 0,
-                             "n_segments": 9, "cache_images": 16, "checkpoint_every": 1000}}}}))
-    args = ["--stages", str(STAGES), "--config", str(cfg), "--config", str(over), "--root", str(root), "--cache", str(tmp_path / "c")]
-    for split in ("train", "val"):
-        for stage in ("segments", "clip-features"):
-            assert main(["precompute", stage, *args, "--split", split, "-q", "--executor", "local"]) == 0
-    proto_sets = [x for o in overrides if o.startswith("prototypes.") for x in ("--set", o)]
-    assert main(["precompute", "prototypes", *args, *proto_sets]) == 0
-    sets = [f"dataset.root={root}", f"cache_root={tmp_path / 'c'}", f"train.out={tmp_path / 'run'}", *overrides]
-    train(load_config(STAGES, [cfg, over], [*sets, "dataset.split=train"]), show_progress=False)
-    vcfg = load_config(STAGES, [cfg, over], [*sets, "dataset.split=val"])
+    configs, sets = spec_world(tmp_path, TWINS, (48, 64), 16, 6, {
+        "train": {"iterations": 150, "batch_size": 4, "crop_size": 48, "num_workers": 0, "n_segments": 9,
+                  "cache_images": 16, "checkpoint_every": 1000}},
+        prototypes_sets=tuple(o for o in overrides if o.startswith("prototypes.")))
+    sets = [*sets, f"train.out={tmp_path / 'run'}", *overrides]
+    train(load_config(STAGES, configs, [*sets, "dataset.split=train"]), show_progress=False)
+    vcfg = load_config(STAGES, configs, [*sets, "dataset.split=val"])
     res = run_language(vcfg, dataset_from_config(vcfg), model=str(tmp_path / "run" / "final.pt"), out=None)
     return res["per_class_iou"]
 

@@ -9,7 +9,6 @@ measured to ignore each region's colour and brightness), and a box of another im
 from __future__ import annotations
 
 import json
-from importlib import resources
 from pathlib import Path
 
 
@@ -31,31 +30,13 @@ SIZE = (48, 64)
 def _precompute(tmp_path) -> tuple[list[Path], list[str]]:
     """The world's images, segments, CLIP features and prototypes under ``tmp_path``: (config files, --set lines)."""
     import torch
-
-    from clips4.cli import main
-    from clips4.synthetic import world_from_preset
+    from conftest import spec_world
 
     torch.set_num_threads(1)
-    root = tmp_path / "w"
-    spec = _world()
-    world, _ = world_from_preset(spec, SIZE, 0)
-    world.write(root, n_train=24, n_val=8)
-    cfg = tmp_path / "s.yaml"
-    cfg.write_text(resources.files("clips4.data").joinpath("configs", "synthetic.yaml").read_text())
-    over = tmp_path / "o.yaml"
-    over.write_text(json.dumps({"stages": {
-        "clip_features": {"params": {"n_clusters": world.n_classes, "clip": {"backend_params": {
-            "world": spec, "image_size": list(SIZE), "world_seed": 0, "embed_dim": 32}}}},
-        "prototypes": {"params": {"invariance_images": 16}},
-        "train": {"params": {"iterations": ITERATIONS, "batch_size": 3, "crop_size": 48, "num_workers": 0,
-                             "n_segments": 9, "cache_images": 24, "checkpoint_every": 10000}}}}))
-    args = ["--stages", str(STAGES), "--config", str(cfg), "--config", str(over), "--root", str(root),
-            "--cache", str(tmp_path / "c")]
-    for split in ("train", "val"):
-        for stage in ("segments", "clip-features"):
-            assert main(["precompute", stage, *args, "--split", split, "-q", "--executor", "local"]) == 0
-    assert main(["precompute", "prototypes", *args, "-q"]) == 0
-    return [cfg, over], [f"dataset.root={root}", f"cache_root={tmp_path / 'c'}"]
+    return spec_world(tmp_path, _world(), SIZE, 24, 8, {
+        "prototypes": {"invariance_images": 16},
+        "train": {"iterations": ITERATIONS, "batch_size": 3, "crop_size": 48, "num_workers": 0, "n_segments": 9,
+                  "cache_images": 24, "checkpoint_every": 10000}})
 
 
 def _run(tmp_path, world: tuple[list[Path], list[str]], overrides: list[str]) -> tuple[float, float]:
