@@ -1,8 +1,8 @@
 """Helpers shared by the training benchmarks: build a synthetic world with its caches, evaluate a checkpoint.
 
-Everything goes through the same entry points a user has: ``clips4 synthetic make`` (``SyntheticWorld.write``),
-the bundled ``synthetic.yaml`` with the world's folder substituted, ``clips4 precompute ...`` (in-process
-``main([...])``, executor local) and ``clips4.evaluate.language.run_language``.
+The world is built by :func:`clips4.synthetic.build_world` (``SyntheticWorld.write``, the bundled
+``synthetic.yaml`` pointed at the world's folder, the stages ``clips4 precompute`` runs); checkpoints are scored by
+``clips4.evaluate.language.run_language``, as ``clips4 evaluate language`` scores them.
 """
 from __future__ import annotations
 
@@ -11,7 +11,6 @@ import os
 import sys
 import threading
 import time
-from importlib import resources
 from pathlib import Path
 
 import numpy as np
@@ -24,47 +23,16 @@ def build_world(base: Path, n_train: int, n_val: int, *, seed: int = 0, quiet: b
                 image_size: tuple[int, int] = (96, 128), variants: int = 0,
                 variant_params: dict | None = None, teacher_params: dict | None = None,
                 segments_params: dict | None = None) -> Path:
-    """World + caches (train: segments, clip_features, prototypes; val: segments, clip_features) under ``base``.
+    """World + caches (train: segments, clip_features, prototypes; val: segments, clip_features) under ``base``
+    (:func:`clips4.synthetic.build_world`); returns the path of the world's config (``configs_of`` adds its
+    overlay). ``world``: a name of ``clips4.synthetic.WORLDS`` (None = the original world); ``teacher_params``:
+    SyntheticTeacher kwargs over the world's own; ``segments_params``: segments-stage params over the config's."""
+    from clips4.synthetic import build_world as build
 
-    ``world``: a name of ``clips4.synthetic.WORLDS`` (None = the original world). ``variants``: teacher
-    photometric variants cached for the train split (``clip_features.photometric_variants``). ``teacher_params``:
-    SyntheticTeacher kwargs over the world's own (e.g. ``{"noise_sigma": 0}``). ``segments_params``: segments-stage
-    params over the config's (e.g. ``{"ucm_threshold": 0.1}``), written into the world's overlay so that every
-    later stage, the training and the evaluation read those segments.
-    Returns the path of the world's config (the bundled ``synthetic.yaml`` pointed at ``base/world``, plus an
-    overlay for a named world). Idempotent: finished stages are skipped by the pipeline itself.
-    """
-    from clips4.cli import main
-    from clips4.synthetic import SyntheticWorld, world_from_preset
-
-    base.mkdir(parents=True, exist_ok=True)
-    root = base / "world"
-    marker = root / f".written-{n_train}-{n_val}-{seed}"
-    w = SyntheticWorld(seed=seed, image_size=image_size) if world is None else world_from_preset(world, image_size, seed)[0]
-    if not marker.exists():
-        w.write(root, n_train, n_val)
-        marker.write_text("ok")
-    text = resources.files("clips4.data").joinpath("configs", "synthetic.yaml").read_text()
-    cfg = base / "synthetic.yaml"
-    cfg.write_text(text.replace("outputs/synthetic-world", str(root)).replace("world_seed: 0", f"world_seed: {seed}"))
-    common = ["--stages", str(STAGES), "--config", str(cfg)]
-    if world is not None or tuple(image_size) != (96, 128) or variants or teacher_params or segments_params:
-        bp = {"world": world, "world_seed": seed, "image_size": list(image_size), "embed_dim": 64, **(teacher_params or {})}
-        over = base / "world.yaml"
-        over.write_text(json.dumps({"stages": {"clip_features": {"params": {
-            "clip": {"backend_params": bp}, "n_clusters": w.n_classes, "photometric_variants": variants,
-            "variant_params": variant_params or {}}},
-            **({"segments": {"params": segments_params}} if segments_params else {})}}))
-        common += ["--config", str(over)]
-    common += ["--quiet"] if quiet else []
-    for split in ("train", "val"):
-        for stage in ("segments", "clip-features"):
-            code = main(["precompute", stage, *common, "--executor", "local", "--split", split])
-            if code:
-                raise SystemExit(f"clips4 precompute {stage} --split {split} failed ({code})")
-    if main(["precompute", "prototypes", *[c for c in common if c != "--quiet"]]):
-        raise SystemExit("clips4 precompute prototypes failed")
-    return cfg
+    return build(base, n_train, n_val, world=world, seed=seed, image_size=image_size, variants=variants,
+                 variant_params=variant_params, teacher=teacher_params,
+                 params={"segments": segments_params} if segments_params else None, stages_file=STAGES,
+                 show_progress=not quiet).configs[0]
 
 
 def configs_of(cfg_path: Path) -> list[Path]:

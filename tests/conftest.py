@@ -48,58 +48,42 @@ def image_folder(tmp_path):
     return root
 
 
-def _syn_args(world: Path) -> list[str]:
-    # the bundled synthetic.yaml's ``classes: dataset`` follows --root (no path to pass)
-    return ["--config", str(world / "s.yaml"), "--root", str(world / "w"), "--cache", str(world / "cache"),
-            "--set", "train.num_workers=0",
-            "--set", "train.batch_size=4"]
+def box_images(folder: Path, n: int, hw: tuple[int, int] = (72, 96)) -> Path:
+    """``n`` PNGs of four random coloured boxes each with noise, ``hw`` in size, in ``folder`` (created)."""
+    from PIL import Image
+
+    rng = np.random.default_rng(1)
+    folder.mkdir(parents=True)
+    H, W = hw
+    for i in range(n):
+        img = np.zeros((H, W, 3), np.uint8)
+        for _ in range(4):
+            y, x = rng.integers(0, H * 5 // 6), rng.integers(0, W * 5 // 6)
+            img[y : y + H * 5 // 12, x : x + W * 5 // 12] = rng.integers(0, 255, 3)
+        img = np.clip(img + rng.normal(0, 6, img.shape), 0, 255).astype(np.uint8)
+        Image.fromarray(img).save(folder / f"im{i:03d}.png")
+    return folder
 
 
-def make_synthetic(world: Path, n_train: int = 6, n_val: int = 3) -> list[str]:
-    """A tiny synthetic world with segments + clip features for train and val; returns the shared CLI args."""
-    from importlib import resources
+def make_synthetic(base: Path, n_train: int = 6, n_val: int = 3) -> list[str]:
+    """A tiny synthetic world (``base/world``, caches in ``base/cache``) with segments + clip features for train and
+    val; returns the CLI args that select it (its config files, one loader process, batch 4)."""
+    from clips4.synthetic import build_world
 
-    from clips4.cli import main
-
-    world.mkdir(parents=True, exist_ok=True)
-    assert main(["synthetic", "make", "--root", str(world / "w"), "--n-train", str(n_train), "--n-val", str(n_val)]) == 0
-    (world / "s.yaml").write_text(resources.files("clips4.data").joinpath("configs", "synthetic.yaml").read_text())
-    a = _syn_args(world)
-    for split in ("train", "val"):
-        assert main(["precompute", "segments", *a, "--split", split, "-q"]) == 0
-        assert main(["precompute", "clip-features", *a, "--split", split, "-q"]) == 0
-    return a
+    built = build_world(base, n_train, n_val, stages=("segments", "clip_features"), stages_file=REPO / "stages.yaml")
+    return [*built.args(), "--set", "train.num_workers=0", "--set", "train.batch_size=4"]
 
 
 def spec_world(tmp_path: Path, spec: dict, size: tuple[int, int], n_train: int, n_val: int, params: dict,
-               prototypes_sets: tuple[str, ...] = ()) -> tuple[list[Path], list[str]]:
+               prototypes_sets: tuple[str, ...] = ()):
     """A world built from ``spec`` (``{"world": SyntheticWorld kwargs, "teacher": SyntheticTeacher kwargs}``) with its
-    segments and CLIP features (train and val) and prototypes under ``tmp_path``: (config files, --set lines that
-    point at them). ``params``: stage params over the bundled synthetic.yaml (e.g. ``{"train": {...}}``; the
-    teacher of ``clip_features`` is set here); ``prototypes_sets``: ``--set`` values for the prototypes stage."""
-    import json
-    from importlib import resources
+    segments and CLIP features (train and val) and prototypes under ``tmp_path``: a
+    :class:`~clips4.synthetic.BuiltWorld`. ``params``: stage params over the bundled synthetic.yaml (e.g.
+    ``{"train": {...}}``); ``prototypes_sets``: ``KEY=VALUE`` overrides of the prototypes stage."""
+    from clips4.synthetic import build_world
 
-    from clips4.cli import main
-    from clips4.synthetic import world_from_preset
-
-    root = tmp_path / "w"
-    world, _ = world_from_preset(spec, size, 0)
-    world.write(root, n_train=n_train, n_val=n_val)
-    cfg = tmp_path / "s.yaml"
-    cfg.write_text(resources.files("clips4.data").joinpath("configs", "synthetic.yaml").read_text())
-    over = tmp_path / "o.yaml"
-    stages = {name: {"params": p} for name, p in params.items()}
-    stages["clip_features"] = {"params": {"n_clusters": world.n_classes, "clip": {"backend_params": {
-        "world": spec, "image_size": list(size), "world_seed": 0, "embed_dim": 32}}}}
-    over.write_text(json.dumps({"stages": stages}))
-    args = ["--stages", str(REPO / "stages.yaml"), "--config", str(cfg), "--config", str(over), "--root", str(root),
-            "--cache", str(tmp_path / "c")]
-    for split in ("train", "val"):
-        for stage in ("segments", "clip-features"):
-            assert main(["precompute", stage, *args, "--split", split, "-q", "--executor", "local"]) == 0
-    assert main(["precompute", "prototypes", *args, "-q", *(x for v in prototypes_sets for x in ("--set", v))]) == 0
-    return [cfg, over], [f"dataset.root={root}", f"cache_root={tmp_path / 'c'}"]
+    return build_world(tmp_path, n_train, n_val, world=spec, image_size=size, embed_dim=32, params=params,
+                       overrides=prototypes_sets, stages_file=REPO / "stages.yaml")
 
 
 # Files whose tests take longest (Ray start-ups, torchrun, training runs, subprocess runs), longest first. With

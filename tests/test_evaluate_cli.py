@@ -144,12 +144,12 @@ def test_avgsim(synthetic, tmp_path, capsys):
 
 def test_predict_with_checkpoint(synthetic, tmp_path):
     world, a, ck = synthetic
-    img = sorted((world / "w" / "images" / "val").glob("*.png"))[0]
+    img = sorted((world / "world" / "images" / "val").glob("*.png"))[0]
     out = tmp_path / "p"
-    assert main(["predict", str(img), "--classes", str(world / "w" / "classes.txt"), "--checkpoint", str(ck),
-                 "--out", str(out), "--config", str(world / "s.yaml")]) == 0
+    assert main(["predict", str(img), "--classes", str(world / "world" / "classes.txt"), "--checkpoint", str(ck),
+                 "--out", str(out), "--config", str(world / "synthetic.yaml")]) == 0
     doc = json.loads((out / f"{img.stem}_areas.json").read_text())
-    assert doc["queried_classes"] == (world / "w" / "classes.txt").read_text().split()
+    assert doc["queried_classes"] == (world / "world" / "classes.txt").read_text().split()
     assert sum(v["fraction"] for v in doc["classes"].values()) == pytest.approx(1.0)
 
 

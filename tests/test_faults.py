@@ -314,9 +314,9 @@ def test_lock_heartbeat_survives_a_store_that_went_away(monkeypatch):
 def test_sigterm_under_ray_exits_143_with_the_message_and_keeps_parts(tmp_path):
     import signal
 
-    from test_segments_stage import _world
+    from conftest import box_images
 
-    root = _world(tmp_path / "imgs", 40)
+    root = box_images(tmp_path / "imgs", 40)
     cache = tmp_path / "cache"
     ray_tmp = Path("/tmp") / f"c4ray-{os.getpid()}"
     p = subprocess.Popen([sys.executable, "-m", "clips4.cli", "precompute", "segments", "--dataset", "folder", "--root",
@@ -349,9 +349,9 @@ def test_sigterm_under_ray_exits_143_with_the_message_and_keeps_parts(tmp_path):
 
 # ------------------------------------------------------------------------------------------ closed output, leftovers
 def test_a_reader_that_goes_away_does_not_stop_the_run(tmp_path):
-    from test_segments_stage import _world
+    from conftest import box_images
 
-    root = _world(tmp_path / "imgs", 8)
+    root = box_images(tmp_path / "imgs", 8)
     cache = tmp_path / "cache"
     p = subprocess.Popen([sys.executable, "-m", "clips4.cli", "precompute", "segments", "--dataset", "folder", "--root",
                           str(root), "--cache", str(cache), "--executor", "local", "--batch-size", "1", "--set",

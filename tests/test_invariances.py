@@ -155,7 +155,7 @@ def test_an_image_gone_since_its_features_were_cached_is_skipped(tmp_path, capsy
     from clips4.cli import main
 
     a = make_synthetic(tmp_path / "world", n_train=4, n_val=1)
-    victim = sorted((tmp_path / "world" / "w" / "images" / "train").glob("*.png"))[0]
+    victim = sorted((tmp_path / "world" / "world" / "images" / "train").glob("*.png"))[0]
     victim.write_bytes(b"not a png")
     assert main(["precompute", "prototypes", *a, "--set", "prototypes.invariance_images=4", "-q"]) == 0
     inv = json.loads(next((tmp_path / "world" / "cache").glob("*train*/prototypes/*/invariances.json")).read_text())

@@ -17,28 +17,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from conftest import box_images
+
 from clips4.pipeline.cache import StageReader, list_stage_outputs
 
 pytestmark = pytest.mark.ray
 RAY = str(Path(sys.executable).parent / "ray")
-
-
-def _world(folder: Path, n: int, hw: tuple[int, int] = (72, 96)) -> Path:
-    """``n`` PNGs of random coloured boxes, ``hw`` in size."""
-    import numpy as np
-    from PIL import Image
-
-    rng = np.random.default_rng(1)
-    folder.mkdir(parents=True)
-    H, W = hw
-    for i in range(n):
-        img = np.zeros((H, W, 3), np.uint8)
-        for _ in range(4):
-            y, x = rng.integers(0, H * 5 // 6), rng.integers(0, W * 5 // 6)
-            img[y : y + H * 5 // 12, x : x + W * 5 // 12] = rng.integers(0, 255, 3)
-        img = np.clip(img + rng.normal(0, 6, img.shape), 0, 255).astype(np.uint8)
-        Image.fromarray(img).save(folder / f"im{i:03d}.png")
-    return folder
 
 
 def _start_time(pid: int) -> int | None:
@@ -137,7 +121,7 @@ def test_connecting_to_no_cluster_fails_fast_with_a_message():
 
 def test_two_node_cluster_survives_losing_a_node_and_equals_a_single_node_run(tmp_path, short_tmp):
     # the run is held mid-way by pausing the head's actor (below), so small images do: no timing decides the test
-    root = _world(tmp_path / "imgs", 30)
+    root = box_images(tmp_path / "imgs", 30)
     port = _free_port()
     token = secrets.token_hex(16)
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0",
@@ -255,7 +239,7 @@ def test_two_node_cluster_survives_losing_a_node_and_equals_a_single_node_run(tm
 
 
 def test_no_ray_process_outlives_a_killed_driver(tmp_path, short_tmp):
-    root = _world(tmp_path / "imgs", 30)
+    root = box_images(tmp_path / "imgs", 30)
     env = {**os.environ, "RAY_TMPDIR": str(short_tmp), "RAY_USAGE_STATS_ENABLED": "0", "PYTHONUNBUFFERED": "1"}
     drv = subprocess.Popen(_segments(root, tmp_path / "cache", "--executor", "ray", "--num-workers", "1", "--batch-size",
                                      "1", "-q"),

@@ -6,27 +6,15 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
+from conftest import box_images
+
 from clips4.pipeline.cache import StageReader, list_stage_outputs
 from clips4.cli import main
-
-
-def _world(folder: Path, n: int) -> Path:
-    rng = np.random.default_rng(1)
-    folder.mkdir(parents=True)
-    for i in range(n):
-        img = np.zeros((72, 96, 3), np.uint8)
-        for _ in range(4):
-            y, x = rng.integers(0, 60), rng.integers(0, 80)
-            img[y : y + 30, x : x + 40] = rng.integers(0, 255, 3)
-        img = np.clip(img + rng.normal(0, 6, img.shape), 0, 255).astype(np.uint8)
-        Image.fromarray(img).save(folder / f"im{i:03d}.png")
-    return folder
 
 
 def _cli(cache, root, *extra):
@@ -35,7 +23,7 @@ def _cli(cache, root, *extra):
 
 
 def test_cli_runs_then_nothing_left_and_cache_ls(tmp_path, capsys):
-    root = _world(tmp_path / "imgs", 4)
+    root = box_images(tmp_path / "imgs", 4)
     assert main(_cli(tmp_path / "cache", root)) == 0
     assert main(_cli(tmp_path / "cache", root)) == 0
     err = capsys.readouterr().err
@@ -50,7 +38,7 @@ def test_cli_runs_then_nothing_left_and_cache_ls(tmp_path, capsys):
 
 
 def test_bad_inputs_recorded_and_exit_status(tmp_path, capsys):
-    root = _world(tmp_path / "imgs", 2)
+    root = box_images(tmp_path / "imgs", 2)
     (root / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0garbage")
     Image.new("RGB", (1, 1), (3, 4, 5)).save(root / "tiny.png")
     Image.new("CMYK", (40, 30), (0, 50, 0, 0)).save(root / "cmyk.jpg")
@@ -64,7 +52,7 @@ def test_bad_inputs_recorded_and_exit_status(tmp_path, capsys):
 
 
 def test_kill_9_then_rerun_equals_uninterrupted(tmp_path):
-    root = _world(tmp_path / "imgs", 24)
+    root = box_images(tmp_path / "imgs", 24)
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     cmd = [sys.executable, "-m", "clips4.cli", *_cli(tmp_path / "killed", root, "--batch-size", "1")]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
@@ -95,7 +83,7 @@ def test_kill_9_then_rerun_equals_uninterrupted(tmp_path):
                     "tests/test_ray_cluster.py checks that a Ray run writes the same index and arrays as a local run; "
                     "CLIPS4_SLOW_TESTS=1 pytest tests/test_segments_stage.py")
 def test_ray_workers_write_the_same_cache_as_local(tmp_path):
-    root = _world(tmp_path / "imgs", 5)
+    root = box_images(tmp_path / "imgs", 5)
     ray_args = ["precompute", "segments", "--dataset", "folder", "--root", str(root), "--cache", str(tmp_path / "ray"),
                 "--executor", "ray", "--num-workers", "2", "--batch-size", "2", "--quiet"]
     try:

@@ -9,7 +9,6 @@ measured to ignore each region's colour and brightness), and a box of another im
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 
 def _world() -> dict:
@@ -23,12 +22,11 @@ def _world() -> dict:
             "teacher": {"cues": "texture", "noise_patch_p": 0.2, "noise_sigma": 0.8}}
 
 
-STAGES = Path(__file__).resolve().parents[1] / "stages.yaml"
 SIZE = (48, 64)
 
 
-def _precompute(tmp_path) -> tuple[list[Path], list[str]]:
-    """The world's images, segments, CLIP features and prototypes under ``tmp_path``: (config files, --set lines)."""
+def _precompute(tmp_path):
+    """The world's images, segments, CLIP features and prototypes under ``tmp_path`` (a ``BuiltWorld``)."""
     import torch
     from conftest import spec_world
 
@@ -39,18 +37,15 @@ def _precompute(tmp_path) -> tuple[list[Path], list[str]]:
                   "cache_images": 24, "checkpoint_every": 10000}})
 
 
-def _run(tmp_path, world: tuple[list[Path], list[str]], overrides: list[str]) -> tuple[float, float]:
+def _run(tmp_path, world, overrides: list[str]) -> tuple[float, float]:
     """(teacher, student) val mIoU after a short training run on ``world`` (:func:`_precompute`) with ``overrides``."""
     from clips4.evaluate.language import run_language
-    from clips4.pipeline.config import load_config
     from clips4.pipeline.stage import dataset_from_config
     from clips4.trainer.train import train
 
-    configs, sets = world
-    sets = [*sets, *overrides]
     out = tmp_path / ("run-" + "-".join(o.replace("=", "_").replace(".", "_") for o in overrides))
-    train(load_config(STAGES, configs, [*sets, f"train.out={out}", "dataset.split=train"]), show_progress=False)
-    vcfg = load_config(STAGES, configs, [*sets, "dataset.split=val"])
+    train(world.load(*overrides, f"train.out={out}", "dataset.split=train"), show_progress=False)
+    vcfg = world.load(*overrides, "dataset.split=val")
     ds = dataset_from_config(vcfg)
     teacher = run_language(vcfg, ds, model="teacher", out=None)["miou"]
     return 100 * teacher, 100 * run_language(vcfg, ds, model=str(out / "final.pt"), out=None)["miou"]

@@ -22,6 +22,7 @@ from clips4.pipeline.cache import ItemResult, StageReader, StageWriter
 from clips4.pipeline.failures import is_infra, plain_reason
 from clips4.pipeline.lock import StageLock, StageLocked
 from clips4.pipeline.runner import RunFailed
+from conftest import box_images
 from test_stage_framework import ToyParams, ToyProcessor, _cfg, toy_stage  # noqa: F401 - fixture
 
 REPO = Path(__file__).resolve().parents[1]
@@ -138,9 +139,9 @@ def test_rerun_counts_earlier_failures_and_retry_failed_reprocesses(tmp_path, im
 
 def test_cli_rerun_exits_1_while_failures_remain(tmp_path, capsys):
     from clips4.cli import main
-    from test_segments_stage import _cli, _world
+    from test_segments_stage import _cli
 
-    root = _world(tmp_path / "imgs", 2)
+    root = box_images(tmp_path / "imgs", 2)
     (root / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0garbage")
     assert main(_cli(tmp_path / "cache", root)) == 1
     assert main(_cli(tmp_path / "cache", root)) == 1
@@ -246,12 +247,6 @@ def test_object_store_lock_detects_stale_holders():
         pass
 
 
-def _many_images(folder: Path, n: int) -> Path:
-    from test_segments_stage import _world
-
-    return _world(folder, n)
-
-
 def _segments_cmd(cache: Path, root: Path, *extra) -> list[str]:
     return [sys.executable, "-m", "clips4.cli", "precompute", "segments", "--dataset", "folder", "--root",
             str(root), "--cache", str(cache), "--executor", "local", *extra]
@@ -269,7 +264,7 @@ def _wait_for(pred, timeout=120.0, what="condition"):
 
 @pytest.mark.slow
 def test_two_concurrent_runs_one_exits_3_one_waits_and_no_duplicate_parts(tmp_path):
-    root = _many_images(tmp_path / "imgs", 12)
+    root = box_images(tmp_path / "imgs", 12)
     cache = tmp_path / "cache"
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     # three identical runs started together: whichever takes the lock first works, the plain ones exit 3 naming
@@ -303,7 +298,7 @@ def test_two_concurrent_runs_one_exits_3_one_waits_and_no_duplicate_parts(tmp_pa
 @pytest.mark.slow
 def test_progress_lines_when_output_is_a_file_and_long_paths_unbroken(tmp_path):
     deep = tmp_path / ("a_rather_long_folder_name_for_a_cron_job_" * 3) / "and_deeper_still_x"
-    root = _many_images(deep / "imgs", 12)
+    root = box_images(deep / "imgs", 12)
     cache = deep / "cache"
     log = tmp_path / "run.log"
     with open(log, "w") as f:
@@ -324,7 +319,7 @@ def test_progress_lines_when_output_is_a_file_and_long_paths_unbroken(tmp_path):
 def test_signal_keeps_finished_parts_and_rerun_resumes(tmp_path, signum, code, capsys):
     from clips4.cli import main
 
-    root = _many_images(tmp_path / "imgs", 16)
+    root = box_images(tmp_path / "imgs", 16)
     cache = tmp_path / "cache"
     p = subprocess.Popen(_segments_cmd(cache, root, "--batch-size", "1", "-q"), stdout=subprocess.DEVNULL,
                          stderr=subprocess.PIPE, text=True)

@@ -194,3 +194,22 @@ def test_the_teachers_old_backend_spelling_still_loads_and_finds_the_same_output
     assert fps[old] == fps[new] and params[new]["clip"]["backend"] == old  # hashed under the old spelling
     there = {**params[new], "clip": {**params[new]["clip"], "backend": new}}  # a meta.json written after the move
     assert param_diff("clip_features", there, params[new]) == []
+
+
+def test_build_world_writes_the_configs_and_refuses_an_unknown_stage(tmp_path):
+    import pytest
+
+    from clips4.synthetic import build_world
+
+    with pytest.raises(ValueError, match="valid: segments, clip_features, prototypes"):
+        build_world(tmp_path / "x", 2, 1, stages=("segmnets",))
+    assert not (tmp_path / "x").exists()
+    b = build_world(tmp_path / "w", 2, 1, world="near-duplicates", seed=3, image_size=(32, 48), stages=(),
+                    params={"train": {"iterations": 7}})
+    assert sorted(p.name for p in (b.root / "images" / "train").iterdir()) and b.n_classes == 7
+    cfg = b.load("dataset.split=val")
+    assert cfg.dataset.root == str(b.root) and cfg.cache_root == str(tmp_path / "w" / "cache")
+    assert cfg.params("train").iterations == 7
+    bp = cfg.params("clip_features").clip.backend_params
+    assert (bp["world"], bp["world_seed"], bp["image_size"]) == ("near-duplicates", 3, [32, 48])
+    assert b.args()[:2] == ["--config", str(tmp_path / "w" / "synthetic.yaml")]

@@ -10,7 +10,6 @@ import json
 import os
 import re
 import time
-from importlib import resources
 from pathlib import Path
 
 import pytest
@@ -31,17 +30,9 @@ CALIBRATED = ("train.calibration=band",)
 
 
 def _build_world(base: Path) -> Path:
-    from clips4.synthetic import SyntheticWorld
+    from clips4.synthetic import build_world
 
-    root = base / "world"
-    SyntheticWorld().write(root, n_train=8, n_val=4)
-    text = resources.files("clips4.data").joinpath("configs", "synthetic.yaml").read_text()
-    cfg = base / "synthetic.yaml"
-    cfg.write_text(text.replace("outputs/synthetic-world", str(root)))
-    common = ["--stages", str(STAGES), "--config", str(cfg)]
-    assert main(["precompute", "segments", *common, "--executor", "local", "--quiet"]) == 0
-    assert main(["precompute", "clip-features", *common, "--executor", "local", "--quiet"]) == 0
-    assert main(["precompute", "prototypes", *common]) == 0
+    cfg = build_world(base, 8, 4, stages_file=STAGES).configs[0]
     (base / "READY").write_text("ok")
     return cfg
 
