@@ -89,9 +89,12 @@ def _load_images(root: Path, split: str, limit: int | None) -> list[np.ndarray]:
     return [np.ascontiguousarray(cv2.imread(str(p))[:, :, ::-1]) for p in paths]
 
 
-def ray_speedup(root: Path, split: str, n_images: int) -> float:
+def ray_speedup(root: Path, split: str, n_images: int, pairs: int = 3) -> float:
     """Throughput of the segments stage (the real stage: decode, compute, write Zarr parts) with 1 and 2 Ray
-    workers on the same images, Ray started once beforehand so its start-up is not counted. Returns the ratio."""
+    workers on the same images, Ray started once beforehand so its start-up is not counted; ``pairs`` runs of each,
+    alternating (1, 2, 1, 2, ...) so that a host that changes speed during the run weighs on both. Returns the
+    median of the pairs' ratios (end to end: actor start-up, model loading and the last batches included)."""
+    import statistics
     import tempfile
 
     import ray
@@ -101,23 +104,27 @@ def ray_speedup(root: Path, split: str, n_images: int) -> float:
     from clips4.pipeline.stage import run_stage
 
     init_ray("local")
-    print(f"== Ray throughput: segments stage on {n_images} BSDS {split} images (1 CPU per worker)")
-    rates, steady = {}, {}
-    with tempfile.TemporaryDirectory() as tmp:
+    print(f"== Ray throughput: segments stage on {n_images} BSDS {split} images (1 CPU per worker), {pairs} pair(s)")
+    ratios = []
+    for k in range(pairs):
+        rates = {}
         for workers in (1, 2):
-            cfg = load_config(None, None, [f"cache_root={tmp}/w{workers}", "dataset.kind=bsds", f"dataset.root={root}",
-                                           f"dataset.split={split}", f"dataset.limit={n_images}", "ray.executor=ray",
-                                           f"ray.num_workers={workers}", "ray.batch_size=4"], search=False)
-            run = run_stage(cfg, "segments", show_progress=False)
+            with tempfile.TemporaryDirectory() as tmp:
+                cfg = load_config(None, None, [f"cache_root={tmp}", "dataset.kind=bsds", f"dataset.root={root}",
+                                               f"dataset.split={split}", f"dataset.limit={n_images}",
+                                               "ray.executor=ray", f"ray.num_workers={workers}", "ray.batch_size=4"],
+                                  search=False)
+                t0 = time.time()
+                run = run_stage(cfg, "segments", show_progress=False)
+                first = min(p.stat().st_mtime for p in Path(run.url, "parts").glob("*.parquet")) - t0
             rates[workers] = run.processed / run.seconds
-            steady[workers] = _steady_rate(run.url)
-            first = run.seconds - run.processed / steady[workers]  # actor start-up, model load, first batches' wait
-            print(f"  {workers} worker(s): {rates[workers]:.2f} img/s end to end ({run.seconds:.1f} s for "
-                  f"{run.processed} images), steady {steady[workers]:.2f} img/s between the first and last part "
-                  f"written; about {first:.1f} s before the steady rate (actors starting, models loading)")
+            print(f"  pair {k + 1}, {workers} worker(s): {rates[workers]:.2f} img/s end to end ({run.seconds:.1f} s "
+                  f"for {run.processed} images; first part written after {first:.1f} s: actors starting, models "
+                  "loading, the first batch)")
+        ratios.append(rates[2] / rates[1])
     ray.shutdown()
-    ratio = rates[2] / rates[1]
-    print(f"  speed-up 2 vs 1 workers: {ratio:.2f}x end to end, {steady[2] / steady[1]:.2f}x steady "
+    ratio = statistics.median(ratios)
+    print(f"  speed-up 2 vs 1 workers, end to end: {', '.join(f'{r:.2f}x' for r in ratios)}; median {ratio:.2f}x "
           "(target >= 1.85x on 2 cores)")
     return ratio
 
@@ -135,38 +142,33 @@ def _ceiling_worker(images, detector, barrier, out):
     out.put((t0, time.perf_counter(), len(images)))
 
 
-def process_ceiling(images: list[np.ndarray], detector: str = "learned") -> float:
+def process_ceiling(images: list[np.ndarray], detector: str = "learned", pairs: int = 3) -> float:
     """The machine's own ceiling for 2 workers: the same per-image compute in two plain processes (half the images
-    each, started together after the model is loaded) against one process doing them all. On two vCPUs that are
-    hyperthreads of one core this is well under 2x, and no executor can beat it."""
+    each, started together after the model is loaded) against one process doing them all, ``pairs`` times
+    alternating; returns the median ratio. On two vCPUs that are hyperthreads of one core this is well under 2x,
+    and no executor can beat it."""
     import multiprocessing as mp
+    import statistics
 
     ctx = mp.get_context("spawn")
-    rates = {}
-    for n in (1, 2):
-        barrier, out = ctx.Barrier(n), ctx.Queue()
-        procs = [ctx.Process(target=_ceiling_worker, args=(images[i::n], detector, barrier, out)) for i in range(n)]
-        for p in procs:
-            p.start()
-        res = [out.get() for _ in procs]
-        for p in procs:
-            p.join()
-        rates[n] = sum(r[2] for r in res) / (max(r[1] for r in res) - min(r[0] for r in res))
-    ratio = rates[2] / rates[1]
+    ratios = []
+    for _ in range(pairs):
+        rates = {}
+        for n in (1, 2):
+            barrier, out = ctx.Barrier(n), ctx.Queue()
+            procs = [ctx.Process(target=_ceiling_worker, args=(images[i::n], detector, barrier, out)) for i in range(n)]
+            for p in procs:
+                p.start()
+            res = [out.get() for _ in procs]
+            for p in procs:
+                p.join()
+            rates[n] = sum(r[2] for r in res) / (max(r[1] for r in res) - min(r[0] for r in res))
+        ratios.append(rates[2] / rates[1])
+        print(f"  ceiling pair: 1 process {rates[1]:.2f} img/s, 2 processes {rates[2]:.2f} img/s: {ratios[-1]:.2f}x")
+    ratio = statistics.median(ratios)
     print(f"== machine ceiling: {detector} segments compute in plain processes on {len(images)} images: "
-          f"1 process {rates[1]:.2f} img/s, 2 processes {rates[2]:.2f} img/s: {ratio:.2f}x")
+          f"median {ratio:.2f}x over {pairs} pair(s)")
     return ratio
-
-
-def _steady_rate(url: str) -> float:
-    """Images/s between the first and the last part written (start-up left out)."""
-    import pyarrow.parquet as pq
-
-    parts = sorted(Path(url, "parts").glob("*.parquet"), key=lambda p: p.stat().st_mtime)
-    if len(parts) < 2:
-        return float("nan")
-    n = sum(pq.read_metadata(p).num_rows for p in parts[1:])
-    return n / max(1e-9, parts[-1].stat().st_mtime - parts[0].stat().st_mtime)
 
 
 def eval_ray_speedup(root: Path, split: str, n_images: int, thresholds: int) -> float:
@@ -269,7 +271,9 @@ def main() -> None:
     ap.add_argument("--speed-images", type=int, default=10, help="images for the speed part")
     ap.add_argument("--ray-images", type=int, default=64, help="images for the Ray 1-vs-2-worker throughput part")
     ap.add_argument("--skip-ray", action="store_true", help="skip the Ray speed-up parts")
-    ap.add_argument("--eval-ray-images", type=int, default=8, help="images for the evaluate-boundaries Ray part")
+    ap.add_argument("--ray-pairs", type=int, default=3, help="1-worker / 2-worker run pairs (segments stage, and plain processes)")
+    ap.add_argument("--eval-ray-images", type=int, default=8,
+                    help="images for the evaluate-boundaries Ray part (0 skips it)")
     args = ap.parse_args()
 
     if not args.root.is_dir():
@@ -287,9 +291,10 @@ def main() -> None:
             print(f"  321x481 images: {statistics.mean(full):.3f} s/image (target <= 0.5)")
         print(f"  segments per image (t=0.25, max 48): mean {statistics.mean(r['n_segments'] for r in rows):.1f}")
     if not args.skip_ray:
-        process_ceiling(_load_images(args.root, "train", min(args.ray_images, 32)))
-        ray_speedup(args.root, "train", args.ray_images)  # train has 200 images: enough to amortise actor start-up
-        eval_ray_speedup(args.root, args.split, args.eval_ray_images, min(args.thresholds, 25))
+        process_ceiling(_load_images(args.root, "train", min(args.ray_images, 32)), pairs=args.ray_pairs)
+        ray_speedup(args.root, "train", args.ray_images, args.ray_pairs)  # train has 200 images
+        if args.eval_ray_images:
+            eval_ray_speedup(args.root, args.split, args.eval_ray_images, min(args.thresholds, 25))
     res: dict = {}
     if not args.skip_quality:
         res = compare_detectors(args.root, args.split, args.limit, args.thresholds, args.workers, args.out, detectors)
