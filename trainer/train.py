@@ -1,5 +1,5 @@
-"""The training loop: one readable function (:func:`_train`: set-up, the step, saving). Reads the caches, never calls
-CLIP. What identifies and publishes a run is :mod:`clips4.trainer.runs`; the distributed side,
+"""The training loop: one readable function (:func:`_train`: set-up, the loop, saving), the run's state and its step
+in :class:`_State`. Reads the caches, never calls CLIP. What identifies and publishes a run is :mod:`clips4.trainer.runs`; the distributed side,
 :mod:`clips4.trainer.distributed`; loading a trained model, :mod:`clips4.trainer.loading`.
 
 Launch: ``clips4 train ...`` (one process) or ``torchrun --nproc_per_node N -m clips4.trainer ...`` (DDP: gloo on
@@ -158,23 +158,129 @@ def train(cfg: Config, *, dataset: Dataset | None = None, resume: bool = False, 
     return res
 
 
-def _train(cfg: Config, dataset: Dataset, out: Path, fp: str, resume: bool, restart: bool, max_steps: int | None,
-           show_progress: bool) -> TrainResult:
-    p: TrainParams = cfg.params("train")  # type: ignore[assignment]
-    rank, world, local_rank = dist_setup()
-    deps = {name: open_stage(cfg, name, dataset).url for name in ("segments", "clip_features", "prototypes")}
-    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if p.device == "auto" else p.device)
-    if device.type == "cuda":
-        device = torch.device("cuda", local_rank)
-        torch.cuda.set_device(device)
-    use_amp = p.amp == "on" or (p.amp == "auto" and device.type == "cuda")
+@dataclass
+class _State:
+    """One run's training state: the student (``raw``; ``model`` is what the step calls, its DDP wrapper under
+    torchrun), the prototypes, the losses, the optimiser, and what every checkpoint of the run carries besides them
+    (``constant``: classes, resolved config, code version, the CLIP and the class texts inference needs)."""
 
-    ds = training_views(cfg, dataset, deps, rank)
+    p: TrainParams
+    device: torch.device
+    rank: int
+    world: int
+    raw: torch.nn.Module
+    protos: Prototypes
+    loss_fn: CLIPS4Loss
+    opt: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    ema: WeightEMA | None
+    signature: dict
+    constant: dict
+    schedule: list[dict]
+    #: mixed precision (``train.amp``: ``auto`` = with CUDA)
+    use_amp: bool = False
+    start: int = 0
+    model: torch.nn.Module | None = None
+
+    def wrap(self) -> None:
+        """``model``: the student itself, or under torchrun its DDP wrapper (SyncBatchNorm on CUDA)."""
+        model = self.raw
+        if self.world > 1:
+            if self.device.type == "cuda":
+                # BatchNorm statistics over the global batch, as one process would compute them (SyncBatchNorm is
+                # CUDA-only: on CPU/gloo each rank normalises over its own share, which shifts L_e slightly)
+                model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+            model = torch.nn.parallel.DistributedDataParallel(
+                model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        self.model = model
+
+    def step(self, batch: dict, step: int, last: Path) -> tuple[dict, float]:
+        """One optimiser step on ``batch``: (the loss terms, the learning rate). Raises TrainingDiverged."""
+        p, device = self.p, self.device
+        lr = poly_lr(p.lr, step, p.iterations, p.poly_power)
+        for grp in self.opt.param_groups:
+            grp["lr"] = lr * grp["lr_mult"]
+        x = batch["image"].to(device, non_blocking=True)
+        clip = batch["clip"].to(device, non_blocking=True) if "clip" in batch else None
+        with torch.autocast(device.type, dtype=torch.float16, enabled=self.use_amp):
+            z = self.model(x)
+        total, parts = self.loss_fn(z.float(), batch["labels_ds"].to(device), batch["image_index"].to(device), clip)
+        if not torch.isfinite(total):
+            raise TrainingDiverged(f"loss is not finite at step {step}: {parts}; stopped, the last good checkpoint "
+                                   f"({last if last.exists() else 'none yet'}) is kept")
+        self.opt.zero_grad(set_to_none=True)
+        self.scaler.scale(total).backward()
+        if self.world > 1:  # the prototypes are not inside the DDP module: their gradients are averaged here
+            for q in self.protos.parameters():
+                if q.requires_grad and q.grad is not None:
+                    dist.all_reduce(q.grad)
+                    q.grad /= self.world
+        self.scaler.step(self.opt)
+        self.scaler.update()
+        with torch.no_grad():
+            self.protos.renormalize_()
+        if self.ema is not None:
+            self.ema.update(self.raw)
+        return parts, lr
+
+    def save(self, step: int, path: Path, evaluated: bool = False, calibration: dict | None = None) -> None:
+        """Write a checkpoint (rank 0; every rank takes part in gathering the ranks' memory banks and RNG states,
+        which differ under DDP, so that a resumed run continues exactly). ``evaluated``: ``final.pt``, whose
+        ``model`` is the weight average when ``train.ema`` is on (the last iterate beside it as ``model_raw``)."""
+        ranks = gather_rank_states(self.loss_fn.memory.state_dict(), rng_state(), self.world)
+        if self.rank != 0:
+            return
+        weights, extra = self.raw.state_dict(), {}
+        if self.ema is not None:
+            extra["ema"] = self.ema.state_dict()
+            if evaluated:
+                extra["model_raw"], weights = weights, self.ema.weights
+        save_checkpoint(path, {
+            **extra, **self.constant, "model": weights, "prototypes": self.protos.state_dict(),
+            "optimizer": self.opt.state_dict(), "scaler": self.scaler.state_dict(), "memory": ranks[0]["memory"],
+            "rng": ranks[0]["rng"], "ranks": ranks, "step": step, "signature": json.dumps(self.signature),
+            "iterations": self.p.iterations, "schedule": json.dumps(self.schedule),
+            "guard": self.loss_fn.guard_state(), **({"calibration": calibration} if calibration is not None else {}),
+        })
+
+    def resume_from(self, last: Path) -> None:
+        """Continue from ``last.pt``: weights, prototypes, optimiser, this rank's memory bank and RNG, the step, and
+        the learning-rate schedule (which follows a changed ``train.iterations`` from here on)."""
+        p, rank = self.p, self.rank
+        ck = load_checkpoint(last, expect_signature=self.signature, map_location=self.device)
+        self.raw.load_state_dict(ck["model"])
+        self.protos.load_state_dict(ck["prototypes"])
+        self.opt.load_state_dict(ck["optimizer"])
+        self.scaler.load_state_dict(ck["scaler"])
+        mine = rank_state(ck, rank, self.world)
+        self.loss_fn.memory.load_state_dict(mine["memory"])
+        self.loss_fn.load_guard_state(ck.get("guard"))
+        if self.ema is not None:
+            if ck.get("ema") is not None:
+                self.ema.load_state_dict(ck["ema"])
+            else:  # cannot happen for a run of this fingerprint (train.ema is part of it); said, not hidden
+                if rank == 0:
+                    console.print(f"[yellow]warning:[/] {last} holds no weight average: train.ema starts from the "
+                                  "resumed weights")
+                self.ema = WeightEMA(self.raw, p.ema)
+        set_rng_state(mine["rng"])
+        self.start = int(ck["step"])
+        self.schedule = (json.loads(ck.get("schedule", "[]"))
+                         or [{"from_step": 0, "iterations": int(ck.get("iterations", p.iterations))}])
+        if self.schedule[-1]["iterations"] != p.iterations:
+            console.print(f"train.iterations {self.schedule[-1]['iterations']} -> {p.iterations} from step "
+                          f"{self.start}: the learning-rate schedule follows the new length")
+            self.schedule.append({"from_step": self.start, "iterations": p.iterations})
+        console.print(f"resumed from {last} at step {self.start}")
+
+
+def _build_state(cfg: Config, p: TrainParams, ds: CachedViews, deps: dict, fp: str, device: torch.device, rank: int,
+                 world: int) -> _State:
+    """The student, the prototypes, the losses and the optimiser of a new run (seeded by ``train.seed``)."""
     names, known, unknown = load_prototypes(deps["prototypes"])
     # what inference needs besides the weights: the class texts the prototypes were built from and the CLIP that
     # embedded them (so Segmenter(final.pt), predict and evaluate need no other flag)
-    class_names_t, class_text = load_class_texts(deps["prototypes"])
-    clip_spec = _clip_spec(deps["clip_features"])
+    class_names, class_text = load_class_texts(deps["prototypes"])
     if known.numel() and known.shape[1] != ds.embed_dim or unknown.numel() and unknown.shape[1] != ds.embed_dim:
         raise TrainingError(f"prototypes in {deps['prototypes']} do not match the CLIP feature width {ds.embed_dim}")
     torch.manual_seed(p.seed)
@@ -183,9 +289,8 @@ def _train(cfg: Config, dataset: Dataset, out: Path, fp: str, resume: bool, rest
     protos = Prototypes(known, unknown if unknown.numel() else None).to(device)
     loss_cfg, text = LossConfig.from_params(p), None
     if p.w_x > 0:  # L_x distils the teacher's distribution over the known classes' texts
-        text_names, text_np = load_class_texts(deps["prototypes"])
-        if text_names:
-            text = torch.from_numpy(text_np)
+        if class_names:
+            text = torch.from_numpy(class_text)
         else:
             loss_cfg.w_x = 0.0
             if rank == 0:
@@ -197,69 +302,91 @@ def _train(cfg: Config, dataset: Dataset, out: Path, fp: str, resume: bool, rest
     proto_params = [q for q in protos.parameters() if q.requires_grad]
     if proto_params:
         groups.append({"params": proto_params, "lr_mult": p.prototype_lr_mult, "weight_decay": 0.0})
-    opt = torch.optim.SGD(groups, lr=p.lr, momentum=p.momentum)
-    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
-    # train.ema: an average of the unwrapped module's weights on every rank (identical under DDP), saved by rank 0
-    ema = WeightEMA(model, p.ema) if p.ema > 0 else None
-    signature = {**model_signature(model.cfg), "n_known": int(known.shape[0]), "n_unknown": int(unknown.shape[0]),
-                 "fingerprint": fp}
+    use_amp = p.amp == "on" or (p.amp == "auto" and device.type == "cuda")
+    constant = {"config": json.dumps(resolved_dict(cfg)), "git": code_version(), "classes": names,
+                "clip": json.dumps(_clip_spec(deps["clip_features"]))}
+    if class_names:
+        constant["class_text"] = {"names": class_names, "vectors": torch.from_numpy(np.ascontiguousarray(class_text))}
+    return _State(
+        p=p, device=device, rank=rank, world=world, raw=model, protos=protos, loss_fn=loss_fn,
+        opt=torch.optim.SGD(groups, lr=p.lr, momentum=p.momentum),
+        scaler=torch.amp.GradScaler("cuda", enabled=use_amp), use_amp=use_amp,
+        # train.ema: an average of the unwrapped module's weights on every rank (identical under DDP), saved by rank 0
+        ema=WeightEMA(model, p.ema) if p.ema > 0 else None,
+        signature={**model_signature(model.cfg), "n_known": int(known.shape[0]), "n_unknown": int(unknown.shape[0]),
+                   "fingerprint": fp},
+        constant=constant, schedule=[{"from_step": 0, "iterations": p.iterations}])
 
-    start = 0
-    schedule = [{"from_step": 0, "iterations": p.iterations}]
-    last, final = out / "last.pt", out / "final.pt"
+
+def _earlier_run(cfg: Config, dataset: Dataset, out: Path, deps: dict, p: TrainParams, resume: bool,
+                 restart: bool) -> int | None:
+    """What ``out`` already holds, checked against this run: the step of a finished run that needs nothing more
+    (``final.pt`` at ``train.iterations`` or beyond), else None. Raises TrainingError where a finished or unfinished
+    run is there and neither ``resume`` nor ``restart`` says what to do with it, or where it is another run."""
+    final, last = out / "final.pt", out / "last.pt"
     if final.exists() and not restart:
         meta = run_meta(out)
         same_run_or_fail(out, meta, p, deps)
         same_inputs_or_fail(out, meta, input_rows(cfg, "train", dataset))
         done_at = finished_step(out, meta)
         if done_at >= p.iterations:
-            console.print(f"[green]nothing left to do[/]: {final} exists (finished at step {done_at}, "
-                          f"train.iterations={p.iterations})")
-            return TrainResult(out, done_at, [], "nothing_to_do")
+            return done_at
         if not resume:
             raise TrainingError(f"{out} holds a run finished at step {done_at}; pass --resume to continue it to "
                                 f"{p.iterations} iterations, or --restart")
+    if last.exists() and not restart and not resume:
+        raise TrainingError(f"{out} holds an unfinished run (last.pt); pass --resume to continue it or --restart")
+    return None
+
+
+def _log_step(rec: dict, parts: dict, metrics_path: Path, tb, plain_log: bool, stop: int,
+              began: tuple[float, int]) -> None:
+    """Rank 0: the step's record in metrics.jsonl (and TensorBoard every log_every steps); where the output is not
+    a terminal (cron, cluster jobs), a plain line every log_every steps instead of a progress bar. ``began``: the
+    loop's start (perf_counter, step)."""
+    step, every = rec["step"], rec["log_every"]
+    with metrics_path.open("a") as f:
+        f.write(json.dumps({k: v for k, v in rec.items() if k != "log_every"}) + "\n")
+    if tb is not None and step % every == 0:
+        for k, v in rec.items():
+            if k not in ("step", "log_every") and isinstance(v, float) and math.isfinite(v):
+                tb.add_scalar(k, v, step)
+    if plain_log and ((step + 1) % every == 0 or step + 1 == stop):
+        rate = (step + 1 - began[1]) / max(1e-9, time.perf_counter() - began[0])
+        eta = (stop - step - 1) / max(rate, 1e-9)
+        console.print(f"train step {step + 1}/{rec['iterations']} " + " ".join(
+            f"{k}={parts[k]:.4f}" for k in ("total", "L_t", "L_e", "L_s", "L_u", "L_x") if k in parts)
+            + f" lr={rec['lr']:.3g} {rate:.2f} it/s ETA {int(eta // 3600)}:{int(eta % 3600 // 60):02d}:"
+            f"{int(eta % 60):02d}", markup=False)
+
+
+def _train(cfg: Config, dataset: Dataset, out: Path, fp: str, resume: bool, restart: bool, max_steps: int | None,
+           show_progress: bool) -> TrainResult:
+    # --- set-up: the data, the student and its optimiser, an earlier run in `out` checked or resumed
+    p: TrainParams = cfg.params("train")  # type: ignore[assignment]
+    rank, world, local_rank = dist_setup()
+    deps = {name: open_stage(cfg, name, dataset).url for name in ("segments", "clip_features", "prototypes")}
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if p.device == "auto" else p.device)
+    if device.type == "cuda":
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    ds = training_views(cfg, dataset, deps, rank)
+    st = _build_state(cfg, p, ds, deps, fp, device, rank, world)
+    last, final = out / "last.pt", out / "final.pt"
+    done_at = _earlier_run(cfg, dataset, out, deps, p, resume, restart)
+    if done_at is not None:
+        console.print(f"[green]nothing left to do[/]: {final} exists (finished at step {done_at}, "
+                      f"train.iterations={p.iterations})")
+        return TrainResult(out, done_at, [], "nothing_to_do")
     if last.exists() and not restart:
-        if not resume:
-            raise TrainingError(f"{out} holds an unfinished run (last.pt); pass --resume to continue it or --restart")
-        ck = load_checkpoint(last, expect_signature=signature, map_location=device)
-        model.load_state_dict(ck["model"])
-        protos.load_state_dict(ck["prototypes"])
-        opt.load_state_dict(ck["optimizer"])
-        scaler.load_state_dict(ck["scaler"])
-        mine = rank_state(ck, rank, world)
-        loss_fn.memory.load_state_dict(mine["memory"])
-        loss_fn.load_guard_state(ck.get("guard"))
-        if ema is not None:
-            if ck.get("ema") is not None:
-                ema.load_state_dict(ck["ema"])
-            else:  # cannot happen for a run of this fingerprint (train.ema is part of it); said, not hidden
-                if rank == 0:
-                    console.print(f"[yellow]warning:[/] {last} holds no weight average: train.ema starts from the "
-                                  "resumed weights")
-                ema = WeightEMA(model, p.ema)
-        set_rng_state(mine["rng"])
-        start = int(ck["step"])
-        # the iteration count may change on resume: the poly LR schedule then follows the new length from here
-        schedule = json.loads(ck.get("schedule", "[]")) or [{"from_step": 0, "iterations": int(ck.get("iterations", p.iterations))}]
-        if schedule[-1]["iterations"] != p.iterations:
-            console.print(f"train.iterations {schedule[-1]['iterations']} -> {p.iterations} from step {start}: "
-                          "the learning-rate schedule follows the new length")
-            schedule.append({"from_step": start, "iterations": p.iterations})
-        console.print(f"resumed from {last} at step {start}")
+        st.resume_from(last)
     if restart and rank == 0:
         # a restarted run must not leave the previous run's final checkpoint (or its commit marker) behind: a
         # restart stopped early would otherwise read as finished to the next `clips4 train`
         for stale in ("final.pt", "index.parquet"):
             (out / stale).unlink(missing_ok=True)
-    raw_model = model
-    if world > 1:
-        if device.type == "cuda":
-            # BatchNorm statistics over the global batch, as one process would compute them (SyncBatchNorm is
-            # CUDA-only: on CPU/gloo each rank normalises over its own share, which shifts L_e slightly)
-            model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[local_rank] if device.type == "cuda" else None)
-
+    st.wrap()
+    start = st.start
     sampler = StepSampler(len(ds), p.batch_size, p.seed, start, p.iterations, rank, world)
     g = torch.Generator()
     g.manual_seed(p.seed)  # the loader's own generator: creating it must not consume the global RNG
@@ -267,53 +394,30 @@ def _train(cfg: Config, dataset: Dataset, out: Path, fp: str, resume: bool, rest
     metrics_path = out / "metrics.jsonl"
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
-        (out / "config.json").write_text(json.dumps({"config": resolved_dict(cfg), "git": code_version(), "deps": deps,
-                                                     "signature": signature, "classes": names,
-                                                     "lr_schedule": schedule}, indent=2))
+        (out / "config.json").write_text(json.dumps({
+            "config": resolved_dict(cfg), "git": code_version(), "deps": deps, "signature": st.signature,
+            "classes": st.constant["classes"], "lr_schedule": st.schedule}, indent=2))
         kept = [ln for ln in (metrics_path.read_text().splitlines() if metrics_path.exists() else [])
                 if ln.strip() and json.loads(ln)["step"] < start]
         metrics_path.write_text("".join(k + "\n" for k in kept))
+        if st.ema is not None:
+            console.print(f"train.ema {p.ema}: averaging the student's weights after every step (warm-up "
+                          f"min({p.ema}, (1+t)/(10+t))); final.pt will hold the average as the evaluated model",
+                          markup=False)
     tb = _tensorboard(out) if rank == 0 else None
-    if ema is not None and rank == 0:
-        console.print(f"train.ema {p.ema}: averaging the student's weights after every step (warm-up "
-                      f"min({p.ema}, (1+t)/(10+t))); final.pt will hold the average as the evaluated model",
-                      markup=False)
 
-    def save(step: int, path: Path, evaluated: bool = False, calibration: dict | None = None) -> None:
-        # every rank's own memory bank and RNG state (they differ under DDP), so a resumed run continues exactly
-        ranks = gather_rank_states(loss_fn.memory.state_dict(), rng_state(), world)
-        if rank == 0:
-            weights = raw_model.state_dict()
-            extra = {}
-            if ema is not None:
-                extra["ema"] = ema.state_dict()
-                if evaluated:  # final.pt: the average is the model evaluations load; the last iterate kept beside it
-                    extra["model_raw"] = weights
-                    weights = ema.weights
-            save_checkpoint(path, {
-                **extra, "model": weights, "prototypes": protos.state_dict(), "optimizer": opt.state_dict(),
-                "scaler": scaler.state_dict(), "memory": ranks[0]["memory"], "rng": ranks[0]["rng"],
-                "ranks": ranks, "step": step, "signature": json.dumps(signature),
-                "config": json.dumps(resolved_dict(cfg)), "git": code_version(), "classes": names,
-                "iterations": p.iterations, "schedule": json.dumps(schedule), "guard": loss_fn.guard_state(),
-                "clip": json.dumps(clip_spec),
-                **({"class_text": {"names": class_names_t, "vectors": torch.from_numpy(np.ascontiguousarray(class_text))}}
-                   if class_names_t else {}),
-                **({"calibration": calibration} if calibration is not None else {}),
-            })
-
+    # --- the loop: a step per batch, logged, a checkpoint every checkpoint_every steps; a signal stops it cleanly
     losses: list[dict] = []
     stop = min(p.iterations, max_steps) if max_steps is not None else p.iterations
-    t_end = time.perf_counter()
-    t_start = t_fetch = t_end  # t_fetch: when the loop asked the loader for the next batch
-    model.train()
-    loss_fn.train()
+    t_end = t_fetch = time.perf_counter()  # t_fetch: when the loop asked the loader for the next batch
+    began = (t_end, start)
+    st.model.train()
+    st.loss_fn.train()
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     prog = Progress(TextColumn("train"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[rate]} it/s"),
                     TimeRemainingColumn(), TextColumn("{task.fields[losses]}"), console=console,
                     disable=not show_progress or rank != 0 or not console.is_terminal)
-    # logs that are not a terminal (cron, cluster jobs) get a plain line every log_every steps instead of a bar
     plain_log = show_progress and not console.is_terminal
     with prog, StopRequest() as stop_req:
         task = prog.add_task("train", total=p.iterations, completed=start, rate="-", losses="")
@@ -333,83 +437,50 @@ def _train(cfg: Config, dataset: Dataset, out: Path, fp: str, resume: bool, rest
                     break
                 raise
             t_batch = time.perf_counter()
-            lr = poly_lr(p.lr, step, p.iterations, p.poly_power)
-            for grp in opt.param_groups:
-                grp["lr"] = lr * grp["lr_mult"]
-            x = batch["image"].to(device, non_blocking=True)
-            clip = batch["clip"].to(device, non_blocking=True) if "clip" in batch else None
-            with torch.autocast(device.type, dtype=torch.float16, enabled=use_amp):
-                z = model(x)
-            total, parts = loss_fn(z.float(), batch["labels_ds"].to(device), batch["image_index"].to(device), clip)
-            if not torch.isfinite(total):
-                raise TrainingDiverged(f"loss is not finite at step {step}: {parts}; stopped, the last good checkpoint "
-                                    f"({last if last.exists() else 'none yet'}) is kept")
-            opt.zero_grad(set_to_none=True)
-            scaler.scale(total).backward()
-            if world > 1:
-                for q in proto_params:
-                    if q.grad is not None:
-                        dist.all_reduce(q.grad)
-                        q.grad /= world
-            scaler.step(opt)
-            scaler.update()
-            with torch.no_grad():
-                protos.renormalize_()
-            if ema is not None:
-                ema.update(raw_model)
+            parts, lr = st.step(batch, step, last)
             t_now = time.perf_counter()
-            logged = mean_over_ranks({k: float(v) for k, v in parts.items()}, world)
-            rec = {"step": step, "lr": lr, "iterations": p.iterations, **logged,
+            rec = {"step": step, "lr": lr, "iterations": p.iterations,
+                   **mean_over_ranks({k: float(v) for k, v in parts.items()}, world),
                    "data_s": t_batch - t_fetch, "step_s": t_now - t_end}
             t_end = t_now
             losses.append(rec)
             if rank == 0:
-                with metrics_path.open("a") as f:
-                    f.write(json.dumps(rec) + "\n")
-                if tb is not None and step % p.log_every == 0:
-                    for k, v in rec.items():
-                        if k != "step" and isinstance(v, float) and math.isfinite(v):
-                            tb.add_scalar(k, v, step)
-            if plain_log and rank == 0 and ((step + 1) % p.log_every == 0 or step + 1 == stop):
-                rate = (step + 1 - start) / max(1e-9, t_now - t_start)
-                eta = (stop - step - 1) / max(rate, 1e-9)
-                console.print(f"train step {step + 1}/{p.iterations} " + " ".join(
-                    f"{k}={parts[k]:.4f}" for k in ("total", "L_t", "L_e", "L_s", "L_u", "L_x") if k in parts)
-                    + f" lr={lr:.3g} {rate:.2f} it/s ETA {int(eta // 3600)}:{int(eta % 3600 // 60):02d}:{int(eta % 60):02d}",
-                    markup=False)
-            prog.update(task, advance=1, rate=f"{(step + 1 - start) / max(1e-9, t_now - t_start):.2f}",
+                _log_step({**rec, "log_every": p.log_every}, parts, metrics_path, tb, plain_log, stop, began)
+            prog.update(task, advance=1, rate=f"{(step + 1 - start) / max(1e-9, t_now - began[0]):.2f}",
                         losses=" ".join(f"{k}={parts[k]:.3f}" for k in ("total", "L_t", "L_e", "L_s") if k in parts))
             if (step + 1) % p.checkpoint_every == 0 and step + 1 < p.iterations:
-                save(step + 1, last)
+                st.save(step + 1, last)
             t_fetch = time.perf_counter()  # checkpoint/log time is not data wait (it still counts in step_s)
         del batches  # shut the workers down before the checkpoint is written
+
+    # --- saving: last.pt always; at the end, the class calibration and final.pt, then the run's commit record
     done = start + len(losses)
     if stop_req.signum is not None:
         if losses or not last.exists():
-            save(done, last)
+            st.save(done, last)
         stopped = "interrupted"
     elif done >= p.iterations:
         if start >= p.iterations and rank == 0:
             console.print(f"[yellow]already at step {start} >= train.iterations={p.iterations}[/]: finishing here")
-        save(done, last)
+        st.save(done, last)
         calibration = None
         if rank == 0 and p.calibration != "none":
-            weights = ema.weights if ema is not None else raw_model.state_dict()
+            weights = st.ema.weights if st.ema is not None else st.raw.state_dict()
             try:
-                calibration = _calibrate(p, raw_model, weights, dataset, ds.image_ids, deps, device)
+                calibration = _calibrate(p, st.raw, weights, dataset, ds.image_ids, deps, device)
             except Exception as exc:  # noqa: BLE001 - a finished run must not be lost to its calibration
                 console.print(f"[yellow]warning:[/] class calibration failed ({type(exc).__name__}: {exc}); final.pt is "
                               "written without it (evaluate language then uses plain arg-max; --prior-matching train "
                               "fits one at evaluation)")
-        save(done, final, evaluated=True, calibration=calibration)
+        st.save(done, final, evaluated=True, calibration=calibration)
         if rank == 0:
-            if ema is not None:
-                console.print(f"final.pt holds the weight average (train.ema {p.ema}, {ema.updates} updates) as the "
-                              "evaluated model; the last iterate as model_raw", markup=False)
-            commit_run(out, cfg, fp, signature, deps, done, dataset)
+            if st.ema is not None:
+                console.print(f"final.pt holds the weight average (train.ema {p.ema}, {st.ema.updates} updates) as "
+                              "the evaluated model; the last iterate as model_raw", markup=False)
+            commit_run(out, cfg, fp, st.signature, deps, done, dataset)
         stopped = "finished"
     else:
-        save(done, last)
+        st.save(done, last)
         stopped = "max_steps"
     if tb is not None:
         tb.close()
