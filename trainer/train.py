@@ -360,6 +360,47 @@ def _log_step(rec: dict, parts: dict, metrics_path: Path, tb, plain_log: bool, s
             f"{int(eta % 60):02d}", markup=False)
 
 
+def _save_run(st: _State, cfg: Config, dataset: Dataset, image_ids: list[str], deps: dict, out: Path, fp: str,
+              done: int, signum: int | None) -> str:
+    """The checkpoints at the loop's end: ``last.pt`` always; for a finished run the class calibration,
+    ``final.pt`` and the run's commit record. Returns how the run stopped: interrupted, finished or max_steps."""
+    p, rank, last = st.p, st.rank, out / "last.pt"
+    if signum is not None:
+        if done > st.start or not last.exists():
+            st.save(done, last)
+        stopped = "interrupted"
+    elif done >= p.iterations:
+        if st.start >= p.iterations and rank == 0:
+            console.print(f"[yellow]already at step {st.start} >= train.iterations={p.iterations}[/]: finishing here")
+        st.save(done, last)
+        calibration = None
+        if rank == 0 and p.calibration != "none":
+            weights = st.ema.weights if st.ema is not None else st.raw.state_dict()
+            try:
+                calibration = _calibrate(p, st.raw, weights, dataset, image_ids, deps, st.device)
+            except Exception as exc:  # noqa: BLE001 - a finished run must not be lost to its calibration
+                console.print(f"[yellow]warning:[/] class calibration failed ({type(exc).__name__}: {exc}); final.pt is "
+                              "written without it (evaluate language then uses plain arg-max; --prior-matching train "
+                              "fits one at evaluation)")
+        st.save(done, out / "final.pt", evaluated=True, calibration=calibration)
+        if rank == 0:
+            if st.ema is not None:
+                console.print(f"final.pt holds the weight average (train.ema {p.ema}, {st.ema.updates} updates) as "
+                              "the evaluated model; the last iterate as model_raw", markup=False)
+            commit_run(out, cfg, fp, st.signature, deps, done, dataset)
+        stopped = "finished"
+    else:
+        st.save(done, last)
+        stopped = "max_steps"
+    if rank == 0:
+        if stopped == "interrupted":
+            console.print(f"[yellow]interrupted[/] by {signal.Signals(signum).name} at step {done}: {last} "
+                          "written; continue with --resume")
+        else:
+            console.print(f"{stopped} at step {done}; outputs in {out}")
+    return stopped
+
+
 def _train(cfg: Config, dataset: Dataset, out: Path, fp: str, resume: bool, restart: bool, max_steps: int | None,
            show_progress: bool) -> TrainResult:
     # --- set-up: the data, the student and its optimiser, an earlier run in `out` checked or resumed
@@ -455,41 +496,9 @@ def _train(cfg: Config, dataset: Dataset, out: Path, fp: str, resume: bool, rest
 
     # --- saving: last.pt always; at the end, the class calibration and final.pt, then the run's commit record
     done = start + len(losses)
-    if stop_req.signum is not None:
-        if losses or not last.exists():
-            st.save(done, last)
-        stopped = "interrupted"
-    elif done >= p.iterations:
-        if start >= p.iterations and rank == 0:
-            console.print(f"[yellow]already at step {start} >= train.iterations={p.iterations}[/]: finishing here")
-        st.save(done, last)
-        calibration = None
-        if rank == 0 and p.calibration != "none":
-            weights = st.ema.weights if st.ema is not None else st.raw.state_dict()
-            try:
-                calibration = _calibrate(p, st.raw, weights, dataset, ds.image_ids, deps, device)
-            except Exception as exc:  # noqa: BLE001 - a finished run must not be lost to its calibration
-                console.print(f"[yellow]warning:[/] class calibration failed ({type(exc).__name__}: {exc}); final.pt is "
-                              "written without it (evaluate language then uses plain arg-max; --prior-matching train "
-                              "fits one at evaluation)")
-        st.save(done, final, evaluated=True, calibration=calibration)
-        if rank == 0:
-            if st.ema is not None:
-                console.print(f"final.pt holds the weight average (train.ema {p.ema}, {st.ema.updates} updates) as "
-                              "the evaluated model; the last iterate as model_raw", markup=False)
-            commit_run(out, cfg, fp, st.signature, deps, done, dataset)
-        stopped = "finished"
-    else:
-        st.save(done, last)
-        stopped = "max_steps"
+    stopped = _save_run(st, cfg, dataset, ds.image_ids, deps, out, fp, done, stop_req.signum)
     if tb is not None:
         tb.close()
-    if rank == 0:
-        if stopped == "interrupted":
-            console.print(f"[yellow]interrupted[/] by {signal.Signals(stop_req.signum).name} at step {done}: {last} "
-                          "written; continue with --resume")
-        else:
-            console.print(f"{stopped} at step {done}; outputs in {out}")
     return TrainResult(out, done, losses, stopped, stop_req.signum)
 
 
