@@ -131,15 +131,34 @@ def child_pids(pid: int) -> list[int]:
     return out
 
 
-class RSSSampler:
+class BackgroundSampler:
+    """A sampling thread for ``with``: started on entry, asked to stop (``self._stop``) and joined on exit;
+    subclasses write ``_run``."""
+
+    def __init__(self):
+        self._stop = threading.Event()
+        self._t = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self):
+        self._t.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._t.join()
+
+
+class RSSSampler(BackgroundSampler):
     """Samples the resident memory of this process (and, separately, its children) whenever the training run's
     ``metrics.jsonl`` reaches given line counts (= steps done). Runs in a thread; no hook into the loop needed."""
 
     def __init__(self, metrics_path: Path, at_steps: list[int], poll_s: float = 0.02):
         self.path, self.at, self.poll = metrics_path, sorted(at_steps), poll_s
         self.samples: dict[int, tuple[int, int]] = {}
-        self._stop = threading.Event()
-        self._t = threading.Thread(target=self._run, daemon=True)
+        super().__init__()
 
     def _lines(self) -> int:
         try:
@@ -156,14 +175,6 @@ class RSSSampler:
                 kids = sum(rss_bytes(c) for c in child_pids(os.getpid()))
                 self.samples[todo.pop(0)] = (rss_bytes(os.getpid()), kids)
             time.sleep(self.poll)
-
-    def __enter__(self):
-        self._t.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._t.join()
 
 
 def log(msg: str) -> None:

@@ -20,7 +20,6 @@ import json
 import os
 import subprocess
 import sys
-import threading
 import time
 from collections import defaultdict
 from concurrent.futures import ProcessPoolExecutor
@@ -28,7 +27,7 @@ from importlib import resources
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import child_pids, rss_bytes  # noqa: E402  (the process-tree readers the benchmarks share)
+from common import BackgroundSampler, child_pids, rss_bytes  # noqa: E402  (what the benchmarks share)
 
 REPO = Path(__file__).resolve().parents[1]
 STAGES = REPO / "stages.yaml"
@@ -57,15 +56,14 @@ def _kind(pid: int, root: int, phase: str) -> str:
     return "other child"
 
 
-class TreeRSS:
+class TreeRSS(BackgroundSampler):
     """Peak RSS per process kind over the process tree of this driver, sampled every ``period`` seconds."""
 
     def __init__(self, period: float = 0.25):
         self.period, self.phase = period, "setup"
         self.peak: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))  # phase -> kind -> bytes
         self.count: dict[str, dict[str, set]] = defaultdict(lambda: defaultdict(set))
-        self._stop = threading.Event()
-        self._t = threading.Thread(target=self._run, daemon=True)
+        super().__init__()
 
     def _run(self) -> None:
         me = os.getpid()
@@ -76,14 +74,6 @@ class TreeRSS:
                 self.peak[phase][kind] = max(self.peak[phase][kind], rss_bytes(pid))
                 self.count[phase][kind].add(pid)
             self._stop.wait(self.period)
-
-    def __enter__(self):
-        self._t.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._t.join()
 
 
 # ------------------------------------------------------------------------------------------------ world
