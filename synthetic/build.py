@@ -69,6 +69,8 @@ def build_world(base: str | Path, n_train: int, n_val: int, *, world: str | dict
     config's, ``{stage: {key: value}}``, written into the overlay so that every later command reads them.
     ``stages``: which of segments / clip_features / prototypes to run (``splits`` for the first two; prototypes
     from the train split); ``overrides``: ``KEY=VALUE`` for those runs only (e.g. ``prototypes.top_m=8``).
+    ``stages_file``: the stage graph (None: the one ``load_config`` finds from the working directory, which also
+    layers a ``clips4.yaml`` found there under the world's config files).
     Raises ``RuntimeError`` naming the stage and split when a stage does not finish.
     """
     from clips4.pipeline.stage import run_stage
