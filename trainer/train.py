@@ -339,17 +339,17 @@ def _earlier_run(cfg: Config, dataset: Dataset, out: Path, deps: dict, p: TrainP
     return None
 
 
-def _log_step(rec: dict, parts: dict, metrics_path: Path, tb, plain_log: bool, stop: int,
+def _log_step(rec: dict, parts: dict, every: int, metrics_path: Path, tb, plain_log: bool, stop: int,
               began: tuple[float, int]) -> None:
-    """Rank 0: the step's record in metrics.jsonl (and TensorBoard every log_every steps); where the output is not
-    a terminal (cron, cluster jobs), a plain line every log_every steps instead of a progress bar. ``began``: the
-    loop's start (perf_counter, step)."""
-    step, every = rec["step"], rec["log_every"]
+    """Rank 0: the step's record in metrics.jsonl (and TensorBoard every ``every`` = log_every steps); where the
+    output is not a terminal (cron, cluster jobs), a plain line every ``every`` steps instead of a progress bar.
+    ``began``: the loop's start (perf_counter, step)."""
+    step = rec["step"]
     with metrics_path.open("a") as f:
-        f.write(json.dumps({k: v for k, v in rec.items() if k != "log_every"}) + "\n")
+        f.write(json.dumps(rec) + "\n")
     if tb is not None and step % every == 0:
         for k, v in rec.items():
-            if k not in ("step", "log_every") and isinstance(v, float) and math.isfinite(v):
+            if k != "step" and isinstance(v, float) and math.isfinite(v):
                 tb.add_scalar(k, v, step)
     if plain_log and ((step + 1) % every == 0 or step + 1 == stop):
         rate = (step + 1 - began[1]) / max(1e-9, time.perf_counter() - began[0])
@@ -486,7 +486,7 @@ def _train(cfg: Config, dataset: Dataset, out: Path, fp: str, resume: bool, rest
             t_end = t_now
             losses.append(rec)
             if rank == 0:
-                _log_step({**rec, "log_every": p.log_every}, parts, metrics_path, tb, plain_log, stop, began)
+                _log_step(rec, parts, p.log_every, metrics_path, tb, plain_log, stop, began)
             prog.update(task, advance=1, rate=f"{(step + 1 - start) / max(1e-9, t_now - began[0]):.2f}",
                         losses=" ".join(f"{k}={parts[k]:.3f}" for k in ("total", "L_t", "L_e", "L_s") if k in parts))
             if (step + 1) % p.checkpoint_every == 0 and step + 1 < p.iterations:
