@@ -446,11 +446,13 @@ def _load_with_lines(text: str, source: str) -> tuple[Any, dict[tuple, str]]:
     return data, lines
 
 
-def _deep_merge(base: dict, over: dict) -> dict:
+def deep_merge(base: dict, over: dict) -> dict:
+    """``over`` laid over ``base`` (a copy): mappings merged key by key, anything else replaced; how config
+    files layer."""
     out = copy.deepcopy(base)
     for k, v in over.items():
         if isinstance(v, dict) and isinstance(out.get(k), dict):
-            out[k] = _deep_merge(out[k], v)
+            out[k] = deep_merge(out[k], v)
         else:
             out[k] = copy.deepcopy(v)
     return out
@@ -653,7 +655,7 @@ def load_config(
             continue
         if not isinstance(data, dict):
             raise ConfigError(f"{f}: top level must be a mapping, got {type(data).__name__}")
-        merged = _deep_merge(merged, data)
+        merged = deep_merge(merged, data)
         lines.update(file_lines)
     for item in overrides or []:
         path, value = parse_override(item, tuple((merged.get("stages") or {}).keys()))

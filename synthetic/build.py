@@ -47,13 +47,6 @@ class BuiltWorld:
         return load_config(self.stages, list(self.configs), list(overrides))
 
 
-def _merge(a: dict, b: dict) -> dict:
-    out = dict(a)
-    for k, v in b.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
-
-
 def build_world(base: str | Path, n_train: int, n_val: int, *, world: str | dict | None = None, seed: int = 0,
                 image_size: tuple[int, int] = _BUNDLED_SIZE, embed_dim: int = 64, teacher: dict | None = None,
                 variants: int = 0, variant_params: dict | None = None, params: dict | None = None,
@@ -73,6 +66,7 @@ def build_world(base: str | Path, n_train: int, n_val: int, *, world: str | dict
     layers a ``clips4.yaml`` found there under the world's config files).
     Raises ``RuntimeError`` naming the stage and split when a stage does not finish.
     """
+    from clips4.pipeline.config import deep_merge
     from clips4.pipeline.stage import run_stage
 
     unknown = set(stages) - set(STAGES)
@@ -97,7 +91,7 @@ def build_world(base: str | Path, n_train: int, n_val: int, *, world: str | dict
               **(teacher or {})}
         over = {"clip_features": {"params": {"clip": {"backend_params": bp}, "n_clusters": w.n_classes,
                                              "photometric_variants": variants, "variant_params": variant_params or {}}}}
-        over = _merge(over, {name: {"params": p} for name, p in (params or {}).items()})
+        over = deep_merge(over, {name: {"params": p} for name, p in (params or {}).items()})
         (base / "world.yaml").write_text(json.dumps({"stages": over}))
         configs.append(base / "world.yaml")
     built = BuiltWorld(root=root, configs=tuple(configs), stages=None if stages_file is None else Path(stages_file),

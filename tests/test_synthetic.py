@@ -197,8 +197,6 @@ def test_the_teachers_old_backend_spelling_still_loads_and_finds_the_same_output
 
 
 def test_build_world_writes_the_configs_and_refuses_an_unknown_stage(tmp_path):
-    import pytest
-
     from clips4.synthetic import build_world
 
     with pytest.raises(ValueError, match="valid: segments, clip_features, prototypes"):
