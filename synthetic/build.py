@@ -28,23 +28,23 @@ _BUNDLED_SIZE = (96, 128)
 
 @dataclass(frozen=True)
 class BuiltWorld:
-    """A world on disk and the config files that select it (layered over ``stages``, in this order)."""
+    """A world on disk and the config files that select it (layered over ``stages_file``, in this order)."""
 
     root: Path                     #: images/<split>, masks/<split>, classes.txt
     configs: tuple[Path, ...]      #: the bundled synthetic.yaml pointed at ``root``, then the world's overlay if any
-    stages: Path | None            #: the stages.yaml given (None: the one ``load_config`` finds)
+    stages_file: Path | None       #: the stages.yaml given (None: the one ``load_config`` finds)
     n_classes: int
 
     def args(self) -> list[str]:
         """Command-line arguments that select this world: ``--stages`` (if given) and every ``--config``."""
-        head = ["--stages", str(self.stages)] if self.stages is not None else []
+        head = ["--stages", str(self.stages_file)] if self.stages_file is not None else []
         return head + [x for c in self.configs for x in ("--config", str(c))]
 
     def load(self, *overrides: str):
         """The resolved :class:`~clips4.pipeline.config.Config` of this world with ``overrides`` (``KEY=VALUE``)."""
         from clips4.pipeline.config import load_config
 
-        return load_config(self.stages, list(self.configs), list(overrides))
+        return load_config(self.stages_file, list(self.configs), list(overrides))
 
 
 def build_world(base: str | Path, n_train: int, n_val: int, *, world: str | dict | None = None, seed: int = 0,
@@ -94,7 +94,8 @@ def build_world(base: str | Path, n_train: int, n_val: int, *, world: str | dict
         over = deep_merge(over, {name: {"params": p} for name, p in (params or {}).items()})
         (base / "world.yaml").write_text(json.dumps({"stages": over}))
         configs.append(base / "world.yaml")
-    built = BuiltWorld(root=root, configs=tuple(configs), stages=None if stages_file is None else Path(stages_file),
+    built = BuiltWorld(root=root, configs=tuple(configs),
+                       stages_file=None if stages_file is None else Path(stages_file),
                        n_classes=w.n_classes)
     runs = [(name, split) for split in splits for name in ("segments", "clip_features") if name in stages]
     runs += [("prototypes", "train")] if "prototypes" in stages else []
